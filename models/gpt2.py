@@ -1,0 +1,117 @@
+"""GPT-2 from scratch: token + position embeddings, N blocks, final LayerNorm,
+and an LM head tied to the token embedding.
+
+The whole model fits on one screen on purpose; ``models.loading`` fills it from
+Hugging Face checkpoints and ``models.heads`` builds task models on top.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from config import GPT2Config
+from modules.attention import KVCache, build_attention_mask
+from modules.gpt2_layer import GPT2Layer
+
+
+class GPT2Model(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        # No padding_idx: GPT-2 has no pad token, and padding_idx would freeze a real token's row.
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.drop = nn.Dropout(config.hidden_dropout_prob)
+        self.h = nn.ModuleList(GPT2Layer(config, i) for i in range(config.num_hidden_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.num_hidden_layers))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_len: int = 0,
+    ) -> torch.Tensor:
+        """Token + position embeddings (B, T, d), positions counted over real tokens only."""
+        T = input_ids.size(1)
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past_len, past_len + T, device=input_ids.device)[None]
+            else:
+                # Left padding: the first real token is position 0, as in pretraining.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        if past_len + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {past_len + T} tokens is longer than the model's context "
+                f"({self.config.max_position_embeddings}); truncate the input"
+            )
+        return self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, d)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``attention_mask`` (B, S) has 1 for real tokens; with a cache it covers
+        cached and new positions. Returns ``last_hidden_state`` (B, T, d) and
+        ``last_token`` (B, d), the state at the last real position of each row."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        x = self.embed(input_ids, attention_mask, position_ids, past)
+        mask = build_attention_mask(self.config, T, past, attention_mask, x.device)
+        use_ckpt = self.config.gradient_checkpointing and self.training and cache is None
+        for block in self.h:
+            if use_ckpt:
+                x = checkpoint(block, x, mask, None, use_reentrant=False)
+            else:
+                x = block(x, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        x = self.ln_f(x)  # (B, T, d)
+        return {"last_hidden_state": x, "last_token": x[torch.arange(B, device=x.device), last_index(attention_mask, T)]}
+
+    def hidden_state_to_token(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits through the tied token embedding: (..., d) -> (..., V)."""
+        return F.linear(hidden_state, self.wte.weight)
+
+    def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache:
+        return KVCache(self.config, batch_size, max_length, self.device, dtype or self.wte.weight.dtype)
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | Path, **config_overrides) -> GPT2Model:
+        """A hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local Hugging Face folder."""
+        from models.loading import load_pretrained
+
+        return load_pretrained(name_or_dir, **config_overrides)
+
+
+def last_index(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | int:
+    """Index of the last real token of each row among the last T positions,
+    right or left padded alike."""
+    if attention_mask is None:
+        return T - 1
+    m = attention_mask[:, -T:].long()
+    return (m * torch.arange(1, T + 1, device=m.device)).argmax(-1)
