@@ -91,7 +91,8 @@ class GPT2Model(nn.Module):
         if cache is not None:
             cache.advance(T)
         x = self.ln_f(x)  # (B, T, d)
-        return {"last_hidden_state": x, "last_token": x[torch.arange(B, device=x.device), last_index(attention_mask, T)]}
+        last = x[torch.arange(B, device=x.device), last_index(attention_mask, T)]  # (B, d)
+        return {"last_hidden_state": x, "last_token": last}
 
     def hidden_state_to_token(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits through the tied token embedding: (..., d) -> (..., V)."""
