@@ -1,0 +1,193 @@
+"""Impossible Distillation: each filter on hand-made pairs, ROUGE-L on known
+values, the pair file, resumable generation, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from distillation.filters import (
+    FilterConfig,
+    Pair,
+    apply_filters,
+    candidate_pairs,
+    dedup,
+    entailment_scores,
+    length_ratio_ok,
+    not_copy,
+    orient,
+    rouge_f,
+)
+from distillation.numbers import extract_numbers, numbers_match
+from distillation.records import append_jsonl, read_jsonl, summary_path, write_quora_tsv, write_summary
+
+# ---------------------------------------------------------------- ROUGE-L
+
+
+def test_rouge_l_known_values() -> None:
+    # LCS("the cat sat on the mat", "the cat was on the mat") = 5 of 6 and 6 tokens: F = 5/6.
+    assert rouge_f("the cat sat on the mat", "the cat was on the mat") == pytest.approx(5 / 6)
+    # LCS = "a c" (2); P = 2/3, R = 2/4 -> F = 2PR/(P+R) = 4/7.
+    assert rouge_f("a b c d", "a c e") == pytest.approx(4 / 7)
+    assert rouge_f("Same words here", "same WORDS here") == 1.0
+    assert rouge_f("nothing shared", "at all") == 0.0
+
+
+# ---------------------------------------------------------------- length
+
+
+def test_length_ratio() -> None:
+    s = "x" * 100
+    assert length_ratio_ok(s, "y" * 80) and length_ratio_ok(s, "y" * 150)
+    assert not length_ratio_ok(s, "y" * 79) and not length_ratio_ok(s, "y" * 151)
+    assert not length_ratio_ok("", "y")
+    # 140/100 passes as given; 100/140 = 0.71 fails, so the pair is flipped; 200/100 fails both ways.
+    assert orient("x" * 140, "y" * 100) == ("y" * 100, "x" * 140)
+    assert orient("x" * 100, "y" * 120) == ("x" * 100, "y" * 120)
+    assert orient("x" * 100, "y" * 200) is None
+
+
+# ---------------------------------------------------------------- numbers
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ("The city paid 1,000 dollars.", "The city spent 1000 dollars."),
+        ("Two men were arrested.", "Police arrested 2 men."),
+        ("About 3 million people voted.", "Roughly three million people cast ballots."),
+        ("It grew by 3.50 percent in 2019.", "In 2019 it rose 3.5%."),
+        ("Twenty-five cars crashed.", "25 cars were in the crash."),
+        ("No one came to the party.", "Nobody attended the party."),  # a lone "one" is not a count
+        ("The sky is blue.", "Blue is the colour of the sky."),
+    ],
+)
+def test_numbers_match(a: str, b: str) -> None:
+    assert numbers_match(a, b)
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ("Three people died.", "Five people died."),
+        ("It cost 1,000 dollars.", "It cost 10,000 dollars."),
+        ("He scored 12 points in 2020.", "He scored 12 points."),
+        ("The 2nd game was close.", "The second game was close."),  # word ordinals are not numbers
+        ("5 6 7", "5 6"),
+    ],
+)
+def test_numbers_mismatch(a: str, b: str) -> None:
+    assert not numbers_match(a, b)
+
+
+def test_extract_numbers_compounds() -> None:
+    assert extract_numbers("one hundred and five") == {105}
+    assert extract_numbers("two thousand three hundred") == {2300}
+    assert extract_numbers("a million fans, 4 of 10 and 2023") == {1_000_000, 4, 10, 2023}
+
+
+# ---------------------------------------------------------------- copy
+
+
+def test_copy_filter() -> None:
+    assert not not_copy("The man walked his dog in the park.", "The man walked his dog in the park today.")
+    assert not_copy("The man walked his dog in the park.", "A dog was taken for a stroll by its owner.")
+
+
+# ---------------------------------------------------------------- entailment and dedup
+
+
+def _scorer(table: dict[tuple[str, str], float]):
+    calls = []
+
+    def score(pairs):
+        calls.append(len(pairs))
+        return [table.get((a, b), 0.0) for a, b in pairs]
+
+    score.calls = calls
+    return score
+
+
+def test_entailment_needs_both_directions() -> None:
+    pairs = [Pair("c", "a", "b"), Pair("c", "a", "d")]
+    fn = _scorer({("a", "b"): 0.9, ("b", "a"): 0.8, ("a", "d"): 0.99, ("d", "a"): 0.2})
+    entailment_scores(pairs, fn)
+    assert fn.calls == [4]  # one call, both directions
+    assert (pairs[0].forward, pairs[0].backward) == (0.9, 0.8)
+    res = apply_filters([Pair("c", "a", "b"), Pair("c", "a", "d")], fn, FilterConfig(min_ratio=0, max_ratio=99))
+    assert [(p.s1, p.s2) for p in res.kept] == [("a", "b")]
+    assert [(p.s1, p.s2) for p in res.negatives] == [("a", "d")]
+    assert res.counts["removed_by_entailment"] == 1
+
+
+def test_dedup_keeps_lowest_rouge_per_group() -> None:
+    pairs = [Pair("c", "a", "b", rouge_l=0.5), Pair("c", "b", "c", rouge_l=0.3), Pair("c", "x", "y", rouge_l=0.6)]
+    # a-b-c is one group (b links them); x-y another.
+    assert [(p.s1, p.s2) for p in dedup(pairs)] == [("b", "c"), ("x", "y")]
+
+
+def test_apply_filters_counts_each_filter() -> None:
+    src = "The mayor opened the new bridge on Monday."
+    para = "On Monday, the new bridge was opened by the mayor."
+    para2 = "Monday saw the city's mayor open the new bridge."
+    cands = candidate_pairs("c0", [src, para, para2, src,  # exact duplicate sentence: dropped
+                                   "Short.",  # length
+                                   "The mayor opened 3 new bridges on Monday.",  # numbers
+                                   "The mayor opened the new bridge on Monday!",  # copy
+                                   "The weather on Monday was cold and wet all day."])  # not entailed
+    paraphrases = {src, para, para2}
+    fn = _scorer({})
+
+    def score(pairs):
+        return [0.95 if a in paraphrases and b in paraphrases else 0.1 for a, b in pairs]
+
+    res = apply_filters(cands, score, FilterConfig())
+    c = res.counts
+    assert c["candidates"] == 21  # 7 distinct sentences
+    assert c["removed_by_length"] == 6  # "Short." with everything
+    assert c["removed_by_numbers"] == 5  # "3 bridges" with the 5 remaining number-free sentences
+    assert c["removed_by_copy"] == 1  # src vs src + "!"
+    assert c["kept"] == 1 and c["removed_by_dedup"] == 2  # src, para, para2 entail each other: one group
+    assert c["removed_by_entailment"] == 9 - 3  # 9 reach it, 3 are among the paraphrases
+    assert sum(v for k, v in c.items() if k.startswith("removed_by")) + c["kept"] == c["candidates"]
+    kept = res.kept[0]
+    assert {kept.s1, kept.s2} <= paraphrases and kept.rouge_l == min(
+        rouge_f(a, b) for a, b in [(src, para), (src, para2), (para, para2)])
+    assert all(p.forward < 0.75 or p.backward < 0.75 for p in res.negatives)
+    assert fn.calls == []
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_quora_tsv_format_and_reader(tmp_path) -> None:
+    path = tmp_path / "pairs.csv"
+    n = write_quora_tsv(path, [("A said \"hi\".", "B\tsaid hi.")], [("x y", "z w")], seed=1)
+    assert n == 2
+    lines = path.read_text().split("\n")
+    assert lines[0] == "\tid\tsentence1\tsentence2\tis_duplicate"
+    rows = list(csv.DictReader(path.open(), delimiter="\t"))
+    assert sorted(r["is_duplicate"] for r in rows) == ["0.0", "1.0"]
+    pos = next(r for r in rows if r["is_duplicate"] == "1.0")
+    assert pos["sentence1"] == 'A said "hi".' and pos["sentence2"] == "B said hi."
+    assert all(len(r["id"]) == 25 for r in rows)
+
+
+def test_jsonl_append_resume_and_truncated_tail(tmp_path) -> None:
+    path = tmp_path / "gen.jsonl"
+    append_jsonl(path, [{"id": "a"}, {"id": "b"}])
+    with path.open("a") as f:
+        f.write('{"id": "c", "cont')  # a run killed mid-write
+    assert [r["id"] for r in read_jsonl(path)] == ["a", "b"]
+    path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        list(read_jsonl(path))
+
+
+def test_summary_next_to_output(tmp_path) -> None:
+    out = tmp_path / "pairs.jsonl"
+    p = write_summary(out, "filter", seed=3, counts={"kept": 1})
+    assert p == summary_path(out) == tmp_path / "pairs.summary.json"
+    assert json.loads(p.read_text())["seed"] == 3
