@@ -1,0 +1,74 @@
+"""Task models built on GPT2Model, and the fine-tuning modes they share.
+
+Each head keeps the body under ``self.gpt`` (the starter's name) so that
+``set_fine_tune_mode`` and checkpoints treat every task alike. Add new task
+heads below the sentiment classifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from models.gpt2 import GPT2Model
+from modules.lora import DEFAULT_TARGETS, apply_lora, mark_only_lora_trainable
+
+FINE_TUNE_MODES = ("last-linear-layer", "full-model", "lora")
+
+
+def set_fine_tune_mode(
+    model: nn.Module,
+    mode: str,
+    head: Sequence[str],
+    *,
+    lora_r: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.05,
+    lora_targets: Sequence[str] = DEFAULT_TARGETS,
+) -> bool:
+    """Decide what trains: ``last-linear-layer`` freezes the GPT-2 body (only ``head`` modules
+    train), ``full-model`` trains everything, ``lora`` wraps the body's linears with adapters and
+    trains them plus ``head``. Returns True when checkpoints should hold only trainable
+    parameters (the frozen body is rebuilt from the same weights or seed)."""
+    if mode not in FINE_TUNE_MODES:
+        raise ValueError(f"fine-tune mode must be one of {FINE_TUNE_MODES}, got {mode!r}")
+    head = tuple(head)
+    if mode == "full-model":
+        for p in model.parameters():
+            p.requires_grad = True
+        return False
+    if mode == "lora":
+        apply_lora(model, lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
+        mark_only_lora_trainable(model, extra_trainable=head)
+        return True
+    for name, p in model.named_parameters():
+        p.requires_grad = any(name == h or name.startswith(h + ".") for h in head)
+    return True
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, for the log line every CLI prints."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+class GPT2SentimentClassifier(nn.Module):
+    """GPT-2, dropout, and a linear layer on the hidden state of the last real token
+    (the course starter's design: with causal attention only that position has read
+    the whole sentence)."""
+
+    head = ("classifier",)
+
+    def __init__(self, gpt: GPT2Model, num_labels: int, hidden_dropout_prob: float = 0.3) -> None:
+        super().__init__()
+        self.gpt = gpt
+        self.num_labels = num_labels
+        self.dropout = nn.Dropout(hidden_dropout_prob)
+        self.classifier = nn.Linear(gpt.config.hidden_size, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids and mask -> (B, num_labels) logits."""
+        last_token = self.gpt(input_ids, attention_mask)["last_token"]  # (B, d)
+        return self.classifier(self.dropout(last_token))  # (B, num_labels)

@@ -1,0 +1,602 @@
+"""The one training loop every task uses.
+
+A task supplies what is particular to it -- a model, ``loss_fn(model, batch) ->
+scalar tensor``, a train DataLoader, and ``eval_fn(model) -> {metric: value}`` on
+its dev set -- and the engine does the rest: device placement, bf16 autocast on
+CUDA, gradient accumulation and clipping, our ``optimizer.AdamW``, a learning-rate
+schedule, evaluation each epoch, early stopping, best/top-k checkpoints, exact
+resume, a JSONL metrics log and a PNG of the curves.
+
+Typical use (see ``classifier.py``)::
+
+    cfg = TrainConfig(epochs=10, lr=1e-5, metric="accuracy", output_dir="runs/sst/full-model")
+    trainer = Trainer(model, loss_fn, train_loader, eval_fn, cfg)
+    best = trainer.fit()           # best dev metrics, e.g. {"accuracy": 0.51, "macro_f1": 0.47, "epoch": 3}
+    trainer.load_best()            # model now holds the best epoch's weights
+    trainer.best_checkpoint        # Path of that checkpoint file
+
+Files in ``output_dir``: ``last.pt`` (full state for ``resume``), ``best.pt`` (top-1)
+or ``best-epochN.pt`` (top-k), ``metrics.jsonl``, ``curves.png``.
+
+Exact resume: ``last.pt`` holds the model (or only its trainable parameters),
+optimizer, schedule, python/numpy/torch/cuda RNG states, epoch, step and the RNG
+state at the start of the current epoch. With ``save_every_steps`` a run can stop
+mid-epoch: on resume the epoch's shuffle is replayed from that saved state and the
+batches already seen are skipped, so the final weights equal an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from models.loading import atomic_save, load_checkpoint
+from optimizer import AdamW
+
+SCHEDULES = ("constant", "linear", "cosine")
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+EvalFn = Callable[[nn.Module], Mapping[str, float]]
+
+
+@dataclass
+class TrainConfig:
+    """Everything the loop needs to know; saved in every checkpoint."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float = 1.0  # <= 0 disables clipping
+    scheduler: str = "constant"  # constant | linear | cosine (after warm-up)
+    warmup_ratio: float = 0.0  # fraction of all optimizer steps spent warming up linearly from 0
+    patience: int = 0  # stop after this many epochs without dev improvement; 0 = never
+    metric: str = "accuracy"  # dev metric that picks the best checkpoint
+    mode: str = "max"  # "max" or "min" for ``metric``
+    save_top_k: int = 1  # best checkpoints kept; 0 keeps none
+    save_every_steps: int = 0  # also write last.pt every N optimizer steps (mid-epoch resume)
+    save_trainable_only: bool = False  # checkpoints hold only requires_grad parameters (LoRA, frozen body)
+    output_dir: str = "runs/default"
+    seed: int = 11711  # re-seeded at the start of a fresh fit so data order does not depend on model building
+    device: str = "cpu"
+    bf16: bool = True  # bf16 autocast, used only on CUDA
+    log_every: int = 20  # optimizer steps between loss syncs (.item()) and log lines
+    progress: bool = True  # tqdm bars
+    resume: bool = False  # continue from output_dir/last.pt if it exists
+    max_steps: int = 0  # stop (as if interrupted) after this many optimizer steps; 0 = no limit
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULES:
+            raise ValueError(f"scheduler must be one of {SCHEDULES}, got {self.scheduler!r}")
+        if self.mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {self.mode!r}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        self.betas = tuple(self.betas)
+
+
+class Callback:
+    """Hooks the Trainer calls; override what you need. Setting ``trainer.stop = True`` ends
+    training after the current epoch (checkpoints and logs are still written)."""
+
+    def on_train_begin(self, trainer: Trainer) -> None: ...
+
+    def on_step_end(self, trainer: Trainer, step: int, loss: float | None) -> None:
+        """After each optimizer step; ``loss`` is set only at logging steps (avoids a sync per step)."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None: ...
+
+    def on_train_end(self, trainer: Trainer, best: dict[str, Any]) -> None: ...
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices); cuDNN deterministic, as the course starter does."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def get_rng_state() -> dict[str, Any]:
+    """All global RNG states in types that ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state({
+        "bit_generator": "MT19937",
+        "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+        "has_gauss": n["has_gauss"],
+        "gauss": n["gauss"],
+    })
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def move_to_device(batch: Any, device: torch.device | str) -> Any:
+    """Tensors inside dicts/lists/tuples moved to ``device``; other values (ids, strings) left as they are."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
+def autocast_context(device: torch.device | str, bf16: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; nothing elsewhere (CPU bf16 is slow and changes numbers)."""
+    if torch.device(device).type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader: Iterable,
+    step_fn: Callable[[nn.Module, Any], Any],
+    bf16: bool = True,
+    desc: str | None = None,
+) -> list[Any]:
+    """Run ``step_fn(model, batch)`` over a loader in eval mode (no grad, autocast on CUDA),
+    batches moved to the model's device; returns the list of results. Tasks build eval_fn on this."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    out = []
+    it = loader
+    if desc is not None:
+        from tqdm.auto import tqdm
+
+        it = tqdm(loader, desc=desc, leave=False)
+    try:
+        with autocast_context(device, bf16):
+            for batch in it:
+                out.append(step_fn(model, move_to_device(batch, device)))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the parameters that train: what a LoRA or frozen-body run needs to save."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], partial: bool, path: Any = "") -> None:
+    """Load full or trainable-only weights; a partial state must still match names it holds."""
+    if not partial:
+        model.load_state_dict(state)
+        return
+    missing_in_model = sorted(set(state) - set(model.state_dict()))
+    if missing_in_model:
+        raise ValueError(f"{path}: checkpoint holds parameters the model lacks: {missing_in_model[:5]}...")
+    model.load_state_dict(state, strict=False)
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at optimizer step ``s`` (0-based)."""
+
+    def f(s: int) -> float:
+        if warmup_steps and s < warmup_steps:
+            return (s + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.size(0)
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    for v in batch if isinstance(batch, (list, tuple)) else ():
+        if isinstance(v, (torch.Tensor, list, tuple)):
+            return _batch_size(v) if isinstance(v, torch.Tensor) else len(v)
+    return 0
+
+
+# ------------------------------------------------------------------ trainer
+
+
+class Trainer:
+    """Fit a model with a task-supplied loss and dev evaluation.
+
+    Args:
+        model: any nn.Module; moved to ``config.device``.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, batch already on the device.
+        train_loader: yields batches (dicts/tuples of tensors). Shuffling should use the
+            global torch RNG (the DataLoader default) or a generator on its sampler; both resume exactly.
+        eval_fn: ``eval_fn(model) -> {name: value}`` on dev, called each epoch in eval mode under
+            no_grad and autocast; must contain ``config.metric``. None: no evaluation, last epoch is "best".
+        config: TrainConfig.
+        optimizer: optional; default ``AdamW`` over trainable parameters, no weight decay on
+            biases and LayerNorm weights (1-D tensors).
+        callbacks: Callback instances.
+        extra: JSON-like dict saved in checkpoints (e.g. the CLI args) for provenance.
+
+    After ``fit()``: ``best_metrics``, ``best_checkpoint`` (Path or None), ``history`` (one dict per
+    epoch), ``global_step``, ``epoch`` (epochs completed), ``output_dir``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        train_loader: DataLoader | Iterable,
+        eval_fn: EvalFn | None = None,
+        config: TrainConfig | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        callbacks: Sequence[Callback] = (),
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.config = config or TrainConfig()
+        self.device = torch.device(self.config.device)
+        self.model = model.to(self.device)
+        self.loss_fn = loss_fn
+        self.train_loader = train_loader
+        self.eval_fn = eval_fn
+        self.callbacks = list(callbacks)
+        self.extra = dict(extra or {})
+        self.output_dir = Path(self.config.output_dir)
+        self.optimizer = optimizer or self._default_optimizer()
+        n_batches = len(train_loader)  # type: ignore[arg-type]
+        self.steps_per_epoch = math.ceil(n_batches / self.config.grad_accum)
+        self.total_steps = self.steps_per_epoch * self.config.epochs
+        warmup = int(self.config.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.config.scheduler, warmup, self.total_steps)
+        )
+        self.global_step = 0
+        self.epoch = 0  # epochs completed
+        self.step_in_epoch = 0  # optimizer steps done in the current (unfinished) epoch
+        self.epoch_rng: dict[str, Any] | None = None  # RNG state when the current epoch's iterator was made
+        self.history: list[dict[str, Any]] = []
+        self.best_metrics: dict[str, Any] = {}
+        self.best_score: float | None = None  # metric, negated when mode == "min"
+        self.top_k: list[tuple[float, int, str]] = []  # (score, epoch, path)
+        self.bad_epochs = 0
+        self.stop = False
+        self.interrupted = False
+
+    # ------------------------------------------------------------ public API
+
+    @property
+    def best_checkpoint(self) -> Path | None:
+        """Path of the best checkpoint written so far (None if none was saved)."""
+        if not self.top_k:
+            return None
+        return Path(self._sorted_top_k()[0][2])
+
+    def load_best(self) -> None:
+        """Put the best checkpoint's weights back into ``self.model``."""
+        if self.best_checkpoint is None:
+            raise RuntimeError("no best checkpoint was saved (save_top_k=0 or fit() not run)")
+        self.load_weights(self.best_checkpoint)
+
+    def load_weights(self, path: str | Path) -> dict[str, Any]:
+        """Load the model weights of any checkpoint this Trainer wrote; returns the checkpoint."""
+        ckpt = load_checkpoint(path, map_location=self.device)
+        load_model_state(self.model, ckpt["model"], ckpt.get("trainable_only", False), path)
+        return ckpt
+
+    def fit(self) -> dict[str, Any]:
+        """Train for ``config.epochs`` (or until early stopping / ``max_steps``); returns the best dev
+        metrics with the epoch they came from (or the last epoch's metrics if there is no eval_fn)."""
+        cfg = self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        last = self.output_dir / "last.pt"
+        if cfg.resume and last.exists():
+            self._resume(last)
+            print(f"resumed from {last}: epoch {self.epoch}, step {self.global_step}")
+        else:
+            seed_everything(cfg.seed)
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
+        self.model.train()
+        while self.epoch < cfg.epochs and not self.stop:
+            train_loss = self._train_epoch()
+            if self.step_in_epoch < self.steps_per_epoch:  # stopped mid-epoch (max_steps): last.pt is saved
+                break
+            self._end_epoch(train_loss)
+            if self.interrupted:
+                break
+        for cb in self.callbacks:
+            cb.on_train_end(self, self.best_metrics)
+        return dict(self.best_metrics)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast_context(self.device, self.config.bf16)
+
+    # ------------------------------------------------------------ the loop
+
+    def _default_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.config.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return AdamW([g for g in groups if g["params"]], lr=self.config.lr, betas=self.config.betas,
+                     eps=self.config.eps)
+
+    def _batches(self) -> Iterator[tuple[int, Any]]:
+        """This epoch's batches; after a mid-epoch resume the seen ones are replayed and skipped."""
+        cfg = self.config
+        skip = self.step_in_epoch * cfg.grad_accum
+        if skip:
+            resume_rng = get_rng_state()
+            set_rng_state(self.epoch_rng)  # the shuffle of the interrupted epoch
+            self._set_sampler_rng(self.epoch_rng)
+        else:
+            self.epoch_rng = get_rng_state()
+            self.epoch_rng["sampler"] = self._sampler_rng()
+        it = iter(self.train_loader)
+        if skip:
+            for _ in range(skip):  # the sampler draws its seed at the first next(), so replay first
+                next(it)
+            set_rng_state(resume_rng)
+        yield from enumerate(it, start=skip)
+
+    def _train_epoch(self) -> float | None:
+        cfg = self.config
+        n_batches = len(self.train_loader)  # type: ignore[arg-type]
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
+                       desc=f"epoch {self.epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
+        loss_sum = torch.zeros((), device=self.device)  # summed on device: no sync per step
+        n_loss = 0
+        window_loss = torch.zeros((), device=self.device)
+        window_n, window_examples, t0 = 0, 0, time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in self._batches():
+            group_start = (i // cfg.grad_accum) * cfg.grad_accum
+            group_size = min(cfg.grad_accum, n_batches - group_start)
+            batch = move_to_device(batch, self.device)
+            with self.autocast():
+                loss = self.loss_fn(self.model, batch)
+            (loss / group_size).backward()
+            loss_sum += loss.detach().float()
+            window_loss += loss.detach().float()
+            n_loss += 1
+            window_n += 1
+            window_examples += _batch_size(batch)
+            if i + 1 < group_start + group_size:
+                continue
+            self._optimizer_step()
+            logged = None
+            if self.global_step % cfg.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
+                logged = (window_loss / window_n).item()
+                rate = window_examples / max(1e-9, time.perf_counter() - t0)
+                self._log({"type": "step", "epoch": self.epoch + 1, "step": self.global_step, "loss": logged,
+                           "lr": self.scheduler.get_last_lr()[0], "examples_per_s": rate})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{logged:.4f}", ex_s=f"{rate:.1f}")
+                window_loss.zero_()
+                window_n, window_examples, t0 = 0, 0, time.perf_counter()
+            if bar is not None:
+                bar.update(1)
+            for cb in self.callbacks:
+                cb.on_step_end(self, self.global_step, logged)
+            if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0:
+                self._save_last()
+            if cfg.max_steps and self.global_step >= cfg.max_steps:
+                self.interrupted = True
+                if self.step_in_epoch < self.steps_per_epoch:
+                    self._save_last()
+                    break
+        if bar is not None:
+            bar.close()
+        return (loss_sum / n_loss).item() if n_loss else None
+
+    def _optimizer_step(self) -> None:
+        if self.config.max_grad_norm > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        self.step_in_epoch += 1
+
+    def _end_epoch(self, train_loss: float | None) -> None:
+        cfg = self.config
+        self.epoch += 1
+        self.step_in_epoch = 0
+        metrics: dict[str, Any] = {}
+        if self.eval_fn is not None:
+            with torch.no_grad(), self.autocast():
+                self.model.eval()
+                metrics = {k: float(v) for k, v in self.eval_fn(self.model).items()}
+                self.model.train()
+            if cfg.metric not in metrics:
+                raise KeyError(f"eval_fn returned {sorted(metrics)}, not the metric to select on {cfg.metric!r}")
+        record = {"epoch": self.epoch, "step": self.global_step, "train_loss": train_loss, "dev": metrics}
+        self.history.append(record)
+        self._log({"type": "epoch", **record})
+        score = metrics.get(cfg.metric, float(self.epoch))  # no eval: later epochs count as better
+        if cfg.mode == "min" and cfg.metric in metrics:
+            score = -score
+        improved = self.best_score is None or score > self.best_score
+        if improved:
+            self.best_score = score
+            self.best_metrics = {**metrics, "epoch": self.epoch}
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        self._keep_top_k(score)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        print(f"epoch {self.epoch}: train loss {train_loss if train_loss is None else round(train_loss, 4)}"
+              f"{'; dev ' + shown if shown else ''}{' (best)' if improved else ''}")
+        if cfg.patience and self.bad_epochs >= cfg.patience:
+            print(f"early stopping: no improvement in {cfg.metric} for {cfg.patience} epochs")
+            self.stop = True
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, self.epoch, metrics)
+        self._save_last()
+        self._plot()
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _sorted_top_k(self) -> list[tuple[float, int, str]]:
+        return sorted(self.top_k, key=lambda t: (-t[0], t[1]))
+
+    def _keep_top_k(self, score: float) -> None:
+        k = self.config.save_top_k
+        if k <= 0:
+            return
+        ranked = self._sorted_top_k()
+        if len(ranked) >= k and score <= ranked[-1][0]:
+            return
+        name = "best.pt" if k == 1 else f"best-epoch{self.epoch}.pt"
+        path = self.output_dir / name
+        atomic_save({"model": self._model_state(), "trainable_only": self.config.save_trainable_only,
+                     "epoch": self.epoch, "dev": self.history[-1]["dev"], "train_config": self._config_dict(),
+                     "extra": self.extra}, path)
+        ranked = [t for t in ranked if t[2] != str(path)] + [(score, self.epoch, str(path))]
+        ranked = sorted(ranked, key=lambda t: (-t[0], t[1]))
+        for _, _, old in ranked[k:]:
+            Path(old).unlink(missing_ok=True)
+        self.top_k = ranked[:k]
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        if self.config.save_trainable_only:
+            return trainable_state_dict(self.model)
+        return self.model.state_dict()
+
+    def _config_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self.config)
+        d["betas"] = list(d["betas"])
+        return d
+
+    def _sampler_rng(self) -> torch.Tensor | None:
+        gen = getattr(getattr(self.train_loader, "sampler", None), "generator", None)
+        return gen.get_state() if gen is not None else None
+
+    def _set_sampler_rng(self, state: Mapping[str, Any] | None) -> None:
+        gen = getattr(getattr(self.train_loader, "sampler", None), "generator", None)
+        if gen is not None and state is not None and state.get("sampler") is not None:
+            gen.set_state(state["sampler"])
+
+    def _save_last(self) -> None:
+        rng = get_rng_state()
+        rng["sampler"] = self._sampler_rng()
+        atomic_save({
+            "model": self._model_state(),
+            "trainable_only": self.config.save_trainable_only,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+            "epoch_rng": self.epoch_rng if self.step_in_epoch else None,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "step_in_epoch": self.step_in_epoch,
+            "history": self.history,
+            "best_metrics": self.best_metrics,
+            "best_score": self.best_score,
+            "top_k": [list(t) for t in self.top_k],
+            "bad_epochs": self.bad_epochs,
+            "stopped": self.stop,
+            "train_config": self._config_dict(),
+            "extra": self.extra,
+        }, self.output_dir / "last.pt")
+
+    def _resume(self, path: Path) -> None:
+        ckpt = self.load_weights(path)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.epoch = ckpt["epoch"]
+        self.global_step = ckpt["global_step"]
+        self.step_in_epoch = ckpt["step_in_epoch"]
+        self.epoch_rng = ckpt["epoch_rng"]
+        self.history = list(ckpt["history"])
+        self.best_metrics = dict(ckpt["best_metrics"])
+        self.best_score = ckpt["best_score"]
+        self.top_k = [(float(s), int(e), str(p)) for s, e, p in ckpt["top_k"]]
+        self.bad_epochs = ckpt["bad_epochs"]
+        self.stop = ckpt["stopped"]
+        set_rng_state(ckpt["rng"])
+        self._set_sampler_rng(ckpt["rng"])
+
+    # ------------------------------------------------------------ logging
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _plot(self) -> None:
+        """Training loss and the selection metric per epoch, side by side."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs = [h["epoch"] for h in self.history]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+        a.plot(epochs, [h["train_loss"] if h["train_loss"] is not None else float("nan") for h in self.history],
+               marker="o")
+        a.set(xlabel="epoch", ylabel="training loss", title="training loss")
+        dev = [h["dev"].get(self.config.metric, float("nan")) for h in self.history]
+        b.plot(epochs, dev, marker="o", color="tab:orange")
+        b.set(xlabel="epoch", ylabel=self.config.metric, title=f"dev {self.config.metric}")
+        fig.tight_layout()
+        fig.savefig(self.output_dir / "curves.png", dpi=100)
+        plt.close(fig)
+
+
+__all__ = [
+    "Callback", "TrainConfig", "Trainer", "autocast_context", "get_rng_state", "load_model_state", "lr_lambda",
+    "model_device", "move_to_device", "predict", "seed_everything", "set_rng_state", "trainable_state_dict",
+]
