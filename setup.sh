@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: a virtual environment with pinned packages, and the
+# course data in data/. Safe to run twice (skips what is already there).
+# Offline, the data comes from ../shared/data beside the project instead.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+DATA_URL=${DATA_URL:-https://raw.githubusercontent.com/cfifty/public_cs224n_gpt/main/data}
+SHARED=../shared/data
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "==> creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=(pip_quiet "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+# pip's notes about unusable local index folders are noise; real errors still show.
+pip_quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+
+torch_version=$(grep -E '^torch==' requirements.txt | cut -d= -f3)
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "==> installing torch $torch_version (CUDA build: a GPU is present)"
+    "${PIP[@]}" "torch==$torch_version"
+  else
+    echo "==> installing torch $torch_version (CPU build)"
+    # The CPU index saves gigabytes; fall back to the default index if it is unreachable.
+    "${PIP[@]}" --retries 0 --timeout 10 --index-url https://download.pytorch.org/whl/cpu "torch==$torch_version" 2>/dev/null \
+      || "${PIP[@]}" "torch==$torch_version"
+  fi
+fi
+echo "==> installing requirements.txt"
+"${PIP[@]}" -r requirements.txt
+
+mkdir -p data predictions
+FILES=(ids-sst-train.csv ids-sst-dev.csv ids-sst-test-student.csv
+       ids-cfimdb-train.csv ids-cfimdb-dev.csv ids-cfimdb-test-student.csv
+       sonnets.txt sonnets_held_out.txt sonnets_held_out_dev.txt TRUE_sonnets_held_out_dev.txt
+       quora-train.csv quora-dev.csv quora-test-student.csv)
+online=0
+if curl -sfI --connect-timeout 5 --max-time 10 "$DATA_URL/sonnets.txt" >/dev/null 2>&1; then
+  online=1
+else
+  echo "==> course data server unreachable; using $SHARED where it has the files"
+fi
+for f in "${FILES[@]}"; do
+  [ -s "data/$f" ] && continue
+  if [ "$online" = 1 ] && curl -sfL --connect-timeout 5 --max-time 600 "$DATA_URL/$f" -o "data/$f.part"; then
+    mv "data/$f.part" "data/$f"
+    echo "    downloaded data/$f"
+  else
+    rm -f "data/$f.part"
+    if [ -f "$SHARED/$f" ]; then
+      cp "$SHARED/$f" "data/$f" && echo "    copied data/$f from $SHARED"
+    else
+      echo "    missing data/$f (not downloadable now, not in $SHARED)"
+    fi
+  fi
+done
+# Offline stand-in for the Quora splits (paraphrase_detection.py carves train/dev/test from it).
+if [ ! -s data/quora-train.csv ] && [ -f "$SHARED/quora-minbert-dev.csv" ] && [ ! -s data/quora-minbert-dev.csv ]; then
+  cp "$SHARED/quora-minbert-dev.csv" data/ && echo "    copied data/quora-minbert-dev.csv (offline Quora stand-in)"
+fi
+[ -f optimizer_test.npy ] || { [ -f "$SHARED/optimizer_test.npy" ] && cp "$SHARED/optimizer_test.npy" .; }
+echo "==> done. Activate with: source $VENV/bin/activate"
