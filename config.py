@@ -31,9 +31,12 @@ class GPT2Config:
     attn_impl: str = "sdpa"
     # Sparse attention (see modules/attention.py). "dense" is plain causal attention.
     attn_pattern: str = "dense"
-    attn_window: int = 256  # local window width (window, strided, block_global)
+    attn_window: int = 256  # local window width, the query included (window, strided)
     attn_block: int = 64  # block size (block_global)
     attn_num_global: int = 1  # leading global tokens (block_global)
+    attn_stride: int = 0  # strided: 0 = far keys at distances 2^k (LogSparse); s > 0 = at multiples of s
+    # "blockwise": O(T*w) kernels of modules/sparse_attention.py; "mask": SDPA on the full reference mask.
+    attn_sparse_impl: str = "blockwise"
     gradient_checkpointing: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, saved with checkpoints
 
@@ -49,6 +52,13 @@ class GPT2Config:
             raise ValueError(f"attn_impl must be 'sdpa' or 'eager', got {self.attn_impl!r}")
         if self.attn_pattern not in ATTENTION_PATTERNS:
             raise ValueError(f"attn_pattern must be one of {ATTENTION_PATTERNS}, got {self.attn_pattern!r}")
+        if self.attn_sparse_impl not in ("blockwise", "mask"):
+            raise ValueError(f"attn_sparse_impl must be 'blockwise' or 'mask', got {self.attn_sparse_impl!r}")
+        for name in ("attn_window", "attn_block"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.attn_num_global < 0 or self.attn_stride < 0:
+            raise ValueError("attn_num_global and attn_stride must be >= 0")
 
     @property
     def head_dim(self) -> int:

@@ -1,6 +1,6 @@
-"""Causal self-attention with padding masks and a key/value cache.
+"""Causal self-attention with padding masks, sparse patterns and a key/value cache.
 
-Two implementations give the same numbers: ``sdpa`` calls
+Two implementations give the same dense numbers: ``sdpa`` calls
 ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
 kernels on CUDA), ``eager`` writes softmax(QK^T / sqrt(d)) V out by hand.
 
@@ -8,6 +8,23 @@ Masks are boolean, True = may attend, of shape (B, 1, T, S) for T queries over
 S keys. A query always may attend to itself, so that no row is fully masked
 (left-padding rows would otherwise give NaN); pad rows hold garbage that no
 caller reads.
+
+Sparse patterns (``config.attn_pattern``) change only which earlier positions a
+query sees, never the weights, so pretrained checkpoints load unchanged:
+
+- ``window``: the last ``attn_window`` positions (itself included);
+- ``strided``: that window plus positions at distances 1, 2, 4, 8... (LogSparse,
+  Li et al. 2019), or at multiples of ``attn_stride`` when it is > 0 (the
+  strided pattern of Child et al. 2019);
+- ``block_global``: its own block of ``attn_block`` positions plus the first
+  ``attn_num_global`` tokens, which every query sees.
+
+``pattern_mask`` (through ``build_attention_mask``) defines them and is the
+reference. Training and prefill without a cache use the blockwise kernels of
+``modules.sparse_attention`` (``attn_sparse_impl="blockwise"``), whose cost is
+O(T * w); ``attn_sparse_impl="mask"`` runs SDPA on the reference mask instead.
+With a cache, each step attends only to the keys the pattern can reach (the
+last w for ``window``; ``RingKVCache`` stores only those).
 """
 
 from __future__ import annotations
@@ -19,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import GPT2Config
+from modules.sparse_attention import sparse_blockwise_attention
 
 
 class KVCache:
@@ -60,6 +78,74 @@ class KVCache:
         self.v = self.v.index_select(1, index)
 
 
+class RingKVCache:
+    """Bounded cache for the ``window`` pattern: keeps only the last ``attn_window``
+    keys/values per layer, in a ring indexed by position mod w.
+
+    ``update`` returns, in order, the last w - 1 cached keys followed by the new
+    ones: the most any new query can see. Memory is O(w), not O(max_length).
+    Same interface as ``KVCache`` (``update``/``advance``/``reorder``/``length``).
+    """
+
+    def __init__(
+        self,
+        config: GPT2Config,
+        batch_size: int,
+        max_length: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        if config.attn_pattern != "window":
+            raise ValueError(f"RingKVCache needs attn_pattern='window', got {config.attn_pattern!r}")
+        self.capacity = min(config.attn_window, max_length)
+        shape = (config.num_hidden_layers, batch_size, config.num_attention_heads, self.capacity, config.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.max_length = max_length
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.size(2)
+        if self.length + T > self.max_length:
+            raise ValueError(f"KV cache full: {self.length + T} positions > max_length {self.max_length}")
+        n_old = min(self.length, self.capacity - 1)
+        old = torch.arange(self.length - n_old, self.length, device=k.device) % self.capacity
+        k_out = torch.cat([self.k[layer].index_select(2, old), k], dim=2)  # (B, nh, n_old + T, hs)
+        v_out = torch.cat([self.v[layer].index_select(2, old), v], dim=2)
+        n_new = min(T, self.capacity)
+        slots = torch.arange(self.length + T - n_new, self.length + T, device=k.device) % self.capacity
+        self.k[layer].index_copy_(2, slots, k[:, :, T - n_new :])
+        self.v[layer].index_copy_(2, slots, v[:, :, T - n_new :])
+        return k_out, v_out
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+
+
+def new_kv_cache(
+    config: GPT2Config, batch_size: int, max_length: int, device: torch.device | str, dtype: torch.dtype
+) -> KVCache | RingKVCache:
+    """The cache that fits the pattern: a ring of w positions for ``window``, else the full one."""
+    if config.attn_pattern == "window" and config.attn_window < max_length:
+        return RingKVCache(config, batch_size, max_length, device, dtype)
+    return KVCache(config, batch_size, max_length, device, dtype)
+
+
+def covers_all(config: GPT2Config, length: int) -> bool:
+    """Whether the pattern lets every query see every earlier position of a
+    sequence of ``length``: then it is dense attention, computed as such."""
+    p = config.attn_pattern
+    if p in ("window", "strided"):
+        return config.attn_window >= length
+    if p == "block_global":
+        return config.attn_block >= length or config.attn_num_global >= length
+    return True
+
+
 def build_attention_mask(
     config: GPT2Config,
     query_len: int,
@@ -67,36 +153,69 @@ def build_attention_mask(
     key_padding_mask: torch.Tensor | None,
     device: torch.device,
 ) -> torch.Tensor | None:
-    """Boolean (B or 1, 1, T, S) mask, or None when plain causal attention applies.
+    """Boolean (B or 1, 1, T, S) mask, or None when the attention layer can apply
+    causality and the pattern by itself.
 
     ``key_padding_mask`` is (B, S) with 1 for real tokens, covering cached and new
-    positions. None is returned only for dense attention without padding; callers
-    then use ``is_causal`` (T == S) or no mask at all (T == 1).
+    positions. None is returned without padding for dense attention (callers use
+    ``is_causal`` or, for T == 1, no mask) and for a sparse pattern without a
+    cache (the blockwise kernels build their masks block by block). For sparse
+    patterns an all-ones padding mask counts as none.
+
+    ``window`` and ``strided`` depend only on the distance between slots, which
+    equals the distance in tokens under left padding. ``block_global`` counts
+    blocks and global tokens in real tokens (as the position embeddings do), so
+    left padding never makes a pad token "global".
     """
-    if key_padding_mask is None and config.attn_pattern == "dense" and (past_len == 0 or query_len == 1):
-        return None
     total = past_len + query_len
+    if key_padding_mask is not None and key_padding_mask.shape[1] != total:
+        raise ValueError(
+            f"attention_mask covers {key_padding_mask.shape[1]} positions, expected {total} "
+            f"({past_len} cached + {query_len} new)"
+        )
+    dense = covers_all(config, total)
+    if key_padding_mask is not None and not dense and bool(key_padding_mask.all()):
+        key_padding_mask = None
+    if key_padding_mask is None:
+        if dense and (past_len == 0 or query_len == 1):
+            return None
+        if not dense and past_len == 0 and config.attn_sparse_impl == "blockwise":
+            return None
     q_pos = torch.arange(past_len, total, device=device)[:, None]  # (T, 1)
     k_pos = torch.arange(total, device=device)[None, :]  # (1, S)
-    allowed = k_pos <= q_pos
-    allowed = allowed & pattern_mask(config, q_pos, k_pos)
-    mask = allowed[None, None]  # (1, 1, T, S)
+    allowed = k_pos <= q_pos  # (T, S)
+    if not dense:
+        pq, pk = q_pos, k_pos
+        if config.attn_pattern == "block_global" and key_padding_mask is not None:
+            pos = (key_padding_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S) token positions
+            pq, pk = pos[:, None, -query_len:, None], pos[:, None, None, :]  # (B, 1, T, 1), (B, 1, 1, S)
+        allowed = allowed & pattern_mask(config, pq, pk)
+    mask = allowed if allowed.dim() == 4 else allowed[None, None]  # (B or 1, 1, T, S)
     if key_padding_mask is not None:
-        if key_padding_mask.shape[1] != total:
-            raise ValueError(
-                f"attention_mask covers {key_padding_mask.shape[1]} positions, expected {total} "
-                f"({past_len} cached + {query_len} new)"
-            )
         mask = mask & key_padding_mask.bool()[:, None, None, :]
         mask = mask | (k_pos == q_pos)[None, None]
     return mask
 
 
 def pattern_mask(config: GPT2Config, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-    """Which (query, key) pairs the sparse pattern keeps, before causality."""
-    if config.attn_pattern == "dense":
+    """Which (query, key) pairs the sparse pattern keeps, before causality.
+    Positions broadcast against each other (e.g. (T, 1) and (1, S))."""
+    p = config.attn_pattern
+    if p == "dense":
         return torch.ones((), dtype=torch.bool, device=q_pos.device)
-    raise NotImplementedError(f"attention pattern {config.attn_pattern!r}")
+    d = q_pos - k_pos  # distance back from the query
+    if p == "window":
+        return d < config.attn_window
+    if p == "strided":
+        if config.attn_stride > 0:
+            far = (d > 0) & (d % config.attn_stride == 0)
+        else:
+            far = (d > 0) & ((d & (d - 1)) == 0)  # powers of two
+        return (d < config.attn_window) | far
+    if p == "block_global":
+        b = config.attn_block
+        return (k_pos // b == q_pos // b) | (k_pos < config.attn_num_global)
+    raise NotImplementedError(f"attention pattern {p!r}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -115,7 +234,7 @@ class CausalSelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | RingKVCache | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -125,15 +244,51 @@ class CausalSelfAttention(nn.Module):
         past = 0
         if cache is not None:
             past = cache.length
-            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs)
-        is_causal = mask is None and past == 0 and T > 1
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs): the last S positions
         dropout = self.attn_dropout if self.training else 0.0
-        if self.config.attn_impl == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        if covers_all(self.config, past + T):
+            is_causal = mask is None and past == 0 and T > 1
+            if self.config.attn_impl == "sdpa":
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+            else:
+                y = eager_attention(q, k, v, mask, is_causal, dropout)
+        elif (
+            self.config.attn_sparse_impl == "blockwise"
+            and past == 0
+            and (mask is None or self.config.attn_pattern != "block_global")
+        ):
+            y = sparse_blockwise_attention(q, k, v, self.config, mask, dropout)
         else:
-            y = eager_attention(q, k, v, mask, is_causal, dropout)
+            y = self._masked_sparse(q, k, v, mask, past, dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def _masked_sparse(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, past: int, dropout: float
+    ) -> torch.Tensor:
+        """Reference path (and decoding with a cache): attention on the pattern's
+        mask, restricted first to the keys some query can reach."""
+        T, S = q.size(2), k.size(2)
+        total = past + T
+        if mask is None:
+            mask = _reference_mask(self.config, T, past, q.device)
+        mask = mask[..., total - S :]  # the key slots this cache returned
+        if self.config.attn_pattern == "window":  # a contiguous tail: slice, no copy
+            first = max(0, past - self.config.attn_window + 1 - (total - S))
+            k, v, mask = k[:, :, first:], v[:, :, first:], mask[..., first:]
+        elif past > 0:  # decoding: gather the few reachable keys (LogSparse: w + log2(S))
+            keep = mask.flatten(0, -2).any(0).nonzero().squeeze(1)  # (S',)
+            k, v, mask = k.index_select(2, keep), v.index_select(2, keep), mask.index_select(-1, keep)
+        if self.config.attn_impl == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return eager_attention(q, k, v, mask, False, dropout)
+
+
+def _reference_mask(config: GPT2Config, query_len: int, past_len: int, device: torch.device) -> torch.Tensor:
+    """The pattern's full mask without padding (for callers that passed none)."""
+    q_pos = torch.arange(past_len, past_len + query_len, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(past_len + query_len, device=device)[None, :]  # (1, S)
+    return ((k_pos <= q_pos) & pattern_mask(config, q_pos, k_pos))[None, None]  # (1, 1, T, S)
 
 
 def eager_attention(

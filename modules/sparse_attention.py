@@ -1,0 +1,128 @@
+"""Blockwise kernels for the sparse causal attention patterns.
+
+``modules.attention.pattern_mask`` defines what each pattern lets a query see;
+these functions compute the same numbers without ever forming a (T, T) score
+matrix, so time and memory grow as T * (span + extra) instead of T^2:
+
+- ``window``: queries in blocks of ``w``; each block scores its own block and
+  the previous one (span 2w) and keeps the pairs at distance < w.
+- ``strided``: the window above, plus per-query "far" keys at fixed distances
+  (powers of two, or multiples of ``attn_stride``), gathered by index.
+- ``block_global``: each block of ``b`` scores only itself (span b), plus the
+  ``g`` leading global tokens that lie outside the query's own block.
+
+Local and far scores share one softmax, so the result is exactly attention
+under the pattern's mask. Positions here are slot indices (no cache: the
+T queries are the T keys). An optional boolean ``mask`` (B or 1, 1, T, T) from
+``build_attention_mask`` (padding folded in) is read only at the pairs each
+kernel visits; it must allow nothing outside the pattern.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from config import GPT2Config
+
+
+def far_offsets(config: GPT2Config, length: int) -> list[int]:
+    """Distances >= w that the strided pattern also attends to (below ``length``)."""
+    w = config.attn_window
+    if config.attn_stride > 0:
+        s = config.attn_stride
+        return list(range(((w + s - 1) // s) * s, length, s))
+    out, o = [], 1
+    while o < length:
+        if o >= w:
+            out.append(o)
+        o *= 2
+    return out
+
+
+def _block_mask_view(mask: torch.Tensor, block: int, n_prev: int, Tp: int) -> torch.Tensor:
+    """Entries of a (B', 1, T, T) mask at the (query, key) pairs of each block's
+    span: (B', 1, nb, block, span), False outside the sequence."""
+    T = mask.size(-1)
+    nb, span = Tp // block, (n_prev + 1) * block
+    mp = F.pad(mask, (n_prev * block, Tp - T, 0, Tp - T), value=False)  # (B', 1, Tp, Tp + n_prev*block)
+    win = mp.unfold(-1, span, block)  # (B', 1, Tp, nb, span): column window of every block
+    win = win.reshape(mask.size(0), 1, nb, block, nb, span)
+    return win.diagonal(dim1=2, dim2=4).permute(0, 1, 4, 2, 3)  # (B', 1, nb, block, span)
+
+
+def sparse_blockwise_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: GPT2Config,
+    mask: torch.Tensor | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Attention of (B, nh, T, hs) queries over the same T keys under
+    ``config.attn_pattern`` (window, strided or block_global), in O(T * span)."""
+    pattern = config.attn_pattern
+    B, nh, T, hs = q.shape
+    if pattern in ("window", "strided"):
+        block, n_prev = config.attn_window, 1
+    elif pattern == "block_global":
+        if mask is not None:
+            raise ValueError("block_global counts blocks in real tokens; with padding use the masked path")
+        block, n_prev = config.attn_block, 0
+    else:
+        raise ValueError(f"no blockwise kernel for attention pattern {pattern!r}")
+    nb = -(-T // block)
+    Tp, span = nb * block, (n_prev + 1) * block
+    dev = q.device
+
+    # Local part: block i of queries against key blocks i - n_prev .. i.
+    qb = F.pad(q, (0, 0, 0, Tp - T)).view(B, nh, nb, block, hs)
+    kp = F.pad(k, (0, 0, n_prev * block, Tp - T))  # (B, nh, Tp + n_prev*block, hs)
+    vp = F.pad(v, (0, 0, n_prev * block, Tp - T))
+    kT = kp.unfold(2, span, block)  # (B, nh, nb, hs, span)
+    vs = vp.unfold(2, span, block).transpose(-1, -2)  # (B, nh, nb, span, hs)
+    scale = 1.0 / math.sqrt(hs)
+    s_loc = (qb @ kT) * scale  # (B, nh, nb, block, span)
+    q_pos = torch.arange(Tp, device=dev).view(nb, block, 1)
+    k_pos = (torch.arange(nb, device=dev) * block - n_prev * block).view(nb, 1, 1) + torch.arange(span, device=dev)
+    allowed = (k_pos >= 0) & (k_pos <= q_pos)  # (nb, block, span)
+    allowed = allowed & ((q_pos - k_pos < config.attn_window) if n_prev else (k_pos // block == q_pos // block))
+    if mask is not None:
+        allowed = allowed & _block_mask_view(mask, block, n_prev, Tp)  # (B', 1, nb, block, span)
+    allowed = allowed | (k_pos == q_pos)  # every row keeps itself: no all-masked row, even in the padding
+    s_loc = s_loc.masked_fill(~allowed, float("-inf")).view(B, nh, Tp, span)
+
+    # Far part: extra keys per query (strided) or the shared global tokens (block_global).
+    t = torch.arange(Tp, device=dev)[:, None]  # (Tp, 1)
+    if pattern == "strided":
+        offs = torch.tensor(far_offsets(config, T), device=dev, dtype=torch.long)
+        idx = t - offs  # (Tp, E) key slot of each far key
+        far_ok = (idx >= 0) & (t < T)
+        idx = idx.clamp(min=0)
+        k_far = kp[:, :, n_prev * block :][:, :, idx]  # (B, nh, Tp, E, hs)
+        s_far = torch.einsum("bhtd,bhted->bhte", qb.view(B, nh, Tp, hs), k_far) * scale
+        if mask is not None:
+            mrow = F.pad(mask, (0, 0, 0, Tp - T), value=False)  # (B', 1, Tp, T)
+            far_ok = far_ok & mrow.gather(-1, idx.expand(mrow.size(0), 1, Tp, idx.size(-1)))
+    else:
+        g = min(config.attn_num_global, T) if pattern == "block_global" else 0
+        gpos = torch.arange(g, device=dev)[None, :]  # (1, g)
+        far_ok = (gpos <= t) & (gpos // block != t // block)  # (Tp, g): globals outside the own block
+        s_far = (qb.view(B, nh, Tp, hs) @ k[:, :, :g].transpose(-1, -2)) * scale  # (B, nh, Tp, g)
+    s_far = s_far.masked_fill(~far_ok, float("-inf"))
+    E = s_far.size(-1)
+
+    p = torch.cat([s_loc, s_far], dim=-1).softmax(-1)  # (B, nh, Tp, span + E)
+    if dropout > 0.0:
+        p = F.dropout(p, p=dropout)
+    p_loc, p_far = p.split([span, E], dim=-1)
+    y = (p_loc.reshape(B, nh, nb, block, span) @ vs).view(B, nh, Tp, hs)  # (B, nh, Tp, hs)
+    if E:
+        if pattern == "strided":
+            v_far = vp[:, :, n_prev * block :][:, :, idx]  # (B, nh, Tp, E, hs)
+            y = y + torch.einsum("bhte,bhted->bhtd", p_far, v_far)
+        else:
+            y = y + p_far @ v[:, :, :E]
+    return y[:, :, :T]  # (B, nh, T, hs)
