@@ -72,3 +72,58 @@ class GPT2SentimentClassifier(nn.Module):
         """(B, T) token ids and mask -> (B, num_labels) logits."""
         last_token = self.gpt(input_ids, attention_mask)["last_token"]  # (B, d)
         return self.classifier(self.dropout(last_token))  # (B, num_labels)
+
+
+YES_TOKEN_ID = 8505  # GPT-2's "yes"
+NO_TOKEN_ID = 3919  # GPT-2's "no"
+
+
+class ClozeParaphraseScorer(nn.Module):
+    """GPT-2 answering "Are these questions asking the same thing?" with its own LM head:
+    the logits of "no" and "yes" at the last real token of the prompt (right or left padded).
+
+    No new parameters: the answer comes through the tied embedding, so a pretrained model
+    starts from its language prior instead of a random linear head. Column 0 of
+    ``answer_logits`` is "no" and column 1 "yes", so a 0/1 label indexes it directly."""
+
+    head: tuple[str, ...] = ()  # nothing outside the body: LoRA trains only the adapters
+    answer_ids: tuple[int, int] = (NO_TOKEN_ID, YES_TOKEN_ID)
+
+    def __init__(self, gpt: GPT2Model) -> None:
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) prompts -> (B, V) vocabulary logits of the token after each prompt."""
+        last_token = self.gpt(input_ids, attention_mask)["last_token"]  # (B, d)
+        return self.gpt.hidden_state_to_token(last_token)  # (B, V)
+
+    def answer_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) prompts -> (B, 2) logits of ("no", "yes"): the same numbers as columns
+        (3919, 8505) of ``forward``, from two embedding rows instead of all V."""
+        last_token = self.gpt(input_ids, attention_mask)["last_token"]  # (B, d)
+        return nn.functional.linear(last_token, self.gpt.wte.weight[list(self.answer_ids)])  # (B, 2)
+
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        full_vocab: bool = False,
+    ) -> torch.Tensor:
+        """Cross-entropy of the right answer token for 0/1 ``labels`` (B,): among the two
+        answers only (a binary classifier; the default), or over the whole vocabulary (the
+        starter's loss, which also spends effort pushing every other token down)."""
+        if full_vocab:
+            targets = torch.tensor(self.answer_ids, device=labels.device)[labels]  # (B,) token ids
+            return nn.functional.cross_entropy(self(input_ids, attention_mask).float(), targets)
+        return nn.functional.cross_entropy(self.answer_logits(input_ids, attention_mask).float(), labels)
+
+    def p_yes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) probability of "yes" given that the answer is "yes" or "no"."""
+        return self.answer_logits(input_ids, attention_mask).float().softmax(-1)[:, 1]
+
+    @classmethod
+    def answer_token(cls, labels: Sequence[int] | torch.Tensor) -> list[int]:
+        """0/1 labels as the answer token ids (3919/8505) the course's prediction files hold."""
+        return [cls.answer_ids[int(y)] for y in labels]
