@@ -1,0 +1,259 @@
+"""Dataset readers, tokenisation with counted truncation, and dynamic padding.
+
+Shared base for every task:
+
+- ``read_tsv(path, required, optional)`` reads a tab-separated file with a header and
+  finds columns by name (the course's test files have a stray index column and an
+  odd header such as ``0\\t\\tid\\tsentence``). Each physical line is one record,
+  CSV-unquoted on its own, so a stray quote cannot swallow the following lines; a row
+  with the wrong number of fields or an empty required field raises ``DataFormatError``
+  naming the file and line.
+- ``encode(tokenizer, texts, max_length)`` tokenises and truncates to the context,
+  printing how many inputs were cut. The tokenizer is always passed in, never loaded here.
+- ``ListDataset`` + ``PadCollator``: examples are dicts; batches are padded to their
+  own longest sequence (not the context), with an ``attention_mask``.
+
+Task readers (sentiment here; paraphrase and sonnets below) return plain dataclasses.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+
+class DataFormatError(ValueError):
+    """Malformed input data; the message starts with ``file:line:``."""
+
+    def __init__(self, path: str | Path, line: int | None, problem: str) -> None:
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: {problem}")
+        self.path, self.line, self.problem = str(path), line, problem
+
+
+@dataclass
+class Record:
+    """One data row: its 1-based line number in the file and its fields by column name."""
+
+    line: int
+    fields: dict[str, str]
+
+    def __getitem__(self, column: str) -> str:
+        return self.fields[column]
+
+
+def read_tsv(
+    path: str | Path,
+    required: Sequence[str],
+    optional: Sequence[str] = (),
+    limit: int = 0,
+    quoting: int = csv.QUOTE_MINIMAL,
+) -> list[Record]:
+    """Rows of a headed TSV file as Records holding the ``required`` and present ``optional``
+    columns (values stripped). ``limit`` > 0 keeps the first ``limit`` rows. Blank lines are skipped."""
+    path = Path(path)
+    if not path.exists():
+        raise DataFormatError(path, None, "file does not exist (run setup.sh to download the data, or pass the path)")
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = f.read().splitlines()
+    if not lines:
+        raise DataFormatError(path, 1, "empty file; expected a header line")
+    header = [h.strip() for h in _split(lines[0], quoting)]
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataFormatError(path, 1, f"header {header} lacks column(s) {missing}")
+    wanted = [c for c in (*required, *optional) if c in header]
+    index = {c: header.index(c) for c in wanted}
+    records: list[Record] = []
+    for lineno, text in enumerate(lines[1:], start=2):
+        if not text.strip():
+            continue
+        values = _split(text, quoting)
+        if len(values) != len(header):
+            raise DataFormatError(path, lineno, f"expected {len(header)} tab-separated fields as in the header, "
+                                                f"found {len(values)}")
+        fields = {c: values[i].strip() for c, i in index.items()}
+        empty = [c for c in required if not fields[c]]
+        if empty:
+            raise DataFormatError(path, lineno, f"empty value in column(s) {empty}")
+        records.append(Record(lineno, fields))
+        if limit and len(records) >= limit:
+            break
+    return records
+
+
+def _split(line: str, quoting: int) -> list[str]:
+    return next(csv.reader([line], delimiter="\t", quoting=quoting))
+
+
+def parse_int(record: Record, column: str, path: str | Path, allowed: Sequence[int] | None = None) -> int:
+    """An integer field (``"3"`` or ``"3.0"``) or a DataFormatError naming file, line and value."""
+    raw = record[column]
+    try:
+        value = float(raw)
+        if not value.is_integer():
+            raise ValueError
+    except ValueError:
+        raise DataFormatError(path, record.line, f"column {column!r}: {raw!r} is not an integer") from None
+    if allowed is not None and int(value) not in allowed:
+        raise DataFormatError(path, record.line, f"column {column!r}: {int(value)} is not one of {list(allowed)}")
+    return int(value)
+
+
+# ----------------------------------------------------------- tokenisation
+
+
+def encode(
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int,
+    name: str = "",
+    verbose: bool = True,
+) -> list[list[int]]:
+    """Token ids of each text, cut to the first ``max_length`` tokens (as the starter's
+    ``truncation=True``); prints how many were cut so long inputs are never lost silently."""
+    if max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+    n_cut = sum(len(x) > max_length for x in ids)
+    if n_cut and verbose:
+        print(f"{name or 'data'}: truncated {n_cut} of {len(ids)} inputs to {max_length} tokens")
+    return [x[:max_length] for x in ids]
+
+
+class ListDataset(Dataset):
+    """A list of example dicts; what every task's DataLoader wraps."""
+
+    def __init__(self, examples: Sequence[Mapping[str, Any]]) -> None:
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Mapping[str, Any]:
+        return self.examples[i]
+
+
+class PadCollator:
+    """Batch example dicts, padding each ``pad_values`` key (lists of ints) to the batch's longest.
+
+    ``input_ids`` (pad with the tokenizer's pad id) also yields ``attention_mask`` (1 = real).
+    Other int/float fields become tensors; anything else (ids, texts) stays a list.
+    ``padding_side="left"`` suits generation, where new tokens follow the prompt.
+    """
+
+    def __init__(self, pad_id: int, pad_values: Mapping[str, int] | None = None, padding_side: str = "right") -> None:
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.pad_values = {"input_ids": pad_id, **(pad_values or {})}
+        self.padding_side = padding_side
+
+    def _pad(self, seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+        T = max(len(s) for s in seqs)
+        out = torch.full((len(seqs), T), value, dtype=torch.long)  # (B, T)
+        for i, s in enumerate(seqs):
+            if s:
+                if self.padding_side == "right":
+                    out[i, : len(s)] = torch.as_tensor(s)
+                else:
+                    out[i, T - len(s):] = torch.as_tensor(s)
+        return out
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {}
+        for key in examples[0]:
+            values = [ex[key] for ex in examples]
+            if key in self.pad_values:
+                batch[key] = self._pad(values, self.pad_values[key])
+                if key == "input_ids":
+                    batch["attention_mask"] = self._pad([[1] * len(v) for v in values], 0)
+            elif all(isinstance(v, (int, float, bool)) for v in values):
+                batch[key] = torch.tensor(values)
+            else:
+                batch[key] = values
+        return batch
+
+
+def make_loader(
+    examples: Sequence[Mapping[str, Any]],
+    collate: Callable[[Sequence[Mapping[str, Any]]], Any],
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int = 0,
+) -> torch.utils.data.DataLoader:
+    """The DataLoader every task uses; shuffling draws from the global torch RNG, which the
+    Trainer saves and restores, so resumed runs see the same batches."""
+    return torch.utils.data.DataLoader(ListDataset(examples), batch_size=batch_size, shuffle=shuffle,
+                                       collate_fn=collate, num_workers=num_workers)
+
+
+def make_eval_loader(
+    examples: Sequence[Mapping[str, Any]],
+    collate: Callable[[Sequence[Mapping[str, Any]]], Any],
+    batch_size: int,
+    num_workers: int = 0,
+) -> torch.utils.data.DataLoader:
+    """Unshuffled batches of similar length (far less padding on long reviews). Examples should
+    carry an ``index`` so that predictions can be put back in file order (``restore_order``)."""
+    ordered = sorted(examples, key=lambda e: len(e["input_ids"]))
+    return make_loader(ordered, collate, batch_size, shuffle=False, num_workers=num_workers)
+
+
+def restore_order(indices: Sequence[int], values: Sequence[Any]) -> list[Any]:
+    """``values`` listed in the order of their ``indices`` (undoes make_eval_loader's sort)."""
+    if len(indices) != len(values) or sorted(indices) != list(range(len(indices))):
+        raise ValueError("indices must be a permutation of range(len(values))")
+    out: list[Any] = [None] * len(values)
+    for i, v in zip(indices, values):
+        out[i] = v
+    return out
+
+
+# ----------------------------------------------------------- sentiment (SST, CFIMDB)
+
+
+@dataclass
+class SentimentExample:
+    id: str
+    text: str
+    label: int | None  # None in the test files
+
+
+def read_sentiment(path: str | Path, limit: int = 0, lowercase: bool = True) -> list[SentimentExample]:
+    """SST / CFIMDB rows. The ``sentiment`` column is read when the file has one (train, dev)
+    and absent in test files. Text is stripped and, as in the starter, lowercased."""
+    records = read_tsv(path, required=("id", "sentence"), optional=("sentiment",), limit=limit)
+    out = []
+    for r in records:
+        label = parse_int(r, "sentiment", path) if "sentiment" in r.fields else None
+        if label is not None and label < 0:
+            raise DataFormatError(path, r.line, f"column 'sentiment': negative label {label}")
+        text = r["sentence"].lower() if lowercase else r["sentence"]
+        out.append(SentimentExample(id=r["id"].lower(), text=text, label=label))
+    return out
+
+
+def sentiment_features(
+    examples: Sequence[SentimentExample],
+    tokenizer: Any,
+    max_length: int,
+    name: str = "",
+) -> list[dict[str, Any]]:
+    """Example dicts for PadCollator: ``input_ids``, ``id``, ``index`` (position in the file, to
+    restore order after length-sorted evaluation) and ``labels`` when known."""
+    ids = encode(tokenizer, [e.text for e in examples], max_length, name)
+    feats = []
+    for i, (e, x) in enumerate(zip(examples, ids)):
+        if not x:  # an empty sentence still needs one token for the classifier to read
+            x = [tokenizer.eos_token_id]
+        f: dict[str, Any] = {"input_ids": x, "id": e.id, "index": i}
+        if e.label is not None:
+            f["labels"] = e.label
+        feats.append(f)
+    return feats
