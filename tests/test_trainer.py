@@ -1,0 +1,185 @@
+"""The training engine on a small MLP: resume exactness, accumulation, schedules,
+early stopping, checkpoints and logs."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from models.loading import load_checkpoint
+from training.trainer import Callback, TrainConfig, Trainer, get_rng_state, lr_lambda, set_rng_state
+
+
+def make_data(n: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, 6, generator=g)
+    y = (X[:, 0] + X[:, 1] > 0).long()
+    return X, y
+
+
+def make_model(dropout: float = 0.2) -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 2))
+
+
+def loss_fn(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def run(tmp_path, name: str, model: nn.Module | None = None, batch_size: int = 8, eval_fn=None, **cfg) -> Trainer:
+    X, y = make_data()
+    loader = DataLoader(TensorDataset(X, y), batch_size=batch_size, shuffle=True)
+    defaults = dict(epochs=3, lr=1e-2, output_dir=str(tmp_path / name), progress=False, log_every=2)
+    trainer = Trainer(model or make_model(), loss_fn, loader, eval_fn, TrainConfig(**{**defaults, **cfg}))
+    trainer.fit()
+    return trainer
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_loss_falls(tmp_path):
+    X, y = make_data()
+    model = make_model(dropout=0.0)
+    before = F.cross_entropy(model(X), y).item()
+    run(tmp_path, "a", model, epochs=5)
+    assert F.cross_entropy(model(X), y).item() < 0.7 * before
+
+
+# mid-epoch, at an epoch boundary, mid-epoch with accumulation (6 batches -> 3 steps per epoch)
+@pytest.mark.parametrize("stop_at,grad_accum", [(4, 1), (6, 1), (5, 2)])
+def test_resume_equals_uninterrupted(tmp_path, stop_at, grad_accum):
+    common = dict(epochs=3, scheduler="cosine", warmup_ratio=0.2, grad_accum=grad_accum)
+    full = run(tmp_path, "full", **common)
+    part = run(tmp_path, "resumed", max_steps=stop_at, **common)
+    assert part.global_step == stop_at and part.epoch < 3
+    torch.manual_seed(1234)  # a fresh process would have other RNG states; resume must restore them
+    resumed = run(tmp_path, "resumed", resume=True, **common)
+    assert resumed.global_step == full.global_step
+    assert_same_weights(full.model, resumed.model)
+    assert resumed.optimizer.state_dict()["state"][0]["step"] == full.optimizer.state_dict()["state"][0]["step"]
+
+
+def test_resume_with_sampler_generator(tmp_path):
+    X, y = make_data()
+
+    def fit(name, **cfg):
+        loader = DataLoader(TensorDataset(X, y), batch_size=8, shuffle=True,
+                            generator=torch.Generator().manual_seed(5))
+        t = Trainer(make_model(), loss_fn, loader, None,
+                    TrainConfig(epochs=2, lr=1e-2, output_dir=str(tmp_path / name), progress=False, **cfg))
+        t.fit()
+        return t
+
+    full = fit("full")
+    fit("res", max_steps=8)
+    assert_same_weights(full.model, fit("res", resume=True).model)
+
+
+def test_grad_accum_matches_large_batch(tmp_path):
+    a = run(tmp_path, "a", make_model(0.0), batch_size=48, epochs=2, grad_accum=1)
+    # 48 examples in batches of 16, accumulated 3 at a time: same gradient as one batch of 48
+    b = run(tmp_path, "b", make_model(0.0), batch_size=16, epochs=2, grad_accum=3)
+    assert a.global_step == b.global_step == 2
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_schedules():
+    warm = lr_lambda("linear", warmup_steps=4, total_steps=14)
+    assert [warm(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert warm(9) == pytest.approx(0.5) and warm(14) == 0.0
+    cos = lr_lambda("cosine", 0, 10)
+    assert cos(0) == 1.0 and cos(5) == pytest.approx(0.5) and cos(10) == pytest.approx(0.0)
+    assert lr_lambda("constant", 2, 10)(7) == 1.0
+    with pytest.raises(ValueError, match="scheduler"):
+        TrainConfig(scheduler="step")
+
+
+def test_lr_follows_schedule(tmp_path):
+    t = run(tmp_path, "a", epochs=2, scheduler="linear", warmup_ratio=0.25)  # 12 steps, 3 warm-up
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "a" / "metrics.jsonl") if '"step"' in line
+           and json.loads(line)["type"] == "step"]
+    assert t.total_steps == 12
+    assert lrs[0] == pytest.approx(1e-2)  # after step 2 the lr is that of step index 2: 3/3
+    assert lrs[-1] == pytest.approx(0.0)
+
+
+def scripted_eval(values):
+    it = iter(values)
+    return lambda model: {"accuracy": next(it), "macro_f1": 0.0}
+
+
+def test_early_stopping_and_best(tmp_path):
+    t = run(tmp_path, "a", eval_fn=scripted_eval([0.5, 0.7, 0.6, 0.65, 0.9]), epochs=5, patience=2)
+    assert t.epoch == 4 and t.stop  # epochs 3 and 4 did not beat 0.7
+    assert t.best_metrics == {"accuracy": 0.7, "macro_f1": 0.0, "epoch": 2}
+    assert load_checkpoint(t.best_checkpoint)["epoch"] == 2
+
+
+def test_top_k_and_load_best(tmp_path):
+    snapshots = {}
+
+    class Snap(Callback):
+        def on_epoch_end(self, trainer, epoch, metrics):
+            snapshots[epoch] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    X, y = make_data()
+    loader = DataLoader(TensorDataset(X, y), batch_size=8, shuffle=True)
+    cfg = TrainConfig(epochs=4, lr=1e-2, output_dir=str(tmp_path), progress=False, save_top_k=2)
+    t = Trainer(make_model(), loss_fn, loader, scripted_eval([0.6, 0.9, 0.5, 0.8]), cfg, callbacks=[Snap()])
+    best = t.fit()
+    assert best["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.glob("best*.pt")) == ["best-epoch2.pt", "best-epoch4.pt"]
+    assert t.best_checkpoint == tmp_path / "best-epoch2.pt"
+    t.load_best()
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(v, snapshots[2][k])
+
+
+def test_min_mode(tmp_path):
+    losses = iter([3.0, 1.0, 2.0])
+    t = run(tmp_path, "a", eval_fn=lambda m: {"loss": next(losses)}, metric="loss", mode="min")
+    assert t.best_metrics == {"loss": 1.0, "epoch": 2}
+
+
+def test_eval_fn_must_return_metric(tmp_path):
+    with pytest.raises(KeyError, match="accuracy"):
+        run(tmp_path, "a", eval_fn=lambda m: {"f1": 1.0})
+
+
+def test_logs_plot_and_trainable_only(tmp_path):
+    model = make_model()
+    model[0].weight.requires_grad_(False)
+    model[0].bias.requires_grad_(False)
+    t = run(tmp_path, "a", model, eval_fn=lambda m: {"accuracy": 0.5}, save_trainable_only=True)
+    out = tmp_path / "a"
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["epoch"] for r in records if r["type"] == "epoch"] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["examples_per_s"] > 0 for r in records if r["type"] == "step")
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("best.pt", "last.pt"):
+        assert set(load_checkpoint(out / name)["model"]) == {"3.weight", "3.bias"}
+    frozen = model[0].weight.clone()
+    t.load_best()
+    assert torch.equal(model[0].weight, frozen)
+
+
+def test_rng_state_roundtrip():
+    state = get_rng_state()
+    a = (torch.rand(3), random.random(), np.random.rand())
+    set_rng_state(state)
+    b = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
