@@ -127,3 +127,35 @@ class ClozeParaphraseScorer(nn.Module):
     def answer_token(cls, labels: Sequence[int] | torch.Tensor) -> list[int]:
         """0/1 labels as the answer token ids (3919/8505) the course's prediction files hold."""
         return [cls.answer_ids[int(y)] for y in labels]
+
+
+class SonnetGPT(nn.Module):
+    """GPT-2 as a language model for sonnets: next-token logits through the tied
+    embedding at every position, a padding-aware LM loss, and decoding through
+    ``models.generation`` (every strategy, with the KV cache)."""
+
+    head: tuple[str, ...] = ()  # no parameters outside the body: LoRA trains only the adapters
+
+    def __init__(self, gpt: GPT2Model) -> None:
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, V) next-token logits (the starter's ``SonnetGPT.forward``)."""
+        return self.gpt.hidden_state_to_token(self.gpt(input_ids, attention_mask)["last_hidden_state"])
+
+    def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over real tokens only: targets at padded positions
+        are ignored (the starter averaged over padding too). Chunked over the vocabulary,
+        so the (B, T, V) logits are never held at once."""
+        from modules.losses import lm_loss
+
+        h = self.gpt(input_ids, attention_mask)["last_hidden_state"]  # (B, T, d)
+        targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)  # (B, T-1)
+        return lm_loss(h[:, :-1], self.gpt.wte.weight, targets)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """``models.generation.generate`` on the body: (B, P) left-padded prompts -> (B, P + new)."""
+        from models.generation import generate
+
+        return generate(self.gpt, input_ids, attention_mask, **kwargs)

@@ -432,3 +432,57 @@ def paraphrase_features(
         print(f"{name or 'paraphrase'}: cut the questions of {n_cut} of {len(pairs)} prompts to fit "
               f"{max_length} tokens")
     return feats
+
+
+# ----------------------------------------------------------- sonnets
+
+SONNETS_HEADER = "--Generated Sonnets-- "
+
+
+@dataclass
+class Sonnet:
+    number: int  # the number on the separator line above it in the file
+    text: str  # stripped; lines joined by "\n"
+    line: int = 0  # line of the separator in the source file, for messages
+
+
+def read_sonnets(path: str | Path, limit: int = 0) -> list[Sonnet]:
+    """Sonnets of a course file: a header, then sonnets each preceded by a line holding
+    only its number. Splits exactly where the starter's ``re.split(r'\\n\\s*\\d+\\s*\\n')``
+    does on these files (CRLF or LF), and reads prediction files back the same way."""
+    path = Path(path)
+    if not path.exists():
+        raise DataFormatError(path, None, "file does not exist (run setup.sh to download the data, or pass the path)")
+    with open(path, encoding="utf-8") as f:  # universal newlines: CRLF becomes "\n"
+        lines = f.read().split("\n")
+    sonnets: list[Sonnet] = []
+    current: Sonnet | None = None
+    body: list[str] = []
+    for lineno, text in enumerate(lines, start=1):
+        if text.strip().isdigit() and lineno > 1:
+            if current is not None:
+                sonnets.append(Sonnet(current.number, "\n".join(body).strip(), current.line))
+            current, body = Sonnet(int(text.strip()), "", lineno), []
+        elif current is not None:
+            body.append(text)
+    if current is None:
+        raise DataFormatError(path, None, "no sonnets found: expected a header, then each sonnet after a line "
+                                          "holding only its number")
+    sonnets.append(Sonnet(current.number, "\n".join(body).strip(), current.line))
+    for s in sonnets:
+        if not s.text:
+            raise DataFormatError(path, s.line, f"sonnet {s.number} is empty")
+    return sonnets[:limit] if limit else sonnets
+
+
+def write_sonnets(path: str | Path, sonnets: Sequence[tuple[int | str, str]]) -> None:
+    """The starter's prediction file: ``--Generated Sonnets-- ``, a blank line, then for each
+    (id, text) a blank line, the id on its own line, the text and two newlines. The starter
+    writes each sonnet's position in the prompt file as its id; ``read_sonnets`` reads it back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{SONNETS_HEADER}\n\n")
+        for sid, text in sonnets:
+            f.write(f"\n{sid}\n")
+            f.write(f"{text}\n\n")
