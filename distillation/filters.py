@@ -58,6 +58,7 @@ class FilterResult:
     kept: list[Pair]
     negatives: list[Pair]  # reached the entailment test and failed it
     counts: dict[str, int] = field(default_factory=dict)  # "candidates", "removed_by_<filter>", "kept"
+    scored: list[Pair] = field(default_factory=list)  # every pair the classifier scored
 
 
 def length_ratio_ok(s1: str, s2: str, min_ratio: float = 0.8, max_ratio: float = 1.5) -> bool:
@@ -162,6 +163,7 @@ def apply_filters(candidates: Sequence[Pair], score_fn: ScoreFn, cfg: FilterConf
     counts["removed_by_copy"] = before - len(survivors)
 
     entailment_scores(survivors, score_fn)
+    scored = list(survivors)
     negatives = [p for p in survivors if not bidirectional_ok(p, cfg.threshold)]
     survivors = [p for p in survivors if bidirectional_ok(p, cfg.threshold)]
     counts["removed_by_entailment"] = len(negatives)
@@ -170,4 +172,4 @@ def apply_filters(candidates: Sequence[Pair], score_fn: ScoreFn, cfg: FilterConf
     survivors = dedup(survivors)
     counts["removed_by_dedup"] = before - len(survivors)
     counts["kept"] = len(survivors)
-    return FilterResult(survivors, negatives, counts)
+    return FilterResult(survivors, negatives, counts, scored)

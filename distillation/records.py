@@ -39,11 +39,22 @@ def append_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
     """Append and flush, one line per record, so finished work survives a crash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _drop_partial_line(path)
     with path.open("a", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a half-written last line (no trailing newline) left by an interrupted run."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:

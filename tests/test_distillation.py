@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -181,6 +182,8 @@ def test_jsonl_append_resume_and_truncated_tail(tmp_path) -> None:
     with path.open("a") as f:
         f.write('{"id": "c", "cont')  # a run killed mid-write
     assert [r["id"] for r in read_jsonl(path)] == ["a", "b"]
+    append_jsonl(path, [{"id": "c"}])  # the resumed run replaces the broken tail
+    assert [r["id"] for r in read_jsonl(path)] == ["a", "b", "c"]
     path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
     with pytest.raises(ValueError, match="line 2"):
         list(read_jsonl(path))
@@ -191,3 +194,77 @@ def test_summary_next_to_output(tmp_path) -> None:
     p = write_summary(out, "filter", seed=3, counts={"kept": 1})
     assert p == summary_path(out) == tmp_path / "pairs.summary.json"
     assert json.loads(p.read_text())["seed"] == 3
+
+
+# ---------------------------------------------------------------- pipeline on a tiny random model
+
+TINY = ["--model_size", "tiny", "--random_init", "--no_progress", "--device", "cpu"]
+
+
+def test_generate_resume_skips_done_contexts_and_matches_uninterrupted(tmp_path, monkeypatch) -> None:
+    import distillation.generate as gen
+    from distillation.__main__ import main
+
+    contexts = tmp_path / "contexts.jsonl"
+    append_jsonl(contexts, [{"id": f"c{i}", "text": t} for i, t in
+                            enumerate(["The mayor said", "Rain fell on", "Q: What is", "Police arrested"])])
+    calls: list[list[str]] = []
+    real = gen.sample_sentences
+
+    def counting(model, tokenizer, prompts, *a, **k):
+        calls.append(list(prompts))
+        return real(model, tokenizer, prompts, *a, **k)
+
+    monkeypatch.setattr(gen, "sample_sentences", counting)
+    flags = ["--contexts", str(contexts), "--num_samples", "3", "--max_new_tokens", "6", "--keep_unfinished", *TINY]
+    out = tmp_path / "gen.jsonl"
+    main(["generate", *flags, "--output", str(out), "--limit", "2"])  # "interrupted" after 2 contexts
+    first = list(read_jsonl(out))
+    summary = main(["generate", *flags, "--output", str(out)])
+    assert [c[0] for c in calls] == ["The mayor said", "Rain fell on", "Q: What is", "Police arrested"]
+    records = list(read_jsonl(out))
+    assert [r["id"] for r in records] == ["c0", "c1", "c2", "c3"] and records[:2] == first
+    assert summary["skipped_already_done"] == 2 and summary["generated_now"] == 2
+    assert all(len(r["continuations"]) == 3 for r in records)
+    main(["generate", *flags, "--output", str(out)])  # all done: no model call, nothing appended
+    assert len(calls) == 4 and list(read_jsonl(out)) == records
+    fresh = tmp_path / "fresh.jsonl"
+    main(["generate", *flags, "--output", str(fresh)])
+    assert list(read_jsonl(fresh)) == records  # per-batch seeding: resuming changes nothing
+
+
+def test_pipeline_contexts_generate_filter_train_on_tiny_model(tmp_path) -> None:
+    from distillation.__main__ import main
+    from distillation.filter_step import side_paths
+    from training.data import read_quora
+
+    ctx, gen, pairs = tmp_path / "contexts.jsonl", tmp_path / "generations.jsonl", tmp_path / "pairs.jsonl"
+    main(["contexts", "--output", str(ctx), "--num_contexts", "3", "--max_new_tokens", "6", "--keep_unfinished",
+          "--batch_size", "3", *TINY])
+    assert len(list(read_jsonl(ctx))) == 3
+    main(["generate", "--contexts", str(ctx), "--output", str(gen), "--num_samples", "8", "--max_new_tokens", "8",
+          "--contexts_per_batch", "3", "--keep_unfinished", *TINY])
+    # The default threshold: an untrained scorer says ~0.5 to everything, so nothing is kept.
+    s = main(["filter", "--generations", str(gen), "--output", str(pairs), "--min_ratio", "0.5",
+              "--max_ratio", "2.0", *TINY])
+    c = s["counts"]
+    assert c["candidates"] > 0 and c["kept"] == 0
+    assert sum(v for k, v in c.items() if k.startswith("removed_by")) == c["candidates"]
+    scored = list(read_jsonl(side_paths(pairs)[1]))
+    assert scored and len(scored) == c["removed_by_entailment"]
+    # A threshold at the median score keeps about half of what the classifier saw.
+    mins = sorted(min(r["forward"], r["backward"]) for r in scored)
+    s = main(["filter", "--generations", str(gen), "--output", str(pairs), "--min_ratio", "0.5",
+              "--max_ratio", "2.0", "--threshold", str(mins[len(mins) // 2]), *TINY])
+    assert s["counts"]["kept"] >= 1 and s["negatives"] >= 1
+    assert json.loads((tmp_path / "pairs.summary.json").read_text())["counts"] == s["counts"]
+    out = tmp_path / "train"
+    t = main(["train", "--pairs", str(pairs), "--approach", "1", "--epochs", "1", "--limit", "16",
+              "--output_dir", str(out), *TINY])
+    res = t["results"]["approach1"]
+    pair_file = out / "approach1" / "generated-pairs.csv"
+    assert pair_file.read_text().split("\n")[0] == "\tid\tsentence1\tsentence2\tis_duplicate"
+    rows = read_quora(pair_file, labeled=True)
+    assert len(rows) == res["rows"] == res["positives"] + res["negatives"]
+    assert {r.label for r in rows} == {0, 1}
+    assert 0.0 <= res["dev"]["accuracy"] <= 1.0 and Path(res["checkpoint"]).exists()

@@ -1,0 +1,46 @@
+"""``python -m distillation <step>``: the Impossible Distillation pipeline
+(contexts -> generate -> filter -> train -> self-distill) and knowledge distillation (kd).
+
+Each step is a module with ``add_args(parser)``, ``DEFAULTS`` (its defaults for the
+shared flags of ``training.cli``) and ``run(args)``; this file only dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from training.cli import add_common_args
+
+STEPS = {
+    "contexts": ("distillation.contexts", "sample short contexts from GPT-2 or read them from a file"),
+    "generate": ("distillation.generate", "sample one-sentence continuations per context (resumable)"),
+    "filter": ("distillation.filter_step", "form and filter candidate paraphrase pairs"),
+    "train": ("distillation.train", "write Quora-format pair files and train the paraphrase models"),
+    "self-distill": ("distillation.self_distill", "the trained student paraphrases, the filters keep the best"),
+    "kd": ("distillation.kd", "knowledge distillation of a sentiment classifier into a small student"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m distillation", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
+    for name, (module, help_text) in STEPS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text, description=mod.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_args(p)
+        add_common_args(p, **getattr(mod, "DEFAULTS", {}))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    return importlib.import_module(STEPS[args.step][0]).run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

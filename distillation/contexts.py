@@ -1,0 +1,110 @@
+"""Step 1, ``contexts``: short prefixes whose continuations will be paraphrase candidates.
+
+Either sampled from GPT-2 itself (news-style datelines or question openers,
+completed to one sentence with top-p 0.9, temperature 1.0: the model supplies
+its own domain), or read from a file: plain text (one per line) or a Quora-format
+TSV (its ``sentence1`` and ``sentence2`` questions).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from distillation.records import write_jsonl, write_summary
+from distillation.sampling import SamplingConfig, sample_sentences
+
+DEFAULTS = {"batch_size": 32}
+
+SEEDS = {
+    "news": ["WASHINGTON (AP) —", "LONDON (Reuters) -", "NEW YORK (CNN) —", "PARIS (AFP) -", "TOKYO (AP) —",
+             "BERLIN (Reuters) -", "SYDNEY (AP) —", "CHICAGO (AP) —", "The company said on Tuesday that",
+             "Officials said"],
+    "question": ["Q:", "Question:", "What is", "How do I", "Why do", "What are the best ways to", "Is it true that",
+                 "Which is better,"],
+}  # fmt: skip
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", required=True, help="JSON lines: {'id', 'text'}")
+    p.add_argument("--num_contexts", type=int, default=1000)
+    p.add_argument("--style", choices=sorted(SEEDS), default="news")
+    p.add_argument("--from_file", default=None,
+                   help="read contexts instead of sampling: a .txt (one per line) or a Quora-format TSV")
+    p.add_argument("--max_new_tokens", type=int, default=40)
+    p.add_argument("--keep_unfinished", action="store_true",
+                   help="keep text that never ends a sentence (random-weight smoke runs)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_p", type=float, default=0.9)
+
+
+def read_contexts(path: str | Path, limit: int = 0) -> list[str]:
+    """Distinct non-empty contexts of a text file, or the questions of a Quora-format TSV."""
+    from training.data import read_tsv
+
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"{path}: contexts file does not exist")
+    first = path.open(encoding="utf-8").readline()
+    if "sentence1" in [h.strip() for h in first.split("\t")]:
+        rows = read_tsv(path, required=["sentence1", "sentence2"])
+        texts = [t for r in rows for t in (r["sentence1"], r["sentence2"])]
+    else:
+        texts = path.read_text(encoding="utf-8").splitlines()
+    texts = list(dict.fromkeys(" ".join(t.split()) for t in texts if t.strip()))
+    return texts[:limit] if limit else texts
+
+
+def sample_contexts(model, tokenizer, style: str, n: int, cfg: SamplingConfig, batch_size: int, seed: int,
+                    progress: bool = True) -> tuple[list[str], int]:
+    """``n`` distinct one-sentence contexts (seed text + sampled sentence) and the
+    number of samples drawn; gives up after 20 * n draws (a model that never ends a sentence)."""
+    from tqdm.auto import tqdm
+
+    seeds = SEEDS[style]
+    device = next(model.parameters()).device
+    out: dict[str, None] = {}
+    drawn, batch = 0, 0
+    bar = tqdm(total=n, desc="contexts", disable=not progress)
+    while len(out) < n and drawn < 20 * n:
+        prompts = [seeds[(drawn + i) % len(seeds)] for i in range(batch_size)]
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch)
+        with torch.no_grad():
+            sents = sample_sentences(model, tokenizer, prompts, 1, cfg, gen)
+        for prompt, (s,) in zip(prompts, sents):
+            if s and len(out) < n:
+                text = f"{prompt} {s}"
+                if text not in out:
+                    out[text] = None
+                    bar.update(1)
+        drawn += batch_size
+        batch += 1
+    bar.close()
+    return list(out), drawn
+
+
+def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
+    from training.cli import build_from_args, pick_device, seed_everything
+
+    seed_everything(args.seed)
+    cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, keep_unfinished=args.keep_unfinished)
+    if args.from_file:
+        texts, drawn, source = read_contexts(args.from_file, args.num_contexts), 0, args.from_file
+    else:
+        if model is None:
+            model, tokenizer = build_from_args(args)
+        model.to(pick_device(args.use_gpu, args.device)).eval()
+        texts, drawn = sample_contexts(model, tokenizer, args.style, args.num_contexts, cfg, args.batch_size,
+                                       args.seed, not args.no_progress)
+        source = f"sampled:{args.style}"
+    write_jsonl(args.output, ({"id": f"ctx-{i:06d}", "text": t} for i, t in enumerate(texts)))
+    summary = {"contexts": len(texts), "requested": args.num_contexts, "samples_drawn": drawn, "source": source,
+               "settings": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+                            "model_size": args.model_size, "random_init": args.random_init},
+               "seed": args.seed}
+    write_summary(args.output, "contexts", **summary)
+    if not texts:
+        raise SystemExit("no contexts: the model never finished a sentence; raise --max_new_tokens")
+    return summary

@@ -1,0 +1,156 @@
+"""``kd``: knowledge distillation of a fine-tuned GPT-2 sentiment classifier (the
+teacher, a checkpoint written by ``classifier.py``) into a small student: a
+2-layer LSTM on GPT-2 token embeddings, or a ``tiny`` GPT-2.
+
+Loss: alpha * T^2 * KL(teacher soft labels || student) + (1 - alpha) * CE
+(``distillation.kd_loss``). The same student trained with alpha = 0 (no teacher)
+is the baseline; both dev accuracies are reported together, with the teacher's.
+The teacher's logits are computed once over the training set (it is frozen and
+in eval mode, so they never change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distillation.kd_loss import GPT2Student, LSTMStudent, kd_loss
+from distillation.records import write_summary
+
+DEFAULTS = {"batch_size": 32, "lr": 1e-3, "epochs": 5, "hidden_dropout_prob": 0.1}
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True,
+                   help="classifier.py checkpoint (e.g. runs/classifier/full-model-sst/best.pt)")
+    p.add_argument("--dataset", choices=("sst", "cfimdb"), default="sst")
+    p.add_argument("--train", default=None, help="default data/ids-<dataset>-train.csv")
+    p.add_argument("--dev", default=None, help="default data/ids-<dataset>-dev.csv")
+    p.add_argument("--student", choices=("lstm", "tiny"), default="lstm")
+    p.add_argument("--student_hidden", type=int, default=768, help="LSTM hidden size")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft (teacher) term")
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--no_baseline", action="store_true", help="skip the student trained without the teacher")
+
+
+def load_teacher(path: str | Path, device: torch.device):
+    """(GPT2SentimentClassifier, tokenizer, saved args) from a ``classifier.py`` checkpoint.
+    The body is rebuilt the way classifier.py built it (same size, same seed), then the
+    checkpoint's weights (all of them, or the trainable ones of a frozen/LoRA run) loaded."""
+    from models.heads import GPT2SentimentClassifier, set_fine_tune_mode
+    from models.loading import build_model, load_checkpoint, load_tokenizer
+    from training.cli import seed_everything
+    from training.trainer import load_model_state
+
+    ckpt = load_checkpoint(path, device)
+    extra = ckpt.get("extra", {})
+    if "args" not in extra or "num_labels" not in extra:
+        raise SystemExit(f"{path}: not a classifier.py checkpoint (no saved args / num_labels)")
+    a = argparse.Namespace(**extra["args"])
+    seed_everything(a.seed)
+    gpt = build_model(a.model_size, a.random_init)
+    model = GPT2SentimentClassifier(gpt, extra["num_labels"], a.hidden_dropout_prob)
+    if a.fine_tune_mode == "lora":
+        set_fine_tune_mode(model, "lora", model.head, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
+                           lora_dropout=a.lora_dropout,
+                           lora_targets=tuple(t for t in a.lora_targets.split(",") if t))
+    load_model_state(model, ckpt["model"], ckpt.get("trainable_only", False), path)
+    return model.to(device).eval(), load_tokenizer(getattr(a, "tokenizer", None), verbose=False), a
+
+
+def logits_of(model, loader) -> list[list[float]]:
+    """Logits in file order (features carry ``index``)."""
+    from training.data import restore_order
+    from training.trainer import predict
+
+    out = predict(model, loader, lambda m, b: (b["index"].cpu(), m(b["input_ids"], b["attention_mask"]).float().cpu()))
+    return restore_order(torch.cat([i for i, _ in out]).tolist(), torch.cat([x for _, x in out]).tolist())
+
+
+def accuracy_of(model, loader, labels: list[int]) -> float:
+    from training.metrics import accuracy
+
+    return accuracy(labels, [max(range(len(x)), key=x.__getitem__) for x in logits_of(model, loader)])
+
+
+def build_student(kind: str, teacher, num_labels: int, args: argparse.Namespace) -> torch.nn.Module:
+    from models.loading import build_model
+
+    if kind == "lstm":
+        return LSTMStudent(teacher.gpt.wte.weight, num_labels, args.student_hidden, dropout=args.hidden_dropout_prob)
+    return GPT2Student(build_model("tiny", random_init=True), num_labels, args.hidden_dropout_prob)
+
+
+def train_student(args: argparse.Namespace, teacher, feats: dict[str, list[dict[str, Any]]], alpha: float,
+                  name: str, device: torch.device, collate, dev_labels: list[int]) -> dict[str, Any]:
+    from models.heads import count_parameters
+    from training.cli import seed_everything, train_config_from_args
+    from training.data import make_eval_loader, make_loader
+    from training.trainer import Trainer
+
+    seed_everything(args.seed)
+    num_labels = len(feats["train"][0]["teacher_logits"])
+    student = build_student(args.student, teacher, num_labels, args)
+    n_train, n_total = count_parameters(student)
+    train_loader = make_loader(feats["train"], collate, args.batch_size, shuffle=True)
+    dev_loader = make_eval_loader(feats["dev"], collate, args.batch_size)
+
+    def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        logits = m(batch["input_ids"], batch["attention_mask"])  # (B, C)
+        teacher_logits = torch.tensor(batch["teacher_logits"], device=logits.device)  # (B, C)
+        return kd_loss(logits.float(), teacher_logits, batch["labels"], alpha, args.temperature)
+
+    out_dir = Path(args.output_dir or f"runs/kd/{args.dataset}-{args.student}") / name
+    cfg = train_config_from_args(args, device, metric="accuracy", output_dir=str(out_dir))
+    trainer = Trainer(student, loss_fn, train_loader, lambda m: {"accuracy": accuracy_of(m, dev_loader, dev_labels)},
+                      cfg, extra={"alpha": alpha, "temperature": args.temperature, "student": args.student})
+    best = trainer.fit()
+    return {"dev_accuracy": best.get("accuracy"), "best_epoch": best.get("epoch"), "alpha": alpha,
+            "trainable_parameters": n_train, "parameters": n_total, "checkpoint": str(trainer.best_checkpoint)}
+
+
+def run(args: argparse.Namespace) -> dict:
+    from training.cli import pick_device, seed_everything
+    from training.data import PadCollator, make_eval_loader, read_sentiment, sentiment_features
+
+    seed_everything(args.seed)
+    device = pick_device(args.use_gpu, args.device)
+    teacher, tokenizer, teacher_args = load_teacher(args.teacher, device)
+    paths = {"train": args.train or f"data/ids-{args.dataset}-train.csv",
+             "dev": args.dev or f"data/ids-{args.dataset}-dev.csv"}
+    max_len = args.max_length or min(512, teacher.gpt.config.max_position_embeddings)
+    collate = PadCollator(tokenizer.pad_token_id)
+    feats, labels = {}, {}
+    for split, path in paths.items():
+        rows = read_sentiment(path, limit=args.limit)
+        if any(r.label is None for r in rows):
+            raise SystemExit(f"{path}: no 'sentiment' column; kd needs labels")
+        feats[split] = sentiment_features(rows, tokenizer, max_len, f"{args.dataset} {split}")
+        labels[split] = [r.label for r in rows]
+    for split in feats:
+        t_logits = logits_of(teacher, make_eval_loader(feats[split], collate, args.batch_size))
+        for f, t in zip(feats[split], t_logits):
+            f["teacher_logits"] = t
+    teacher_acc = accuracy_of(teacher, make_eval_loader(feats["dev"], collate, args.batch_size), labels["dev"])
+    results: dict[str, Any] = {"teacher": {"dev_accuracy": teacher_acc, "checkpoint": str(args.teacher),
+                                           "model_size": teacher_args.model_size,
+                                           "fine_tune_mode": teacher_args.fine_tune_mode}}
+    results["kd"] = train_student(args, teacher, feats, args.alpha, "kd", device, collate, labels["dev"])
+    if not args.no_baseline:
+        results["baseline"] = train_student(args, teacher, feats, 0.0, "baseline", device, collate, labels["dev"])
+    out = Path(args.output_dir or f"runs/kd/{args.dataset}-{args.student}") / "kd.json"
+    summary = {"results": results, "dataset": args.dataset, "student": args.student,
+               "settings": {"alpha": args.alpha, "temperature": args.temperature, "lr": args.lr,
+                            "epochs": args.epochs, "batch_size": args.batch_size, "limit": args.limit},
+               "seed": args.seed}
+    write_summary(out, "kd", **summary)
+    line = f"{args.dataset} dev accuracy: teacher {teacher_acc:.3f}, student+KD {results['kd']['dev_accuracy']:.3f}"
+    if "baseline" in results:
+        line += f", student alone {results['baseline']['dev_accuracy']:.3f}"
+    print(line)
+    print(json.dumps(results, indent=2))
+    return summary
