@@ -22,13 +22,22 @@ DEFAULTS = {"batch_size": 64}
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generations", required=True, help="JSON lines from the generate step")
     p.add_argument("--output", required=True, help="kept pairs, JSON lines (negatives go to <name>.negatives.jsonl)")
+    p.add_argument("--max_pairs_per_context", type=int, default=0,
+                   help="random subset of each context's candidates (0: all pairs)")
+    add_filter_args(p)
+    add_scorer_args(p)
+
+
+def add_filter_args(p: argparse.ArgumentParser) -> None:
+    """The filters' settings, shared with self-distill."""
     p.add_argument("--threshold", type=float, default=0.75, help="minimum P(paraphrase) in each direction")
     p.add_argument("--min_ratio", type=float, default=0.8, help="minimum len(s2)/len(s1) in characters")
     p.add_argument("--max_ratio", type=float, default=1.5, help="maximum len(s2)/len(s1) in characters")
     p.add_argument("--max_rouge", type=float, default=0.75, help="maximum ROUGE-L F (higher is a copy)")
-    p.add_argument("--max_pairs_per_context", type=int, default=0,
-                   help="random subset of each context's candidates (0: all pairs)")
-    add_scorer_args(p)
+
+
+def filter_config(args: argparse.Namespace) -> FilterConfig:
+    return FilterConfig(args.min_ratio, args.max_ratio, args.max_rouge, args.threshold)
 
 
 def side_paths(output: str | Path) -> tuple[Path, Path]:
@@ -51,7 +60,7 @@ def run(args: argparse.Namespace, score_fn=None) -> dict:
         candidates += candidate_pairs(r["id"], r["continuations"], args.max_pairs_per_context, rng)
     if score_fn is None:
         score_fn = scorer_from_args(args)
-    cfg = FilterConfig(args.min_ratio, args.max_ratio, args.max_rouge, args.threshold)
+    cfg = filter_config(args)
     t0 = time.time()
     result = apply_filters(candidates, score_fn, cfg)
     negatives_path, scored_path = side_paths(args.output)

@@ -268,3 +268,13 @@ def test_pipeline_contexts_generate_filter_train_on_tiny_model(tmp_path) -> None
     assert len(rows) == res["rows"] == res["positives"] + res["negatives"]
     assert {r.label for r in rows} == {0, 1}
     assert 0.0 <= res["dev"]["accuracy"] <= 1.0 and Path(res["checkpoint"]).exists()
+    # Self-distillation: the student (trained on the kept pairs) paraphrases, the same filters judge.
+    sd = main(["self-distill", "--pairs", str(pairs), "--output", str(tmp_path / "sd.jsonl"), "--epochs", "1",
+               "--limit", "3", "--num_paraphrases", "4", "--max_new_tokens", "8", "--keep_unfinished",
+               "--min_ratio", "0.5", "--max_ratio", "2.0", "--threshold", str(mins[len(mins) // 2]),
+               "--output_dir", str(tmp_path / "sd-runs"), *TINY])
+    (r1,) = sd["rounds"]
+    assert r1["sources"] == 3 and r1["counts"]["kept"] <= 3  # at most one survivor per sentence
+    assert sum(v for k, v in r1["counts"].items() if k.startswith("removed_by")) + r1["counts"]["kept"] == \
+        r1["counts"]["candidates"]
+    assert Path(r1["generator"]).exists() and (tmp_path / "sd.summary.json").exists()
