@@ -1,0 +1,118 @@
+"""Causal-LM pretraining: corpus chunking, clear errors, the loss goes down on a
+tiny corpus, resume continues the run, and sparse attention trains too."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from config import GPT2Config
+from models.gpt2 import GPT2Model
+from pretrain import causal_lm_loss, corpus_blocks, main, pretrain_lm, read_corpus, split_held_out
+from training.trainer import TrainConfig
+
+CORPUS = "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.\n" * 12
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; two stall under a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class CharTokenizer:
+    """Bytes as tokens: keeps the model's vocabulary (and the test) tiny."""
+
+    pad_token_id = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = False, verbose: bool = False) -> dict:
+        return {"input_ids": [b % 96 + 1 for b in text.encode()]}
+
+
+def tiny_lm(**kw) -> GPT2Model:
+    torch.manual_seed(0)
+    return GPT2Model(GPT2Config(vocab_size=97, max_position_embeddings=32, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, **kw))
+
+
+def test_corpus_blocks_cover_the_stream(tokenizer):
+    blocks = corpus_blocks(CORPUS, tokenizer, 16)
+    ids = tokenizer(CORPUS, add_special_tokens=False)["input_ids"]
+    assert all(len(b["input_ids"]) == 16 for b in blocks[:-1])
+    assert sum((b["input_ids"] for b in blocks), []) == ids[: sum(len(b["input_ids"]) for b in blocks)]
+    assert len(ids) - sum(len(b["input_ids"]) for b in blocks) <= 1  # only a 1-token remainder is dropped
+    train, held = split_held_out(blocks, 0.1)
+    assert train + held == blocks and len(held) == max(1, round(len(blocks) * 0.1))
+
+
+def test_corpus_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        read_corpus(tmp_path / "nope.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(ValueError, match="empty.txt: the corpus is empty"):
+        read_corpus(empty)
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"ok\nline two\n\xff\xfe")
+    with pytest.raises(ValueError, match="bin.txt: line 3: not UTF-8"):
+        read_corpus(binary)
+
+
+def held_out_loss_of(model: GPT2Model, text: str) -> float:
+    blocks = corpus_blocks(text, CharTokenizer(), 32)
+    ids = torch.tensor([b["input_ids"] for b in blocks if len(b["input_ids"]) == 32])
+    model.eval()
+    with torch.no_grad():
+        return float(causal_lm_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
+
+
+@pytest.mark.parametrize("pattern", [dict(), dict(attn_pattern="window", attn_window=8)])
+def test_pretraining_lowers_the_loss(tmp_path, pattern):
+    corpus = tmp_path / "poems.txt"
+    corpus.write_text(CORPUS)
+    model = tiny_lm(**pattern)
+    before = held_out_loss_of(model, CORPUS)
+    cfg = TrainConfig(epochs=4, lr=3e-3, output_dir=str(tmp_path / "run"), progress=False)
+    best = pretrain_lm(model, CharTokenizer(), corpus, cfg, batch_size=4)
+    after = held_out_loss_of(model, CORPUS)
+    assert after < before - 1.0, (before, after)
+    assert best["epoch"] >= 1 and best["loss"] < before
+    epochs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [e["train_loss"] for e in epochs if e["type"] == "epoch"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_resume_continues_pretraining(tmp_path):
+    corpus = tmp_path / "poems.txt"
+    corpus.write_text(CORPUS)
+    whole = tiny_lm()
+    pretrain_lm(whole, CharTokenizer(), corpus,
+                TrainConfig(epochs=2, lr=3e-3, output_dir=str(tmp_path / "a"), progress=False, save_top_k=0))
+    part = tiny_lm()
+    pretrain_lm(part, CharTokenizer(), corpus,
+                TrainConfig(epochs=2, lr=3e-3, output_dir=str(tmp_path / "b"), progress=False, save_top_k=0,
+                            max_steps=3))
+    resumed = tiny_lm()
+    pretrain_lm(resumed, CharTokenizer(), corpus,
+                TrainConfig(epochs=2, lr=3e-3, output_dir=str(tmp_path / "b"), progress=False, save_top_k=0,
+                            resume=True))
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_cli_pretrains_and_saves(tmp_path, tokenizer):
+    corpus = tmp_path / "poems.txt"
+    corpus.write_text(CORPUS)
+    out = tmp_path / "cli"
+    best = main(["--corpus", str(corpus), "--model_size", "tiny", "--random_init", "--epochs", "1",
+                 "--max_length", "32", "--limit", "6", "--lr", "1e-3", "--output_dir", str(out), "--no_progress",
+                 "--attn_pattern", "strided", "--attn_window", "4", "--device", "cpu"])
+    assert (out / "model.pt").exists() and (out / "last.pt").exists()
+    assert best["epoch"] == 1 and best["loss"] > 0
+    saved = torch.load(out / "model.pt", weights_only=True)
+    assert saved["config"]["attn_pattern"] == "strided" and saved["config"]["attn_window"] == 4
