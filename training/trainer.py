@@ -76,6 +76,7 @@ class TrainConfig:
     bf16: bool = True  # bf16 autocast, used only on CUDA
     log_every: int = 20  # optimizer steps between loss syncs (.item()) and log lines
     progress: bool = True  # tqdm bars
+    plot: bool = True  # redraw curves.png after each epoch
     resume: bool = False  # continue from output_dir/last.pt if it exists
     max_steps: int = 0  # stop (as if interrupted) after this many optimizer steps; 0 = no limit
 
@@ -486,7 +487,8 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_epoch_end(self, self.epoch, metrics)
         self._save_last()
-        self._plot()
+        if cfg.plot:
+            self._plot()
 
     # ------------------------------------------------------------ checkpoints
 

@@ -1,0 +1,106 @@
+"""classifier.py on a micro random GPT-2: every fine-tuning mode learns, the CLI writes
+the starter's prediction files, and bad input fails clearly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import classifier
+from config import GPT2Config
+from models.gpt2 import GPT2Model
+from models.heads import GPT2SentimentClassifier, set_fine_tune_mode
+from models.loading import load_tokenizer
+from training.data import PadCollator, make_loader, read_sentiment, sentiment_features
+from training.trainer import TrainConfig, Trainer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+MICRO = dict(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+
+
+def micro_gpt() -> GPT2Model:
+    torch.manual_seed(0)
+    return GPT2Model(GPT2Config(vocab_size=50257, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=2))
+
+
+@pytest.mark.parametrize("mode,lr", [("last-linear-layer", 1e-2), ("full-model", 1e-3), ("lora", 1e-2)])
+def test_each_mode_learns_a_fixed_batch(tmp_path, mode, lr):
+    tok = load_tokenizer(verbose=False)
+    feats = sentiment_features(read_sentiment(SHARED / "ids-sst-dev.csv", limit=8), tok, 64)
+    batch = PadCollator(tok.pad_token_id)(feats)
+    model = GPT2SentimentClassifier(micro_gpt(), num_labels=5, hidden_dropout_prob=0.0)
+    trainable_only = set_fine_tune_mode(model, mode, model.head, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("gpt.") and "lora_" not in k}
+
+    def loss_fn(m, b):
+        return F.cross_entropy(m(b["input_ids"], b["attention_mask"]), b["labels"])
+
+    def batch_loss():
+        model.eval()
+        with torch.no_grad():
+            return loss_fn(model, batch).item()
+
+    before = batch_loss()
+    cfg = TrainConfig(epochs=8, lr=lr, output_dir=str(tmp_path), progress=False, plot=False,
+                      save_trainable_only=trainable_only, save_top_k=0)
+    Trainer(model, loss_fn, make_loader(feats, PadCollator(tok.pad_token_id), 8, shuffle=True), None, cfg).fit()
+    after = batch_loss()
+    assert after < 0.8 * before, (before, after)
+    body_changed = any(not torch.equal(model.state_dict()[k], v) for k, v in frozen.items())
+    assert body_changed == (mode == "full-model")
+
+
+def micro_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "micro"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(MICRO))
+    return folder
+
+
+def cli_args(tmp_path: Path, mode: str, *extra: str) -> list[str]:
+    paths = []
+    for ds in ("sst", "cfimdb"):
+        for split, suffix in (("train", "train"), ("dev", "dev"), ("test", "test-student")):
+            paths += [f"--{ds}_{split}", str(SHARED / f"ids-{ds}-{suffix}.csv")]
+    return ["--fine-tune-mode", mode, "--model_size", str(micro_folder(tmp_path)), "--random_init",
+            "--limit", "8", "--epochs", "1", "--batch_size", "4", "--max_length", "32", "--no_progress",
+            "--output_dir", str(tmp_path / "runs"), "--predictions_dir", str(tmp_path / "pred"), *paths, *extra]
+
+
+def test_cli_writes_starter_prediction_files(tmp_path, capsys):
+    results = classifier.main(cli_args(tmp_path, "lora"))
+    assert set(results) == {"sst", "cfimdb"}
+    out = capsys.readouterr().out
+    assert "sst dev accuracy" in out and "macro-F1" in out and "truncated" in out  # CFIMDB reviews > 32 tokens
+    for ds, n_labels in (("sst", 5), ("cfimdb", 2)):
+        for split, suffix in (("dev", "dev"), ("test", "test-student")):
+            text = (tmp_path / "pred" / f"lora-{ds}-{split}-out.csv").read_text()
+            lines = text.split("\n")
+            assert lines[0] == "id \t Predicted_Sentiment " and lines[-1] == ""
+            rows = [line.split(", ") for line in lines[1:-1]]
+            want = [r.id for r in read_sentiment(SHARED / f"ids-{ds}-{suffix}.csv", limit=8)]
+            assert [r[0] for r in rows] == want
+            assert all(r[1].endswith(" ") and 0 <= int(r[1]) < n_labels for r in rows)
+        assert (tmp_path / "runs" / ds / "metrics.jsonl").exists()
+        assert 0 <= results[ds]["accuracy"] <= 1
+
+
+def test_default_lr_depends_on_mode():
+    assert classifier.get_args(["--fine-tune-mode", "full-model"]).lr == 1e-5
+    assert classifier.get_args([]).lr == 1e-3 and classifier.get_args([]).fine_tune_mode == "last-linear-layer"
+    args = classifier.get_args(["--fine-tune-mode", "lora", "--lr", "0.5"])
+    assert args.lr == 0.5 and args.batch_size == 8 and args.epochs == 10 and args.seed == 11711
+    assert args.hidden_dropout_prob == 0.3 and args.model_size == "gpt2" and args.sst_train == "data/ids-sst-train.csv"
+
+
+def test_malformed_train_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\tid\tsentence\tsentiment\n0\ta\tgood\t1\n1\tb\tbroken row without label\n")
+    args = cli_args(tmp_path, "last-linear-layer", "--dataset", "sst", "--sst_train", str(bad))
+    with pytest.raises(ValueError, match=rf"{bad}:3: expected 4 tab-separated fields"):
+        classifier.main(args)
