@@ -278,3 +278,13 @@ def test_pipeline_contexts_generate_filter_train_on_tiny_model(tmp_path) -> None
     assert sum(v for k, v in r1["counts"].items() if k.startswith("removed_by")) + r1["counts"]["kept"] == \
         r1["counts"]["candidates"]
     assert Path(r1["generator"]).exists() and (tmp_path / "sd.summary.json").exists()
+
+
+def test_first_sentence_cut() -> None:
+    from distillation.sampling import first_sentence
+
+    assert first_sentence(" Mr. Smith went to Washington. Then he left.") == "Mr. Smith went to Washington."
+    assert first_sentence("It rose 3.5 percent in the U.S. market! More") == "It rose 3.5 percent in the U.S. market!"
+    assert first_sentence("He said \"no.\" Then") == "He said \"no.\""
+    assert first_sentence("never ends") == "" and first_sentence("never ends", keep_unfinished=True) == "never ends"
+    assert first_sentence("line one\nWhat? yes") == ""  # only the first line counts
