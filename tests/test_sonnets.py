@@ -1,0 +1,142 @@
+"""Sonnet files, the sonnet LM loss, chrF, every decoding strategy, and the CLI end to end."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sacrebleu.metrics import CHRF
+
+import sonnet_generation
+from config import get_config
+from models.gpt2 import GPT2Model
+from models.heads import SonnetGPT
+from tests.conftest import SHARED_DATA
+from training.data import DataFormatError, read_sonnets, write_sonnets
+from training.metrics import chrf
+
+FILES = {"sonnets.txt": 131, "sonnets_held_out_dev.txt": 12, "TRUE_sonnets_held_out_dev.txt": 12,
+         "sonnets_held_out.txt": 12}
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_read_sonnets_splits_like_the_starter(name):
+    path = SHARED_DATA / name
+    ours = read_sonnets(path)
+    starter = [s.strip() for s in re.split(r"\n\s*\d+\s*\n", path.read_text(encoding="utf-8"))[1:]]
+    assert [s.text for s in ours] == starter and len(ours) == FILES[name]
+    assert all("\r" not in s.text for s in ours)  # sonnets.txt has CRLF line ends
+
+
+def test_read_sonnets_numbers_and_errors(tmp_path):
+    assert [s.number for s in read_sonnets(SHARED_DATA / "sonnets_held_out_dev.txt")][:2] == [132, 133]
+    assert len(read_sonnets(SHARED_DATA / "sonnets.txt", limit=5)) == 5
+    with pytest.raises(DataFormatError, match="does not exist"):
+        read_sonnets(tmp_path / "missing.txt")
+    f = tmp_path / "header_only.txt"
+    f.write_text("Sonnets\nby nobody\n")
+    with pytest.raises(DataFormatError, match="no sonnets found"):
+        read_sonnets(f)
+    f.write_text("Sonnets\n\n1\n\nA line\n\n2\n\n\n3\n\nAnother\n")
+    with pytest.raises(DataFormatError, match=r"empty.txt:7: sonnet 2 is empty") as e:
+        read_sonnets(f.rename(tmp_path / "empty.txt"))
+    assert e.value.line == 7
+
+
+def test_prediction_file_has_the_starter_format_and_reads_back(tmp_path):
+    sonnets = ["Line one,\nline two;\nline three.\n", "Only a line"]
+    path = tmp_path / "pred" / "generated_sonnets.txt"
+    write_sonnets(path, list(enumerate(sonnets)))
+    expected = "--Generated Sonnets-- \n\n\n0\nLine one,\nline two;\nline three.\n\n\n\n1\nOnly a line\n\n"
+    assert path.read_text() == expected
+    assert [s.text for s in read_sonnets(path)] == [s.strip() for s in sonnets]
+
+
+def test_chrf_of_a_hand_made_pair():
+    # "ab" vs "abc": unigrams P 2/2 R 2/3, bigrams P 1/1 R 1/2, no longer hypothesis n-grams;
+    # mean P 1, mean R 7/12, F_beta=2 = 5 * 1 * 7/12 / (4 + 7/12) = 7/11.
+    assert chrf(["ab"], ["abc"]) == pytest.approx(700 / 11, abs=1e-9)
+    hyp, ref = "Shall I compare thee to a summer's day?", "Shall I compare thee to a winter's night?"
+    assert chrf([hyp], [ref]) == pytest.approx(CHRF().sentence_score(hyp, [ref]).score, abs=1e-9)
+    assert chrf([hyp, "ab"], [ref, "abc"]) == pytest.approx(CHRF().corpus_score([hyp, "ab"], [[ref, "abc"]]).score)
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    torch.manual_seed(0)
+    return SonnetGPT(GPT2Model(get_config("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)))
+
+
+def test_loss_ignores_padding(tiny):
+    ids = torch.randint(0, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]])
+    loss = tiny.loss(ids, mask)
+    logits = tiny(ids, mask)
+    per_token = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
+                                reduction="none").view(2, 5)
+    expected = (per_token[0].sum() + per_token[1, :2].sum()) / 7  # 5 + 2 real targets
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    other_pad = ids.clone()
+    other_pad[1, 3:] = 7
+    assert tiny.loss(other_pad, mask).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_training_examples_end_with_eos(tokenizer):
+    feats = sonnet_generation.sonnet_features(["Shall I compare thee", "x " * 50], tokenizer, max_length=10)
+    assert feats[0]["input_ids"] == tokenizer.encode("Shall I compare thee") + [tokenizer.eos_token_id]
+    assert len(feats[1]["input_ids"]) == 10
+
+
+@pytest.mark.parametrize("decoding", sonnet_generation.DECODINGS)
+def test_every_decoding_completes_prompts(tiny, tokenizer, decoding):
+    args = sonnet_generation.get_args(["--decoding", decoding, "--max_new_tokens", "6", "--num_beams", "2",
+                                       "--mbr_candidates", "3", "--num_lines", "4"])
+    kw = sonnet_generation.decoding_kwargs(args, tokenizer)
+    prompts = ["From fairest creatures we desire increase,\nThat thereby beauty's rose", "When I do count"]
+    mbr = args.mbr_candidates if decoding == "mbr" else 0
+    texts = sonnet_generation.complete_prompts(tiny, tokenizer, prompts, kw, batch_size=2, mbr_candidates=mbr)
+    again = sonnet_generation.complete_prompts(tiny, tokenizer, prompts, kw, batch_size=1, mbr_candidates=mbr)
+    for p, t in zip(prompts, texts):
+        assert t.startswith(p) and len(t) > len(p) and t.count("\n") < 4
+    if decoding in ("greedy", "beam", "contrastive"):  # deterministic: left padding in a batch changes nothing
+        assert texts == again
+
+
+def data_flags(tmp_path) -> list[str]:
+    return ["--sonnet_path", str(SHARED_DATA / "sonnets.txt"),
+            "--held_out_sonnet_path", str(SHARED_DATA / "sonnets_held_out.txt"),
+            "--dev_held_out_sonnet_path", str(SHARED_DATA / "sonnets_held_out_dev.txt"),
+            "--dev_true_sonnet_path", str(SHARED_DATA / "TRUE_sonnets_held_out_dev.txt"),
+            "--sonnet_out", str(tmp_path / "pred" / "generated_sonnets.txt"),
+            "--dev_sonnet_out", str(tmp_path / "pred" / "generated_sonnets_dev.txt"),
+            "--output_dir", str(tmp_path / "run"), "--no_progress"]
+
+
+@pytest.mark.parametrize("mode", ["full-model", "lora"])
+def test_cli_trains_writes_both_files_and_generates_from_the_checkpoint(tmp_path, mode):
+    common = ["--model_size", "tiny", "--random_init", "--limit", "3", "--max_new_tokens", "8",
+              "--batch_size", "3", "--fine-tune-mode", mode, *data_flags(tmp_path)]
+    result = sonnet_generation.main([*common, "--epochs", "2", "--lr", "1e-3"])
+    run = tmp_path / "run"
+    assert len(list(run.glob("best-epoch*.pt"))) == 2 and (run / "sonnet-model.pt").exists()
+    assert result["best"]["epoch"] in (1, 2) and 0 <= result["dev_chrf"] <= 100
+    prompts = {"test": read_sonnets(SHARED_DATA / "sonnets_held_out.txt", 3),
+               "dev": read_sonnets(SHARED_DATA / "sonnets_held_out_dev.txt", 3)}
+    for split, name in (("test", "generated_sonnets.txt"), ("dev", "generated_sonnets_dev.txt")):
+        written = read_sonnets(tmp_path / "pred" / name)
+        assert [s.text for s in written] == result[split]
+        assert [s.number for s in written] == [0, 1, 2]
+        assert all(w.text.startswith(p.text) for w, p in zip(written, prompts[split]))
+    # decoding again from the saved model, without training, gives the same sonnets
+    again = sonnet_generation.main([*common, "--generate_only", "--checkpoint", str(run / "sonnet-model.pt")])
+    assert again["test"] == result["test"] and again["dev_chrf"] == pytest.approx(result["dev_chrf"])
+    if mode == "lora":  # a Trainer checkpoint (adapters only) on the same seeded random body also loads
+        best = sorted(run.glob("best-epoch*.pt"))[0]
+        sonnet_generation.main([*common, "--generate_only", "--checkpoint", str(best)])
+
+
+def test_generate_only_needs_a_checkpoint():
+    with pytest.raises(SystemExit):
+        sonnet_generation.get_args(["--generate_only"])
