@@ -11,8 +11,11 @@ matrix, so time and memory grow as T * (span + extra) instead of T^2:
 - ``block_global``: each block of ``b`` scores only itself (span b), plus the
   ``g`` leading global tokens that lie outside the query's own block.
 
-Local and far scores share one softmax, so the result is exactly attention
-under the pattern's mask. Positions here are slot indices (no cache: the
+``window`` and ``block_global`` hand every query block with its key set
+(own span, plus the globals) to one batched SDPA call, blocks as batch, so
+PyTorch's fused kernel does the softmax. ``strided`` scores local and far keys
+explicitly under one softmax (far keys differ per query). Either way the
+result is exactly attention under the pattern's mask. Positions here are slot indices (no cache: the
 T queries are the T keys). An optional boolean ``mask`` (B or 1, 1, T, T) from
 ``build_attention_mask`` (padding folded in) is read only at the pairs each
 kernel visits; it must allow nothing outside the pattern.
@@ -64,53 +67,119 @@ def sparse_blockwise_attention(
     """Attention of (B, nh, T, hs) queries over the same T keys under
     ``config.attn_pattern`` (window, strided or block_global), in O(T * span)."""
     pattern = config.attn_pattern
-    B, nh, T, hs = q.shape
-    if pattern in ("window", "strided"):
-        block, n_prev = config.attn_window, 1
-    elif pattern == "block_global":
+    if pattern == "window":
+        return _fused_blocks(q, k, v, config, config.attn_window, 1, 0, mask, dropout)
+    if pattern == "block_global":
         if mask is not None:
             raise ValueError("block_global counts blocks in real tokens; with padding use the masked path")
-        block, n_prev = config.attn_block, 0
+        return _fused_blocks(q, k, v, config, config.attn_block, 0, min(config.attn_num_global, q.size(2)), None,
+                             dropout)
+    if pattern == "strided":
+        return _strided(q, k, v, config, mask, dropout)
+    raise ValueError(f"no blockwise kernel for attention pattern {pattern!r}")
+
+
+def _local_allowed(config: GPT2Config, block: int, n_prev: int, nb: int, device: torch.device) -> torch.Tensor:
+    """(nb, block, span) pairs of each query block and its key span that the pattern keeps."""
+    span = (n_prev + 1) * block
+    q_pos = torch.arange(nb * block, device=device).view(nb, block, 1)
+    k_pos = (torch.arange(nb, device=device) * block - n_prev * block).view(nb, 1, 1) + torch.arange(span,
+                                                                                                     device=device)
+    allowed = (k_pos >= 0) & (k_pos <= q_pos)
+    rule = (q_pos - k_pos < config.attn_window) if n_prev else (k_pos // block == q_pos // block)
+    return allowed & rule  # (nb, block, span)
+
+
+def _fused_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: GPT2Config,
+    block: int,
+    n_prev: int,
+    n_global: int,
+    mask: torch.Tensor | None,
+    dropout: float,
+) -> torch.Tensor:
+    """Window (n_prev=1) and block_global (n_prev=0, n_global leading keys): every
+    query block is one small SDPA call over its own key set, so PyTorch's fused
+    kernel does the softmax; blocks become the batch dimension."""
+    B, nh, T, hs = q.shape
+    nb = -(-T // block)
+    Tp, span = nb * block, (n_prev + 1) * block
+
+    def blocks(x: torch.Tensor, size: int, lead: int) -> torch.Tensor:
+        """(B, nh, T, hs) -> (B * nb, nh, size, hs): the ``size`` rows ending at each block's end."""
+        xp = F.pad(x, (0, 0, lead, Tp - T))  # (B, nh, lead + Tp, hs)
+        xb = xp.unfold(2, size, block)  # (B, nh, nb, hs, size)
+        return xb.permute(0, 2, 1, 4, 3).reshape(B * nb, nh, size, hs)
+
+    qb = blocks(q, block, 0)  # (B*nb, nh, block, hs)
+    kb, vb = blocks(k, span, n_prev * block), blocks(v, span, n_prev * block)  # (B*nb, nh, span, hs)
+    allowed = _local_allowed(config, block, n_prev, nb, q.device)  # (nb, block, span)
+    if mask is not None:
+        allowed = allowed & _block_mask_view(mask, block, n_prev, Tp)  # (B', 1, nb, block, span)
+    eye = torch.arange(block, device=q.device)[:, None] + n_prev * block == torch.arange(span, device=q.device)
+    allowed = (allowed | eye).expand(B, 1, nb, block, span) if allowed.dim() == 5 else allowed | eye
+    if n_global:
+        t = torch.arange(Tp, device=q.device).view(nb, block, 1)
+        gpos = torch.arange(n_global, device=q.device)
+        g_ok = (gpos <= t) & (gpos // block != t // block)  # (nb, block, g): globals outside the own block
+        kg = k[:, None, :, :n_global].expand(B, nb, nh, n_global, hs).reshape(B * nb, nh, n_global, hs)
+        vg = v[:, None, :, :n_global].expand(B, nb, nh, n_global, hs).reshape(B * nb, nh, n_global, hs)
+        kb, vb = torch.cat([kg, kb], dim=2), torch.cat([vg, vb], dim=2)
+        allowed = torch.cat([g_ok, allowed], dim=-1)  # (nb, block, g + span)
+    if allowed.dim() == 5:  # per row (padding): (B, 1, nb, block, S) -> (B*nb, 1, block, S)
+        allowed = allowed.permute(0, 2, 1, 3, 4).reshape(B * nb, 1, block, allowed.size(-1))
     else:
-        raise ValueError(f"no blockwise kernel for attention pattern {pattern!r}")
+        allowed = allowed.repeat(B, 1, 1)[:, None]  # (B*nb, 1, block, S)
+    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed, dropout_p=dropout)  # (B*nb, nh, block, hs)
+    y = y.view(B, nb, nh, block, hs).permute(0, 2, 1, 3, 4).reshape(B, nh, Tp, hs)
+    return y[:, :, :T]  # (B, nh, T, hs)
+
+
+def _strided(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: GPT2Config,
+    mask: torch.Tensor | None,
+    dropout: float,
+) -> torch.Tensor:
+    """Window blocks plus per-query far keys gathered by index, one explicit softmax
+    over both (the far keys differ for every query, so no block shares them)."""
+    B, nh, T, hs = q.shape
+    block, n_prev = config.attn_window, 1
     nb = -(-T // block)
     Tp, span = nb * block, (n_prev + 1) * block
     dev = q.device
 
-    # Local part: block i of queries against key blocks i - n_prev .. i.
+    # Local part: block i of queries against key blocks i - 1 .. i.
     qb = F.pad(q, (0, 0, 0, Tp - T)).view(B, nh, nb, block, hs)
-    kp = F.pad(k, (0, 0, n_prev * block, Tp - T))  # (B, nh, Tp + n_prev*block, hs)
+    kp = F.pad(k, (0, 0, n_prev * block, Tp - T))  # (B, nh, Tp + block, hs)
     vp = F.pad(v, (0, 0, n_prev * block, Tp - T))
     kT = kp.unfold(2, span, block)  # (B, nh, nb, hs, span)
     vs = vp.unfold(2, span, block).transpose(-1, -2)  # (B, nh, nb, span, hs)
     scale = 1.0 / math.sqrt(hs)
     s_loc = (qb @ kT) * scale  # (B, nh, nb, block, span)
-    q_pos = torch.arange(Tp, device=dev).view(nb, block, 1)
-    k_pos = (torch.arange(nb, device=dev) * block - n_prev * block).view(nb, 1, 1) + torch.arange(span, device=dev)
-    allowed = (k_pos >= 0) & (k_pos <= q_pos)  # (nb, block, span)
-    allowed = allowed & ((q_pos - k_pos < config.attn_window) if n_prev else (k_pos // block == q_pos // block))
+    allowed = _local_allowed(config, block, n_prev, nb, dev)  # (nb, block, span)
     if mask is not None:
         allowed = allowed & _block_mask_view(mask, block, n_prev, Tp)  # (B', 1, nb, block, span)
-    allowed = allowed | (k_pos == q_pos)  # every row keeps itself: no all-masked row, even in the padding
+    eye = torch.arange(block, device=dev)[:, None] + n_prev * block == torch.arange(span, device=dev)
+    allowed = allowed | eye  # every row keeps itself: no all-masked row, even in the padding
     s_loc = s_loc.masked_fill(~allowed, float("-inf")).view(B, nh, Tp, span)
 
-    # Far part: extra keys per query (strided) or the shared global tokens (block_global).
+    # Far part: key t - o for each far offset o.
     t = torch.arange(Tp, device=dev)[:, None]  # (Tp, 1)
-    if pattern == "strided":
-        offs = torch.tensor(far_offsets(config, T), device=dev, dtype=torch.long)
-        idx = t - offs  # (Tp, E) key slot of each far key
-        far_ok = (idx >= 0) & (t < T)
-        idx = idx.clamp(min=0)
-        k_far = kp[:, :, n_prev * block :][:, :, idx]  # (B, nh, Tp, E, hs)
-        s_far = torch.einsum("bhtd,bhted->bhte", qb.view(B, nh, Tp, hs), k_far) * scale
-        if mask is not None:
-            mrow = F.pad(mask, (0, 0, 0, Tp - T), value=False)  # (B', 1, Tp, T)
-            far_ok = far_ok & mrow.gather(-1, idx.expand(mrow.size(0), 1, Tp, idx.size(-1)))
-    else:
-        g = min(config.attn_num_global, T) if pattern == "block_global" else 0
-        gpos = torch.arange(g, device=dev)[None, :]  # (1, g)
-        far_ok = (gpos <= t) & (gpos // block != t // block)  # (Tp, g): globals outside the own block
-        s_far = (qb.view(B, nh, Tp, hs) @ k[:, :, :g].transpose(-1, -2)) * scale  # (B, nh, Tp, g)
+    offs = torch.tensor(far_offsets(config, T), device=dev, dtype=torch.long)
+    idx = t - offs  # (Tp, E) key slot of each far key
+    far_ok = (idx >= 0) & (t < T)
+    idx = idx.clamp(min=0)
+    k_far = kp[:, :, n_prev * block :][:, :, idx]  # (B, nh, Tp, E, hs)
+    s_far = torch.einsum("bhtd,bhted->bhte", qb.view(B, nh, Tp, hs), k_far) * scale
+    if mask is not None:
+        mrow = F.pad(mask, (0, 0, 0, Tp - T), value=False)  # (B', 1, Tp, T)
+        far_ok = far_ok & mrow.gather(-1, idx.expand(mrow.size(0), 1, Tp, idx.size(-1)))
     s_far = s_far.masked_fill(~far_ok, float("-inf"))
     E = s_far.size(-1)
 
@@ -120,9 +189,6 @@ def sparse_blockwise_attention(
     p_loc, p_far = p.split([span, E], dim=-1)
     y = (p_loc.reshape(B, nh, nb, block, span) @ vs).view(B, nh, Tp, hs)  # (B, nh, Tp, hs)
     if E:
-        if pattern == "strided":
-            v_far = vp[:, :, n_prev * block :][:, :, idx]  # (B, nh, Tp, E, hs)
-            y = y + torch.einsum("bhte,bhted->bhtd", p_far, v_far)
-        else:
-            y = y + p_far @ v[:, :, :E]
+        v_far = vp[:, :, n_prev * block :][:, :, idx]  # (B, nh, Tp, E, hs)
+        y = y + torch.einsum("bhte,bhted->bhtd", p_far, v_far)
     return y[:, :, :T]  # (B, nh, T, hs)
