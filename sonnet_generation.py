@@ -36,6 +36,7 @@ import torch
 from models.generation import LineStop, mbr_generate, trim
 from models.heads import SonnetGPT, count_parameters, set_fine_tune_mode
 from models.loading import CheckpointError, load_checkpoint, load_model, save_model
+from pretrain import add_attention_args, add_pretrain_args, attention_overrides, pretrain_from_args
 from training.cli import (
     add_common_args,
     build_from_args,
@@ -86,6 +87,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--no_cache", action="store_true", help="decode without the key/value cache (slow; checks)")
     add_common_args(parser, batch_size=8, lr=None, epochs=10, hidden_dropout_prob=0.1, scheduler="linear",
                     warmup_ratio=0.1, patience=3)
+    add_attention_args(parser)
+    add_pretrain_args(parser)
     parser.set_defaults(save_top_k=3)
     args = parser.parse_args(argv)
     if args.lr is None:
@@ -158,7 +161,7 @@ def describe(args: argparse.Namespace) -> str:
     """The decoding strategy and the settings that apply to it, for logs."""
     keys = {"sample": ("temperature", "top_p", "top_k"), "mbr": ("temperature", "top_p", "top_k", "mbr_candidates"),
             "beam": ("num_beams", "length_penalty"), "contrastive": ("penalty_alpha", "top_k"), "greedy": ()}
-    shown = {k: getattr(args, k) for k in keys[args.decoding]}
+    shown = {k: getattr(args, k) for k in keys[args.decoding] if getattr(args, k) is not None}
     for k, neutral in (("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0)):
         if getattr(args, k) != neutral:
             shown[k] = getattr(args, k)
@@ -213,7 +216,7 @@ def dev_chrf(model: SonnetGPT, tokenizer: Any, prompts: Sequence[str], reference
 
 def build_sonnet_model(args: argparse.Namespace) -> tuple[SonnetGPT, Any, bool]:
     """(model, tokenizer, checkpoints hold only trainable parameters) from the flags."""
-    gpt, tokenizer = build_from_args(args, hidden_dropout_prob=args.hidden_dropout_prob)
+    gpt, tokenizer = build_from_args(args, hidden_dropout_prob=args.hidden_dropout_prob, **attention_overrides(args))
     model = SonnetGPT(gpt)
     trainable_only = set_fine_tune_mode(model, args.fine_tune_mode, model.head, lora_r=args.lora_r,
                                         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -272,6 +275,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     best: dict[str, Any] = {}
     run_name = f"{args.fine_tune_mode}-{Path(args.model_size).name}"
     out_dir = Path(args.output_dir or default_output_dir("sonnet", run_name))
+    if args.pretrain_corpus and not args.generate_only:  # causal-LM pretraining on a corpus first
+        pretrain_from_args(model, tokenizer, args, device, out_dir, trainable_only)
     if not args.generate_only and args.epochs > 0:
         n_train, n_total = count_parameters(model)
         print(f"{args.fine_tune_mode}: {n_train:,} of {n_total:,} parameters train")

@@ -147,9 +147,10 @@ class _Runner:
         mask = None if self.mask is None else self.mask[:, : self.P]
         return self.model(ids, mask, cache=self.cache)["last_hidden_state"]
 
-    def step(self, seqs: torch.Tensor) -> torch.Tensor:
-        """Hidden state (N, d) after the last token of ``seqs`` (N, cur)."""
-        cur = seqs.size(1)
+    def step(self, seqs: torch.Tensor, cur: int | None = None) -> torch.Tensor:
+        """Hidden state (N, d) after the last token of ``seqs`` (N, cur). With the cache
+        only the last column is read, so ``seqs`` may be just that column if ``cur`` is given."""
+        cur = cur or seqs.size(1)
         mask = None if self.mask is None else self.mask[:, :cur]
         if not self.use_cache:
             return self.model(seqs, mask)["last_hidden_state"][:, -1]
@@ -316,8 +317,10 @@ class _Contrastive:
         """Next token (B,) and the logits (B, V) that follow it."""
         B, k, cur = self.B, self.k, seqs.size(1)
         probs, cand = scores.softmax(-1).topk(k, dim=-1)  # (B, k)
-        rows = torch.cat([seqs.repeat_interleave(k, 0), cand.reshape(-1, 1)], 1)  # (B*k, cur + 1)
-        h = self.runner.step(rows)  # (B*k, d)
+        if self.runner.use_cache:
+            h = self.runner.step(cand.reshape(-1, 1), cur + 1)  # (B*k, d)
+        else:
+            h = self.runner.step(torch.cat([seqs.repeat_interleave(k, 0), cand.reshape(-1, 1)], 1))
         h = h.view(B, k, -1)
         ctx = F.normalize(self.context[:, :cur], dim=-1)  # (B, cur, d)
         cos = torch.einsum("bkd,btd->bkt", F.normalize(h, dim=-1), ctx)  # (B, k, cur)
