@@ -37,7 +37,7 @@ def loss_fn(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
 def run(tmp_path, name: str, model: nn.Module | None = None, batch_size: int = 8, eval_fn=None, **cfg) -> Trainer:
     X, y = make_data()
     loader = DataLoader(TensorDataset(X, y), batch_size=batch_size, shuffle=True)
-    defaults = dict(epochs=3, lr=1e-2, output_dir=str(tmp_path / name), progress=False, log_every=2)
+    defaults = dict(epochs=3, lr=1e-2, output_dir=str(tmp_path / name), progress=False, log_every=2, plot=False)
     trainer = Trainer(model or make_model(), loss_fn, loader, eval_fn, TrainConfig(**{**defaults, **cfg}))
     trainer.fit()
     return trainer
@@ -164,7 +164,7 @@ def test_logs_plot_and_trainable_only(tmp_path):
     model = make_model()
     model[0].weight.requires_grad_(False)
     model[0].bias.requires_grad_(False)
-    t = run(tmp_path, "a", model, eval_fn=lambda m: {"accuracy": 0.5}, save_trainable_only=True)
+    t = run(tmp_path, "a", model, eval_fn=lambda m: {"accuracy": 0.5}, save_trainable_only=True, plot=True)
     out = tmp_path / "a"
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["epoch"] for r in records if r["type"] == "epoch"] == [1, 2, 3]

@@ -16,7 +16,9 @@ Typical use (see ``classifier.py``)::
     trainer.best_checkpoint        # Path of that checkpoint file
 
 Files in ``output_dir``: ``last.pt`` (full state for ``resume``), ``best.pt`` (top-1)
-or ``best-epochN.pt`` (top-k), ``metrics.jsonl``, ``curves.png``.
+or ``best-epochN.pt`` (top-k), ``metrics.jsonl``, ``curves.png``. Every checkpoint holds
+``model`` (weights; only trainable ones if ``trainable_only``), ``epoch``, ``train_config``,
+``model_config`` (the GPT2Config found in the model, if any) and ``extra`` (e.g. CLI args).
 
 Exact resume: ``last.pt`` holds the model (or only its trainable parameters),
 optimizer, schedule, python/numpy/torch/cuda RNG states, epoch, step and the RNG
@@ -506,7 +508,7 @@ class Trainer:
         path = self.output_dir / name
         atomic_save({"model": self._model_state(), "trainable_only": self.config.save_trainable_only,
                      "epoch": self.epoch, "dev": self.history[-1]["dev"], "train_config": self._config_dict(),
-                     "extra": self.extra}, path)
+                     "model_config": self._model_config(), "extra": self.extra}, path)
         ranked = [t for t in ranked if t[2] != str(path)] + [(score, self.epoch, str(path))]
         ranked = sorted(ranked, key=lambda t: (-t[0], t[1]))
         for _, _, old in ranked[k:]:
@@ -522,6 +524,14 @@ class Trainer:
         d = dataclasses.asdict(self.config)
         d["betas"] = list(d["betas"])
         return d
+
+    def _model_config(self) -> dict[str, Any] | None:
+        """The GPT2Config of the (first) body inside the model, so a checkpoint says what it fits."""
+        for m in self.model.modules():
+            cfg = getattr(m, "config", None)
+            if hasattr(cfg, "to_dict"):
+                return cfg.to_dict()
+        return None
 
     def _sampler_rng(self) -> torch.Tensor | None:
         gen = getattr(getattr(self.train_loader, "sampler", None), "generator", None)
@@ -552,6 +562,7 @@ class Trainer:
             "bad_epochs": self.bad_epochs,
             "stopped": self.stop,
             "train_config": self._config_dict(),
+            "model_config": self._model_config(),
             "extra": self.extra,
         }, self.output_dir / "last.pt")
 
