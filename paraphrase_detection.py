@@ -46,6 +46,7 @@ from training.data import (
     make_loader,
     paraphrase_features,
     restore_order,
+    write_id_predictions,
 )
 from training.metrics import classification_metrics, majority_baseline
 from training.trainer import Trainer, predict
@@ -123,13 +124,8 @@ def score_paraphrase_pairs(
 
 
 def write_paraphrase_predictions(path: str | Path, ids: Sequence[str], token_ids: Sequence[int]) -> None:
-    """The starter's exact format: header ``id \\t Predicted_Is_Paraphrase `` then ``<id>, <token id> ``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        f.write("id \t Predicted_Is_Paraphrase \n")
-        for i, t in zip(ids, token_ids, strict=True):
-            f.write(f"{i}, {t} \n")
+    """``predictions/para-{dev,test}-output.csv``: ``id \\t Predicted_Is_Paraphrase `` then ``<id>, <token id> ``."""
+    write_id_predictions(path, "Predicted_Is_Paraphrase", ids, token_ids)
 
 
 # ----------------------------------------------------------------- the run

@@ -486,3 +486,19 @@ def write_sonnets(path: str | Path, sonnets: Sequence[tuple[int | str, str]]) ->
         for sid, text in sonnets:
             f.write(f"\n{sid}\n")
             f.write(f"{text}\n\n")
+
+
+# ----------------------------------------------------------- prediction files (sentiment, paraphrase)
+
+
+def write_id_predictions(path: str | Path, column: str, ids: Sequence[str], values: Sequence[Any]) -> None:
+    """The starter's classification output, byte for byte: a header ``id \\t <column> `` and one
+    line ``<id>, <value> `` per example (e.g. ``Predicted_Sentiment``, ``Predicted_Is_Paraphrase``)."""
+    if len(ids) != len(values):
+        raise ValueError(f"{path}: {len(ids)} ids but {len(values)} predictions")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"id \t {column} \n")
+        for i, v in zip(ids, values):
+            f.write(f"{i}, {v} \n")
