@@ -25,11 +25,8 @@ import torch
 from torch import nn
 
 from config import ATTENTION_PATTERNS
-from modules.losses import lm_loss
+from models.heads import SonnetGPT
 from training.data import PadCollator, make_loader
-
-IGNORE = -100
-
 
 # ----------------------------------------------------------------- data
 
@@ -72,12 +69,9 @@ def split_held_out(blocks: list[dict], fraction: float) -> tuple[list[dict], lis
 # ----------------------------------------------------------------- loss
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy of a GPT2Model over the real tokens of a batch."""
-    ids, am = batch["input_ids"], batch["attention_mask"]
-    h = model(ids, am)["last_hidden_state"]  # (B, T, d)
-    targets = ids[:, 1:].masked_fill(am[:, 1:] == 0, IGNORE)  # (B, T-1)
-    return lm_loss(h[:, :-1], model.wte.weight, targets)
+def causal_lm_loss(model: SonnetGPT, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the real tokens of a batch (``SonnetGPT.loss``)."""
+    return model.loss(batch["input_ids"], batch["attention_mask"])
 
 
 def held_out_loss(model: nn.Module, loader: Any) -> dict[str, float]:
@@ -108,8 +102,9 @@ def pretrain_lm(
     limit: int = 0,
     num_workers: int = 0,
 ) -> dict[str, Any]:
-    """Continue training ``model`` (a GPT2Model; whatever of it requires grad) as a
-    causal LM on ``corpus``; leaves the best held-out epoch's weights in ``model``.
+    """Continue training ``model`` (a GPT2Model or a SonnetGPT; whatever of it
+    requires grad) as a causal LM on ``corpus``; leaves the best held-out epoch's
+    weights in ``model``. Checkpoints name parameters as ``SonnetGPT`` does.
 
     ``train_config`` is a ``training.trainer.TrainConfig`` (epochs, lr, output_dir,
     resume...); its metric is set to held-out loss. ``block_size`` 0 means the
@@ -119,8 +114,9 @@ def pretrain_lm(
 
     from training.trainer import Trainer
 
-    block_size = block_size or model.config.max_position_embeddings
-    block_size = min(block_size, model.config.max_position_embeddings)
+    lm = model if isinstance(model, SonnetGPT) else SonnetGPT(model)
+    context = lm.gpt.config.max_position_embeddings
+    block_size = min(block_size or context, context)
     blocks = corpus_blocks(read_corpus(corpus), tokenizer, block_size, limit)
     if not blocks:
         raise ValueError(f"{corpus}: fewer than 2 tokens, nothing to learn")
@@ -133,7 +129,7 @@ def pretrain_lm(
         eval_fn = lambda m: held_out_loss(m, held_loader)  # noqa: E731
     cfg = replace(train_config, metric="loss", mode="min")
     print(f"pretraining on {corpus}: {len(train)} blocks of <= {block_size} tokens, {len(held)} held out")
-    trainer = Trainer(model, causal_lm_loss, loader, eval_fn, cfg, extra={"corpus": str(corpus)})
+    trainer = Trainer(lm, causal_lm_loss, loader, eval_fn, cfg, extra={"corpus": str(corpus)})
     best = trainer.fit()
     if trainer.best_checkpoint is not None and not trainer.interrupted:
         trainer.load_best()
@@ -156,9 +152,9 @@ def add_attention_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def attention_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """GPT2Config fields from the sparse-attention flags."""
-    return {k: getattr(args, k) for k in ("attn_pattern", "attn_window", "attn_block", "attn_num_global",
-                                          "attn_stride", "attn_sparse_impl")}
+    """GPT2Config fields from the sparse-attention flags (those the parser defined)."""
+    keys = ("attn_pattern", "attn_window", "attn_block", "attn_num_global", "attn_stride", "attn_sparse_impl")
+    return {k: getattr(args, k) for k in keys if hasattr(args, k)}
 
 
 def add_pretrain_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -170,6 +166,21 @@ def add_pretrain_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--pretrain_lr", type=float, default=1e-5)
     g.add_argument("--pretrain_block_size", type=int, default=0, help="tokens per block (0: the context)")
     return parser
+
+
+def pretrain_from_args(
+    model: nn.Module, tokenizer: Any, args: argparse.Namespace, device: torch.device, output_dir: str | Path,
+    trainable_only: bool = False,
+) -> dict[str, Any]:
+    """``--pretrain_corpus`` for a task script: pretraining with the task's engine flags
+    but ``--pretrain_epochs/_batch_size/_lr``, in ``<output_dir>/pretrain`` (so ``--resume``
+    resumes it too). With LoRA only the adapters train, as in the fine-tuning after it."""
+    from training.cli import train_config_from_args
+
+    cfg = train_config_from_args(args, device, epochs=args.pretrain_epochs, lr=args.pretrain_lr,
+                                 output_dir=str(Path(output_dir) / "pretrain"), save_trainable_only=trainable_only)
+    return pretrain_lm(model, tokenizer, args.pretrain_corpus, cfg, batch_size=args.pretrain_batch_size,
+                       block_size=args.pretrain_block_size, limit=args.limit, num_workers=args.num_workers)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import torch
 
 from config import GPT2Config
 from models.gpt2 import GPT2Model
+from models.heads import SonnetGPT
 from pretrain import causal_lm_loss, corpus_blocks, main, pretrain_lm, read_corpus, split_held_out
 from training.trainer import TrainConfig
 
@@ -68,7 +69,7 @@ def held_out_loss_of(model: GPT2Model, text: str) -> float:
     ids = torch.tensor([b["input_ids"] for b in blocks if len(b["input_ids"]) == 32])
     model.eval()
     with torch.no_grad():
-        return float(causal_lm_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
+        return float(causal_lm_loss(SonnetGPT(model), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
 
 
 @pytest.mark.parametrize("pattern", [dict(), dict(attn_pattern="window", attn_window=8)])
@@ -116,3 +117,30 @@ def test_cli_pretrains_and_saves(tmp_path, tokenizer):
     assert best["epoch"] == 1 and best["loss"] > 0
     saved = torch.load(out / "model.pt", weights_only=True)
     assert saved["config"]["attn_pattern"] == "strided" and saved["config"]["attn_window"] == 4
+
+
+def test_sonnet_cli_pretrains_then_fine_tunes_with_lora_and_sparse_attention(tmp_path, tokenizer):
+    from sonnet_generation import main as sonnet_main
+    from tests.conftest import SHARED_DATA
+
+    corpus = tmp_path / "poems.txt"
+    corpus.write_text(CORPUS * 3)
+    run = tmp_path / "run"
+    sonnet_main([
+        "--model_size", "tiny", "--random_init", "--epochs", "1", "--limit", "2", "--max_new_tokens", "8",
+        "--sonnet_path", str(SHARED_DATA / "sonnets.txt"),
+        "--held_out_sonnet_path", str(SHARED_DATA / "sonnets_held_out.txt"),
+        "--dev_held_out_sonnet_path", str(SHARED_DATA / "sonnets_held_out_dev.txt"),
+        "--dev_true_sonnet_path", str(SHARED_DATA / "TRUE_sonnets_held_out_dev.txt"),
+        "--sonnet_out", str(tmp_path / "gen.txt"), "--dev_sonnet_out", str(tmp_path / "dev.txt"),
+        "--output_dir", str(run), "--no_progress", "--device", "cpu",
+        "--pretrain_corpus", str(corpus), "--pretrain_epochs", "2", "--pretrain_block_size", "32",
+        "--fine-tune-mode", "lora", "--attn_pattern", "window", "--attn_window", "8",
+    ])
+    log = [json.loads(x) for x in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log if e["type"] == "epoch"] == [1, 2]
+    ckpt = torch.load(run / "pretrain" / "last.pt", weights_only=True)
+    assert ckpt["trainable_only"] and all("lora" in k for k in ckpt["model"])  # LoRA: only adapters pretrain
+    saved = torch.load(run / "sonnet-model.pt", weights_only=True)
+    assert saved["config"]["attn_pattern"] == "window" and saved["config"]["attn_window"] == 8
+    assert (tmp_path / "gen.txt").read_text().startswith("--Generated Sonnets--")
