@@ -69,6 +69,7 @@ def test_resume_equals_uninterrupted(tmp_path, stop_at, grad_accum):
     resumed = run(tmp_path, "resumed", resume=True, **common)
     assert resumed.global_step == full.global_step
     assert_same_weights(full.model, resumed.model)
+    assert [h["train_loss"] for h in resumed.history] == pytest.approx([h["train_loss"] for h in full.history])
     assert resumed.optimizer.state_dict()["state"][0]["step"] == full.optimizer.state_dict()["state"][0]["step"]
 
 

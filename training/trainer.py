@@ -307,6 +307,7 @@ class Trainer:
         self.best_score: float | None = None  # metric, negated when mode == "min"
         self.top_k: list[tuple[float, int, str]] = []  # (score, epoch, path)
         self.bad_epochs = 0
+        self._partial_loss: tuple[float, int] = (0.0, 0)  # (sum, count) of this epoch's losses at the last save
         self.stop = False
         self.interrupted = False
 
@@ -399,8 +400,9 @@ class Trainer:
 
             bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
                        desc=f"epoch {self.epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
-        loss_sum = torch.zeros((), device=self.device)  # summed on device: no sync per step
-        n_loss = 0
+        # Summed on the device: no sync per step. A resumed epoch starts from the saved partial sums.
+        loss_sum = torch.tensor(self._partial_loss[0] if self.step_in_epoch else 0.0, device=self.device)
+        n_loss = self._partial_loss[1] if self.step_in_epoch else 0
         window_loss = torch.zeros((), device=self.device)
         window_n, window_examples, t0 = 0, 0, time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
@@ -434,10 +436,12 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_step_end(self, self.global_step, logged)
             if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0:
+                self._partial_loss = (loss_sum.item(), n_loss)
                 self._save_last()
             if cfg.max_steps and self.global_step >= cfg.max_steps:
                 self.interrupted = True
                 if self.step_in_epoch < self.steps_per_epoch:
+                    self._partial_loss = (loss_sum.item(), n_loss)
                     self._save_last()
                     break
         if bar is not None:
@@ -555,6 +559,7 @@ class Trainer:
             "epoch": self.epoch,
             "global_step": self.global_step,
             "step_in_epoch": self.step_in_epoch,
+            "partial_loss": list(self._partial_loss),
             "history": self.history,
             "best_metrics": self.best_metrics,
             "best_score": self.best_score,
@@ -573,6 +578,7 @@ class Trainer:
         self.epoch = ckpt["epoch"]
         self.global_step = ckpt["global_step"]
         self.step_in_epoch = ckpt["step_in_epoch"]
+        self._partial_loss = (float(ckpt["partial_loss"][0]), int(ckpt["partial_loss"][1]))
         self.epoch_rng = ckpt["epoch_rng"]
         self.history = list(ckpt["history"])
         self.best_metrics = dict(ckpt["best_metrics"])
