@@ -286,3 +286,16 @@ def test_config_validation_and_covers_all():
         tiny(attn_sparse_impl="fast")
     assert covers_all(tiny(attn_pattern="window", attn_window=10), 10)
     assert not covers_all(tiny(attn_pattern="window", attn_window=10), 11)
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+@pytest.mark.parametrize("beams", [1, 3])
+def test_generate_with_cache_equals_without_under_each_pattern(name, beams):
+    from models.generation import generate
+
+    model = model_for(tiny(**PATTERNS[name]))
+    ids = torch.randint(1, 97, (2, 12))
+    am = torch.ones_like(ids)
+    am[1, :4] = 0  # left padding
+    kw = dict(max_new_tokens=14, num_beams=beams, eos_token_id=0)
+    assert torch.equal(generate(model, ids, am, use_cache=True, **kw), generate(model, ids, am, use_cache=False, **kw))
