@@ -46,7 +46,7 @@ DEFAULT_LR = {"last-linear-layer": 1e-3, "full-model": 1e-5, "lora": 3e-4}
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--fine-tune-mode", dest="fine_tune_mode", choices=FINE_TUNE_MODES,
+    parser.add_argument("--fine-tune-mode", "--fine_tune_mode", dest="fine_tune_mode", choices=FINE_TUNE_MODES,
                         default="last-linear-layer",
                         help="last-linear-layer: GPT-2 frozen, only the head trains; full-model: all parameters "
                              "train; lora: low-rank adapters and the head train")

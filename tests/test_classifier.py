@@ -15,6 +15,7 @@ from config import GPT2Config
 from models.gpt2 import GPT2Model
 from models.heads import GPT2SentimentClassifier, set_fine_tune_mode
 from models.loading import load_tokenizer
+from training.cli import pick_device, train_config_from_args
 from training.data import PadCollator, make_loader, read_sentiment, sentiment_features
 from training.trainer import TrainConfig, Trainer
 
@@ -104,3 +105,20 @@ def test_malformed_train_file_is_a_clear_error(tmp_path):
     args = cli_args(tmp_path, "last-linear-layer", "--dataset", "sst", "--sst_train", str(bad))
     with pytest.raises(ValueError, match=rf"{bad}:3: expected 4 tab-separated fields"):
         classifier.main(args)
+
+
+def test_shared_flags_reach_the_engine():
+    args = classifier.get_args(["--fine_tune_mode", "full-model", "--grad_accum", "4", "--scheduler", "cosine",
+                                "--warmup_ratio", "0.1", "--patience", "2", "--resume", "--no_progress"])
+    cfg = train_config_from_args(args, torch.device("cpu"), metric="macro_f1", output_dir="x")
+    assert (cfg.grad_accum, cfg.scheduler, cfg.warmup_ratio, cfg.patience, cfg.resume, cfg.progress) == \
+        (4, "cosine", 0.1, 2, True, False)
+    assert (cfg.lr, cfg.seed, cfg.metric, cfg.output_dir, cfg.epochs) == (1e-5, 11711, "macro_f1", "x", 10)
+
+
+def test_device_choice():
+    assert pick_device(False, "cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert pick_device(False, "auto") == torch.device("cpu")
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            pick_device(True)
