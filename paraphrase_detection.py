@@ -200,8 +200,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"best epoch {best.get('epoch')} from {trainer.best_checkpoint}")
     model.to(device)
     unwrap_lora(model)
-    save_model(model.gpt, filepath, task="paraphrase", dev=best)
-    print(f"saved the model to {filepath}")
+    if args.epochs > 0 or not args.load:  # predicting with a loaded model changes nothing worth saving
+        save_model(model.gpt, filepath, task="paraphrase", dev=best)
+        print(f"saved the model to {filepath}")
+    else:
+        filepath = args.load
 
     p_dev = predict_p_yes(model, feats["dev"], collate, eval_bs, bf16)
     p_test = predict_p_yes(model, feats["test"], collate, eval_bs, bf16)
