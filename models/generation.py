@@ -221,6 +221,8 @@ def generate(
             attention_mask = None  # no padding: plain causal attention, no mask to build per step
     if pad_token_id is None:
         pad_token_id = eos_token_id
+    if stop is not None and pad_token_id is None:
+        raise ValueError("a stop condition needs pad_token_id (or eos_token_id) to fill the rows it ends")
     was_training = model.training
     model.eval()
     try:

@@ -71,6 +71,31 @@ def test_greedy_and_beam_match_transformers(models, kw, padded):
         assert out.shape == ref.shape and torch.equal(out, ref), (use_cache, out, ref)
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_custom_stop_condition_matches_transformers(models, num_beams):
+    """A caller's stop condition (here: the continuation contains a given token) ends rows
+    exactly as a ``transformers`` StoppingCriteria does, in greedy and beam search."""
+    from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+
+    ours, hf, ids, eos = models
+    ids, mask = left_padded(ids, eos)
+    free = generate(ours, ids, mask, max_new_tokens=NEW, eos_token_id=eos, num_beams=num_beams)
+    values, counts = free[:, PROMPT_LEN:].unique(return_counts=True)
+    token = int(values[counts.masked_fill(values == eos, 0).argmax()])  # the commonest non-EOS token
+
+    def stop(seqs: torch.Tensor) -> torch.Tensor:
+        return (seqs[:, PROMPT_LEN:] == token).any(-1)
+
+    class Criteria(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return stop(input_ids)
+
+    ref = hf_generate(hf, ids, mask, eos, num_beams=num_beams, stopping_criteria=StoppingCriteriaList([Criteria()]))
+    out = generate(ours, ids, mask, max_new_tokens=NEW, eos_token_id=eos, num_beams=num_beams, stop=stop)
+    assert torch.equal(out, ref)
+    assert not (out.shape == free.shape and torch.equal(out, free))  # the condition changed the result
+
+
 def test_parity_cases_really_stop_at_eos(models):
     """The fixture's EOS ends some rows early, so the parity tests cover finished rows."""
     ours, _, ids, eos = models
@@ -171,6 +196,8 @@ def test_bad_arguments_are_rejected(models):
         generate(ours, ids, right, max_new_tokens=3)
     with pytest.raises(ValueError, match="temperature"):
         generate(ours, ids, max_new_tokens=3, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        generate(ours, ids, max_new_tokens=3, stop=lambda t: t[:, -1] == 1)
     with pytest.raises(ValueError, match="early_stopping"):
         generate(ours, ids, max_new_tokens=3, num_beams=2, early_stopping="sometimes")
 
