@@ -53,6 +53,7 @@ from training.trainer import Trainer, load_model_state
 FINE_TUNE_MODES = ("full-model", "lora")
 DECODINGS = ("greedy", "sample", "beam", "contrastive", "mbr")
 DEFAULT_LR = {"full-model": 1e-5, "lora": 3e-4}
+CONTRASTIVE_K = 4  # candidates per step when --top_k is not given (Su et al. use 4-10)
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,7 +75,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--temperature", type=float, default=1.2, help="softmax temperature (sample, mbr)")
     g.add_argument("--top_p", type=float, default=0.9, help="nucleus mass (sample, mbr)")
     g.add_argument("--top_k", type=int, default=None, help="top-k filter (sample, mbr: 0 = off) or contrastive "
-                                                           "candidates (default 4)")
+                                                           f"candidates (default {CONTRASTIVE_K})")
     g.add_argument("--num_beams", type=int, default=4)
     g.add_argument("--length_penalty", type=float, default=1.0)
     g.add_argument("--penalty_alpha", type=float, default=0.6, help="contrastive search degeneration penalty")
@@ -153,7 +154,7 @@ def decoding_kwargs(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
     elif args.decoding == "beam":
         kw.update(num_beams=args.num_beams, length_penalty=args.length_penalty)
     elif args.decoding == "contrastive":
-        kw.update(penalty_alpha=args.penalty_alpha, top_k=args.top_k if args.top_k is not None else 4)
+        kw.update(penalty_alpha=args.penalty_alpha, top_k=args.top_k if args.top_k is not None else CONTRASTIVE_K)
     return kw
 
 
@@ -162,6 +163,8 @@ def describe(args: argparse.Namespace) -> str:
     keys = {"sample": ("temperature", "top_p", "top_k"), "mbr": ("temperature", "top_p", "top_k", "mbr_candidates"),
             "beam": ("num_beams", "length_penalty"), "contrastive": ("penalty_alpha", "top_k"), "greedy": ()}
     shown = {k: getattr(args, k) for k in keys[args.decoding] if getattr(args, k) is not None}
+    if args.decoding == "contrastive":
+        shown.setdefault("top_k", CONTRASTIVE_K)
     for k, neutral in (("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0)):
         if getattr(args, k) != neutral:
             shown[k] = getattr(args, k)
