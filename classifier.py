@@ -35,6 +35,7 @@ from training.data import (
     make_loader,
     read_sentiment,
     restore_order,
+    sample,
     sentiment_features,
 )
 from training.metrics import classification_metrics, majority_baseline
@@ -93,7 +94,9 @@ def run(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     device = pick_device(args.use_gpu, args.device)
     gpt, tokenizer = build_from_args(args)
     paths = {split: getattr(args, f"{dataset}_{split}") for split in ("train", "dev", "test")}
-    data = {split: read_sentiment(p, limit=args.limit) for split, p in paths.items()}
+    # --limit: a seeded sample of the training file (its rows are grouped by label), the first N of dev and test.
+    data = {split: read_sentiment(p, limit=0 if split == "train" else args.limit) for split, p in paths.items()}
+    data["train"] = sample(data["train"], args.limit, args.seed)
     for split, rows in data.items():
         print(f"loaded {len(rows)} {split} examples from {paths[split]}")
     for split in ("train", "dev"):

@@ -17,6 +17,7 @@ from training.data import (
     read_sentiment,
     read_tsv,
     restore_order,
+    sample,
     sentiment_features,
 )
 
@@ -102,3 +103,10 @@ def test_eval_loader_sorts_and_order_is_restored(tmp_path):
     assert restore_order(index, ids) == ["a", "b", "c"]
     with pytest.raises(ValueError):
         restore_order([0, 0], ["x", "y"])
+
+
+def test_sample_is_seeded_and_keeps_order():
+    items = list(range(100))
+    a = sample(items, 10, seed=3)
+    assert a == sorted(a) and len(set(a)) == 10 and a == sample(items, 10, seed=3) != sample(items, 10, seed=4)
+    assert sample(items, 0, 1) == items and sample(items, 500, 1) == items

@@ -19,6 +19,7 @@ Task readers (sentiment here; paraphrase and sonnets below) return plain datacla
 from __future__ import annotations
 
 import csv
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,16 @@ def parse_int(record: Record, column: str, path: str | Path, allowed: Sequence[i
     if allowed is not None and int(value) not in allowed:
         raise DataFormatError(path, record.line, f"column {column!r}: {int(value)} is not one of {list(allowed)}")
     return int(value)
+
+
+def sample(items: Sequence[Any], n: int, seed: int) -> list[Any]:
+    """``n`` items drawn without replacement by a seeded generator, kept in file order; all if
+    ``n`` is 0 or too large. For ``--limit`` on training files, whose rows may be sorted by label
+    (the first 3,000 SST training rows are 80% labels 3 and 4)."""
+    if not n or n >= len(items):
+        return list(items)
+    keep = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in keep]
 
 
 # ----------------------------------------------------------- tokenisation
