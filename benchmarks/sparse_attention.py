@@ -2,7 +2,8 @@
 pattern, through the full-mask path and through the blockwise kernels.
 
 Shapes are GPT-2 small's attention (12 heads of 64) at batch ``--batch``, float32
-on the CPU, for T in ``--lengths``. Rows:
+on the CPU, for T in ``--lengths``; q, k, v are (B, 12, T, 64) views of one
+(B, T, 3, 12, 64) tensor, the layout ``CausalSelfAttention`` hands over. Rows:
 
 - ``dense sdpa``: causal SDPA (``is_causal``; PyTorch's fused CPU kernel), what
   ``attn_pattern="dense"`` runs;
@@ -11,8 +12,8 @@ on the CPU, for T in ``--lengths``. Rows:
   (``attn_sparse_impl="mask"``): same cost as dense, only a mask changes;
 - ``<pattern> blockwise``: ``modules.sparse_attention`` (the default), O(T * w).
 
-Time: median over ``--repeats`` runs after warm-up (other processes share the
-cores, so medians, not means). Memory: the increase of this process's peak
+Time: median over ``--repeats`` runs after warm-up, the variants taking turns
+(other processes share the cores: medians, round-robin). Memory: the increase of this process's peak
 resident set (VmHWM, reset through /proc/self/clear_refs) during one forward +
 backward, beyond the inputs; glibc is told to return every freed block of 64 KiB
 or more to the OS at once (``MALLOC_MMAP_THRESHOLD_``) so that resident memory
@@ -73,28 +74,32 @@ def variants(args: argparse.Namespace, T: int) -> dict[str, Step]:
     return out
 
 
-def measure(step: Step, B: int, T: int, repeats: int) -> tuple[float, float]:
-    """(median ms, peak extra MiB) of forward + backward."""
+def measure(steps: dict[str, Step], B: int, T: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """{variant: (median ms, peak extra MiB)} of forward + backward. Repeats go round-robin
+    over the variants, so that load from other processes hits them all alike."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(B, 12, T, 64, requires_grad=True) for _ in range(3))
+    qkv = torch.randn(B, T, 3, 12, 64, requires_grad=True)  # as the layer makes them: views of c_attn's output
     grad = torch.randn(B, 12, T, 64)
 
-    def run() -> None:
+    def run(step: Step) -> None:
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, 12, T, 64) each
         step(q, k, v).backward(grad)
-        for t in (q, k, v):
-            t.grad = None
+        qkv.grad = None
 
-    run()  # warm-up
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    base = rss_kib("VmRSS")
-    run()
-    peak = rss_kib("VmHWM") - base
-    times = []
+    peak = {}
+    for name, step in steps.items():
+        run(step)  # warm-up
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        base = rss_kib("VmRSS")
+        run(step)
+        peak[name] = (rss_kib("VmHWM") - base) / 1024
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times), peak / 1024
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            run(step)
+            times[name].append(time.perf_counter() - t0)
+    return {name: (1000 * statistics.median(times[name]), peak[name]) for name in steps}
 
 
 def main() -> None:
@@ -115,9 +120,9 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, median of {args.repeats}; torch {torch.__version__}\n")
     rows: dict[str, dict[int, tuple[float, float]]] = {}
     for T in args.lengths:
-        for name, step in variants(args, T).items():
-            rows.setdefault(name, {})[T] = measure(step, args.batch, T, args.repeats)
-            print(f"  T={T:5d} {name:40s} {rows[name][T][0]:9.1f} ms {rows[name][T][1]:8.1f} MiB", file=sys.stderr)
+        for name, (ms, mib) in measure(variants(args, T), args.batch, T, args.repeats).items():
+            rows.setdefault(name, {})[T] = (ms, mib)
+            print(f"  T={T:5d} {name:40s} {ms:9.1f} ms {mib:8.1f} MiB", file=sys.stderr)
     head = " | ".join(f"T={T} ms | T={T} MiB" for T in args.lengths)
     print(f"| variant | {head} |")
     print("|---|" + "---:|" * (2 * len(args.lengths)))

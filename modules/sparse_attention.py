@@ -109,10 +109,12 @@ def _fused_blocks(
     Tp, span = nb * block, (n_prev + 1) * block
 
     def blocks(x: torch.Tensor, size: int, lead: int) -> torch.Tensor:
-        """(B, nh, T, hs) -> (B * nb, nh, size, hs): the ``size`` rows ending at each block's end."""
-        xp = F.pad(x, (0, 0, lead, Tp - T))  # (B, nh, lead + Tp, hs)
-        xb = xp.unfold(2, size, block)  # (B, nh, nb, hs, size)
-        return xb.permute(0, 2, 1, 4, 3).reshape(B * nb, nh, size, hs)
+        """(B, nh, T, hs) -> (B * nb, nh, size, hs): rows i*block - lead .. + size of block i,
+        gathered in one copy. Rows outside 0..T-1 repeat an edge row: the mask hides
+        them from every query that is kept."""
+        idx = (torch.arange(nb, device=x.device) * block - lead)[:, None] + torch.arange(size, device=x.device)
+        xb = x.transpose(1, 2)[:, idx.clamp(0, T - 1)]  # (B, nb, size, nh, hs); in the model a view's gather
+        return xb.reshape(B * nb, size, nh, hs).transpose(1, 2)
 
     qb = blocks(q, block, 0)  # (B*nb, nh, block, hs)
     kb, vb = blocks(k, span, n_prev * block), blocks(v, span, n_prev * block)  # (B*nb, nh, span, hs)
@@ -134,8 +136,8 @@ def _fused_blocks(
     else:
         allowed = allowed.repeat(B, 1, 1)[:, None]  # (B*nb, 1, block, S)
     y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed, dropout_p=dropout)  # (B*nb, nh, block, hs)
-    y = y.view(B, nb, nh, block, hs).permute(0, 2, 1, 3, 4).reshape(B, nh, Tp, hs)
-    return y[:, :, :T]  # (B, nh, T, hs)
+    y = y.transpose(1, 2).reshape(B, Tp, nh, hs)[:, :T]  # (B, T, nh, hs): the layer's layout, one copy
+    return y.transpose(1, 2)  # (B, nh, T, hs)
 
 
 def _strided(
