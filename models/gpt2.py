@@ -8,6 +8,8 @@ Hugging Face checkpoints and ``models.heads`` builds task models on top.
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -116,3 +118,34 @@ def last_index(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | in
         return T - 1
     m = attention_mask[:, -T:].long()
     return (m * torch.arange(1, T + 1, device=m.device)).argmax(-1)
+
+
+def maybe_compile(model: nn.Module, enabled: bool = True, **compile_kwargs) -> nn.Module:
+    """``torch.compile`` the model's forward in place, falling back to eager with a warning.
+
+    Compilation is lazy, so it fails at the first call, not here (no C++ compiler for
+    the CPU backend, an old GPU for Triton, an unsupported op): the first call that
+    raises from the compiled path is re-run eagerly; if eager succeeds the error was
+    the compiler's, a warning names it and the model stays eager from then on; if
+    eager fails too, eager's error (the caller's problem) propagates. The module
+    itself is returned, so parameters, ``state_dict`` and methods are unchanged.
+    """
+    if not enabled:
+        return model
+    eager: Callable = model.forward
+    compiled = torch.compile(eager, **compile_kwargs)
+
+    def forward(*args, **kwargs):
+        if model.__dict__.get("forward") is not forward:  # fell back already
+            return eager(*args, **kwargs)
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
+            out = eager(*args, **kwargs)
+            warnings.warn(f"torch.compile failed, running eagerly instead ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})", RuntimeWarning, stacklevel=2)
+            model.forward = eager
+            return out
+
+    model.forward = forward
+    return model

@@ -36,31 +36,42 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         N = h.size(0)
         valid = targets != ignore_index  # (N,)
         # Dividing by a tensor (not .item()) keeps the step free of host-device syncs.
-        n_valid = valid.sum().to(torch.float32)
-        row_w = valid.to(torch.float32) / n_valid  # (N,) weight of each row in the mean
+        row_w = valid.to(torch.float32) / valid.sum().to(torch.float32)  # (N,) weight of each row in the mean
         safe_t = torch.where(valid, targets, torch.zeros_like(targets))
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w and N == 0 else None
+        # float32 without autocast: one logits buffer reused by every chunk (no allocation or
+        # page faults per chunk); small chunks keep it in the last-level cache on CPU.
+        plain = h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type)
+        buf = torch.empty(min(chunk_size, N), weight.size(0), device=h.device) if plain else None
         for s in range(0, N, chunk_size):
             e = min(s + chunk_size, N)
-            hc = h[s:e]  # (c, d)
-            logits = (hc @ weight.t()).float()  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            tgt = logits.gather(1, safe_t[s:e, None]).squeeze(1)  # (c,)
-            w = row_w[s:e]  # (c,)
-            loss = loss + ((lse - tgt) * w).sum()
+            hc, t, w = h[s:e], safe_t[s:e], row_w[s:e]  # (c, d), (c,), (c,)
+            if plain:
+                logits = torch.mm(hc, weight.t(), out=buf[: e - s])  # (c, V)
+            else:
+                logits = (hc @ weight.t()).float()  # (c, V)
+            rows = torch.arange(e - s, device=h.device)
+            m = logits.amax(dim=-1)  # (c,)
+            tgt = logits[rows, t]  # (c,)
+            ex = logits.sub_(m[:, None]).exp_()  # (c, V) exp(logit - max), in place
+            z = ex.sum(dim=-1)  # (c,) softmax normaliser
+            loss = loss + ((m + z.log() - tgt) * w).sum()
             if not (need_h or need_w):
                 continue
-            # d loss / d logits = w * (softmax - onehot), built in place in the logits buffer.
-            probs = logits.sub_(lse[:, None]).exp_()  # (c, V)
-            probs[torch.arange(e - s, device=h.device), safe_t[s:e]] -= 1.0
-            probs = probs.to(h.dtype)
-            wc = w[:, None].to(h.dtype)  # (c, 1): row weights applied on the thin side
+            # d loss / d logits = w * (ex / z - onehot) = (w / z) * (ex - z * onehot): subtract z at the
+            # targets, and apply the row scale w / z on the thin (c, d) side of each matmul.
+            ex[rows, t] -= z
+            g = ex.to(h.dtype)
+            r = (w / z)[:, None].to(h.dtype)  # (c, 1)
             if need_h:
-                grad_h[s:e] = (probs @ weight) * wc  # (c, d)
+                grad_h[s:e] = (g @ weight) * r  # (c, d)
             if need_w:
-                grad_w += (probs.t() @ (hc * wc)).float()  # (V, d)
+                if grad_w is None:
+                    grad_w = (g.t() @ (hc * r)).float()  # (V, d)
+                else:
+                    grad_w.addmm_(g.t(), (hc * r)) if plain else grad_w.add_((g.t() @ (hc * r)).float())
         ctx.save_for_backward(
             grad_h if need_h else None,
             grad_w.to(weight.dtype) if need_w else None,
@@ -80,7 +91,7 @@ def lm_loss(
     weight: torch.Tensor,
     targets: torch.Tensor,
     ignore_index: int = -100,
-    chunk_size: int = 256,
+    chunk_size: int = 64,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, chunk by chunk.
 
