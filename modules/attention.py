@@ -24,7 +24,10 @@ reference. Training and prefill without a cache use the blockwise kernels of
 ``modules.sparse_attention`` (``attn_sparse_impl="blockwise"``), whose cost is
 O(T * w); ``attn_sparse_impl="mask"`` runs SDPA on the reference mask instead.
 With a cache, each step attends only to the keys the pattern can reach (the
-last w for ``window``; ``RingKVCache`` stores only those).
+last w for ``window``, a slice; the window plus the log-spaced keys for
+``strided``, gathered); ``RingKVCache`` (``new_kv_cache`` picks it for
+``window``) stores only the last w. A pattern that covers the whole sequence
+(``covers_all``) runs the dense code, so it gives the dense numbers bit for bit.
 """
 
 from __future__ import annotations

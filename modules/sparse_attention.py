@@ -15,10 +15,14 @@ matrix, so time and memory grow as T * (span + extra) instead of T^2:
 (own span, plus the globals) to one batched SDPA call, blocks as batch, so
 PyTorch's fused kernel does the softmax. ``strided`` scores local and far keys
 explicitly under one softmax (far keys differ per query). Either way the
-result is exactly attention under the pattern's mask. Positions here are slot indices (no cache: the
-T queries are the T keys). An optional boolean ``mask`` (B or 1, 1, T, T) from
-``build_attention_mask`` (padding folded in) is read only at the pairs each
-kernel visits; it must allow nothing outside the pattern.
+result is exactly attention under the pattern's mask.
+
+Positions here are slot indices (no cache: the T queries are the T keys).
+Without padding no (T, T) tensor exists at all. With padding, the boolean
+``mask`` (B or 1, 1, T, T) of ``build_attention_mask`` (T^2 bytes per row, built
+once per forward for all layers) is read only at the pairs each kernel visits;
+it must allow nothing outside the pattern. ``block_global`` with padding counts
+blocks in real tokens, so it takes the masked path instead.
 """
 
 from __future__ import annotations
