@@ -334,7 +334,7 @@ class _Contrastive:
         cache = self.runner.cache
         if cache is not None:  # siblings take the chosen candidate's key/value at this position
             src = (self.rows * k + best).repeat_interleave(k)
-            t = cache.length - 1
+            t = (cache.length - 1) % cache.k.size(3)  # the slot of this position (ring caches wrap around)
             cache.k[:, :, :, t] = cache.k[:, :, :, t].index_select(1, src)
             cache.v[:, :, :, t] = cache.v[:, :, :, t].index_select(1, src)
         return cand[self.rows, best], self.model.hidden_state_to_token(chosen).float()
