@@ -299,3 +299,19 @@ def test_generate_with_cache_equals_without_under_each_pattern(name, beams):
     am[1, :4] = 0  # left padding
     kw = dict(max_new_tokens=14, num_beams=beams, eos_token_id=0)
     assert torch.equal(generate(model, ids, am, use_cache=True, **kw), generate(model, ids, am, use_cache=False, **kw))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_beams=3), dict(penalty_alpha=0.6, top_k=4)])
+def test_generate_with_ring_cache_equals_without_cache(kw):
+    """Greedy, beam and contrastive decoding on a w-position ring cache (new_kv_cache)."""
+    from models.generation import generate
+
+    model = model_for(tiny(attn_pattern="window", attn_window=5))
+    model.new_cache = lambda b, n, dtype=None: new_kv_cache(model.config, b, n, model.device, model.wte.weight.dtype)
+    assert isinstance(model.new_cache(1, 40), RingKVCache)
+    ids = torch.randint(1, 97, (2, 12))
+    am = torch.ones_like(ids)
+    am[1, :4] = 0
+    args = dict(max_new_tokens=14, eos_token_id=0, **kw)
+    assert torch.equal(generate(model, ids, am, use_cache=True, **args),
+                       generate(model, ids, am, use_cache=False, **args))
