@@ -21,6 +21,9 @@ from config import GPT2Config
 from modules.attention import KVCache, build_attention_mask
 from modules.gpt2_layer import GPT2Layer
 
+# Up to this many rows, logits without autograd use the cached transposed embedding (decoding).
+DECODE_ROWS = 64
+
 
 class GPT2Model(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
@@ -97,8 +100,29 @@ class GPT2Model(nn.Module):
         return {"last_hidden_state": x, "last_token": last}
 
     def hidden_state_to_token(self, hidden_state: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits through the tied token embedding: (..., d) -> (..., V)."""
-        return F.linear(hidden_state, self.wte.weight)
+        """Vocabulary logits through the tied token embedding: (..., d) -> (..., V).
+
+        For a few rows without autograd (a decoding step) it multiplies by a cached
+        (d, V) copy of the embedding: on CPU a vector times a (d, V) matrix streams
+        the weights about 1.6x faster than the (V, d) layout F.linear uses, and at
+        batch 1 this product is the largest read of the step."""
+        w = self.wte.weight
+        rows = hidden_state.numel() // max(hidden_state.size(-1), 1)
+        if rows > DECODE_ROWS or (torch.is_grad_enabled() and w.requires_grad):
+            return F.linear(hidden_state, w)
+        return hidden_state @ self._embedding_t()  # (..., d) @ (d, V)
+
+    def _embedding_t(self) -> torch.Tensor:
+        """(d, V) contiguous copy of the token embedding, rebuilt whenever the embedding
+        changes (new storage, dtype or device, or any in-place update, which bumps the
+        tensor's version counter: optimizer steps, load_state_dict)."""
+        w = self.wte.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        cached = self.__dict__.get("_wte_t")
+        if cached is None or cached[0] != key:
+            cached = (key, w.detach().t().contiguous())
+            self.__dict__["_wte_t"] = cached  # a plain attribute: not a buffer, not in state_dict
+        return cached[1]
 
     def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache:
         return KVCache(self.config, batch_size, max_length, self.device, dtype or self.wte.weight.dtype)

@@ -124,3 +124,19 @@ def test_length_grouped_sampler_resumes_from_its_generator() -> None:
     assert list(sampler) == first
     with pytest.raises(ValueError, match="batch_size"):
         LengthGroupedSampler(lengths, 0)
+
+
+def test_decoding_logits_follow_weight_updates() -> None:
+    """The cached transposed embedding used for decoding logits equals F.linear and is
+    rebuilt after an in-place update (an optimizer step) or a dtype change."""
+    torch.manual_seed(0)
+    model = GPT2Model(small_config())
+    h = torch.randn(2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.hidden_state_to_token(h), F.linear(h, model.wte.weight))
+        model.wte.weight.mul_(2.0)  # in place, as an optimizer step
+        torch.testing.assert_close(model.hidden_state_to_token(h), F.linear(h, model.wte.weight))
+        model.to(torch.float64)
+        h64 = h.double()
+        torch.testing.assert_close(model.hidden_state_to_token(h64), F.linear(h64, model.wte.weight))
+    assert "_wte_t" not in model.state_dict()
