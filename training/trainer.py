@@ -598,6 +598,7 @@ class Trainer:
     def _plot(self) -> None:
         """Training loss and the selection metric per epoch, side by side."""
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -610,6 +611,8 @@ class Trainer:
         dev = [h["dev"].get(self.config.metric, float("nan")) for h in self.history]
         b.plot(epochs, dev, marker="o", color="tab:orange")
         b.set(xlabel="epoch", ylabel=self.config.metric, title=f"dev {self.config.metric}")
+        for ax in (a, b):
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         fig.tight_layout()
         fig.savefig(self.output_dir / "curves.png", dpi=100)
         plt.close(fig)
