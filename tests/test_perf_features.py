@@ -3,6 +3,8 @@ length-grouped batching, and the chunked loss inside a real training step."""
 
 from __future__ import annotations
 
+import copy
+import pickle
 import warnings
 
 import pytest
@@ -131,12 +133,22 @@ def test_decoding_logits_follow_weight_updates() -> None:
     rebuilt after an in-place update (an optimizer step) or a dtype change."""
     torch.manual_seed(0)
     model = GPT2Model(small_config())
-    h = torch.randn(2, 32)
+    for rows in (1, 3):  # one row: transposed copy; a few rows: prepacked oneDNN weight
+        h = torch.randn(rows, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(model.hidden_state_to_token(h), F.linear(h, model.wte.weight))
+            model.wte.weight.mul_(2.0)  # in place, as an optimizer step
+            torch.testing.assert_close(model.hidden_state_to_token(h), F.linear(h, model.wte.weight))
+            bf = h.bfloat16()
+            model.bfloat16()
+            torch.testing.assert_close(model.hidden_state_to_token(bf), F.linear(bf, model.wte.weight))
+            model.float()
+    h = torch.randn(2, 5, 32, requires_grad=True)  # with autograd: the plain path, gradients flow
+    model.hidden_state_to_token(h).sum().backward()
+    assert h.grad is not None and model.wte.weight.grad is not None
+    assert not any("decode" in k for k in model.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(model.hidden_state_to_token(h), F.linear(h, model.wte.weight))
-        model.wte.weight.mul_(2.0)  # in place, as an optimizer step
-        torch.testing.assert_close(model.hidden_state_to_token(h), F.linear(h, model.wte.weight))
-        model.to(torch.float64)
-        h64 = h.double()
-        torch.testing.assert_close(model.hidden_state_to_token(h64), F.linear(h64, model.wte.weight))
-    assert "_wte_t" not in model.state_dict()
+        clone = copy.deepcopy(model)  # the packed cache must not break copies
+        h = torch.randn(3, 32)
+        torch.testing.assert_close(clone.hidden_state_to_token(h), model.hidden_state_to_token(h))
+    pickle.loads(pickle.dumps(model))

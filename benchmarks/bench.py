@@ -1,0 +1,368 @@
+"""Side-by-side speed of our GPT-2 and ``transformers``' GPT-2 on the same weights.
+
+One command times, for a chosen size and batch shape, a training step (forward,
+backward, optimizer) and greedy decoding of ``--new_tokens`` tokens, for our
+model and for ``transformers.GPT2LMHeadModel`` holding the very same weights
+(built by ``transformers``, copied into ours through ``models.loading``).
+It prints tokens per second, peak memory, the ratio ours / transformers, on
+CUDA the model FLOPs utilisation, and at batch 1 the memory-bandwidth bound of
+a decoding step. Timings are medians of ``--reps`` repetitions after
+``--warmup``, with the two models interleaved so that load from other
+processes hits both alike.
+
+Fairness: same weights, shapes and dtype; ``transformers`` uses its default
+attention implementation (``sdpa``) and ``generate(use_cache=True,
+do_sample=False)``; both sides train with the same optimizer (our
+``optimizer.AdamW``, multi-tensor path) and dropout on (the configs' 0.1).
+
+    python benchmarks/bench.py --model_size gpt2 --batch_size 8 --seq_len 128
+    python benchmarks/bench.py --model_size gpt2-medium --batch_size 16 --seq_len 1024 --dtype bfloat16 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from config import SIZES, GPT2Config  # noqa: E402
+from models.gpt2 import GPT2Model, maybe_compile  # noqa: E402
+from modules.losses import lm_loss  # noqa: E402
+from optimizer import AdamW  # noqa: E402
+
+# Dense bf16 tensor-core peak (TFLOPS, no sparsity) by a substring of the device name; first match wins.
+PEAK_BF16_TFLOPS = [
+    ("H100 SXM", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0),
+    ("GH200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0),
+    ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("A6000", 155.0),
+]
+
+
+# Wall-clock by default; --clock cpu uses this process's CPU time, which other processes
+# on a shared machine barely disturb (meaningful with --threads 1, where it equals
+# wall-clock time on an idle machine; with more threads it also counts spin-waiting).
+CLOCK = [time.perf_counter]
+
+
+def peak_tflops(name: str, override: float | None) -> float | None:
+    if override:
+        return override
+    return next((v for k, v in PEAK_BF16_TFLOPS if k.lower() in name.lower()), None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rss_mib(field: str = "VmRSS") -> float:
+    """This process's resident set size (VmRSS) or its peak (VmHWM), Linux only. Unlike
+    ``ru_maxrss``, VmHWM is not inherited from the parent across fork/exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def build_config(args: argparse.Namespace) -> GPT2Config:
+    """A named size, optionally with its width, depth or head count overridden."""
+    d, n_layer, n_head = SIZES[args.model_size]
+    return GPT2Config(hidden_size=args.n_embd or d, num_hidden_layers=args.n_layer or n_layer,
+                      num_attention_heads=args.n_head or n_head, gradient_checkpointing=args.grad_ckpt)
+
+
+def build_hf(cfg: GPT2Config, device: torch.device, seed: int = 0):
+    """``transformers``' GPT2LMHeadModel, random init, same architecture and dropout as ``cfg``."""
+    import transformers
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2LMHeadModel
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    hf_cfg = HFConfig(vocab_size=cfg.vocab_size, n_positions=cfg.max_position_embeddings, n_embd=cfg.hidden_size,
+                      n_layer=cfg.num_hidden_layers, n_head=cfg.num_attention_heads, n_inner=cfg.intermediate_size,
+                      resid_pdrop=cfg.hidden_dropout_prob, embd_pdrop=cfg.hidden_dropout_prob,
+                      attn_pdrop=cfg.attention_probs_dropout_prob, layer_norm_epsilon=cfg.layer_norm_eps)
+    hf = GPT2LMHeadModel(hf_cfg).to(device)  # default attn_implementation: sdpa
+    hf.generation_config.eos_token_id = None  # always generate exactly new_tokens
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+def build_pair(cfg: GPT2Config, device: torch.device, seed: int = 0):
+    """``transformers``' GPT2LMHeadModel and our GPT2Model holding the same weights."""
+    from models.loading import convert_hf_state_dict
+
+    hf = build_hf(cfg, device, seed)
+    ours = GPT2Model(cfg)
+    ours.load_state_dict(convert_hf_state_dict(hf.state_dict(), cfg))
+    return ours.to(device), hf
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, reps: int):
+    """Median seconds per call of each function, calls interleaved rep by rep."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            sync(device)
+            t0 = CLOCK[0]()
+            fn()
+            sync(device)
+            times[k].append(CLOCK[0]() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}, times
+
+
+def train_step(model, side: str, args: argparse.Namespace) -> Callable[[], torch.Tensor]:
+    """A closure running one training step (forward, backward, optimizer) of one side on a fixed batch."""
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), generator=g).to(device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    opt = AdamW(model.parameters(), lr=1e-4, foreach=True)
+    model.train()
+    if side == "ours":
+        run = maybe_compile(model, enabled=args.compile)
+
+        def loss_fn() -> torch.Tensor:
+            h = run(ids)["last_hidden_state"]  # (B, T, d)
+            return lm_loss(h[:, :-1], model.wte.weight, ids[:, 1:], chunk_size=args.chunk_size)
+    else:
+
+        def loss_fn() -> torch.Tensor:
+            return model(input_ids=ids, labels=ids).loss
+
+    def step() -> torch.Tensor:
+        with amp:
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def decode_fn(model, side: str, args: argparse.Namespace, batch_size: int) -> Callable[[], torch.Tensor]:
+    """A closure decoding ``new_tokens`` greedily from a fixed random prompt."""
+    from models.generation import generate
+
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, args.prompt_len), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    model.eval()
+    if side == "ours":
+        return lambda: generate(model, ids, max_new_tokens=args.new_tokens)
+    return lambda: model.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False,
+                                  use_cache=True)
+
+
+def memory_probe(args: argparse.Namespace) -> None:
+    """In a fresh process: peak RSS over a few calls of one side, less the RSS of the bare
+    process (CPU memory): weights, gradients, optimizer state, activations / KV cache.
+    Only that side's model is built, so nothing else competes for the peak."""
+    import transformers  # noqa: F401  (both sides import the same libraries before the baseline)
+
+    from models.generation import generate  # noqa: F401
+
+    kind, side, batch = args.probe.split(":")
+    base = rss_mib()
+    cfg = build_config(args)
+    model = GPT2Model(cfg) if side == "ours" else build_hf(cfg, torch.device("cpu"))
+    fn = train_step(model, side, args) if kind == "train" else decode_fn(model, side, args, int(batch))
+    for _ in range(3):
+        fn()
+    peak = rss_mib("VmHWM")
+    print(json.dumps({"peak_mib": peak - base}))
+
+
+def probe_memory(kind: str, batch: int) -> dict[str, float]:
+    """Peak memory of each side, each in its own process (CPU has no per-allocation peak counter)."""
+    out = {}
+    for side in ("ours", "transformers"):
+        res = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--probe", f"{kind}:{side}:{batch}"],
+                             capture_output=True, text=True)
+        if res.returncode:
+            raise RuntimeError(f"memory probe {kind}:{side} failed:\n{res.stderr[-2000:]}")
+        out[side] = json.loads(res.stdout.strip().splitlines()[-1])["peak_mib"]
+    return out
+
+
+def peak_memory(fns: dict[str, Callable[[], object]], kind: str, batch: int, device: torch.device):
+    if device.type != "cuda":
+        return probe_memory(kind, batch)
+    mem = {}
+    for k, fn in fns.items():
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        mem[k] = torch.cuda.max_memory_allocated() / 2**20  # weights, grads, optimizer state, activations
+    return mem
+
+
+def matvec_bandwidth(device: torch.device, dtype: torch.dtype, reps: int = 20) -> float:
+    """Bytes per second of a large matrix-vector product, the ceiling of batch-1 decoding:
+    the best of the (out, in) layout F.linear uses and the (in, out) layout."""
+    W = torch.randn(16384, 4096, device=device).to(dtype)  # 256 MB in float32, far beyond the caches
+    Wt = W.t().contiguous()
+    x = torch.randn(1, 4096, device=device).to(dtype)
+    best = 0.0
+    for fn in (lambda: torch.nn.functional.linear(x, W), lambda: x @ Wt):
+        for _ in range(3):
+            fn()
+        sync(device)
+        ts = []
+        for _ in range(reps):
+            t0 = CLOCK[0]()
+            fn()
+            sync(device)
+            ts.append(CLOCK[0]() - t0)
+        best = max(best, W.numel() * W.element_size() / statistics.median(ts))
+    return best
+
+
+def bench_train(ours, hf, args, device) -> None:
+    fns = {"ours": train_step(ours, "ours", args), "transformers": train_step(hf, "transformers", args)}
+    med, raw = time_interleaved(fns, device, args.warmup, args.reps)
+    tokens = args.batch_size * args.seq_len
+    mem = peak_memory(fns, "train", args.batch_size, device)
+    print(f"\n== training step: {args.model_size} B={args.batch_size} T={args.seq_len} {args.dtype} "
+          f"compile={args.compile} ==")
+    for k in fns:
+        print(f"{k:>13}: {med[k] * 1e3:9.1f} ms/step  {tokens / med[k]:9.0f} tok/s  peak mem {mem[k]:8.0f} MiB"
+              f"   (reps ms: {' '.join(f'{t * 1e3:.0f}' for t in raw[k])})")
+    print(f"ratio ours/transformers: throughput {med['transformers'] / med['ours']:.2f}x, "
+          f"peak memory {mem['ours'] / mem['transformers']:.2f}x")
+    if device.type == "cuda":
+        n = sum(p.numel() for n_, p in ours.named_parameters() if n_ != "wpe.weight")
+        peak = peak_tflops(torch.cuda.get_device_name(), args.peak_tflops)
+        for k in fns:
+            achieved = 6 * n * tokens / med[k] / 1e12
+            mfu = f"{100 * achieved / peak:.1f}%" if peak else "unknown peak (pass --peak_tflops)"
+            print(f"{k:>13}: {achieved:.1f} TFLOPS (6N), MFU {mfu} on {torch.cuda.get_device_name()}")
+
+
+def bench_decode(ours, hf, args, device) -> None:
+    for B in args.decode_batches:
+        fns = {"ours": decode_fn(ours, "ours", args, B), "transformers": decode_fn(hf, "transformers", args, B)}
+        out_o, out_h = fns["ours"](), fns["transformers"]()
+        med, raw = time_interleaved(fns, device, args.warmup, args.reps)
+        mem = peak_memory(fns, "decode", B, device)
+        tokens = B * args.new_tokens
+        print(f"\n== greedy decoding: {args.model_size} B={B} prompt={args.prompt_len} new={args.new_tokens} "
+              f"float32 (outputs identical: {torch.equal(out_o, out_h)}) ==")
+        for k in fns:
+            print(f"{k:>13}: {med[k] * 1e3:9.1f} ms  {tokens / med[k]:8.1f} tok/s  "
+                  f"{med[k] / args.new_tokens * 1e3:6.2f} ms/token  peak mem {mem[k]:7.0f} MiB"
+                  f"  (reps ms: {' '.join(f'{t * 1e3:.0f}' for t in raw[k])})")
+        print(f"ratio ours/transformers: speed {med['transformers'] / med['ours']:.2f}x, "
+              f"peak memory {mem['ours'] / mem['transformers']:.2f}x")
+        if B == 1:
+            print_bound(ours, med["ours"] / args.new_tokens, device, torch.float32)
+        if args.bf16_decode:
+            bench_bf16_decode(ours, args, B, fns["ours"], out_o, device)
+
+
+def print_bound(model: GPT2Model, step_s: float, device: torch.device, dtype: torch.dtype) -> None:
+    nbytes = sum(p.numel() for n, p in model.named_parameters() if n != "wpe.weight") * dtype.itemsize
+    bw = matvec_bandwidth(device, dtype)
+    bound = nbytes / bw
+    print(f"bandwidth bound ({str(dtype).removeprefix('torch.')}): {nbytes / 2**20:.0f} MiB of weights / "
+          f"{bw / 1e9:.1f} GB/s matvec = {bound * 1e3:.2f} ms/token; ours {step_s * 1e3:.2f} ms/token "
+          f"= {step_s / bound:.2f}x the bound")
+
+
+def bench_bf16_decode(ours, args, B: int, fp32_fn, out_fp32: torch.Tensor, device) -> None:
+    """Our decoding with bfloat16 weights and cache, against our float32 decoding."""
+    bf = copy.deepcopy(ours).to(torch.bfloat16)
+    bf_fn = decode_fn(bf, "ours", args, B)
+    med, _ = time_interleaved({"bf16": bf_fn, "fp32": fp32_fn}, device, 1, args.reps)
+    out_bf = bf_fn()
+    P = args.prompt_len
+    agree = (out_bf[:, P:] == out_fp32[:, P:]).float().mean().item()
+    diff = (out_bf[:, P:] != out_fp32[:, P:]).any(0).nonzero()
+    first = "none" if diff.numel() == 0 else str(int(diff[0]))
+    print(f"bf16 decoding (ours): {med['bf16'] / args.new_tokens * 1e3:.2f} ms/token vs float32 "
+          f"{med['fp32'] / args.new_tokens * 1e3:.2f} = {med['fp32'] / med['bf16']:.2f}x faster; greedy token "
+          f"agreement with float32 {agree:.3f} (first divergence at new token {first}); "
+          f"chrF(bf16 text vs float32 text) {chrf(out_bf[:, P:], out_fp32[:, P:]):.1f}")
+    if B == 1:
+        print_bound(bf, med["bf16"] / args.new_tokens, device, torch.bfloat16)
+
+
+def chrf(a: torch.Tensor, b: torch.Tensor) -> float:
+    import sacrebleu
+
+    from models.loading import load_tokenizer
+
+    tok = load_tokenizer(verbose=False)
+    hyp = [tok.decode(r.tolist()) for r in a]
+    ref = [tok.decode(r.tolist()) for r in b]
+    return sacrebleu.corpus_chrf(hyp, [ref]).score
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model_size", default="gpt2", choices=sorted(SIZES))
+    p.add_argument("--n_embd", type=int, default=0, help="override the size's width")
+    p.add_argument("--n_layer", type=int, default=0, help="override the size's depth")
+    p.add_argument("--n_head", type=int, default=0, help="override the size's head count")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--prompt_len", type=int, default=16)
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--decode_batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16: autocast for training (weights stay float32)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads on CPU")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="wall: time.perf_counter; cpu: time.process_time (robust to other load with --threads 1)")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model (falls back with a warning)")
+    p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in our model")
+    p.add_argument("--chunk_size", type=int, default=256, help="rows per chunk of the LM-head loss")
+    p.add_argument("--bf16_decode", action="store_true", help="also time our decoding in bfloat16 weights")
+    p.add_argument("--peak_tflops", type=float, default=None, help="GPU peak bf16 TFLOPS for MFU")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--skip_train", action="store_true")
+    p.add_argument("--skip_decode", action="store_true")
+    p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: memory probe subprocess
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
+    device = torch.device(args.device)
+    cfg = build_config(args)
+    if args.probe:
+        memory_probe(args)
+        return
+    print(f"torch {torch.__version__}, device {device}"
+          + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f", {args.threads} threads")
+          + f", clock {args.clock}"
+          + f", config {args.model_size} d={cfg.hidden_size} L={cfg.num_hidden_layers} h={cfg.num_attention_heads}, "
+          f"{cfg.num_parameters() / 1e6:.1f}M params; transformers attention: sdpa; optimizer: optimizer.AdamW "
+          f"(foreach) on both sides; load average {os.getloadavg()[0]:.2f}")
+    ours, hf = build_pair(cfg, device)
+    if not args.skip_train:
+        bench_train(ours, hf, args, device)
+    if not args.skip_decode:
+        bench_decode(ours, hf, args, device)
+
+
+if __name__ == "__main__":
+    main()
