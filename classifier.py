@@ -37,6 +37,7 @@ from training.data import (
     restore_order,
     sample,
     sentiment_features,
+    write_id_predictions,
 )
 from training.metrics import classification_metrics, majority_baseline
 from training.trainer import Trainer, predict
@@ -75,16 +76,6 @@ def predict_labels(model: torch.nn.Module, loader: Any) -> list[int]:
     indices = torch.cat([i for i, _ in out]).tolist()
     preds = torch.cat([p for _, p in out]).tolist()
     return restore_order(indices, preds)
-
-
-def write_predictions(path: str | Path, ids: list[str], preds: list[int]) -> None:
-    """The starter's exact format: a header ``id \\t Predicted_Sentiment `` then ``<id>, <label> ``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        f.write("id \t Predicted_Sentiment \n")
-        for i, p in zip(ids, preds):
-            f.write(f"{i}, {p} \n")
 
 
 def run(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
@@ -143,7 +134,7 @@ def run(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     metrics["majority_baseline"] = majority_baseline([e.label for e in data["train"]], dev_labels)
     for split, preds in (("dev", dev_pred), ("test", test_pred)):
         path = Path(args.predictions_dir) / f"{args.fine_tune_mode}-{dataset}-{split}-out.csv"
-        write_predictions(path, [e.id for e in data[split]], preds)
+        write_id_predictions(path, "Predicted_Sentiment", [e.id for e in data[split]], preds)
         print(f"wrote {path}")
     print(f"{dataset} dev accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
           f"(majority-class baseline accuracy {metrics['majority_baseline']:.3f})")
