@@ -335,7 +335,7 @@ def main() -> None:
                    help="wall: time.perf_counter; cpu: time.process_time (robust to other load with --threads 1)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model (falls back with a warning)")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in our model")
-    p.add_argument("--chunk_size", type=int, default=256, help="rows per chunk of the LM-head loss")
+    p.add_argument("--chunk_size", type=int, default=128, help="rows per chunk of the LM-head loss")
     p.add_argument("--bf16_decode", action="store_true", help="also time our decoding in bfloat16 weights")
     p.add_argument("--peak_tflops", type=float, default=None, help="GPU peak bf16 TFLOPS for MFU")
     p.add_argument("--warmup", type=int, default=2)

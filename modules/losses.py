@@ -70,8 +70,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if need_w:
                 if grad_w is None:
                     grad_w = (g.t() @ (hc * r)).float()  # (V, d)
+                elif plain:
+                    grad_w.addmm_(g.t(), hc * r)  # accumulate in place: no (V, d) temporary
                 else:
-                    grad_w.addmm_(g.t(), (hc * r)) if plain else grad_w.add_((g.t() @ (hc * r)).float())
+                    grad_w += (g.t() @ (hc * r)).float()
         ctx.save_for_backward(
             grad_h if need_h else None,
             grad_w.to(weight.dtype) if need_w else None,
@@ -91,7 +93,7 @@ def lm_loss(
     weight: torch.Tensor,
     targets: torch.Tensor,
     ignore_index: int = -100,
-    chunk_size: int = 64,
+    chunk_size: int = 128,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, chunk by chunk.
 

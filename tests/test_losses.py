@@ -62,3 +62,17 @@ def test_shape_errors_are_clear() -> None:
         lm_loss(torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="width"):
         lm_loss(torch.zeros(2, 4), torch.zeros(5, 3), torch.zeros(2, dtype=torch.long))
+
+
+def test_bf16_autocast_close_to_float32() -> None:
+    """Under bf16 autocast (the CUDA training path) the loss and gradients stay close to float32."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(12, 32, generator=g)
+    w = torch.randn(64, 32, generator=g) * 0.2
+    y = torch.randint(0, 64, (12,), generator=g)
+    ref = grads(reference, h, w, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = grads(lambda a, b, c: lm_loss(a, b, c, chunk_size=5), h, w, y)
+    assert all(t.dtype == torch.float32 for t in got)
+    for r, o in zip(ref, got):
+        torch.testing.assert_close(o, r, rtol=0.05, atol=0.02)
