@@ -16,6 +16,7 @@ do_sample=False)``; both sides train with the same optimizer (our
 ``optimizer.AdamW``, multi-tensor path) and dropout on (the configs' 0.1).
 
     python benchmarks/bench.py --model_size gpt2 --batch_size 8 --seq_len 128
+    python benchmarks/bench.py --model_size gpt2 --threads 1 --clock cpu   # steadier on a busy machine
     python benchmarks/bench.py --model_size gpt2-medium --batch_size 16 --seq_len 1024 --dtype bfloat16 --device cuda
 """
 
