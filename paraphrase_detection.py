@@ -28,7 +28,7 @@ import torch
 
 from models.heads import ClozeParaphraseScorer, count_parameters, set_fine_tune_mode
 from models.loading import load_model, load_tokenizer, save_model
-from modules.lora import LoRALinear
+from modules.lora import unwrap_lora
 from training.cli import (
     add_common_args,
     build_from_args,
@@ -129,16 +129,6 @@ def write_paraphrase_predictions(path: str | Path, ids: Sequence[str], token_ids
 
 
 # ----------------------------------------------------------------- the run
-
-
-def unwrap_lora(model: torch.nn.Module) -> None:
-    """Fold every LoRA adapter into its base weight and put the plain nn.Linear back, so the
-    saved model is an ordinary GPT-2 that needs no adapter code to load."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, LoRALinear):
-            m.merge()
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, m.base)
 
 
 def build_scorer(args: argparse.Namespace) -> tuple[ClozeParaphraseScorer, Any, bool]:

@@ -36,6 +36,7 @@ import torch
 from models.generation import LineStop, mbr_generate, trim
 from models.heads import SonnetGPT, count_parameters, set_fine_tune_mode
 from models.loading import CheckpointError, load_checkpoint, load_model, save_model
+from modules.lora import unwrap_lora
 from pretrain import add_attention_args, add_pretrain_args, attention_overrides, pretrain_from_args
 from training.cli import (
     add_common_args,
@@ -251,8 +252,6 @@ def load_sonnet_model(args: argparse.Namespace, path: str | Path) -> tuple[Sonne
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train (unless ``--generate_only`` or ``--epochs 0``), then write both prediction files."""
-    from paraphrase_detection import unwrap_lora
-
     seed_everything(args.seed)
     device = pick_device(args.use_gpu, args.device)
     train = [s.text for s in read_sonnets(args.sonnet_path, args.limit)]

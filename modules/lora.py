@@ -118,6 +118,16 @@ def unmerge_lora(model: nn.Module) -> None:
         m.unmerge()
 
 
+def unwrap_lora(model: nn.Module) -> None:
+    """Fold every adapter into its base weight and put the plain ``nn.Linear`` back, so the
+    model (and what is saved of it) is an ordinary GPT-2 that needs no adapter code to load."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            m.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, m.base)
+
+
 def _is_extra(name: str, extra: Iterable[str]) -> bool:
     return any(name == e or name.startswith(e + ".") for e in extra)
 

@@ -17,6 +17,7 @@ from modules.lora import (
     mark_only_lora_trainable,
     merge_lora,
     unmerge_lora,
+    unwrap_lora,
 )
 
 
@@ -74,6 +75,19 @@ def test_merge_equals_unmerged_and_unmerge_restores():
     unmerge_lora(model)
     torch.testing.assert_close(model.gpt.h[0].attn.c_attn.base.weight, base_w, rtol=0, atol=1e-6)
     torch.testing.assert_close(model(ids, mask), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_unwrap_leaves_plain_linears_with_the_adapted_outputs():
+    model = small_model()
+    apply_lora(model, ("attn.c_attn", "mlp.c_fc"), r=4, alpha=8)
+    randomize_b(model)
+    ids, mask = inputs()
+    adapted = model(ids, mask)
+    unwrap_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert type(model.gpt.h[0].attn.c_attn) is nn.Linear
+    assert not any("lora_" in k for k in model.state_dict())
+    torch.testing.assert_close(model(ids, mask), adapted, rtol=1e-5, atol=1e-5)
 
 
 def test_adapters_change_output():
