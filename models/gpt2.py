@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from config import GPT2Config
-from modules.attention import KVCache, build_attention_mask
+from modules.attention import KVCache, RingKVCache, build_attention_mask, new_kv_cache
 from modules.gpt2_layer import GPT2Layer
 
 # Up to this many rows, logits without autograd use the cached transposed embedding (decoding).
@@ -143,8 +143,9 @@ class GPT2Model(nn.Module):
             cache[kind] = (key, wd.t().contiguous() if kind == "t" else torch.ops.mkldnn._reorder_linear_weight(wd, 8))
         return cache[kind][1]
 
-    def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache:
-        return KVCache(self.config, batch_size, max_length, self.device, dtype or self.wte.weight.dtype)
+    def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache | RingKVCache:
+        """The decoding cache for this config: a ring of the last w positions under window attention."""
+        return new_kv_cache(self.config, batch_size, max_length, self.device, dtype or self.wte.weight.dtype)
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str | Path, **config_overrides) -> GPT2Model:

@@ -239,17 +239,3 @@ def test_trim_drops_padding_and_what_follows_eos():
     row = torch.tensor([9, 9, 1, 2, 3, 4, 9, 9])
     assert trim(row, prompt_len=4, num_pad=2, eos_token_id=9) == [1, 2, 3, 4]
     assert trim(torch.tensor([1, 2, 3, 4, 5]), prompt_len=2, num_pad=None, eos_token_id=9) == [1, 2, 3, 4, 5]
-
-
-@pytest.mark.parametrize("kw", [dict(), dict(penalty_alpha=0.6, top_k=4), dict(num_beams=3)])
-def test_ring_cache_of_window_attention_decodes_like_no_cache(kw):
-    """Sliding-window attention keeps a ring of keys/values; every strategy must index it right."""
-    from config import get_config
-    from modules.attention import new_kv_cache
-
-    torch.manual_seed(0)
-    model = GPT2Model(get_config("tiny", attn_pattern="window", attn_window=8, vocab_size=500)).eval()
-    model.new_cache = lambda b, n, dtype=None: new_kv_cache(model.config, b, n, model.device, model.wte.weight.dtype)
-    ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
-    cached = generate(model, ids, max_new_tokens=20, **kw)
-    assert torch.equal(cached, generate(model, ids, max_new_tokens=20, use_cache=False, **kw))
