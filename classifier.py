@@ -105,7 +105,8 @@ def run(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     max_len = args.max_length or gpt.config.max_position_embeddings
     feats = {s: sentiment_features(rows, tokenizer, max_len, f"{dataset} {s}") for s, rows in data.items()}
     collate = PadCollator(tokenizer.pad_token_id)
-    train_loader = make_loader(feats["train"], collate, args.batch_size, shuffle=True, num_workers=args.num_workers)
+    train_loader = make_loader(feats["train"], collate, args.batch_size, shuffle=True, num_workers=args.num_workers,
+                               group_by_length=args.group_by_length)
     dev_loader = make_eval_loader(feats["dev"], collate, args.batch_size, args.num_workers)
     test_loader = make_eval_loader(feats["test"], collate, args.batch_size, args.num_workers)
     dev_labels = [e.label for e in data["dev"]]

@@ -180,7 +180,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def eval_fn(m: ClozeParaphraseScorer) -> dict[str, float]:
             return evaluate(predict_p_yes(m, feats["dev"], collate, eval_bs, bf16), data["dev"])
 
-        loader = make_loader(feats["train"], collate, args.batch_size, shuffle=True, num_workers=args.num_workers)
+        loader = make_loader(feats["train"], collate, args.batch_size, shuffle=True, num_workers=args.num_workers,
+                             group_by_length=args.group_by_length)
         cfg = train_config_from_args(args, device, metric="accuracy", output_dir=out_dir,
                                      save_trainable_only=trainable_only)
         trainer = Trainer(model, loss_fn, loader, eval_fn, cfg, extra={"args": vars(args)})

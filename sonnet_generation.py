@@ -124,6 +124,7 @@ def fine_tune_lm(
     batch_size: int = 8,
     max_length: int = 0,
     num_workers: int = 0,
+    group_by_length: bool = False,
     extra: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Trainer]:
     """Train ``model`` as a causal LM on ``texts`` with the shared Trainer (``config`` is a
@@ -132,7 +133,7 @@ def fine_tune_lm(
     max_length = max_length or model.gpt.config.max_position_embeddings
     feats = sonnet_features(texts, tokenizer, max_length, "sonnets")
     loader = make_loader(feats, PadCollator(tokenizer.pad_token_id), batch_size, shuffle=True,
-                         num_workers=num_workers)
+                         num_workers=num_workers, group_by_length=group_by_length)
     trainer = Trainer(model, lm_loss_fn, loader, eval_fn, config, extra=extra)
     best = trainer.fit()
     if trainer.best_checkpoint is not None and not trainer.interrupted:
@@ -287,7 +288,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         best, _ = fine_tune_lm(model, tokenizer, train,
                                lambda m: dev_chrf(m, tokenizer, dev_texts, dev_refs, kw, **complete_kw), cfg,
                                batch_size=args.batch_size, max_length=args.max_length,
-                               num_workers=args.num_workers, extra={"args": vars(args)})
+                               num_workers=args.num_workers, group_by_length=args.group_by_length,
+                               extra={"args": vars(args)})
     if not args.generate_only:
         unwrap_lora(model)  # a plain GPT-2: loads without adapter code and decodes faster
         path = out_dir / "sonnet-model.pt"

@@ -91,6 +91,27 @@ def test_cli_writes_starter_prediction_files(tmp_path, capsys):
         assert 0 <= results[ds]["accuracy"] <= 1
 
 
+def test_speed_flags_reach_the_model_and_loader(tmp_path, monkeypatch):
+    seen = {}
+    real_build = classifier.build_from_args
+
+    def spy(args, **kw):
+        gpt, tok = real_build(args, **kw)
+        seen["checkpointing"] = gpt.config.gradient_checkpointing
+        return gpt, tok
+
+    def loader_spy(*a, **kw):
+        seen["grouped"] = kw.get("group_by_length")
+        return real_loader(*a, **kw)
+
+    real_loader = classifier.make_loader
+    monkeypatch.setattr(classifier, "build_from_args", spy)
+    monkeypatch.setattr(classifier, "make_loader", loader_spy)
+    results = classifier.main(cli_args(tmp_path, "full-model", "--dataset", "sst", "--group_by_length",
+                                       "--gradient_checkpointing"))
+    assert seen == {"checkpointing": True, "grouped": True} and 0 <= results["sst"]["accuracy"] <= 1
+
+
 def test_default_lr_depends_on_mode():
     assert classifier.get_args(["--fine-tune-mode", "full-model"]).lr == 1e-5
     assert classifier.get_args([]).lr == 1e-3 and classifier.get_args([]).fine_tune_mode == "last-linear-layer"

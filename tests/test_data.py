@@ -14,6 +14,7 @@ from training.data import (
     PadCollator,
     encode,
     make_eval_loader,
+    make_loader,
     read_sentiment,
     read_tsv,
     restore_order,
@@ -110,3 +111,20 @@ def test_sample_is_seeded_and_keeps_order():
     a = sample(items, 10, seed=3)
     assert a == sorted(a) and len(set(a)) == 10 and a == sample(items, 10, seed=3) != sample(items, 10, seed=4)
     assert sample(items, 0, 1) == items and sample(items, 500, 1) == items
+
+
+def test_group_by_length_cuts_padding_and_sees_every_example_once():
+    tok = load_tokenizer(verbose=False)
+    feats = sentiment_features(read_sentiment(SHARED / "ids-sst-train.csv", limit=400), tok, 128)
+    collate = PadCollator(tok.pad_token_id)
+
+    def epoch(group: bool) -> tuple[list[int], int]:
+        torch.manual_seed(0)
+        batches = list(make_loader(feats, collate, 8, shuffle=True, group_by_length=group))
+        return torch.cat([b["index"] for b in batches]).tolist(), sum(b["input_ids"].numel() for b in batches)
+
+    plain_order, plain_tokens = epoch(False)
+    order, tokens = epoch(True)
+    assert sorted(order) == list(range(len(feats))) and order != plain_order
+    assert order == epoch(True)[0]  # seeded from the global torch RNG
+    assert tokens < 0.75 * plain_tokens, (tokens, plain_tokens)

@@ -89,6 +89,29 @@ def test_resume_with_sampler_generator(tmp_path):
     assert_same_weights(full.model, fit("res", resume=True).model)
 
 
+def test_resume_with_length_grouped_loader(tmp_path):
+    from training.data import make_loader
+
+    X, y = make_data()
+    examples = [{"input_ids": [0] * (1 + i % 7), "i": i} for i in range(len(X))]
+
+    def collate(rows):
+        idx = torch.tensor([r["i"] for r in rows])
+        return [X[idx], y[idx]]
+
+    def fit(name, **cfg):
+        torch.manual_seed(5)
+        loader = make_loader(examples, collate, 8, shuffle=True, group_by_length=True)
+        t = Trainer(make_model(), loss_fn, loader, None,
+                    TrainConfig(epochs=2, lr=1e-2, output_dir=str(tmp_path / name), progress=False, **cfg))
+        t.fit()
+        return t
+
+    full = fit("full")
+    fit("res", max_steps=9)
+    assert_same_weights(full.model, fit("res", resume=True).model)
+
+
 def test_grad_accum_matches_large_batch(tmp_path):
     a = run(tmp_path, "a", make_model(0.0), batch_size=48, epochs=2, grad_accum=1)
     # 48 examples in batches of 16, accumulated 3 at a time: same gradient as one batch of 48

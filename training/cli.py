@@ -73,6 +73,14 @@ def add_common_args(
     g.add_argument("--no_progress", action="store_true", help="no tqdm bars (logs only)")
     g.add_argument("--no_bf16", action="store_true", help="no bf16 autocast on CUDA")
 
+    g = parser.add_argument_group("speed")
+    g.add_argument("--group_by_length", action="store_true",
+                   help="shuffle, then batch examples of similar length together (less padding)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the GPT-2 body (falls back to eager with a warning where it fails)")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass (less memory, ~30%% slower)")
+
     g = parser.add_argument_group("LoRA")
     g.add_argument("--lora_r", type=int, default=8)
     g.add_argument("--lora_alpha", type=float, default=16.0)
@@ -102,12 +110,17 @@ def lora_targets(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def build_from_args(args: argparse.Namespace, **config_overrides: Any):
-    """(GPT2Model, tokenizer) from ``--model_size``, ``--random_init`` and ``--tokenizer``.
+    """(GPT2Model, tokenizer) from ``--model_size``, ``--random_init`` and ``--tokenizer``, with
+    ``--gradient_checkpointing`` and ``--compile`` applied when the parser has them.
     ``config_overrides`` (e.g. ``hidden_dropout_prob=...``) change the body's config; the course
     classifier keeps GPT-2's own dropout in the body and uses ``--hidden_dropout_prob`` in its head."""
+    from models.gpt2 import maybe_compile
     from models.loading import build_model, load_tokenizer
 
+    if getattr(args, "gradient_checkpointing", False):
+        config_overrides.setdefault("gradient_checkpointing", True)
     model = build_model(args.model_size, args.random_init, **config_overrides)
+    maybe_compile(model, getattr(args, "compile", False))
     tokenizer = load_tokenizer(args.tokenizer)
     return model, tokenizer
 

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from training.sampler import LengthGroupedSampler
+
 
 class DataFormatError(ValueError):
     """Malformed input data; the message starts with ``file:line:``."""
@@ -197,10 +199,18 @@ def make_loader(
     batch_size: int,
     shuffle: bool,
     num_workers: int = 0,
+    group_by_length: bool = False,
 ) -> torch.utils.data.DataLoader:
-    """The DataLoader every task uses; shuffling draws from the global torch RNG, which the
-    Trainer saves and restores, so resumed runs see the same batches."""
-    return torch.utils.data.DataLoader(ListDataset(examples), batch_size=batch_size, shuffle=shuffle,
+    """The DataLoader every task uses. Shuffling draws from the global torch RNG (or, with
+    ``group_by_length``, from the sampler's generator, seeded from it); the Trainer saves and
+    restores both, so resumed runs see the same batches. ``group_by_length`` (with ``shuffle``)
+    batches neighbours in length from a shuffled order (``training.sampler``): less padding."""
+    dataset = ListDataset(examples)
+    if shuffle and group_by_length:
+        sampler = LengthGroupedSampler([len(e["input_ids"]) for e in examples], batch_size)
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                           collate_fn=collate, num_workers=num_workers)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
                                        collate_fn=collate, num_workers=num_workers)
 
 
