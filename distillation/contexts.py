@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from distillation.records import write_jsonl, write_summary
-from distillation.sampling import SamplingConfig, sample_sentences
+from distillation.sampling import SamplingConfig, add_sampling_args, sample_sentences, sampling_config
 
 DEFAULTS = {"batch_size": 32}
 
@@ -33,11 +33,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--style", choices=sorted(SEEDS), default="news")
     p.add_argument("--from_file", default=None,
                    help="read contexts instead of sampling: a .txt (one per line) or a Quora-format TSV")
-    p.add_argument("--max_new_tokens", type=int, default=40)
-    p.add_argument("--keep_unfinished", action="store_true",
-                   help="keep text that never ends a sentence (random-weight smoke runs)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_p", type=float, default=0.9)
+    add_sampling_args(p, temperature=1.0, no_repeat_ngram_size=None)
 
 
 def read_contexts(path: str | Path, limit: int = 0) -> list[str]:
@@ -89,7 +85,7 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
     from training.cli import build_from_args, pick_device, seed_everything
 
     seed_everything(args.seed)
-    cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, keep_unfinished=args.keep_unfinished)
+    cfg = sampling_config(args)
     if args.from_file:
         texts, drawn, source = read_contexts(args.from_file, args.num_contexts), 0, args.from_file
     else:

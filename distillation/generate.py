@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from distillation.records import append_jsonl, read_jsonl, write_summary
-from distillation.sampling import SamplingConfig, sample_sentences
+from distillation.sampling import add_sampling_args, sample_sentences, sampling_config
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -28,12 +28,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_samples", type=int, default=100, help="continuations per context")
     p.add_argument("--contexts_per_batch", type=int, default=1,
                    help="contexts decoded together (rows per batch = this x num_samples)")
-    p.add_argument("--max_new_tokens", type=int, default=40)
-    p.add_argument("--temperature", type=float, default=0.5)
-    p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--no_repeat_ngram_size", type=int, default=3)
-    p.add_argument("--keep_unfinished", action="store_true",
-                   help="keep text that never ends a sentence (random-weight smoke runs)")
+    add_sampling_args(p, temperature=0.5, no_repeat_ngram_size=3)
     p.add_argument("--prompt_template", default="{context}",
                    help="how a context becomes the prompt, e.g. '{context} In other words,'")
 
@@ -71,8 +66,7 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
         model, tokenizer = build_from_args(args)
     if model is not None:
         model.to(device).eval()
-    cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.no_repeat_ngram_size,
-                         args.keep_unfinished)
+    cfg = sampling_config(args)
     already = sum(c["id"] in done for c in contexts)
     bar = tqdm(total=len(contexts), initial=already, desc="generate", disable=args.no_progress)
     t0 = time.time()

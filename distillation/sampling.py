@@ -5,6 +5,7 @@ text to one sentence."""
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +40,22 @@ class SamplingConfig:
     top_p: float = 0.9
     no_repeat_ngram_size: int = 0
     keep_unfinished: bool = False  # keep a continuation that never ends its sentence (smoke tests)
+
+
+def add_sampling_args(p: argparse.ArgumentParser, temperature: float, no_repeat_ngram_size: int | None) -> None:
+    """The decoding flags of a step, with that step's defaults (``None``: no n-gram flag)."""
+    p.add_argument("--max_new_tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=temperature)
+    p.add_argument("--top_p", type=float, default=0.9)
+    if no_repeat_ngram_size is not None:
+        p.add_argument("--no_repeat_ngram_size", type=int, default=no_repeat_ngram_size)
+    p.add_argument("--keep_unfinished", action="store_true",
+                   help="keep text that never ends a sentence (random-weight smoke runs)")
+
+
+def sampling_config(args: argparse.Namespace) -> SamplingConfig:
+    return SamplingConfig(args.max_new_tokens, args.temperature, args.top_p,
+                          getattr(args, "no_repeat_ngram_size", 0), args.keep_unfinished)
 
 
 class SentenceStop:

@@ -21,7 +21,7 @@ import torch
 from distillation.filter_step import add_filter_args, filter_config
 from distillation.filters import Pair, apply_filters
 from distillation.records import read_jsonl, write_jsonl, write_summary
-from distillation.sampling import SamplingConfig, sample_sentences
+from distillation.sampling import add_sampling_args, sample_sentences, sampling_config
 from distillation.scorer import add_scorer_args, scorer_from_args
 
 DEFAULTS = {"lr": 1.5e-5, "epochs": 2, "batch_size": 8, "hidden_dropout_prob": 0.1}
@@ -35,12 +35,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--num_paraphrases", type=int, default=10)
     p.add_argument("--sources_per_batch", type=int, default=4, help="sentences decoded together")
-    p.add_argument("--max_new_tokens", type=int, default=40)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--no_repeat_ngram_size", type=int, default=0)
-    p.add_argument("--keep_unfinished", action="store_true",
-                   help="keep text that never ends a sentence (random-weight smoke runs)")
+    add_sampling_args(p, temperature=1.0, no_repeat_ngram_size=0)
     add_filter_args(p)
     add_scorer_args(p)
 
@@ -83,8 +78,7 @@ def paraphrase_candidates(gpt, tokenizer, sources: list[str], args: argparse.Nam
     """``num_paraphrases`` samples per source as (source, paraphrase) candidates."""
     from tqdm.auto import tqdm
 
-    cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.no_repeat_ngram_size,
-                         args.keep_unfinished)
+    cfg = sampling_config(args)
     cands: list[Pair] = []
     step = args.sources_per_batch
     for start in tqdm(range(0, len(sources), step), desc="paraphrase", disable=args.no_progress):
