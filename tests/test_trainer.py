@@ -73,36 +73,26 @@ def test_resume_equals_uninterrupted(tmp_path, stop_at, grad_accum):
     assert resumed.optimizer.state_dict()["state"][0]["step"] == full.optimizer.state_dict()["state"][0]["step"]
 
 
-def test_resume_with_sampler_generator(tmp_path):
+def sampler_loader(grouped: bool) -> DataLoader:
+    """Shuffled by a generator on the sampler: DataLoader(generator=...) or the length-grouped sampler."""
     X, y = make_data()
-
-    def fit(name, **cfg):
-        loader = DataLoader(TensorDataset(X, y), batch_size=8, shuffle=True,
-                            generator=torch.Generator().manual_seed(5))
-        t = Trainer(make_model(), loss_fn, loader, None,
-                    TrainConfig(epochs=2, lr=1e-2, output_dir=str(tmp_path / name), progress=False, **cfg))
-        t.fit()
-        return t
-
-    full = fit("full")
-    fit("res", max_steps=8)
-    assert_same_weights(full.model, fit("res", resume=True).model)
-
-
-def test_resume_with_length_grouped_loader(tmp_path):
+    if not grouped:
+        return DataLoader(TensorDataset(X, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(5))
     from training.data import make_loader
-
-    X, y = make_data()
-    examples = [{"input_ids": [0] * (1 + i % 7), "i": i} for i in range(len(X))]
 
     def collate(rows):
         idx = torch.tensor([r["i"] for r in rows])
         return [X[idx], y[idx]]
 
+    torch.manual_seed(5)
+    return make_loader([{"input_ids": [0] * (1 + i % 7), "i": i} for i in range(len(X))], collate, 8,
+                       shuffle=True, group_by_length=True)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_resume_with_sampler_generator(tmp_path, grouped):
     def fit(name, **cfg):
-        torch.manual_seed(5)
-        loader = make_loader(examples, collate, 8, shuffle=True, group_by_length=True)
-        t = Trainer(make_model(), loss_fn, loader, None,
+        t = Trainer(make_model(), loss_fn, sampler_loader(grouped), None,
                     TrainConfig(epochs=2, lr=1e-2, output_dir=str(tmp_path / name), progress=False, **cfg))
         t.fit()
         return t
