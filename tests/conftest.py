@@ -49,3 +49,12 @@ def tokenizer():
     from models.loading import load_tokenizer
 
     return load_tokenizer(verbose=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors run fastest on one thread; two stall under a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,15 +17,6 @@ from training.trainer import TrainConfig
 CORPUS = "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.\n" * 12
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two stall under a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class CharTokenizer:
     """Bytes as tokens: keeps the model's vocabulary (and the test) tiny."""
 

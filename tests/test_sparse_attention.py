@@ -33,15 +33,6 @@ PATTERNS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors run fastest on one thread; two stall under a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw) -> GPT2Config:
     base = dict(vocab_size=97, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
                 num_attention_heads=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
