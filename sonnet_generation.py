@@ -87,7 +87,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num_lines", type=int, default=14, help="stop a sonnet when it has this many lines")
     g.add_argument("--gen_batch_size", type=int, default=12, help="prompts decoded together")
     g.add_argument("--no_cache", action="store_true", help="decode without the key/value cache (slow; checks)")
-    add_common_args(parser, batch_size=8, lr=None, epochs=10, hidden_dropout_prob=0.1, scheduler="linear",
+    add_common_args(parser, batch_size=8, lr=None, epochs=50, hidden_dropout_prob=0.1, scheduler="linear",
                     warmup_ratio=0.1, patience=3)
     add_attention_args(parser)
     add_pretrain_args(parser)
