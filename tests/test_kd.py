@@ -84,3 +84,28 @@ def test_gpt2_student_shape() -> None:
     gpt = GPT2Model(get_config("tiny", vocab_size=100, max_position_embeddings=16))
     out = GPT2Student(gpt, num_labels=2)(torch.randint(0, 100, (3, 7)), torch.ones(3, 7, dtype=torch.long))
     assert out.shape == (3, 2)
+
+
+def test_kd_cli_on_a_classifier_checkpoint(tmp_path, capsys) -> None:
+    """classifier.py trains a micro teacher; ``python -m distillation kd`` distils it into an
+    LSTM student and trains the same student without the teacher, and reports both."""
+    import json
+
+    import classifier
+    from distillation.__main__ import main
+    from tests.test_classifier import SHARED, cli_args
+
+    classifier.main(cli_args(tmp_path, "full-model", "--dataset", "sst", "--limit", "16", "--lr", "1e-3"))
+    teacher = tmp_path / "runs" / "best.pt"  # one dataset: its run folder is --output_dir itself
+    assert teacher.exists()
+    summary = main(["kd", "--teacher", str(teacher), "--dataset", "sst", "--train", str(SHARED / "ids-sst-train.csv"),
+                    "--dev", str(SHARED / "ids-sst-dev.csv"), "--limit", "24", "--epochs", "1", "--batch_size", "8",
+                    "--student_hidden", "16", "--max_length", "32", "--no_progress",
+                    "--output_dir", str(tmp_path / "kd")])
+    results = summary["results"]
+    assert set(results) == {"teacher", "kd", "baseline"}
+    assert results["kd"]["alpha"] == 0.5 and results["baseline"]["alpha"] == 0.0
+    assert all(0 <= results[k]["dev_accuracy"] <= 1 for k in results)
+    saved = json.loads((tmp_path / "kd" / "kd.summary.json").read_text())
+    assert saved["results"]["teacher"]["dev_accuracy"] == results["teacher"]["dev_accuracy"]
+    assert "student+KD" in capsys.readouterr().out
