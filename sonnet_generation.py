@@ -33,9 +33,10 @@ from typing import Any
 
 import torch
 
-from models.generation import LineStop, mbr_generate, trim
+from models.generation import LineStop, trim
 from models.heads import SonnetGPT, count_parameters, set_fine_tune_mode
 from models.loading import CheckpointError, load_checkpoint, load_model, save_model
+from models.mbr import mbr_generate
 from modules.lora import unwrap_lora
 from pretrain import add_attention_args, add_pretrain_args, attention_overrides, pretrain_from_args
 from training.cli import (

@@ -43,8 +43,8 @@ def load_teacher(path: str | Path, device: torch.device):
     checkpoint's weights (all of them, or the trainable ones of a frozen/LoRA run) loaded."""
     from models.heads import GPT2SentimentClassifier, set_fine_tune_mode
     from models.loading import build_model, load_checkpoint, load_tokenizer
+    from training.checkpoints import load_model_state
     from training.cli import seed_everything
-    from training.trainer import load_model_state
 
     ckpt = load_checkpoint(path, device)
     extra = ckpt.get("extra", {})

@@ -15,7 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from models.loading import load_checkpoint
-from training.trainer import Callback, TrainConfig, Trainer, get_rng_state, lr_lambda, set_rng_state
+from training.rng import get_rng_state, set_rng_state
+from training.schedule import lr_lambda
+from training.trainer import Callback, TrainConfig, Trainer
 
 
 def make_data(n: int = 48) -> tuple[torch.Tensor, torch.Tensor]:

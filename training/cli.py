@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-from training.trainer import SCHEDULES, TrainConfig, seed_everything
+from training.rng import seed_everything
+from training.schedule import SCHEDULES
+from training.trainer import TrainConfig
 
 LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 

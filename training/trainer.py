@@ -25,30 +25,35 @@ optimizer, schedule, python/numpy/torch/cuda RNG states, epoch, step and the RNG
 state at the start of the current epoch. With ``save_every_steps`` a run can stop
 mid-epoch: on resume the epoch's shuffle is replayed from that saved state and the
 batches already seen are skipped, so the final weights equal an uninterrupted run.
+
+The parts the loop is built from live beside it: ``training.rng`` (seeding, RNG state),
+``training.schedule`` (learning-rate schedules), ``training.checkpoints`` (weights saved,
+top-k kept), ``training.device`` (batch placement, autocast), ``training.run_log`` (logs, plot).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from models.loading import atomic_save, load_checkpoint
 from optimizer import AdamW
+from training.checkpoints import keep_top_k, load_model_state, model_config_of, rank_top_k, trainable_state_dict
+from training.device import autocast_context, model_device, move_to_device
+from training.rng import get_rng_state, sampler_rng_state, seed_everything, set_rng_state, set_sampler_rng_state
+from training.run_log import append_record, plot_curves
+from training.schedule import SCHEDULES, lr_lambda
 
-SCHEDULES = ("constant", "linear", "cosine")
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 EvalFn = Callable[[nn.Module], Mapping[str, float]]
 
@@ -111,71 +116,6 @@ class Callback:
 # ------------------------------------------------------------------ helpers
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices); cuDNN deterministic, as the course starter does."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-
-
-def get_rng_state() -> dict[str, Any]:
-    """All global RNG states in types that ``torch.load(weights_only=True)`` accepts."""
-    np_state = np.random.get_state(legacy=False)
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state({
-        "bit_generator": "MT19937",
-        "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-        "has_gauss": n["has_gauss"],
-        "gauss": n["gauss"],
-    })
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def move_to_device(batch: Any, device: torch.device | str) -> Any:
-    """Tensors inside dicts/lists/tuples moved to ``device``; other values (ids, strings) left as they are."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: move_to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(v, device) for v in batch)
-    return batch
-
-
-def autocast_context(device: torch.device | str, bf16: bool = True) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; nothing elsewhere (CPU bf16 is slow and changes numbers)."""
-    if torch.device(device).type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -202,38 +142,6 @@ def predict(
     finally:
         model.train(was_training)
     return out
-
-
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the parameters that train: what a LoRA or frozen-body run needs to save."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], partial: bool, path: Any = "") -> None:
-    """Load full or trainable-only weights; a partial state must still match names it holds."""
-    if not partial:
-        model.load_state_dict(state)
-        return
-    missing_in_model = sorted(set(state) - set(model.state_dict()))
-    if missing_in_model:
-        raise ValueError(f"{path}: checkpoint holds parameters the model lacks: {missing_in_model[:5]}...")
-    model.load_state_dict(state, strict=False)
-
-
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of the base learning rate at optimizer step ``s`` (0-based)."""
-
-    def f(s: int) -> float:
-        if warmup_steps and s < warmup_steps:
-            return (s + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
-        if schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
 
 
 def _batch_size(batch: Any) -> int:
@@ -318,7 +226,7 @@ class Trainer:
         """Path of the best checkpoint written so far (None if none was saved)."""
         if not self.top_k:
             return None
-        return Path(self._sorted_top_k()[0][2])
+        return Path(rank_top_k(self.top_k)[0][2])
 
     def load_best(self) -> None:
         """Put the best checkpoint's weights back into ``self.model``."""
@@ -380,10 +288,10 @@ class Trainer:
         if skip:
             resume_rng = get_rng_state()
             set_rng_state(self.epoch_rng)  # the shuffle of the interrupted epoch
-            self._set_sampler_rng(self.epoch_rng)
+            set_sampler_rng_state(self.train_loader, self.epoch_rng)
         else:
             self.epoch_rng = get_rng_state()
-            self.epoch_rng["sampler"] = self._sampler_rng()
+            self.epoch_rng["sampler"] = sampler_rng_state(self.train_loader)
         it = iter(self.train_loader)
         if skip:
             for _ in range(skip):  # the sampler draws its seed at the first next(), so replay first
@@ -494,30 +402,15 @@ class Trainer:
             cb.on_epoch_end(self, self.epoch, metrics)
         self._save_last()
         if cfg.plot:
-            self._plot()
+            plot_curves(self.history, cfg.metric, self.output_dir / "curves.png")
 
     # ------------------------------------------------------------ checkpoints
 
-    def _sorted_top_k(self) -> list[tuple[float, int, str]]:
-        return sorted(self.top_k, key=lambda t: (-t[0], t[1]))
-
     def _keep_top_k(self, score: float) -> None:
-        k = self.config.save_top_k
-        if k <= 0:
-            return
-        ranked = self._sorted_top_k()
-        if len(ranked) >= k and score <= ranked[-1][0]:
-            return
-        name = "best.pt" if k == 1 else f"best-epoch{self.epoch}.pt"
-        path = self.output_dir / name
-        atomic_save({"model": self._model_state(), "trainable_only": self.config.save_trainable_only,
-                     "epoch": self.epoch, "dev": self.history[-1]["dev"], "train_config": self._config_dict(),
-                     "model_config": self._model_config(), "extra": self.extra}, path)
-        ranked = [t for t in ranked if t[2] != str(path)] + [(score, self.epoch, str(path))]
-        ranked = sorted(ranked, key=lambda t: (-t[0], t[1]))
-        for _, _, old in ranked[k:]:
-            Path(old).unlink(missing_ok=True)
-        self.top_k = ranked[:k]
+        self.top_k = keep_top_k(self.top_k, self.config.save_top_k, score, self.epoch, self.output_dir, lambda: {
+            "model": self._model_state(), "trainable_only": self.config.save_trainable_only, "epoch": self.epoch,
+            "dev": self.history[-1]["dev"], "train_config": self._config_dict(),
+            "model_config": model_config_of(self.model), "extra": self.extra})
 
     def _model_state(self) -> dict[str, torch.Tensor]:
         if self.config.save_trainable_only:
@@ -529,26 +422,9 @@ class Trainer:
         d["betas"] = list(d["betas"])
         return d
 
-    def _model_config(self) -> dict[str, Any] | None:
-        """The GPT2Config of the (first) body inside the model, so a checkpoint says what it fits."""
-        for m in self.model.modules():
-            cfg = getattr(m, "config", None)
-            if hasattr(cfg, "to_dict"):
-                return cfg.to_dict()
-        return None
-
-    def _sampler_rng(self) -> torch.Tensor | None:
-        gen = getattr(getattr(self.train_loader, "sampler", None), "generator", None)
-        return gen.get_state() if gen is not None else None
-
-    def _set_sampler_rng(self, state: Mapping[str, Any] | None) -> None:
-        gen = getattr(getattr(self.train_loader, "sampler", None), "generator", None)
-        if gen is not None and state is not None and state.get("sampler") is not None:
-            gen.set_state(state["sampler"])
-
     def _save_last(self) -> None:
         rng = get_rng_state()
-        rng["sampler"] = self._sampler_rng()
+        rng["sampler"] = sampler_rng_state(self.train_loader)
         atomic_save({
             "model": self._model_state(),
             "trainable_only": self.config.save_trainable_only,
@@ -567,7 +443,7 @@ class Trainer:
             "bad_epochs": self.bad_epochs,
             "stopped": self.stop,
             "train_config": self._config_dict(),
-            "model_config": self._model_config(),
+            "model_config": model_config_of(self.model),
             "extra": self.extra,
         }, self.output_dir / "last.pt")
 
@@ -587,38 +463,12 @@ class Trainer:
         self.bad_epochs = ckpt["bad_epochs"]
         self.stop = ckpt["stopped"]
         set_rng_state(ckpt["rng"])
-        self._set_sampler_rng(ckpt["rng"])
+        set_sampler_rng_state(self.train_loader, ckpt["rng"])
 
     # ------------------------------------------------------------ logging
 
     def _log(self, record: dict[str, Any]) -> None:
-        with open(self.output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def _plot(self) -> None:
-        """Training loss and the selection metric per epoch, side by side."""
-        import matplotlib
-        import matplotlib.ticker
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        epochs = [h["epoch"] for h in self.history]
-        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-        a.plot(epochs, [h["train_loss"] if h["train_loss"] is not None else float("nan") for h in self.history],
-               marker="o")
-        a.set(xlabel="epoch", ylabel="training loss", title="training loss")
-        dev = [h["dev"].get(self.config.metric, float("nan")) for h in self.history]
-        b.plot(epochs, dev, marker="o", color="tab:orange")
-        b.set(xlabel="epoch", ylabel=self.config.metric, title=f"dev {self.config.metric}")
-        for ax in (a, b):
-            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        fig.tight_layout()
-        fig.savefig(self.output_dir / "curves.png", dpi=100)
-        plt.close(fig)
+        append_record(self.output_dir / "metrics.jsonl", record)
 
 
-__all__ = [
-    "Callback", "TrainConfig", "Trainer", "autocast_context", "get_rng_state", "load_model_state", "lr_lambda",
-    "model_device", "move_to_device", "predict", "seed_everything", "set_rng_state", "trainable_state_dict",
-]
+__all__ = ["Callback", "TrainConfig", "Trainer", "predict"]

@@ -1,0 +1,75 @@
+"""What the Trainer's checkpoints hold of a model, and which best checkpoints stay on disk.
+
+A checkpoint may hold every weight or only the trainable ones (LoRA, a frozen body);
+``trainable_state_dict`` and ``load_model_state`` are the two sides of that choice, also
+used by the CLIs that reload a checkpoint for prediction. ``keep_top_k`` writes a new best
+checkpoint and deletes those that fell out of the top k. Files are written atomically
+by ``models.loading.atomic_save``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.loading import atomic_save
+
+TopK = list[tuple[float, int, str]]  # (score, epoch, path); higher scores are better
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the parameters that train: what a LoRA or frozen-body run needs to save."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], partial: bool, path: Any = "") -> None:
+    """Load full or trainable-only weights; a partial state must still match names it holds."""
+    if not partial:
+        model.load_state_dict(state)
+        return
+    missing_in_model = sorted(set(state) - set(model.state_dict()))
+    if missing_in_model:
+        raise ValueError(f"{path}: checkpoint holds parameters the model lacks: {missing_in_model[:5]}...")
+    model.load_state_dict(state, strict=False)
+
+
+def model_config_of(model: nn.Module) -> dict[str, Any] | None:
+    """The GPT2Config of the (first) body inside the model, so a checkpoint says what it fits."""
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if hasattr(cfg, "to_dict"):
+            return cfg.to_dict()
+    return None
+
+
+def rank_top_k(top_k: Sequence[tuple[float, int, str]]) -> TopK:
+    """Best score first; on a tie the earlier epoch first."""
+    return sorted(top_k, key=lambda t: (-t[0], t[1]))
+
+
+def keep_top_k(
+    top_k: TopK, k: int, score: float, epoch: int, output_dir: str | Path, payload: Callable[[], dict[str, Any]]
+) -> TopK:
+    """The top-k list after offering this epoch's ``score``. If it ranks among the ``k`` best,
+    ``payload()`` is saved as ``best.pt`` (k == 1) or ``best-epochN.pt`` and checkpoints that
+    fell out of the top k are deleted; otherwise nothing is written. ``k`` <= 0 keeps none."""
+    if k <= 0:
+        return top_k
+    ranked = rank_top_k(top_k)
+    if len(ranked) >= k and score <= ranked[-1][0]:
+        return top_k
+    name = "best.pt" if k == 1 else f"best-epoch{epoch}.pt"
+    path = Path(output_dir) / name
+    atomic_save(payload(), path)
+    ranked = [t for t in ranked if t[2] != str(path)] + [(score, epoch, str(path))]
+    ranked = rank_top_k(ranked)
+    for _, _, old in ranked[k:]:
+        Path(old).unlink(missing_ok=True)
+    return ranked[:k]
+
+
+__all__ = ["TopK", "keep_top_k", "load_model_state", "model_config_of", "rank_top_k", "trainable_state_dict"]
