@@ -1,5 +1,6 @@
-"""LoRA: zero-initialised adapters leave the model unchanged, merging does not change outputs,
-and only adapters and the head train and are saved."""
+"""LoRA and DoRA: zero-initialised adapters leave the model unchanged, merging does not change
+outputs, only adapters (with DoRA's magnitudes) and the head train and are saved, and both match
+PEFT on the same weights."""
 
 from __future__ import annotations
 
@@ -36,10 +37,13 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def randomize_b(model: nn.Module) -> None:
+    """Nonzero ``B`` (and, for DoRA, magnitudes away from the base norms) so adapters act."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):
                 m.lora_B.normal_(0, 0.1)
+                if m.use_dora:
+                    m.lora_magnitude.mul_(torch.rand_like(m.lora_magnitude) + 0.5)
 
 
 def test_init_and_scaling():
@@ -60,9 +64,22 @@ def test_fresh_wrap_equals_base():
     assert torch.equal(model(ids, mask), before)
 
 
-def test_merge_equals_unmerged_and_unmerge_restores():
+def test_fresh_dora_wrap_equals_base():
     model = small_model()
-    apply_lora(model, ("attn.c_attn", "mlp.c_fc"), r=4, alpha=8)
+    ids, mask = inputs()
+    before = model(ids, mask)
+    w = model.gpt.h[0].attn.c_attn.weight.clone()
+    apply_lora(model, r=4, alpha=8, dropout=0.1, use_dora=True)
+    m = model.gpt.h[0].attn.c_attn
+    assert m.use_dora and m.lora_magnitude.shape == (w.shape[0],)
+    torch.testing.assert_close(m.lora_magnitude, w.norm(dim=1))  # one norm per output row (over inputs)
+    torch.testing.assert_close(model(ids, mask), before, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_equals_unmerged_and_unmerge_restores(use_dora):
+    model = small_model()
+    apply_lora(model, ("attn.c_attn", "mlp.c_fc"), r=4, alpha=8, use_dora=use_dora)
     randomize_b(model)
     ids, mask = inputs()
     base_w = model.gpt.h[0].attn.c_attn.base.weight.clone()
@@ -77,9 +94,10 @@ def test_merge_equals_unmerged_and_unmerge_restores():
     torch.testing.assert_close(model(ids, mask), unmerged, rtol=1e-5, atol=1e-5)
 
 
-def test_unwrap_leaves_plain_linears_with_the_adapted_outputs():
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_unwrap_leaves_plain_linears_with_the_adapted_outputs(use_dora):
     model = small_model()
-    apply_lora(model, ("attn.c_attn", "mlp.c_fc"), r=4, alpha=8)
+    apply_lora(model, ("attn.c_attn", "mlp.c_fc"), r=4, alpha=8, use_dora=use_dora)
     randomize_b(model)
     ids, mask = inputs()
     adapted = model(ids, mask)
@@ -99,12 +117,15 @@ def test_adapters_change_output():
     assert not torch.allclose(model(ids, mask), before)
 
 
-def test_only_adapters_and_head_train_and_are_saved():
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_only_adapters_and_head_train_and_are_saved(use_dora):
     model = small_model()
-    apply_lora(model, r=4, alpha=8)
+    apply_lora(model, r=4, alpha=8, use_dora=use_dora)
     n = mark_only_lora_trainable(model, extra_trainable=("classifier",))
     trainable = {k for k, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(k.startswith("classifier.") or k.endswith(("lora_A", "lora_B")) for k in trainable)
+    adapters = ("lora_A", "lora_B", "lora_magnitude") if use_dora else ("lora_A", "lora_B")
+    assert trainable and all(k.startswith("classifier.") or k.endswith(adapters) for k in trainable)
+    assert ("gpt.h.0.attn.c_attn.lora_magnitude" in trainable) == use_dora
     assert "classifier.weight" in trainable and "gpt.h.0.attn.c_attn.base.weight" not in trainable
     assert n == sum(model.get_parameter(k).numel() for k in trainable)
     assert set(lora_state_dict(model, extra=("classifier",))) == trainable
@@ -115,18 +136,71 @@ def test_typo_in_targets_is_an_error():
         apply_lora(small_model(), ("attn.q_proj",))
 
 
-def test_matches_peft():
+def peft_pair(use_dora: bool = False, dropout: float = 0.0) -> tuple[nn.Module, nn.Module, list[str]]:
+    """The same two-Linear model (one with bias, one without) adapted by PEFT and by us, with
+    PEFT's ``A``, a random nonzero ``B`` and (DoRA) perturbed magnitudes copied into ours."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(8, 6))
-    ours = nn.Sequential(nn.Linear(8, 6))
+    base = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 5, bias=False))
+    ours = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 5, bias=False))
     ours.load_state_dict(base.state_dict())
-    theirs = peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]), base)
-    apply_lora(ours, ("0",), r=4, alpha=8)
-    lin = theirs[0]
+    targets = ["0", "2"]
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, use_dora=use_dora)
+    theirs = peft.inject_adapter_in_model(cfg, base)
+    apply_lora(ours, targets, r=4, alpha=8, dropout=dropout, use_dora=use_dora)
     with torch.no_grad():
-        lin.lora_B["default"].weight.normal_()
-        ours[0].lora_A.copy_(lin.lora_A["default"].weight)
-        ours[0].lora_B.copy_(lin.lora_B["default"].weight)
+        for t in targets:
+            lin, mine = theirs.get_submodule(t), ours.get_submodule(t)
+            lin.lora_B["default"].weight.normal_()
+            mine.lora_A.copy_(lin.lora_A["default"].weight)
+            mine.lora_B.copy_(lin.lora_B["default"].weight)
+            if use_dora:
+                mag = lin.lora_magnitude_vector["default"].weight
+                torch.testing.assert_close(mine.lora_magnitude, mag)  # same initial norms
+                mag.mul_(torch.rand_like(mag) + 0.5)
+                mine.lora_magnitude.copy_(mag)
+    return ours, theirs, targets
+
+
+def test_matches_peft():
+    ours, theirs, _ = peft_pair()
     x = torch.randn(5, 8)
     torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_dora_matches_peft_forward_and_gradients():
+    ours, theirs, targets = peft_pair(use_dora=True)
+    x = torch.randn(5, 8)
+    y_ours, y_theirs = ours(x), theirs(x)
+    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-5, atol=1e-5)
+    y_ours.pow(2).sum().backward()
+    y_theirs.pow(2).sum().backward()
+    for t in targets:
+        lin, mine = theirs.get_submodule(t), ours.get_submodule(t)
+        for g_ours, p_theirs in ((mine.lora_A.grad, lin.lora_A["default"].weight),
+                                 (mine.lora_B.grad, lin.lora_B["default"].weight),
+                                 (mine.lora_magnitude.grad, lin.lora_magnitude_vector["default"].weight)):
+            assert g_ours is not None and g_ours.abs().sum() > 0
+            torch.testing.assert_close(g_ours, p_theirs.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_with_dropout_in_training_matches_peft():
+    """With dropout PEFT feeds the dropped input to the direction term as well; same masks, same outputs."""
+    ours, theirs, _ = peft_pair(use_dora=True, dropout=0.3)
+    ours.train()
+    theirs.train()
+    x = torch.randn(5, 8)
+    torch.manual_seed(5)
+    y_ours = ours(x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(y_ours, theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dora_merge_matches_peft_merge():
+    ours, theirs, targets = peft_pair(use_dora=True)
+    merge_lora(ours)
+    for t in targets:
+        theirs.get_submodule(t).merge()
+        torch.testing.assert_close(ours.get_submodule(t).base.weight, theirs.get_submodule(t).base_layer.weight,
+                                   rtol=1e-5, atol=1e-6)
+
