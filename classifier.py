@@ -24,7 +24,7 @@ from training.cli import (
     add_common_args,
     build_from_args,
     default_output_dir,
-    lora_targets,
+    lora_kwargs,
     pick_device,
     seed_everything,
     train_config_from_args,
@@ -96,9 +96,7 @@ def run(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     num_labels = max(e.label for e in data["train"]) + 1
 
     model = GPT2SentimentClassifier(gpt, num_labels, args.hidden_dropout_prob)
-    trainable_only = set_fine_tune_mode(model, args.fine_tune_mode, model.head, lora_r=args.lora_r,
-                                        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                        lora_targets=lora_targets(args))
+    trainable_only = set_fine_tune_mode(model, args.fine_tune_mode, model.head, **lora_kwargs(args))
     n_train, n_total = count_parameters(model)
     print(f"{num_labels} labels; {n_train:,} of {n_total:,} parameters train")
 

@@ -33,7 +33,7 @@ from training.cli import (
     add_common_args,
     build_from_args,
     default_output_dir,
-    lora_targets,
+    lora_kwargs,
     pick_device,
     seed_everything,
     train_config_from_args,
@@ -139,9 +139,7 @@ def build_scorer(args: argparse.Namespace) -> tuple[ClozeParaphraseScorer, Any, 
     else:
         gpt, tokenizer = build_from_args(args, hidden_dropout_prob=args.hidden_dropout_prob)
     model = ClozeParaphraseScorer(gpt)
-    trainable_only = set_fine_tune_mode(model, args.fine_tune_mode, model.head, lora_r=args.lora_r,
-                                        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                        lora_targets=lora_targets(args))
+    trainable_only = set_fine_tune_mode(model, args.fine_tune_mode, model.head, **lora_kwargs(args))
     return model, tokenizer, trainable_only
 
 

@@ -43,7 +43,7 @@ from training.cli import (
     add_common_args,
     build_from_args,
     default_output_dir,
-    lora_targets,
+    lora_kwargs,
     pick_device,
     seed_everything,
     train_config_from_args,
@@ -224,9 +224,7 @@ def build_sonnet_model(args: argparse.Namespace) -> tuple[SonnetGPT, Any, bool]:
     """(model, tokenizer, checkpoints hold only trainable parameters) from the flags."""
     gpt, tokenizer = build_from_args(args, hidden_dropout_prob=args.hidden_dropout_prob, **attention_overrides(args))
     model = SonnetGPT(gpt)
-    trainable_only = set_fine_tune_mode(model, args.fine_tune_mode, model.head, lora_r=args.lora_r,
-                                        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                        lora_targets=lora_targets(args))
+    trainable_only = set_fine_tune_mode(model, args.fine_tune_mode, model.head, **lora_kwargs(args))
     return model, tokenizer, trainable_only
 
 

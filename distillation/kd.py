@@ -44,7 +44,7 @@ def load_teacher(path: str | Path, device: torch.device):
     from models.heads import GPT2SentimentClassifier, set_fine_tune_mode
     from models.loading import build_model, load_checkpoint, load_tokenizer
     from training.checkpoints import load_model_state
-    from training.cli import seed_everything
+    from training.cli import lora_kwargs, seed_everything
 
     ckpt = load_checkpoint(path, device)
     extra = ckpt.get("extra", {})
@@ -55,9 +55,7 @@ def load_teacher(path: str | Path, device: torch.device):
     gpt = build_model(a.model_size, a.random_init)
     model = GPT2SentimentClassifier(gpt, extra["num_labels"], a.hidden_dropout_prob)
     if a.fine_tune_mode == "lora":
-        set_fine_tune_mode(model, "lora", model.head, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
-                           lora_dropout=a.lora_dropout,
-                           lora_targets=tuple(t for t in a.lora_targets.split(",") if t))
+        set_fine_tune_mode(model, "lora", model.head, **lora_kwargs(a))  # use_dora: False if not saved
     load_model_state(model, ckpt["model"], ckpt.get("trainable_only", False), path)
     return model.to(device).eval(), load_tokenizer(getattr(a, "tokenizer", None), verbose=False), a
 

@@ -27,11 +27,13 @@ def set_fine_tune_mode(
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.05,
     lora_targets: Sequence[str] = DEFAULT_TARGETS,
+    use_dora: bool = False,
 ) -> bool:
     """Decide what trains: ``last-linear-layer`` freezes the GPT-2 body (only ``head`` modules
-    train), ``full-model`` trains everything, ``lora`` wraps the body's linears with adapters and
-    trains them plus ``head``. Returns True when checkpoints should hold only trainable
-    parameters (the frozen body is rebuilt from the same weights or seed)."""
+    train), ``full-model`` trains everything, ``lora`` wraps the body's linears with adapters
+    (DoRA ones, with their magnitudes, when ``use_dora``) and trains them plus ``head``. Returns
+    True when checkpoints should hold only trainable parameters (the frozen body is rebuilt from
+    the same weights or seed)."""
     if mode not in FINE_TUNE_MODES:
         raise ValueError(f"fine-tune mode must be one of {FINE_TUNE_MODES}, got {mode!r}")
     head = tuple(head)
@@ -40,7 +42,7 @@ def set_fine_tune_mode(
             p.requires_grad = True
         return False
     if mode == "lora":
-        apply_lora(model, lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
+        apply_lora(model, lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, use_dora=use_dora)
         mark_only_lora_trainable(model, extra_trainable=head)
         return True
     for name, p in model.named_parameters():

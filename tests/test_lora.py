@@ -204,3 +204,22 @@ def test_dora_merge_matches_peft_merge():
         torch.testing.assert_close(ours.get_submodule(t).base.weight, theirs.get_submodule(t).base_layer.weight,
                                    rtol=1e-5, atol=1e-6)
 
+
+def test_dora_from_the_classifier_cli_and_as_a_kd_teacher(tmp_path):
+    """``--use_dora`` reaches the model: the checkpoint holds the magnitudes, and the kd teacher
+    is rebuilt from the saved args as DoRA with the trained outputs."""
+    import classifier
+    from distillation.kd import load_teacher
+    from tests.test_classifier import cli_args
+
+    classifier.main(cli_args(tmp_path, "lora", "--use_dora", "--dataset", "sst", "--lr", "1e-2"))
+    ckpt = torch.load(tmp_path / "runs" / "best.pt", map_location="cpu", weights_only=False)
+    saved = set(ckpt["model"])
+    assert ckpt["extra"]["args"]["use_dora"] is True
+    assert any(k.endswith("lora_magnitude") for k in saved) and any(k.startswith("classifier.") for k in saved)
+    assert all(k.startswith("classifier.") or k.endswith(("lora_A", "lora_B", "lora_magnitude")) for k in saved)
+    teacher, _, _ = load_teacher(tmp_path / "runs" / "best.pt", torch.device("cpu"))
+    mods = [m for m in teacher.modules() if isinstance(m, LoRALinear)]
+    assert mods and all(m.use_dora for m in mods)
+    for k, v in ckpt["model"].items():
+        torch.testing.assert_close(teacher.state_dict()[k], v)

@@ -22,8 +22,8 @@ from training.trainer import TrainConfig
 LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 __all__ = [
-    "LORA_TARGETS", "add_common_args", "build_from_args", "default_output_dir", "lora_targets", "pick_device",
-    "seed_everything", "train_config_from_args",
+    "LORA_TARGETS", "add_common_args", "build_from_args", "default_output_dir", "lora_kwargs", "lora_targets",
+    "pick_device", "seed_everything", "train_config_from_args",
 ]
 
 
@@ -89,6 +89,8 @@ def add_common_args(
     g.add_argument("--lora_dropout", type=float, default=0.05)
     g.add_argument("--lora_targets", type=str, default=",".join(LORA_TARGETS),
                    help="comma-separated Linear name suffixes to adapt")
+    g.add_argument("--use_dora", action="store_true",
+                   help="DoRA: adapters that also learn a magnitude per output row (Liu et al. 2024)")
     return parser
 
 
@@ -109,6 +111,14 @@ def pick_device(use_gpu: bool = False, device: str = "auto") -> torch.device:
 
 def lora_targets(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+
+
+def lora_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The LoRA keywords of ``models.heads.set_fine_tune_mode`` from the LoRA flags, so every
+    task script (and a teacher rebuilt from saved args, which may predate ``--use_dora``)
+    passes the same ones."""
+    return {"lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+            "lora_targets": lora_targets(args), "use_dora": getattr(args, "use_dora", False)}
 
 
 def build_from_args(args: argparse.Namespace, **config_overrides: Any):
