@@ -29,16 +29,8 @@ from training.cli import (
     seed_everything,
     train_config_from_args,
 )
-from training.data import (
-    PadCollator,
-    make_eval_loader,
-    make_loader,
-    read_sentiment,
-    restore_order,
-    sample,
-    sentiment_features,
-    write_id_predictions,
-)
+from training.course_data import read_sentiment, sentiment_features, write_id_predictions
+from training.data import PadCollator, make_eval_loader, make_loader, restore_order, sample
 from training.metrics import classification_metrics, majority_baseline
 from training.trainer import Trainer, predict
 

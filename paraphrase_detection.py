@@ -4,7 +4,7 @@
     python paraphrase_detection.py --fine_tune_mode lora --lr 3e-4  # LoRA adapters only
     python paraphrase_detection.py --model_size tiny --random_init --limit 2000 --epochs 2   # offline smoke run
 
-Each pair becomes one prompt (``training.data.PARAPHRASE_PROMPT``, the same for train, dev
+Each pair becomes one prompt (``training.course_data.PARAPHRASE_PROMPT``, the same for train, dev
 and test) and the answer is read at its last real token as "yes" (8505) or "no" (3919).
 Without the course's Quora files (offline), train/dev/test are carved from
 ``data/quora-minbert-dev.csv`` and a notice says so. Writes
@@ -38,16 +38,8 @@ from training.cli import (
     seed_everything,
     train_config_from_args,
 )
-from training.data import (
-    PadCollator,
-    ParaphrasePair,
-    load_quora_splits,
-    make_eval_loader,
-    make_loader,
-    paraphrase_features,
-    restore_order,
-    write_id_predictions,
-)
+from training.course_data import ParaphrasePair, load_quora_splits, paraphrase_features, write_id_predictions
+from training.data import PadCollator, make_eval_loader, make_loader, restore_order
 from training.metrics import classification_metrics, majority_baseline
 from training.trainer import Trainer, predict
 

@@ -39,6 +39,7 @@ from models.loading import CheckpointError, load_checkpoint, load_model, save_mo
 from models.mbr import mbr_generate
 from modules.lora import unwrap_lora
 from pretrain import add_attention_args, add_pretrain_args, attention_overrides, pretrain_from_args
+from training.checkpoints import load_model_state
 from training.cli import (
     add_common_args,
     build_from_args,
@@ -48,9 +49,10 @@ from training.cli import (
     seed_everything,
     train_config_from_args,
 )
-from training.data import PadCollator, encode, make_loader, read_sonnets, write_sonnets
+from training.course_data import read_sonnets, write_sonnets
+from training.data import PadCollator, encode, make_loader
 from training.metrics import chrf
-from training.trainer import Trainer, load_model_state
+from training.trainer import Trainer
 
 FINE_TUNE_MODES = ("full-model", "lora")
 DECODINGS = ("greedy", "sample", "beam", "contrastive", "mbr")

@@ -113,7 +113,8 @@ def train_student(args: argparse.Namespace, teacher, feats: dict[str, list[dict[
 
 def run(args: argparse.Namespace) -> dict:
     from training.cli import pick_device, seed_everything
-    from training.data import PadCollator, make_eval_loader, read_sentiment, sentiment_features
+    from training.course_data import read_sentiment, sentiment_features
+    from training.data import PadCollator, make_eval_loader
 
     seed_everything(args.seed)
     device = pick_device(args.use_gpu, args.device)

@@ -42,7 +42,7 @@ def negatives_for(positives: list, negatives: list, ratio: float, seed: int) -> 
 
 
 def quora_train_pairs(args: argparse.Namespace) -> list[tuple[str, str, int]]:
-    from training.data import load_quora_splits
+    from training.course_data import load_quora_splits
 
     rows = load_quora_splits(args.para_train, args.para_dev, args.para_test, limit=args.limit)["train"]
     return [(r.sentence1, r.sentence2, r.label) for r in rows]

@@ -16,7 +16,8 @@ from models.gpt2 import GPT2Model
 from models.heads import GPT2SentimentClassifier, set_fine_tune_mode
 from models.loading import load_tokenizer
 from training.cli import pick_device, train_config_from_args
-from training.data import PadCollator, make_loader, read_sentiment, sentiment_features
+from training.course_data import read_sentiment, sentiment_features
+from training.data import PadCollator, make_loader
 from training.trainer import TrainConfig, Trainer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

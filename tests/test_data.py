@@ -9,17 +9,16 @@ import pytest
 import torch
 
 from models.loading import load_tokenizer
+from training.course_data import read_sentiment, sentiment_features
 from training.data import (
     DataFormatError,
     PadCollator,
     encode,
     make_eval_loader,
     make_loader,
-    read_sentiment,
     read_tsv,
     restore_order,
     sample,
-    sentiment_features,
 )
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

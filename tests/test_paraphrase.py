@@ -13,10 +13,8 @@ from models.heads import NO_TOKEN_ID, YES_TOKEN_ID, ClozeParaphraseScorer
 from models.loading import SHARED_TOKENIZER
 from optimizer import AdamW
 from tests.conftest import SHARED_DATA
-from training.data import (
+from training.course_data import (
     PARAPHRASE_PROMPT,
-    DataFormatError,
-    PadCollator,
     ParaphrasePair,
     carve_quora_splits,
     encode_paraphrase_prompt,
@@ -24,6 +22,7 @@ from training.data import (
     paraphrase_features,
     read_quora,
 )
+from training.data import DataFormatError, PadCollator
 
 
 @pytest.fixture(scope="module")

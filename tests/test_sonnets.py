@@ -14,7 +14,8 @@ from config import get_config
 from models.gpt2 import GPT2Model
 from models.heads import SonnetGPT
 from tests.conftest import SHARED_DATA
-from training.data import DataFormatError, read_sonnets, write_sonnets
+from training.course_data import read_sonnets, write_sonnets
+from training.data import DataFormatError
 from training.metrics import chrf
 
 FILES = {"sonnets.txt": 131, "sonnets_held_out_dev.txt": 12, "TRUE_sonnets_held_out_dev.txt": 12,
