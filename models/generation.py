@@ -1,24 +1,27 @@
-"""Decoding for ``GPT2Model``: greedy, sampling (temperature, top-k, top-p),
-beam search, contrastive search, repetition penalties, and MBR selection.
+"""Decoding for ``GPT2Model``: ``generate``, the one entry point, with greedy and
+sampling (temperature, top-k, top-p), repetition penalties, and the pieces every
+decoding loop shares (the step-by-step model runner, the logits processors, stop
+conditions). Beam search lives in ``models.beam_search`` and contrastive search in
+``models.contrastive``; ``generate`` dispatches to both. MBR selection, a layer
+above ``generate``, is ``models.mbr``.
 
 Why it is written this way:
-- greedy and beam search reproduce ``transformers``' ``generate`` token for token
-  on the same weights (tests/test_generation.py), so the order of logits
-  processors, the beam bookkeeping (length penalty, early stopping, EOS) and the
-  padding of finished rows all follow ``transformers`` 5.x;
+- greedy decoding (and beam search) reproduce ``transformers``' ``generate`` token
+  for token on the same weights (tests/test_generation.py), so the order of logits
+  processors and the padding of finished rows follow ``transformers`` 5.x;
 - with the key/value cache each new token costs one position; the loop keeps
   Python work per step small and reads back from the device only to decide
-  whether every row has finished;
-- contrastive search follows Su et al. 2022 ("A Contrastive Framework for Neural
-  Text Generation"), which ``transformers`` 5 no longer ships in its core.
+  whether every row has finished.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from models.contrastive import Contrastive
 
 StopFn = Callable[[torch.Tensor], torch.Tensor]  # (N, T) token ids -> (N,) bool: this row is done
 
@@ -88,7 +91,7 @@ def _top_p(scores: torch.Tensor, p: float, keep: int = 1) -> torch.Tensor:
     return scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
 
 
-def _processors(
+def logits_processors(
     *,
     do_sample: bool,
     temperature: float,
@@ -126,7 +129,7 @@ def _processors(
 # ---------------------------------------------------------------- model runner
 
 
-class _Runner:
+class Runner:
     """Feeds the model one step at a time with or without the KV cache, so the
     decoding loops are written once. Rows may be expanded (beams, candidates)."""
 
@@ -228,16 +231,18 @@ def generate(
     try:
         common = dict(eos=eos_token_id, pad=pad_token_id, stop=stop, use_cache=use_cache)
         if num_beams > 1:
-            return _beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty,
-                                early_stopping, do_sample, temperature, top_k, top_p, repetition_penalty,
-                                no_repeat_ngram_size, generator, **common)
+            from models.beam_search import beam_search  # here: beam search builds on this module's pieces
+
+            return beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty,
+                               early_stopping, do_sample, temperature, top_k, top_p, repetition_penalty,
+                               no_repeat_ngram_size, generator, **common)
         return _decode(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
                        repetition_penalty, no_repeat_ngram_size, penalty_alpha, generator, **common)
     finally:
         model.train(was_training)
 
 
-def _ignore_mask(attention_mask: torch.Tensor | None, total: int) -> torch.Tensor | None:
+def ignore_mask(attention_mask: torch.Tensor | None, total: int) -> torch.Tensor | None:
     """(N, total) True on left padding, which repetition penalty must not count."""
     if attention_mask is None:
         return None
@@ -252,16 +257,16 @@ def _decode(model, input_ids, attention_mask, max_new, do_sample, temperature, t
     B, P = input_ids.shape
     total = P + max_new
     contrastive = penalty_alpha > 0 and top_k > 1
-    process = _processors(do_sample=do_sample, temperature=temperature, top_k=0 if contrastive else top_k,
-                          top_p=top_p, repetition_penalty=repetition_penalty,
-                          no_repeat_ngram_size=no_repeat_ngram_size, ignore=_ignore_mask(attention_mask, total))
+    process = logits_processors(do_sample=do_sample, temperature=temperature, top_k=0 if contrastive else top_k,
+                                top_p=top_p, repetition_penalty=repetition_penalty,
+                                no_repeat_ngram_size=no_repeat_ngram_size, ignore=ignore_mask(attention_mask, total))
     seqs = torch.full((B, total), pad if pad is not None else 0, dtype=torch.long, device=input_ids.device)
     seqs[:, :P] = input_ids
-    runner = _Runner(model, attention_mask, P, total, use_cache)
+    runner = Runner(model, attention_mask, P, total, use_cache)
     hidden = runner.prefill(input_ids)  # (B, P, d)
     logits = model.hidden_state_to_token(hidden[:, -1]).float()  # (B, V)
     if contrastive:
-        search = _Contrastive(model, runner, hidden, attention_mask, top_k, penalty_alpha, total)
+        search = Contrastive(model, runner, hidden, attention_mask, top_k, penalty_alpha, total)
     track = eos is not None or stop is not None
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
     steps_alive = torch.zeros(B, dtype=torch.long, device=input_ids.device)  # generated length of each row
@@ -294,182 +299,6 @@ def _decode(model, input_ids, attention_mask, max_new, do_sample, temperature, t
     if track:
         cur = P + int(steps_alive.max())
     return seqs[:, :cur]
-
-
-class _Contrastive:
-    """Su et al. 2022: among the top-k tokens pick the one maximising
-    (1 - alpha) * p(token) - alpha * max cosine(h_token, h_previous).
-
-    With the cache, every prompt keeps k rows that share their history; the k
-    candidates are scored in one batched step and the chosen row's new key/value
-    is copied to its siblings (one position, not the whole cache)."""
-
-    def __init__(self, model, runner: _Runner, prompt_hidden, attention_mask, k: int, alpha: float, total: int):
-        B, P, d = prompt_hidden.shape
-        self.model, self.runner, self.k, self.alpha, self.B = model, runner, k, alpha, B
-        self.context = prompt_hidden.new_zeros(B, total, d)  # hidden states of the tokens so far
-        self.context[:, :P] = prompt_hidden
-        self.valid = torch.ones(B, total, dtype=torch.bool, device=prompt_hidden.device)
-        if attention_mask is not None:
-            self.valid[:, :P] = attention_mask.bool()
-        runner.expand(k)
-        self.rows = torch.arange(B, device=prompt_hidden.device)
-
-    def select(self, scores: torch.Tensor, seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next token (B,) and the logits (B, V) that follow it."""
-        B, k, cur = self.B, self.k, seqs.size(1)
-        probs, cand = scores.softmax(-1).topk(k, dim=-1)  # (B, k)
-        if self.runner.use_cache:
-            h = self.runner.step(cand.reshape(-1, 1), cur + 1)  # (B*k, d)
-        else:
-            h = self.runner.step(torch.cat([seqs.repeat_interleave(k, 0), cand.reshape(-1, 1)], 1))
-        h = h.view(B, k, -1)
-        ctx = F.normalize(self.context[:, :cur], dim=-1)  # (B, cur, d)
-        cos = torch.einsum("bkd,btd->bkt", F.normalize(h, dim=-1), ctx)  # (B, k, cur)
-        cos = cos.masked_fill(~self.valid[:, None, :cur], float("-inf"))
-        score = (1.0 - self.alpha) * probs - self.alpha * cos.max(-1).values  # (B, k)
-        best = score.argmax(-1)  # (B,)
-        chosen = h[self.rows, best]  # (B, d)
-        self.context[:, cur] = chosen
-        cache = self.runner.cache
-        if cache is not None:  # siblings take the chosen candidate's key/value at this position
-            src = (self.rows * k + best).repeat_interleave(k)
-            t = (cache.length - 1) % cache.k.size(3)  # the slot of this position (ring caches wrap around)
-            cache.k[:, :, :, t] = cache.k[:, :, :, t].index_select(1, src)
-            cache.v[:, :, :, t] = cache.v[:, :, :, t].index_select(1, src)
-        return cand[self.rows, best], self.model.hidden_state_to_token(chosen).float()
-
-
-# ------------------------------------------------------------------ beam search
-
-
-def _beam_search(model, input_ids, attention_mask, max_new, nb, length_penalty, early_stopping, do_sample,
-                 temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, generator, *, eos, pad, stop,
-                 use_cache) -> torch.Tensor:
-    """Beam search with ``transformers``' bookkeeping: keep the 2*nb best continuations
-    of all beams, retire those ending in EOS (or stopped) into a finished set
-    scored by logprob / length**length_penalty, continue with the best nb others."""
-    if early_stopping not in (True, False, "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    B, P = input_ids.shape
-    total = P + max_new
-    dev = input_ids.device
-    keep = max(2, 1 + (eos is not None)) * nb  # candidates kept per prompt
-    fill = pad if pad is not None else (eos if eos is not None else -1)
-    ignore = _ignore_mask(attention_mask, total)
-    process = _processors(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                          repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                          ignore=None if ignore is None else ignore.repeat_interleave(nb, 0), keep=keep // nb)
-    runner = _Runner(model, attention_mask, P, total, use_cache)
-    logits = model.hidden_state_to_token(runner.prefill(input_ids)[:, -1]).float().repeat_interleave(nb, 0)
-    runner.expand(nb)
-    running = torch.full((B, nb, total), fill, dtype=torch.long, device=dev)
-    running[:, :, :P] = input_ids[:, None]
-    finished = running.clone()
-    running_scores = torch.zeros(B, nb, device=dev)
-    running_scores[:, 1:] = -1e9  # only the first beam expands at the first step
-    fin_scores = torch.full((B, nb), -1e9, device=dev)
-    fin_len = torch.zeros(B, nb, dtype=torch.long, device=dev)  # generated length of each finished hypothesis
-    fin_done = torch.zeros(B, nb, dtype=torch.bool, device=dev)
-    can_improve = torch.ones(B, 1, dtype=torch.bool, device=dev)
-    top_nb = torch.arange(keep, device=dev) < nb
-    offset = torch.arange(B, device=dev)[:, None] * nb
-    cur = P
-    while True:
-        flat = running[:, :, :cur].reshape(B * nb, cur)
-        logp = F.log_softmax(logits, -1)
-        if process is not None:
-            logp = process(logp, flat)
-        V = logp.size(-1)
-        logp = (logp.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
-        if do_sample:
-            idx = torch.multinomial(logp.softmax(-1), keep, generator=generator)
-            top_scores = logp.gather(1, idx)
-        else:
-            top_scores, idx = logp.topk(keep)  # (B, keep)
-        beam, tok = idx // V, idx % V
-        cand = running.gather(1, beam[:, :, None].expand(-1, -1, total)).clone()  # (B, keep, total)
-        cand[:, :, cur] = tok
-        hits = torch.full((B, keep), cur + 1 >= total, dtype=torch.bool, device=dev)
-        if eos is not None:
-            hits |= tok == eos
-        if stop is not None:
-            hits |= stop(cand[:, :, : cur + 1].reshape(B * keep, cur + 1)).view(B, keep)
-        # e. the best nb candidates that have not finished keep running
-        run_scores = top_scores + hits.float() * -1.0e9
-        nxt = run_scores.topk(nb)[1]  # (B, nb)
-        running = cand.gather(1, nxt[:, :, None].expand(-1, -1, total))
-        running_scores = run_scores.gather(1, nxt)
-        src = (beam.gather(1, nxt) + offset).view(-1)  # flat row each new beam continues
-        # f. finished candidates among the top nb enter the finished set if good enough
-        just_done = hits & top_nb[None, :]
-        s = top_scores / ((cur + 1 - P) ** length_penalty)
-        s = s + (fin_done.all(-1, keepdim=True) & (early_stopping is True)).float() * -1.0e9
-        s = s + (~can_improve).float() * -1.0e9
-        s = s + (~just_done) * -1.0e9
-        m_scores = torch.cat((fin_scores, s), 1)
-        best = m_scores.topk(nb)[1]
-        finished = torch.cat((finished, cand), 1).gather(1, best[:, :, None].expand(-1, -1, total))
-        fin_scores = m_scores.gather(1, best)
-        fin_len = torch.cat((fin_len, torch.full_like(s, cur + 1 - P, dtype=torch.long)), 1).gather(1, best)
-        fin_done = torch.cat((fin_done, just_done), 1).gather(1, best)
-        cur += 1
-        # g. stop when no running beam can beat the worst finished one
-        hyp_len = (total - P) if (early_stopping == "never" and length_penalty > 0.0) else (cur - P)
-        best_running = running_scores[:, :1] / (hyp_len**length_penalty)
-        worst_fin = torch.where(fin_done, fin_scores.min(1, keepdim=True)[0], -1.0e9)
-        can_improve = can_improve & (best_running > worst_fin).any(-1, keepdim=True)
-        open_beam = not (bool(fin_done.all()) and early_stopping is True)
-        if not (bool(can_improve.any()) and open_beam and not bool(hits.all())):
-            break
-        runner.reorder(src)
-        logits = model.hidden_state_to_token(runner.step(running[:, :, :cur].reshape(B * nb, cur))).float()
-    out_len = P + int(fin_len[:, 0].max())
-    return finished[:, 0, :out_len]
-
-
-# ------------------------------------------------------------------------- MBR
-
-
-def mbr_select(candidates: Sequence[str], utility: Callable[[str, str], float]) -> int:
-    """Index of the candidate with the highest mean utility against the others
-    (minimum Bayes risk with the samples as pseudo-references)."""
-    n = len(candidates)
-    if n == 0:
-        raise ValueError("mbr_select needs at least one candidate")
-    if n == 1:
-        return 0
-    means = [sum(utility(c, r) for j, r in enumerate(candidates) if j != i) / (n - 1) for i, c in enumerate(candidates)]
-    return max(range(n), key=means.__getitem__)
-
-
-@torch.no_grad()
-def mbr_generate(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    num_candidates: int,
-    decode: Callable[[list[int]], str],
-    utility: Callable[[str, str], float],
-    **sample_kwargs,
-) -> list[list[int]]:
-    """Draw ``num_candidates`` samples per prompt and keep the one with the highest
-    mean ``utility`` (chrF for sonnets) against the others. Returns token lists
-    (prompt included, padding and what follows EOS removed) per prompt."""
-    B, P = input_ids.shape
-    ids = input_ids.repeat_interleave(num_candidates, 0)
-    mask = None if attention_mask is None else attention_mask.repeat_interleave(num_candidates, 0)
-    sample_kwargs.setdefault("do_sample", True)
-    out = generate(model, ids, mask, **sample_kwargs)  # (B*N, T)
-    eos = sample_kwargs.get("eos_token_id")
-    rows = [trim(out[i], P, None if mask is None else int((mask[i] == 0).sum()), eos) for i in range(out.size(0))]
-    chosen = []
-    for b in range(B):
-        group = rows[b * num_candidates : (b + 1) * num_candidates]
-        texts = [decode(r) for r in group]
-        chosen.append(group[mbr_select(texts, utility)])
-    return chosen
 
 
 def trim(row: torch.Tensor, prompt_len: int, num_pad: int | None, eos_token_id: int | None) -> list[int]:

@@ -10,8 +10,9 @@ from transformers import GPT2Config as HFConfig
 from transformers import GPT2LMHeadModel
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from models.generation import LineStop, _top_k, _top_p, generate, mbr_generate, mbr_select, trim
+from models.generation import LineStop, _top_k, _top_p, generate, trim
 from models.gpt2 import GPT2Model
+from models.mbr import mbr_generate, mbr_select
 
 PROMPT_LEN, NEW = 9, 30
 
