@@ -144,3 +144,16 @@ def test_device_choice():
         assert pick_device(False, "auto") == torch.device("cpu")
         with pytest.raises(SystemExit, match="CUDA is not available"):
             pick_device(True)
+
+
+def test_offline_hub_id_ends_in_a_clear_exit(tmp_path, monkeypatch):
+    """No traceback: the task exits with the loader's advice (local folder or --random_init)."""
+    from models import loading
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loading.hub_reachable.cache_clear()
+    args = [a for a in cli_args(tmp_path, "full-model", "--dataset", "sst") if a != "--random_init"]
+    args[args.index("--model_size") + 1] = "gpt2"
+    with pytest.raises(SystemExit, match=r"^error: cannot download 'gpt2'.*--random_init"):
+        classifier.main(args)
+    loading.hub_reachable.cache_clear()
