@@ -26,6 +26,7 @@ from training.cli import (
     default_output_dir,
     lora_kwargs,
     pick_device,
+    run_main,
     seed_everything,
     train_config_from_args,
 )
@@ -139,4 +140,4 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -213,4 +213,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from training.cli import run_main
+
+    run_main(main)

@@ -46,6 +46,7 @@ from training.cli import (
     default_output_dir,
     lora_kwargs,
     pick_device,
+    run_main,
     seed_everything,
     train_config_from_args,
 )
@@ -314,4 +315,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

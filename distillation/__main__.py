@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from training.cli import add_common_args
+from training.cli import add_common_args, run_main
 
 STEPS = {
     "contexts": ("distillation.contexts", "sample short contexts from GPT-2 or read them from a file"),
@@ -43,4 +43,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(lambda: main(sys.argv[1:]))

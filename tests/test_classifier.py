@@ -157,3 +157,16 @@ def test_offline_hub_id_ends_in_a_clear_exit(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"^error: cannot download 'gpt2'.*--random_init"):
         classifier.main(args)
     loading.hub_reachable.cache_clear()
+
+
+def test_command_line_reports_bad_input_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(classifier.__file__).resolve().parent
+    proc = subprocess.run([sys.executable, str(root / "classifier.py"), "--dataset", "sst", "--model_size", "tiny",
+                           "--random_init", "--sst_train", str(tmp_path / "missing.csv")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'missing.csv'}: file does not exist")
+    assert "Traceback" not in proc.stderr

@@ -10,6 +10,7 @@ seeding code is copied between ``classifier.py``, ``paraphrase_detection.py`` an
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 __all__ = [
     "LORA_TARGETS", "add_common_args", "build_from_args", "default_output_dir", "lora_kwargs", "lora_targets",
-    "pick_device", "seed_everything", "train_config_from_args",
+    "pick_device", "run_main", "seed_everything", "train_config_from_args",
 ]
 
 
@@ -138,6 +139,23 @@ def build_from_args(args: argparse.Namespace, **config_overrides: Any):
     maybe_compile(model, getattr(args, "compile", False))
     tokenizer = load_tokenizer(args.tokenizer)
     return model, tokenizer
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run a task's ``main()`` as a command: bad input (a malformed or missing file, weights
+    that do not fit) ends in one ``error: file:line: problem`` line and exit status 2, not
+    a traceback. Called from each script's ``if __name__ == "__main__"`` block only, so
+    tests and callers of ``main`` still get the exception."""
+    import sys
+
+    from models.loading import CheckpointError
+    from training.data import DataFormatError
+
+    try:
+        main()
+    except (CheckpointError, DataFormatError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def default_output_dir(task: str, *parts: str) -> str:
