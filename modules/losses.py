@@ -41,51 +41,61 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w and N == 0 else None
+        # Logits are held transposed, (V, c) = W @ h_c^T, and the hidden-state gradient is computed
+        # as W^T g: with the (V, d) weight as a plain operand the three products of a chunk run
+        # 15-40% faster on CPU BLAS (MKL, gpt2 sizes) than in the (c, V) layout, and none needs a
+        # transposed copy of W. Softmax reductions run over dim 0, vectorised across the columns.
         # float32 without autocast: one logits buffer reused by every chunk (no allocation or
-        # page faults per chunk); small chunks keep it in the last-level cache on CPU.
+        # page faults per chunk). Larger chunks mean fewer passes over W and better-shaped
+        # products (gpt2, 2 threads: 128 rows 1.46 s, 256 rows 1.38 s, 512 rows 1.34 s per
+        # 1016-row step) at chunk * V * 4 bytes of buffer (51 MB for 256 rows).
         plain = h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type)
-        buf = torch.empty(min(chunk_size, N), weight.size(0), device=h.device) if plain else None
+        buf = torch.empty(weight.size(0) * min(chunk_size, N), device=h.device) if plain else None
         for s in range(0, N, chunk_size):
             e = min(s + chunk_size, N)
             hc, t, w = h[s:e], safe_t[s:e], row_w[s:e]  # (c, d), (c,), (c,)
-            if plain:
-                logits = torch.mm(hc, weight.t(), out=buf[: e - s])  # (c, V)
+            if plain:  # a contiguous prefix of the buffer, also for a shorter last chunk
+                logits = torch.mm(weight, hc.t(), out=buf[: weight.size(0) * (e - s)].view(-1, e - s))  # (V, c)
             else:
-                logits = (hc @ weight.t()).float()  # (c, V)
-            rows = torch.arange(e - s, device=h.device)
-            m = logits.amax(dim=-1)  # (c,)
-            tgt = logits[rows, t]  # (c,)
-            ex = logits.sub_(m[:, None]).exp_()  # (c, V) exp(logit - max), in place
-            z = ex.sum(dim=-1)  # (c,) softmax normaliser
+                logits = (weight @ hc.t()).float()  # (V, c)
+            cols = torch.arange(e - s, device=h.device)
+            m = logits.amax(dim=0)  # (c,)
+            tgt = logits[t, cols]  # (c,)
+            ex = logits.sub_(m).exp_()  # (V, c) exp(logit - max), in place
+            z = ex.sum(dim=0)  # (c,) softmax normaliser
             loss = loss + ((m + z.log() - tgt) * w).sum()
             if not (need_h or need_w):
                 continue
             # d loss / d logits = w * (ex / z - onehot) = (w / z) * (ex - z * onehot): subtract z at the
             # targets, and apply the row scale w / z on the thin (c, d) side of each matmul.
-            ex[rows, t] -= z
-            g = ex.to(h.dtype)
+            ex[t, cols] -= z
+            g = ex.to(h.dtype)  # (V, c)
             r = (w / z)[:, None].to(h.dtype)  # (c, 1)
-            if need_h:
-                grad_h[s:e] = (g @ weight) * r  # (c, d)
+            if need_h:  # as W^T g, (d, c): the faster of the two orientations
+                torch.mul((weight.t() @ g).t(), r, out=grad_h[s:e])  # (c, d)
             if need_w:
                 if grad_w is None:
-                    grad_w = (g.t() @ (hc * r)).float()  # (V, d)
+                    grad_w = (g @ (hc * r)).float()  # (V, d)
                 elif plain:
-                    grad_w.addmm_(g.t(), hc * r)  # accumulate in place: no (V, d) temporary
+                    grad_w.addmm_(g, hc * r)  # accumulate in place: no (V, d) temporary
                 else:
-                    grad_w += (g.t() @ (hc * r)).float()
-        ctx.save_for_backward(
-            grad_h if need_h else None,
-            grad_w.to(weight.dtype) if need_w else None,
-        )
+                    grad_w += (g @ (hc * r)).float()
+        # Kept as attributes, not saved tensors: backward scales them in place and hands them over,
+        # so the (V, d) weight gradient is never copied (a fresh 150 MB buffer costs page faults).
+        ctx.grads = (grad_h if need_h else None, grad_w.to(weight.dtype) if need_w else None)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        gw = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
-        return gh, gw, None, None, None
+        if ctx.grads is None:
+            raise RuntimeError("lm_loss: backward ran twice; its gradients were computed in the forward pass "
+                               "and handed over the first time (no retain_graph support)")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        for g in (grad_h, grad_w):
+            if g is not None:
+                g.mul_(grad_out.to(g.dtype))
+        return grad_h, grad_w, None, None, None
 
 
 def lm_loss(
@@ -93,7 +103,7 @@ def lm_loss(
     weight: torch.Tensor,
     targets: torch.Tensor,
     ignore_index: int = -100,
-    chunk_size: int = 128,
+    chunk_size: int = 256,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, chunk by chunk.
 

@@ -76,3 +76,33 @@ def test_bf16_autocast_close_to_float32() -> None:
     assert all(t.dtype == torch.float32 for t in got)
     for r, o in zip(ref, got):
         torch.testing.assert_close(o, r, rtol=0.05, atol=0.02)
+
+
+def test_second_backward_is_refused_clearly() -> None:
+    """The gradients are computed in forward and handed over (scaled in place) by the first
+    backward, so a second one (retain_graph) raises instead of returning wrong numbers."""
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(6, 8, generator=g, requires_grad=True)
+    w = torch.randn(20, 8, generator=g, requires_grad=True)
+    y = torch.randint(0, 20, (6,), generator=g)
+    loss = lm_loss(h, w, y, chunk_size=4)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_tied_weight_gradients_add_up() -> None:
+    """The weight is used twice (embedding lookup and LM head, as in GPT-2): both gradients
+    reach it, summed, as with the full-logits reference."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(30, 8, generator=g)
+    ids = torch.randint(0, 30, (2, 7), generator=g)
+
+    def run(loss_fn):
+        wt = w.clone().requires_grad_(True)
+        h = torch.tanh(F.embedding(ids, wt))  # (B, T, d)
+        loss_fn(h[:, :-1], wt, ids[:, 1:]).backward()
+        return wt.grad
+
+    torch.testing.assert_close(run(lambda a, b, c: lm_loss(a, b, c, chunk_size=3)), run(reference),
+                               rtol=1e-5, atol=1e-6)
