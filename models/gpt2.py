@@ -19,22 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from config import GPT2Config
 from modules.attention import KVCache, RingKVCache, build_attention_mask, new_kv_cache
-from modules.gpt2_layer import GPT2Layer
-
-# Up to this many rows, logits without autograd use the cached transposed embedding (decoding).
-DECODE_ROWS = 64
-_HAS_PACKED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-
-
-class _DecodeWeights(dict):
-    """Derived copies of weights for decoding; copies and pickles of the model start empty
-    (an oneDNN-packed tensor can be neither deep-copied nor pickled)."""
-
-    def __deepcopy__(self, memo: dict) -> _DecodeWeights:
-        return _DecodeWeights()
-
-    def __reduce__(self):
-        return (_DecodeWeights, ())
+from modules.gpt2_layer import GPT2Layer, decode_path, packed_linear
 
 
 class GPT2Model(nn.Module):
@@ -114,34 +99,14 @@ class GPT2Model(nn.Module):
     def hidden_state_to_token(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits through the tied token embedding: (..., d) -> (..., V).
 
-        For a few rows without autograd (a decoding step) on CPU it uses a cached copy
-        of the embedding in a faster layout: the (V, d) matrix times a few vectors is the
-        largest read of a decoding step, and the layout F.linear uses streams it at about
-        half the machine's bandwidth. One row: a (d, V) copy (a plain vector-matrix
-        product); 2 to DECODE_ROWS rows: oneDNN's prepacked weight format."""
+        For a decoding step (up to DECODE_ROWS rows, no autograd, CPU) it multiplies by a
+        cached oneDNN-prepacked copy of the embedding (``modules.gpt2_layer.decode_weight``):
+        the (V, d) matrix times a few vectors is the largest read of a decoding step, and the
+        layout F.linear uses streams it at well under the machine's bandwidth."""
         w = self.wte.weight
-        rows = hidden_state.numel() // max(hidden_state.size(-1), 1)
-        if (rows > DECODE_ROWS or w.device.type != "cpu" or (torch.is_grad_enabled() and w.requires_grad)
-                or hidden_state.dtype != w.dtype):
-            return F.linear(hidden_state, w)
-        if rows == 1 and w.dtype == torch.float32:
-            return hidden_state @ self._decode_weight("t")  # (..., d) @ (d, V)
-        if _HAS_PACKED_LINEAR:
-            return torch.ops.mkldnn._linear_pointwise(hidden_state, self._decode_weight("packed"), None, "none", [], "")
+        if decode_path(hidden_state, w):
+            return packed_linear(self, hidden_state, w, None)
         return F.linear(hidden_state, w)
-
-    def _decode_weight(self, kind: str) -> torch.Tensor:
-        """The token embedding transposed ("t", (d, V) contiguous) or prepacked for oneDNN
-        ("packed"), rebuilt whenever the embedding changes: new storage, dtype or device,
-        or any in-place update, which bumps the tensor's version counter (optimizer steps,
-        load_state_dict)."""
-        w = self.wte.weight
-        key = (kind, w.data_ptr(), w._version, w.dtype, w.device)
-        cache = self.__dict__.setdefault("_decode_weights", _DecodeWeights())  # not in state_dict
-        if cache.get(kind, (None,))[0] != key:
-            wd = w.detach()
-            cache[kind] = (key, wd.t().contiguous() if kind == "t" else torch.ops.mkldnn._reorder_linear_weight(wd, 8))
-        return cache[kind][1]
 
     def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache | RingKVCache:
         """The decoding cache for this config: a ring of the last w positions under window attention."""
