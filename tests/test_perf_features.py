@@ -171,8 +171,16 @@ def block_linears(model: GPT2Model) -> list[torch.nn.Linear]:
     return [m for b in model.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
 
 
+@pytest.fixture
+def pack_small_weights(monkeypatch):
+    """The tests' tiny block weights are below the size that gets packed; pack them anyway."""
+    import modules.gpt2_layer
+
+    monkeypatch.setattr(modules.gpt2_layer, "PACKED_MIN_NUMEL", 0)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
-def test_packed_block_linears_equal_plain_linears_and_follow_weight_updates(batch: int) -> None:
+def test_packed_block_linears_equal_plain_linears_and_follow_weight_updates(batch: int, pack_small_weights) -> None:
     """Decoding steps (no autograd, one position per row) run the block linears on cached
     oneDNN-packed weights: same outputs as F.linear, rebuilt after in-place updates and dtype
     changes, never used with autograd, invisible to state_dict, copies and pickles."""
@@ -212,7 +220,7 @@ def test_packed_block_linears_equal_plain_linears_and_follow_weight_updates(batc
             torch.testing.assert_close(c(x), F.linear(x, c.weight, c.bias))
 
 
-def test_cached_decoding_with_packed_weights_equals_the_plain_forward() -> None:
+def test_cached_decoding_with_packed_weights_equals_the_plain_forward(pack_small_weights) -> None:
     """Whole-model decoding steps on packed weights give the hidden states of the plain
     (autograd-enabled, F.linear) forward over the full sequence."""
     torch.manual_seed(0)
@@ -257,3 +265,13 @@ def test_blocked_foreach_adamw_equals_the_loop_bit_for_bit() -> None:
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def test_small_block_weights_stay_on_f_linear() -> None:
+    """Weights below PACKED_MIN_NUMEL (cache-resident) are not packed: no copy, F.linear's numbers."""
+    model = GPT2Model(small_config())
+    lin = model.h[0].attn.c_proj
+    x = torch.randn(1, 1, 32)
+    with torch.no_grad():
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    assert not lin.__dict__.get("_decode_weights")
