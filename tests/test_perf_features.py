@@ -128,11 +128,21 @@ def test_length_grouped_sampler_resumes_from_its_generator() -> None:
         LengthGroupedSampler(lengths, 0)
 
 
-def test_decoding_logits_follow_weight_updates() -> None:
-    """The cached packed embedding used for decoding logits equals F.linear and is
-    rebuilt after an in-place update (an optimizer step) or a dtype change."""
+@pytest.mark.parametrize("one_row", ["transposed", "packed"])
+def test_decoding_logits_follow_weight_updates(one_row, monkeypatch) -> None:
+    """The cached embedding copies used for decoding logits (transposed or packed for one row,
+    packed for a few) equal F.linear and are rebuilt after an in-place update (an optimizer
+    step) or a dtype change."""
+    import modules.gpt2_layer as layer
+
+    if one_row == "packed":  # what gpt2-size widths take on several threads
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+        monkeypatch.setattr(layer, "ONE_ROW_PACKED_MIN_D", 0)
     torch.manual_seed(0)
     model = GPT2Model(small_config())
+    with torch.no_grad():
+        model.hidden_state_to_token(torch.randn(1, 32))
+    assert ("t" in model.__dict__["_decode_weights"]) == (one_row == "transposed")
     for rows in (1, 3):  # one row and a few rows: two packed layouts
         h = torch.randn(rows, 32)
         with torch.no_grad():
