@@ -128,14 +128,11 @@ def build_from_args(args: argparse.Namespace, **config_overrides: Any):
     ``config_overrides`` (e.g. ``hidden_dropout_prob=...``) change the body's config; the course
     classifier keeps GPT-2's own dropout in the body and uses ``--hidden_dropout_prob`` in its head."""
     from models.gpt2 import maybe_compile
-    from models.loading import CheckpointError, build_model, load_tokenizer
+    from models.loading import build_model, load_tokenizer
 
     if getattr(args, "gradient_checkpointing", False):
         config_overrides.setdefault("gradient_checkpointing", True)
-    try:
-        model = build_model(args.model_size, args.random_init, **config_overrides)
-    except CheckpointError as e:  # the message says what to do; a traceback would bury it
-        raise SystemExit(f"error: {e}") from e
+    model = build_model(args.model_size, args.random_init, **config_overrides)  # run_main reports its errors
     maybe_compile(model, getattr(args, "compile", False))
     tokenizer = load_tokenizer(args.tokenizer)
     return model, tokenizer
