@@ -19,7 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 from config import GPT2Config
 from modules.attention import KVCache, RingKVCache, build_attention_mask, new_kv_cache
-from modules.gpt2_layer import GPT2Layer, decode_path, one_row_transposed, packed_linear, transposed_weight
+from modules.decode_weights import decode_path, one_row_transposed, packed_linear, transposed_weight
+from modules.gpt2_layer import GPT2Layer
 
 
 class GPT2Model(nn.Module):
@@ -100,7 +101,7 @@ class GPT2Model(nn.Module):
         """Vocabulary logits through the tied token embedding: (..., d) -> (..., V).
 
         For a decoding step (up to DECODE_ROWS rows, no autograd, CPU) it multiplies by a
-        cached oneDNN-prepacked copy of the embedding (``modules.gpt2_layer.decode_weight``),
+        cached oneDNN-prepacked copy of the embedding (``modules.decode_weights.decode_weight``),
         or for one row on one thread or at small width by a cached transposed copy: the (V, d)
         matrix times a few vectors is the largest read of a decoding step, and the layout
         F.linear uses streams it at well under the machine's bandwidth."""

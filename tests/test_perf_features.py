@@ -133,7 +133,7 @@ def test_decoding_logits_follow_weight_updates(one_row, monkeypatch) -> None:
     """The cached embedding copies used for decoding logits (transposed or packed for one row,
     packed for a few) equal F.linear and are rebuilt after an in-place update (an optimizer
     step) or a dtype change."""
-    import modules.gpt2_layer as layer
+    import modules.decode_weights as layer
 
     if one_row == "packed":  # what gpt2-size widths take on several threads
         monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
@@ -184,9 +184,9 @@ def block_linears(model: GPT2Model) -> list[torch.nn.Linear]:
 @pytest.fixture
 def pack_small_weights(monkeypatch):
     """The tests' tiny block weights are below the size that gets packed; pack them anyway."""
-    import modules.gpt2_layer
+    import modules.decode_weights
 
-    monkeypatch.setattr(modules.gpt2_layer, "PACKED_MIN_NUMEL", 0)
+    monkeypatch.setattr(modules.decode_weights, "PACKED_MIN_NUMEL", 0)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
