@@ -76,12 +76,17 @@ def test_fresh_dora_wrap_equals_base():
     torch.testing.assert_close(model(ids, mask), before, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_merge_equals_unmerged_and_unmerge_restores(use_dora):
+def adapted_model(use_dora: bool) -> tuple[GPT2SentimentClassifier, torch.Tensor, torch.Tensor]:
+    """A small model with trained-looking (nonzero B) adapters on two targets, and its inputs."""
     model = small_model()
     apply_lora(model, ("attn.c_attn", "mlp.c_fc"), r=4, alpha=8, use_dora=use_dora)
     randomize_b(model)
-    ids, mask = inputs()
+    return model, *inputs()
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_equals_unmerged_and_unmerge_restores(use_dora):
+    model, ids, mask = adapted_model(use_dora)
     base_w = model.gpt.h[0].attn.c_attn.base.weight.clone()
     unmerged = model(ids, mask)
     merge_lora(model)
@@ -96,10 +101,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(use_dora):
 
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_unwrap_leaves_plain_linears_with_the_adapted_outputs(use_dora):
-    model = small_model()
-    apply_lora(model, ("attn.c_attn", "mlp.c_fc"), r=4, alpha=8, use_dora=use_dora)
-    randomize_b(model)
-    ids, mask = inputs()
+    model, ids, mask = adapted_model(use_dora)
     adapted = model(ids, mask)
     unwrap_lora(model)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
