@@ -197,9 +197,10 @@ def test_smart_term_is_zero_at_epsilon_zero_and_positive_above():
     model = tiny_classifier(dropout=0.0).eval()
     b = batch()
     clean = logits_fn(model, b)
-    zero = smoothness_loss(model, b, logits_fn, clean, b["attention_mask"], epsilon=0.0, steps=2)
-    assert zero.item() == 0.0
-    assert smoothness_loss(model, b, logits_fn, clean, b["attention_mask"], epsilon=0.05, steps=2).item() > 0
+    for eps in (0.0, 0.05):
+        delta = adversarial_perturbation(model, b, logits_fn, clean, b["attention_mask"], epsilon=eps, steps=2)
+        term = smoothness_loss(model, b, logits_fn, clean, delta).item()
+        assert term == 0.0 if eps == 0 else term > 0
 
 
 def test_momentum_teacher_update_and_prediction():

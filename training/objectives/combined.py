@@ -28,7 +28,13 @@ from torch import nn
 from training.objectives.contrastive import pair_views_loss, unsupervised_contrastive_loss
 from training.objectives.pooling import POOLINGS, pool
 from training.objectives.rdrop import rdrop_loss
-from training.objectives.smart import MomentumTeacher, find_body, proximal_loss, smoothness_loss
+from training.objectives.smart import (
+    MomentumTeacher,
+    adversarial_perturbation,
+    find_body,
+    proximal_loss,
+    smoothness_loss,
+)
 from training.trainer import Callback
 
 LogitsFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -188,8 +194,9 @@ class Objective(Callback):
             hidden, mask = states[0]  # type: ignore[misc]
             if mask is None:
                 mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
-            terms["smart"] = smoothness_loss(model, batch, self.logits_fn, logits[0], mask[:, -hidden.size(1):],
+            delta = adversarial_perturbation(model, batch, self.logits_fn, logits[0], mask[:, -hidden.size(1):],
                                              s.smart_epsilon, s.smart_steps, s.smart_step_size, s.smart_noise_std)
+            terms["smart"] = smoothness_loss(model, batch, self.logits_fn, logits[0], delta)
             weighted = weighted + s.smart_weight * terms["smart"]
         if s.smart_proximal_weight > 0:
             if self.teacher is None:  # used without the Trainer callback: theta~ starts here

@@ -101,20 +101,11 @@ def adversarial_perturbation(
 
 
 def smoothness_loss(
-    model: nn.Module,
-    batch: Any,
-    logits_fn: LogitsFn,
-    clean_logits: torch.Tensor,
-    attention_mask: torch.Tensor,
-    epsilon: float,
-    steps: int = 1,
-    step_size: float = 1e-3,
-    noise_std: float = 1e-5,
+    model: nn.Module, batch: Any, logits_fn: LogitsFn, clean_logits: torch.Tensor, delta: torch.Tensor
 ) -> torch.Tensor:
-    """R_s: symmetric KL between the predictions at the adversarial embeddings and the clean
-    ones (gradients through both). Exactly zero at ``epsilon`` 0 without dropout."""
-    delta = adversarial_perturbation(model, batch, logits_fn, clean_logits, attention_mask, epsilon, steps,
-                                     step_size, noise_std)
+    """R_s at the perturbation ``delta`` (from ``adversarial_perturbation``): the symmetric KL between
+    the predictions at the perturbed embeddings and the clean ones, gradients through both.
+    Exactly zero for a zero ``delta`` (epsilon 0) without dropout."""
     with perturbed_embeddings(model, delta):
         adv_logits = logits_fn(model, batch)
     return symmetric_kl(adv_logits, clean_logits)
