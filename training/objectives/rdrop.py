@@ -4,8 +4,9 @@ symmetric KL divergence between their predictive distributions to the task loss:
 
     L = 1/2 (CE(p1, y) + CE(p2, y)) + alpha * 1/2 (KL(p1 || p2) + KL(p2 || p1))
 
-(the form of the authors' reference code; their paper writes the sum of the two
-cross-entropies, i.e. the same objective at twice the scale). Without dropout (eval mode
+(the paper writes the sum of the two cross-entropies, the same objective at twice the
+scale; the usage example in the authors' repository sums the KL over the batch, which ties
+alpha to the batch size, where here it is a mean over examples). Without dropout (eval mode
 or p = 0) the two passes agree and the term is exactly zero: R-Drop only acts through the
 randomness it regularises.
 

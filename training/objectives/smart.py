@@ -19,6 +19,11 @@ any head built on ``models.gpt2.GPT2Model`` works unchanged (the model is not ed
 teacher keeps copies of the trainable parameters only (LoRA adapters and head, or all of them)
 and swaps them in for its forward pass, so a frozen body is never duplicated.
 
+Defaults: the paper used eps = 1e-5, sigma = 1e-5, eta = 1e-3, one ascent step, lambda_s in
+{1, 3, 5}, mu = 1 and beta = 0.99 on BERT and RoBERTa. The useful radius depends on the scale of
+the embeddings it perturbs (the term grows roughly as eps^2), so ``--smart_epsilon`` defaults to
+1e-3, reached in one ascent step of eta = 1e-3, and is worth tuning per model.
+
 Differences from the paper, on purpose: the teacher predicts without dropout (a fixed target);
 the teacher is not saved in checkpoints, so after ``--resume`` it restarts from the resumed
 weights. The reference code (namisan/mt-dnn) rescales the perturbation to unit inf-norm per
