@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> Report:
         try:
             report = prepare(args.root, output, overwrite=args.overwrite, force=args.force, data_dir=args.data_dir,
                              import_check=not args.no_import_check)
-        except FileExistsError as e:
+        except (FileExistsError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         report.written = report.written and not args.dry_run

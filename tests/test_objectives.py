@@ -169,6 +169,8 @@ def test_perturbed_embeddings_adds_delta_to_token_embeddings_only_inside_the_blo
     assert not torch.allclose(moved[2], clean[2])
     assert torch.allclose(moved[[0, 1, 3]], clean[[0, 1, 3]], atol=1e-6)  # other rows untouched
     assert torch.equal(logits_fn(model, b), clean)  # hook removed
+    with pytest.raises(RuntimeError, match="could not perturb"), perturbed_embeddings(model, delta):
+        model.classifier(torch.zeros(4, 128))  # the embedding never ran: no silent no-op
 
 
 def test_smart_perturbation_stays_in_the_ball_and_beats_a_random_one():

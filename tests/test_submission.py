@@ -113,6 +113,12 @@ def test_never_overwrites_without_the_flag(tmp_path, capsys):
     assert zipfile.is_zipfile(out)
 
 
+def test_a_folder_without_models_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        prepare_submit.main(["--root", str(tmp_path), "--output", str(tmp_path / "x.zip")])
+    assert e.value.code == 2 and "has no models/" in capsys.readouterr().err and not (tmp_path / "x.zip").exists()
+
+
 def test_dry_run_writes_nothing(tmp_path, capsys):
     root = fake_project(tmp_path / "proj")
     out = tmp_path / "sub.zip"

@@ -183,6 +183,9 @@ def prepare(root: str | Path, output: str | Path, overwrite: bool = False, force
     """Check and pack ``root`` into ``output``. The zip is written only without errors (or with
     ``force``), never over an existing file unless ``overwrite``."""
     root, output = Path(root), Path(output)
+    if not (root / "models").is_dir():
+        raise FileNotFoundError(f"{root}: not the project folder (it has no models/); run from the project root "
+                                "or pass --root")
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it, or --output another name")
     data_dir = Path(data_dir) if data_dir else root / "data"

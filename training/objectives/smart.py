@@ -56,12 +56,16 @@ def find_body(model: nn.Module) -> GPT2Model:
 @contextlib.contextmanager
 def perturbed_embeddings(model: nn.Module, delta: torch.Tensor) -> Iterator[None]:
     """Within the block, the body's token embeddings come out as ``wte(input_ids) + delta``
-    (delta (B, T, d), the shape of the batch the block runs)."""
+    (delta (B, T, d), the shape of the batch the block runs). A block in which the embedding
+    module's hooks never ran raises (a compiled forward may skip hooks added after compilation),
+    since SMART would otherwise regularise nothing without a word."""
+    fired = []
 
     def add_delta(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         if output.shape != delta.shape:
             raise ValueError(f"perturbation of shape {tuple(delta.shape)} for embeddings of shape "
                              f"{tuple(output.shape)}")
+        fired.append(True)
         return output + delta.to(output.dtype)
 
     handle = find_body(model).wte.register_forward_hook(add_delta)
@@ -69,6 +73,10 @@ def perturbed_embeddings(model: nn.Module, delta: torch.Tensor) -> Iterator[None
         yield
     finally:
         handle.remove()
+    if not fired:
+        raise RuntimeError("SMART could not perturb the embeddings: the body's token embedding module was not "
+                           "called through its hooks (a compiled model may skip hooks added later); run SMART without "
+                           "--compile")
 
 
 def adversarial_perturbation(
