@@ -8,6 +8,8 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 DATA_URL=${DATA_URL:-https://raw.githubusercontent.com/cfifty/public_cs224n_gpt/main/data}
+# CoLA (GLUE acceptability), tokenized and lower-cased, "sentence<TAB>label" without a header.
+COLA_URL=${COLA_URL:-https://raw.githubusercontent.com/felipefreitas93/NLPdatasets/HEAD/CoLA}
 SHARED=../shared/data
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -44,9 +46,11 @@ if curl -sfI --connect-timeout 5 --max-time 10 "$DATA_URL/sonnets.txt" >/dev/nul
 else
   echo "==> course data server unreachable; using $SHARED where it has the files"
 fi
-for f in "${FILES[@]}"; do
-  [ -s "data/$f" ] && continue
-  if [ "$online" = 1 ] && curl -sfL --connect-timeout 5 --max-time 600 "$DATA_URL/$f" -o "data/$f.part"; then
+# fetch NAME URL: data/NAME from URL when online, else from $SHARED/NAME; skipped if present.
+fetch() {
+  local f=$1 url=$2
+  [ -s "data/$f" ] && return 0
+  if [ "$online" = 1 ] && curl -sfL --connect-timeout 5 --max-time 600 "$url" -o "data/$f.part"; then
     mv "data/$f.part" "data/$f"
     echo "    downloaded data/$f"
   else
@@ -57,7 +61,12 @@ for f in "${FILES[@]}"; do
       echo "    missing data/$f (not downloadable now, not in $SHARED)"
     fi
   fi
+}
+for f in "${FILES[@]}"; do
+  fetch "$f" "$DATA_URL/$f"
 done
+fetch cola-train.tsv "$COLA_URL/train.tsv"
+fetch cola-dev.tsv "$COLA_URL/dev.tsv"
 # Offline stand-in for the Quora splits (paraphrase_detection.py carves train/dev/test from it).
 if [ ! -s data/quora-train.csv ] && [ -f "$SHARED/quora-minbert-dev.csv" ] && [ ! -s data/quora-minbert-dev.csv ]; then
   cp "$SHARED/quora-minbert-dev.csv" data/ && echo "    copied data/quora-minbert-dev.csv (offline Quora stand-in)"

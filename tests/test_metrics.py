@@ -12,6 +12,7 @@ from training.metrics import (
     corpus_rouge_l,
     macro_f1,
     majority_baseline,
+    matthews_corr,
     rouge_l,
 )
 
@@ -22,8 +23,20 @@ def test_accuracy_and_macro_f1_by_hand():
     assert accuracy(y_true, y_pred) == pytest.approx(4 / 6)
     # per-class F1: class 0: P 1/2 R 1/2 -> 0.5; class 1: P 2/3 R 1 -> 0.8; class 2: P 1 R 1/2 -> 2/3
     assert macro_f1(y_true, y_pred) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
-    assert classification_metrics(y_true, y_pred) == {"accuracy": pytest.approx(4 / 6),
-                                                      "macro_f1": pytest.approx((0.5 + 0.8 + 2 / 3) / 3)}
+    metrics = classification_metrics(y_true, y_pred)
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert metrics["matthews_corr"] == pytest.approx(matthews_corr(y_true, y_pred))
+
+
+def test_matthews_correlation_by_hand():
+    # TP 2, TN 1, FP 1, FN 1: (2*1 - 1*1) / sqrt(3 * 3 * 2 * 2) = 1/6
+    assert matthews_corr([1, 1, 1, 0, 0], [1, 1, 0, 1, 0]) == pytest.approx(1 / 6)
+    assert matthews_corr([1, 0, 1], [1, 0, 1]) == pytest.approx(1.0)
+    assert matthews_corr([1, 0, 1], [0, 1, 0]) == pytest.approx(-1.0)
+    assert matthews_corr([1, 0, 1, 1], [1, 1, 1, 1]) == 0.0  # a majority guess gets no credit
+    with pytest.raises(ValueError, match="length mismatch"):
+        matthews_corr([0, 1], [0])
 
 
 def test_length_mismatch_is_an_error():

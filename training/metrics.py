@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 
 def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
@@ -27,9 +27,18 @@ def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
+def matthews_corr(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Matthews correlation coefficient (sklearn ``matthews_corrcoef``; its multiclass form beyond
+    two classes), in [-1, 1] with 0 for any constant or chance prediction: GLUE's CoLA metric,
+    which unlike accuracy gives a majority-class guess no credit on unbalanced labels."""
+    _check_lengths(y_true, y_pred)
+    return float(matthews_corrcoef(y_true, y_pred))
+
+
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, float]:
-    """The two numbers every classification task reports."""
-    return {"accuracy": accuracy(y_true, y_pred), "macro_f1": macro_f1(y_true, y_pred)}
+    """The numbers every classification task reports: accuracy, macro-F1 and Matthews correlation."""
+    return {"accuracy": accuracy(y_true, y_pred), "macro_f1": macro_f1(y_true, y_pred),
+            "matthews_corr": matthews_corr(y_true, y_pred)}
 
 
 def majority_baseline(train_labels: Sequence[int], eval_labels: Sequence[int]) -> float:
