@@ -27,6 +27,7 @@ from torch import nn
 from config import ATTENTION_PATTERNS
 from models.heads import SonnetGPT
 from training.data import PadCollator, make_loader
+from training.validation import non_negative_int, positive_float, positive_int, unit_fraction
 
 # ----------------------------------------------------------------- data
 
@@ -143,10 +144,11 @@ def add_attention_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     """Sparse-attention flags (see modules/attention.py); weights are unaffected."""
     g = parser.add_argument_group("sparse attention")
     g.add_argument("--attn_pattern", choices=ATTENTION_PATTERNS, default="dense")
-    g.add_argument("--attn_window", type=int, default=256, help="local window (window, strided)")
-    g.add_argument("--attn_block", type=int, default=64, help="block size (block_global)")
-    g.add_argument("--attn_num_global", type=int, default=1, help="leading global tokens (block_global)")
-    g.add_argument("--attn_stride", type=int, default=0, help="strided: 0 = LogSparse (2^k), s = multiples of s")
+    g.add_argument("--attn_window", type=positive_int, default=256, help="local window (window, strided)")
+    g.add_argument("--attn_block", type=positive_int, default=64, help="block size (block_global)")
+    g.add_argument("--attn_num_global", type=non_negative_int, default=1, help="leading global tokens (block_global)")
+    g.add_argument("--attn_stride", type=non_negative_int, default=0,
+                   help="strided: 0 = LogSparse (2^k), s = multiples of s")
     g.add_argument("--attn_sparse_impl", choices=("blockwise", "mask"), default="blockwise")
     return parser
 
@@ -161,10 +163,10 @@ def add_pretrain_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """``--pretrain_corpus`` and its epochs/batch/lr, for a task script that pretrains first."""
     g = parser.add_argument_group("causal-LM pretraining before fine-tuning")
     g.add_argument("--pretrain_corpus", type=str, default=None, help="plain-text corpus (e.g. poems)")
-    g.add_argument("--pretrain_epochs", type=int, default=10)
-    g.add_argument("--pretrain_batch_size", type=int, default=4)
-    g.add_argument("--pretrain_lr", type=float, default=1e-5)
-    g.add_argument("--pretrain_block_size", type=int, default=0, help="tokens per block (0: the context)")
+    g.add_argument("--pretrain_epochs", type=non_negative_int, default=10)
+    g.add_argument("--pretrain_batch_size", type=positive_int, default=4)
+    g.add_argument("--pretrain_lr", type=positive_float, default=1e-5)
+    g.add_argument("--pretrain_block_size", type=non_negative_int, default=0, help="tokens per block (0: the context)")
     return parser
 
 
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", type=str, required=True, help="plain-text corpus file")
-    parser.add_argument("--held_out_fraction", type=float, default=0.05)
+    parser.add_argument("--held_out_fraction", type=unit_fraction, default=0.05)
     add_common_args(parser, batch_size=4, lr=1e-5, epochs=10, hidden_dropout_prob=0.1)
     add_attention_args(parser)
     args = parser.parse_args(argv)

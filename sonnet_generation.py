@@ -54,6 +54,7 @@ from training.course_data import read_sonnets, write_sonnets
 from training.data import PadCollator, encode, make_loader
 from training.metrics import chrf
 from training.trainer import Trainer
+from training.validation import non_negative_int, positive_float, positive_int, probability, unit_interval
 
 FINE_TUNE_MODES = ("full-model", "lora")
 DECODINGS = ("greedy", "sample", "beam", "contrastive", "mbr")
@@ -77,19 +78,19 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     g = parser.add_argument_group("decoding")
     g.add_argument("--decoding", choices=DECODINGS, default="sample")
-    g.add_argument("--temperature", type=float, default=1.2, help="softmax temperature (sample, mbr)")
-    g.add_argument("--top_p", type=float, default=0.9, help="nucleus mass (sample, mbr)")
-    g.add_argument("--top_k", type=int, default=None, help="top-k filter (sample, mbr: 0 = off) or contrastive "
-                                                           f"candidates (default {CONTRASTIVE_K})")
-    g.add_argument("--num_beams", type=int, default=4)
+    g.add_argument("--temperature", type=positive_float, default=1.2, help="softmax temperature (sample, mbr)")
+    g.add_argument("--top_p", type=probability, default=0.9, help="nucleus mass (sample, mbr)")
+    g.add_argument("--top_k", type=non_negative_int, default=None,
+                   help=f"top-k filter (sample, mbr: 0 = off) or contrastive candidates (default {CONTRASTIVE_K})")
+    g.add_argument("--num_beams", type=positive_int, default=4)
     g.add_argument("--length_penalty", type=float, default=1.0)
-    g.add_argument("--penalty_alpha", type=float, default=0.6, help="contrastive search degeneration penalty")
-    g.add_argument("--repetition_penalty", type=float, default=1.0)
-    g.add_argument("--no_repeat_ngram_size", type=int, default=0)
-    g.add_argument("--mbr_candidates", type=int, default=8, help="samples per prompt for MBR selection")
-    g.add_argument("--max_new_tokens", type=int, default=192, help="cap on generated tokens per sonnet")
-    g.add_argument("--num_lines", type=int, default=14, help="stop a sonnet when it has this many lines")
-    g.add_argument("--gen_batch_size", type=int, default=12, help="prompts decoded together")
+    g.add_argument("--penalty_alpha", type=unit_interval, default=0.6, help="contrastive search degeneration penalty")
+    g.add_argument("--repetition_penalty", type=positive_float, default=1.0)
+    g.add_argument("--no_repeat_ngram_size", type=non_negative_int, default=0)
+    g.add_argument("--mbr_candidates", type=positive_int, default=8, help="samples per prompt for MBR selection")
+    g.add_argument("--max_new_tokens", type=positive_int, default=192, help="cap on generated tokens per sonnet")
+    g.add_argument("--num_lines", type=positive_int, default=14, help="stop a sonnet when it has this many lines")
+    g.add_argument("--gen_batch_size", type=positive_int, default=12, help="prompts decoded together")
     g.add_argument("--no_cache", action="store_true", help="decode without the key/value cache (slow; checks)")
     add_common_args(parser, batch_size=8, lr=None, epochs=50, hidden_dropout_prob=0.1, scheduler="linear",
                     warmup_ratio=0.1, patience=3)

@@ -20,6 +20,7 @@ import torch
 
 from distillation.kd_loss import GPT2Student, LSTMStudent, kd_loss
 from distillation.records import write_summary
+from training.validation import positive_float, positive_int, unit_interval
 
 DEFAULTS = {"batch_size": 32, "lr": 1e-3, "epochs": 5, "hidden_dropout_prob": 0.1}
 
@@ -31,9 +32,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", default=None, help="default data/ids-<dataset>-train.csv")
     p.add_argument("--dev", default=None, help="default data/ids-<dataset>-dev.csv")
     p.add_argument("--student", choices=("lstm", "tiny"), default="lstm")
-    p.add_argument("--student_hidden", type=int, default=768, help="LSTM hidden size")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft (teacher) term")
-    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--student_hidden", type=positive_int, default=768, help="LSTM hidden size")
+    p.add_argument("--alpha", type=unit_interval, default=0.5, help="weight of the soft (teacher) term")
+    p.add_argument("--temperature", type=positive_float, default=2.0)
     p.add_argument("--no_baseline", action="store_true", help="skip the student trained without the teacher")
 
 
