@@ -26,7 +26,7 @@ from torch import nn
 
 from config import ATTENTION_PATTERNS
 from models.heads import SonnetGPT
-from training.data import PadCollator, make_loader
+from training.data import DataFormatError, PadCollator, make_loader, read_text
 from training.validation import non_negative_int, positive_float, positive_int, unit_fraction
 
 # ----------------------------------------------------------------- data
@@ -37,14 +37,9 @@ def read_corpus(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretraining corpus {path} does not exist")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(f"{path}: line {line}: not UTF-8 text ({e.reason})") from e
+    text = read_text(path)
     if not text.strip():
-        raise ValueError(f"{path}: the corpus is empty")
+        raise DataFormatError(path, None, "the corpus is empty; give a plain-text file with some text")
     return text
 
 
@@ -120,7 +115,7 @@ def pretrain_lm(
     block_size = min(block_size or context, context)
     blocks = corpus_blocks(read_corpus(corpus), tokenizer, block_size, limit)
     if not blocks:
-        raise ValueError(f"{corpus}: fewer than 2 tokens, nothing to learn")
+        raise DataFormatError(corpus, None, "fewer than 2 tokens, nothing to learn; give a longer corpus")
     train, held = split_held_out(blocks, held_out_fraction)
     collate = PadCollator(tokenizer.pad_token_id)
     loader = make_loader(train, collate, batch_size, shuffle=True, num_workers=num_workers)

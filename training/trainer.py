@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from models.loading import atomic_save, load_checkpoint
+from models.loading import CheckpointError, atomic_save, load_checkpoint
 from optimizer import AdamW
 from training.checkpoints import keep_top_k, load_model_state, model_config_of, rank_top_k, trainable_state_dict
 from training.device import autocast_context, model_device, move_to_device
@@ -237,8 +237,14 @@ class Trainer:
     def load_weights(self, path: str | Path) -> dict[str, Any]:
         """Load the model weights of any checkpoint this Trainer wrote; returns the checkpoint."""
         ckpt = load_checkpoint(path, map_location=self.device)
-        load_model_state(self.model, ckpt["model"], ckpt.get("trainable_only", False), path)
+        self._load_model(ckpt, path)
         return ckpt
+
+    def _load_model(self, ckpt: Mapping[str, Any], path: str | Path) -> None:
+        if "model" not in ckpt:
+            raise CheckpointError(f"{path}: not a checkpoint written by the training engine (no model weights)")
+        load_model_state(self.model, ckpt["model"], ckpt.get("trainable_only", False), path,
+                         saved_config=ckpt.get("model_config"))
 
     def fit(self) -> dict[str, Any]:
         """Train for ``config.epochs`` (or until early stopping / ``max_steps``); returns the best dev
@@ -448,7 +454,9 @@ class Trainer:
         }, self.output_dir / "last.pt")
 
     def _resume(self, path: Path) -> None:
-        ckpt = self.load_weights(path)
+        ckpt = load_checkpoint(path, map_location=self.device)
+        self._check_same_parameters(ckpt, path)
+        self._load_model(ckpt, path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.epoch = ckpt["epoch"]
@@ -464,6 +472,18 @@ class Trainer:
         self.stop = ckpt["stopped"]
         set_rng_state(ckpt["rng"])
         set_sampler_rng_state(self.train_loader, ckpt["rng"])
+
+    def _check_same_parameters(self, ckpt: Mapping[str, Any], path: Path) -> None:
+        """A run resumes only into the parameters it trained: a checkpoint of another fine-tune mode
+        (a frozen body's head, LoRA adapters, the full model) is refused with what differs, before
+        the optimizer state (one slot per trained parameter) is forced onto other parameters."""
+        saved, ours = set(ckpt.get("model", {})), set(self._model_state())
+        if ckpt.get("trainable_only", False) != self.config.save_trainable_only or saved != ours:
+            detail = "; ".join(f"{what} ({len(keys)}): {', '.join(sorted(keys))}" for what, keys in (
+                ("only in the checkpoint", saved - ours), ("only in this run", ours - saved)) if keys)
+            raise CheckpointError(f"{path} was written by a run that trains other parameters (another fine-tune "
+                                  f"mode or model?){': ' + detail if detail else ''}; resume with that run's flags "
+                                  "or start a new run in another --output_dir")
 
     # ------------------------------------------------------------ logging
 
