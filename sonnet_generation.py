@@ -244,8 +244,8 @@ def load_sonnet_model(args: argparse.Namespace, path: str | Path) -> tuple[Sonne
         raise CheckpointError(f"{path}: neither a saved sonnet model nor a Trainer checkpoint")
     model, tokenizer, _ = build_sonnet_model(args)
     try:
-        load_model_state(model, ckpt["model"], ckpt.get("trainable_only", False), path)
-    except RuntimeError as e:
+        load_model_state(model, ckpt["model"], ckpt.get("trainable_only", False), path, ckpt.get("model_config"))
+    except RuntimeError as e:  # a CheckpointError listing every differing field and tensor on one line
         raise CheckpointError(f"{path} does not fit --model_size {args.model_size} --fine-tune-mode "
                               f"{args.fine_tune_mode}: {str(e).splitlines()[0]}") from e
     return model, tokenizer
