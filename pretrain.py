@@ -108,7 +108,7 @@ def pretrain_lm(
     """
     from dataclasses import replace
 
-    from training.trainer import Trainer
+    from training.trainer import Trainer, count_lm_targets
 
     lm = model if isinstance(model, SonnetGPT) else SonnetGPT(model)
     context = lm.gpt.config.max_position_embeddings
@@ -125,7 +125,8 @@ def pretrain_lm(
         eval_fn = lambda m: held_out_loss(m, held_loader)  # noqa: E731
     cfg = replace(train_config, metric="loss", mode="min")
     print(f"pretraining on {corpus}: {len(train)} blocks of <= {block_size} tokens, {len(held)} held out")
-    trainer = Trainer(lm, causal_lm_loss, loader, eval_fn, cfg, extra={"corpus": str(corpus)})
+    trainer = Trainer(lm, causal_lm_loss, loader, eval_fn, cfg, extra={"corpus": str(corpus)},
+                      count_fn=count_lm_targets)
     best = trainer.fit()
     if trainer.best_checkpoint is not None and not trainer.interrupted:
         trainer.load_best()

@@ -53,7 +53,7 @@ from training.cli import (
 from training.course_data import read_sonnets, write_sonnets
 from training.data import PadCollator, encode, make_loader
 from training.metrics import chrf
-from training.trainer import Trainer
+from training.trainer import Trainer, count_lm_targets
 from training.validation import non_negative_int, positive_float, positive_int, probability, unit_interval
 
 FINE_TUNE_MODES = ("full-model", "lora")
@@ -139,7 +139,7 @@ def fine_tune_lm(
     feats = sonnet_features(texts, tokenizer, max_length, "sonnets")
     loader = make_loader(feats, PadCollator(tokenizer.pad_token_id), batch_size, shuffle=True,
                          num_workers=num_workers, group_by_length=group_by_length)
-    trainer = Trainer(model, lm_loss_fn, loader, eval_fn, config, extra=extra)
+    trainer = Trainer(model, lm_loss_fn, loader, eval_fn, config, extra=extra, count_fn=count_lm_targets)
     best = trainer.fit()
     if trainer.best_checkpoint is not None and not trainer.interrupted:
         trainer.load_best()

@@ -69,7 +69,8 @@ def train_generator(gpt, tokenizer, pairs: list[tuple[str, str]], args: argparse
         return lm_loss(h[:, :-1], m.wte.weight, batch["labels"][:, 1:])
 
     cfg = train_config_from_args(args, device, output_dir=str(out_dir), save_top_k=0)
-    trainer = Trainer(gpt, loss_fn, loader, None, cfg, extra={"task": "paraphrase-generator"})
+    trainer = Trainer(gpt, loss_fn, loader, None, cfg, extra={"task": "paraphrase-generator"},
+                      count_fn=lambda b: (b["labels"][:, 1:] != -100).sum())  # targets, for --grad_accum
     trainer.fit()
     return {"examples": len(feats), "epochs": args.epochs}
 

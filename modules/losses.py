@@ -98,6 +98,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
+def shifted_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """(B, T-1) next-token targets of (B, T) ids: the target of position t is token t + 1, counted only
+    when both are real tokens. Under left padding the first real token follows a pad; predicting it
+    from a pad position is no part of the text's likelihood."""
+    real = attention_mask.bool()
+    return input_ids[:, 1:].masked_fill(~(real[:, 1:] & real[:, :-1]), ignore_index)
+
+
 def lm_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
