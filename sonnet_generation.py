@@ -54,7 +54,14 @@ from training.course_data import read_sonnets, write_sonnets
 from training.data import PadCollator, encode, make_loader
 from training.metrics import chrf
 from training.trainer import Trainer, count_lm_targets
-from training.validation import non_negative_int, positive_float, positive_int, probability, unit_interval
+from training.validation import (
+    check_decoding,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    unit_interval,
+)
 
 FINE_TUNE_MODES = ("full-model", "lora")
 DECODINGS = ("greedy", "sample", "beam", "contrastive", "mbr")
@@ -98,6 +105,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_pretrain_args(parser)
     parser.set_defaults(save_top_k=3)
     args = parser.parse_args(argv)
+    check_decoding(parser, args)
     if args.lr is None:
         args.lr = DEFAULT_LR[args.fine_tune_mode]
     if args.generate_only and not args.checkpoint:

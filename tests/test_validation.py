@@ -123,6 +123,9 @@ CASES: dict[str, Case] = {
     "--num_beams 0": lambda tmp, run: (sonnet_generation.main,
                                        sonnet_args(tmp, run / "micro", "--decoding", "beam", "--num_beams", "0"),
                                        r"argument --num_beams: must be an integer >= 1, got 0"),
+    "contrastive --top_k 1": lambda tmp, run: (
+        sonnet_generation.main, sonnet_args(tmp, run / "micro", "--decoding", "contrastive", "--top_k", "1"),
+        r"--decoding contrastive needs --penalty_alpha > 0 and --top_k >= 2 \(got 0.6 and 1\)"),
     "header-only training file": lambda tmp, run: (
         classifier.main, classifier_args(tmp, run / "micro", "--sst_train", str(sst_file(tmp, b""))),
         rf"{re.escape(str(tmp / 'train.csv'))}:1: a header but no data rows"),

@@ -12,6 +12,7 @@ or never (``--num_beams 0`` decoded greedily). Each numeric flag therefore gets 
 - ``model_size_or_folder`` (``--model_size``) accepts a named size (``config.SIZES``) or an
   existing local folder, and names the choices otherwise (``--model_size huge --random_init``
   was a traceback).
+- ``check_decoding`` is the post-parse check of decoding flags that are fine alone but not together.
 - ``name_list`` refuses an empty comma-separated list (``--lora_targets ""`` adapted nothing).
 """
 
@@ -95,7 +96,17 @@ def name_list(text: str) -> str:
     return text
 
 
+def check_decoding(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Post-parse: a ``--decoding`` whose settings would make ``generate`` fall back to another
+    strategy (contrastive search needs ``--penalty_alpha`` > 0 and ``--top_k`` >= 2, otherwise it
+    decodes greedily while the log says contrastive) is a parser error (exit status 2)."""
+    if getattr(args, "decoding", None) == "contrastive":
+        if args.penalty_alpha <= 0 or (args.top_k is not None and args.top_k < 2):
+            parser.error(f"--decoding contrastive needs --penalty_alpha > 0 and --top_k >= 2 (got "
+                         f"{args.penalty_alpha} and {args.top_k}); with these it would decode greedily")
+
+
 __all__ = [
-    "float_in", "int_in", "model_size_or_folder", "name_list", "non_negative_float", "non_negative_int",
-    "positive_float", "positive_int", "probability", "unit_fraction", "unit_interval",
+    "check_decoding", "float_in", "int_in", "model_size_or_folder", "name_list", "non_negative_float",
+    "non_negative_int", "positive_float", "positive_int", "probability", "unit_fraction", "unit_interval",
 ]
