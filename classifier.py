@@ -30,7 +30,7 @@ from training.cli import (
     seed_everything,
     train_config_from_args,
 )
-from training.course_data import read_sentiment, sentiment_features, write_id_predictions
+from training.course_data import SENTIMENT_LABELS, read_sentiment, sentiment_features, write_id_predictions
 from training.data import PadCollator, make_eval_loader, make_loader, restore_order, sample
 from training.metrics import classification_metrics, majority_baseline
 from training.trainer import Trainer, predict
@@ -79,14 +79,15 @@ def run(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     gpt, tokenizer = build_from_args(args)
     paths = {split: getattr(args, f"{dataset}_{split}") for split in ("train", "dev", "test")}
     # --limit: a seeded sample of the training file (its rows are grouped by label), the first N of dev and test.
-    data = {split: read_sentiment(p, limit=0 if split == "train" else args.limit) for split, p in paths.items()}
+    data = {split: read_sentiment(p, limit=0 if split == "train" else args.limit, labels=SENTIMENT_LABELS[dataset])
+            for split, p in paths.items()}
     data["train"] = sample(data["train"], args.limit, args.seed)
     for split, rows in data.items():
         print(f"loaded {len(rows)} {split} examples from {paths[split]}")
     for split in ("train", "dev"):
         if any(e.label is None for e in data[split]):
             raise SystemExit(f"{paths[split]}: no 'sentiment' column; the {split} split needs labels")
-    num_labels = max(e.label for e in data["train"]) + 1
+    num_labels = len(SENTIMENT_LABELS[dataset])
 
     model = GPT2SentimentClassifier(gpt, num_labels, args.hidden_dropout_prob)
     trainable_only = set_fine_tune_mode(model, args.fine_tune_mode, model.head, **lora_kwargs(args))

@@ -43,6 +43,7 @@ from training.course_data import ParaphrasePair, load_quora_splits, paraphrase_f
 from training.data import PadCollator, make_eval_loader, make_loader, restore_order
 from training.metrics import classification_metrics, majority_baseline
 from training.trainer import Trainer, predict
+from training.validation import non_negative_int
 
 FINE_TUNE_MODES = ("full-model", "lora")  # the cloze scorer has no head to train alone
 
@@ -60,7 +61,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="cross-entropy among the two answer tokens (answer) or over the full vocabulary "
                              "(vocab, the starter's)")
     parser.add_argument("--padding_side", choices=("right", "left"), default="right")
-    parser.add_argument("--eval_batch_size", type=int, default=0, help="0: 4 x --batch_size")
+    parser.add_argument("--eval_batch_size", type=non_negative_int, default=0, help="0: 4 x --batch_size")
     parser.add_argument("--filepath", type=str, default=None,
                         help="where the best model is saved (default <output_dir>/paraphrase-model.pt)")
     parser.add_argument("--load", type=str, default=None,

@@ -26,7 +26,8 @@ from torch import nn
 
 from config import ATTENTION_PATTERNS
 from models.heads import SonnetGPT
-from training.data import PadCollator, make_loader
+from training.data import DataFormatError, PadCollator, make_loader, read_text
+from training.validation import non_negative_int, positive_float, positive_int, unit_fraction
 
 # ----------------------------------------------------------------- data
 
@@ -36,14 +37,9 @@ def read_corpus(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretraining corpus {path} does not exist")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(f"{path}: line {line}: not UTF-8 text ({e.reason})") from e
+    text = read_text(path)
     if not text.strip():
-        raise ValueError(f"{path}: the corpus is empty")
+        raise DataFormatError(path, None, "the corpus is empty; give a plain-text file with some text")
     return text
 
 
@@ -112,14 +108,14 @@ def pretrain_lm(
     """
     from dataclasses import replace
 
-    from training.trainer import Trainer
+    from training.trainer import Trainer, count_lm_targets
 
     lm = model if isinstance(model, SonnetGPT) else SonnetGPT(model)
     context = lm.gpt.config.max_position_embeddings
     block_size = min(block_size or context, context)
     blocks = corpus_blocks(read_corpus(corpus), tokenizer, block_size, limit)
     if not blocks:
-        raise ValueError(f"{corpus}: fewer than 2 tokens, nothing to learn")
+        raise DataFormatError(corpus, None, "fewer than 2 tokens, nothing to learn; give a longer corpus")
     train, held = split_held_out(blocks, held_out_fraction)
     collate = PadCollator(tokenizer.pad_token_id)
     loader = make_loader(train, collate, batch_size, shuffle=True, num_workers=num_workers)
@@ -129,7 +125,8 @@ def pretrain_lm(
         eval_fn = lambda m: held_out_loss(m, held_loader)  # noqa: E731
     cfg = replace(train_config, metric="loss", mode="min")
     print(f"pretraining on {corpus}: {len(train)} blocks of <= {block_size} tokens, {len(held)} held out")
-    trainer = Trainer(lm, causal_lm_loss, loader, eval_fn, cfg, extra={"corpus": str(corpus)})
+    trainer = Trainer(lm, causal_lm_loss, loader, eval_fn, cfg, extra={"corpus": str(corpus)},
+                      count_fn=count_lm_targets)
     best = trainer.fit()
     if trainer.best_checkpoint is not None and not trainer.interrupted:
         trainer.load_best()
@@ -143,10 +140,11 @@ def add_attention_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     """Sparse-attention flags (see modules/attention.py); weights are unaffected."""
     g = parser.add_argument_group("sparse attention")
     g.add_argument("--attn_pattern", choices=ATTENTION_PATTERNS, default="dense")
-    g.add_argument("--attn_window", type=int, default=256, help="local window (window, strided)")
-    g.add_argument("--attn_block", type=int, default=64, help="block size (block_global)")
-    g.add_argument("--attn_num_global", type=int, default=1, help="leading global tokens (block_global)")
-    g.add_argument("--attn_stride", type=int, default=0, help="strided: 0 = LogSparse (2^k), s = multiples of s")
+    g.add_argument("--attn_window", type=positive_int, default=256, help="local window (window, strided)")
+    g.add_argument("--attn_block", type=positive_int, default=64, help="block size (block_global)")
+    g.add_argument("--attn_num_global", type=non_negative_int, default=1, help="leading global tokens (block_global)")
+    g.add_argument("--attn_stride", type=non_negative_int, default=0,
+                   help="strided: 0 = LogSparse (2^k), s = multiples of s")
     g.add_argument("--attn_sparse_impl", choices=("blockwise", "mask"), default="blockwise")
     return parser
 
@@ -161,10 +159,10 @@ def add_pretrain_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """``--pretrain_corpus`` and its epochs/batch/lr, for a task script that pretrains first."""
     g = parser.add_argument_group("causal-LM pretraining before fine-tuning")
     g.add_argument("--pretrain_corpus", type=str, default=None, help="plain-text corpus (e.g. poems)")
-    g.add_argument("--pretrain_epochs", type=int, default=10)
-    g.add_argument("--pretrain_batch_size", type=int, default=4)
-    g.add_argument("--pretrain_lr", type=float, default=1e-5)
-    g.add_argument("--pretrain_block_size", type=int, default=0, help="tokens per block (0: the context)")
+    g.add_argument("--pretrain_epochs", type=non_negative_int, default=10)
+    g.add_argument("--pretrain_batch_size", type=positive_int, default=4)
+    g.add_argument("--pretrain_lr", type=positive_float, default=1e-5)
+    g.add_argument("--pretrain_block_size", type=non_negative_int, default=0, help="tokens per block (0: the context)")
     return parser
 
 
@@ -196,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", type=str, required=True, help="plain-text corpus file")
-    parser.add_argument("--held_out_fraction", type=float, default=0.05)
+    parser.add_argument("--held_out_fraction", type=unit_fraction, default=0.05)
     add_common_args(parser, batch_size=4, lr=1e-5, epochs=10, hidden_dropout_prob=0.1)
     add_attention_args(parser)
     args = parser.parse_args(argv)

@@ -53,7 +53,15 @@ from training.cli import (
 from training.course_data import read_sonnets, write_sonnets
 from training.data import PadCollator, encode, make_loader
 from training.metrics import chrf
-from training.trainer import Trainer
+from training.trainer import Trainer, count_lm_targets
+from training.validation import (
+    check_decoding,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    unit_interval,
+)
 
 FINE_TUNE_MODES = ("full-model", "lora")
 DECODINGS = ("greedy", "sample", "beam", "contrastive", "mbr")
@@ -77,19 +85,19 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     g = parser.add_argument_group("decoding")
     g.add_argument("--decoding", choices=DECODINGS, default="sample")
-    g.add_argument("--temperature", type=float, default=1.2, help="softmax temperature (sample, mbr)")
-    g.add_argument("--top_p", type=float, default=0.9, help="nucleus mass (sample, mbr)")
-    g.add_argument("--top_k", type=int, default=None, help="top-k filter (sample, mbr: 0 = off) or contrastive "
-                                                           f"candidates (default {CONTRASTIVE_K})")
-    g.add_argument("--num_beams", type=int, default=4)
+    g.add_argument("--temperature", type=positive_float, default=1.2, help="softmax temperature (sample, mbr)")
+    g.add_argument("--top_p", type=probability, default=0.9, help="nucleus mass (sample, mbr)")
+    g.add_argument("--top_k", type=non_negative_int, default=None,
+                   help=f"top-k filter (sample, mbr: 0 = off) or contrastive candidates (default {CONTRASTIVE_K})")
+    g.add_argument("--num_beams", type=positive_int, default=4)
     g.add_argument("--length_penalty", type=float, default=1.0)
-    g.add_argument("--penalty_alpha", type=float, default=0.6, help="contrastive search degeneration penalty")
-    g.add_argument("--repetition_penalty", type=float, default=1.0)
-    g.add_argument("--no_repeat_ngram_size", type=int, default=0)
-    g.add_argument("--mbr_candidates", type=int, default=8, help="samples per prompt for MBR selection")
-    g.add_argument("--max_new_tokens", type=int, default=192, help="cap on generated tokens per sonnet")
-    g.add_argument("--num_lines", type=int, default=14, help="stop a sonnet when it has this many lines")
-    g.add_argument("--gen_batch_size", type=int, default=12, help="prompts decoded together")
+    g.add_argument("--penalty_alpha", type=unit_interval, default=0.6, help="contrastive search degeneration penalty")
+    g.add_argument("--repetition_penalty", type=positive_float, default=1.0)
+    g.add_argument("--no_repeat_ngram_size", type=non_negative_int, default=0)
+    g.add_argument("--mbr_candidates", type=positive_int, default=8, help="samples per prompt for MBR selection")
+    g.add_argument("--max_new_tokens", type=positive_int, default=192, help="cap on generated tokens per sonnet")
+    g.add_argument("--num_lines", type=positive_int, default=14, help="stop a sonnet when it has this many lines")
+    g.add_argument("--gen_batch_size", type=positive_int, default=12, help="prompts decoded together")
     g.add_argument("--no_cache", action="store_true", help="decode without the key/value cache (slow; checks)")
     add_common_args(parser, batch_size=8, lr=None, epochs=50, hidden_dropout_prob=0.1, scheduler="linear",
                     warmup_ratio=0.1, patience=3)
@@ -97,6 +105,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_pretrain_args(parser)
     parser.set_defaults(save_top_k=3)
     args = parser.parse_args(argv)
+    check_decoding(parser, args)
     if args.lr is None:
         args.lr = DEFAULT_LR[args.fine_tune_mode]
     if args.generate_only and not args.checkpoint:
@@ -138,7 +147,7 @@ def fine_tune_lm(
     feats = sonnet_features(texts, tokenizer, max_length, "sonnets")
     loader = make_loader(feats, PadCollator(tokenizer.pad_token_id), batch_size, shuffle=True,
                          num_workers=num_workers, group_by_length=group_by_length)
-    trainer = Trainer(model, lm_loss_fn, loader, eval_fn, config, extra=extra)
+    trainer = Trainer(model, lm_loss_fn, loader, eval_fn, config, extra=extra, count_fn=count_lm_targets)
     best = trainer.fit()
     if trainer.best_checkpoint is not None and not trainer.interrupted:
         trainer.load_best()
@@ -243,8 +252,8 @@ def load_sonnet_model(args: argparse.Namespace, path: str | Path) -> tuple[Sonne
         raise CheckpointError(f"{path}: neither a saved sonnet model nor a Trainer checkpoint")
     model, tokenizer, _ = build_sonnet_model(args)
     try:
-        load_model_state(model, ckpt["model"], ckpt.get("trainable_only", False), path)
-    except RuntimeError as e:
+        load_model_state(model, ckpt["model"], ckpt.get("trainable_only", False), path, ckpt.get("model_config"))
+    except RuntimeError as e:  # a CheckpointError listing every differing field and tensor on one line
         raise CheckpointError(f"{path} does not fit --model_size {args.model_size} --fine-tune-mode "
                               f"{args.fine_tune_mode}: {str(e).splitlines()[0]}") from e
     return model, tokenizer

@@ -15,6 +15,7 @@ import torch
 
 from distillation.records import write_jsonl, write_summary
 from distillation.sampling import SamplingConfig, add_sampling_args, sample_sentences, sampling_config
+from training.validation import positive_int
 
 DEFAULTS = {"batch_size": 32}
 
@@ -29,7 +30,7 @@ SEEDS = {
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="JSON lines: {'id', 'text'}")
-    p.add_argument("--num_contexts", type=int, default=1000)
+    p.add_argument("--num_contexts", type=positive_int, default=1000)
     p.add_argument("--style", choices=sorted(SEEDS), default="news")
     p.add_argument("--from_file", default=None,
                    help="read contexts instead of sampling: a .txt (one per line) or a Quora-format TSV")

@@ -15,6 +15,7 @@ from pathlib import Path
 from distillation.filters import FilterConfig, Pair, apply_filters, candidate_pairs
 from distillation.records import read_jsonl, write_jsonl, write_summary
 from distillation.scorer import add_scorer_args, scorer_from_args
+from training.validation import non_negative_int, positive_float, unit_interval
 
 DEFAULTS = {"batch_size": 64}
 
@@ -22,7 +23,7 @@ DEFAULTS = {"batch_size": 64}
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generations", required=True, help="JSON lines from the generate step")
     p.add_argument("--output", required=True, help="kept pairs, JSON lines (negatives go to <name>.negatives.jsonl)")
-    p.add_argument("--max_pairs_per_context", type=int, default=0,
+    p.add_argument("--max_pairs_per_context", type=non_negative_int, default=0,
                    help="random subset of each context's candidates (0: all pairs)")
     add_filter_args(p)
     add_scorer_args(p)
@@ -30,10 +31,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def add_filter_args(p: argparse.ArgumentParser) -> None:
     """The filters' settings, shared with self-distill."""
-    p.add_argument("--threshold", type=float, default=0.75, help="minimum P(paraphrase) in each direction")
-    p.add_argument("--min_ratio", type=float, default=0.8, help="minimum len(s2)/len(s1) in characters")
-    p.add_argument("--max_ratio", type=float, default=1.5, help="maximum len(s2)/len(s1) in characters")
-    p.add_argument("--max_rouge", type=float, default=0.75, help="maximum ROUGE-L F (higher is a copy)")
+    p.add_argument("--threshold", type=unit_interval, default=0.75, help="minimum P(paraphrase) in each direction")
+    p.add_argument("--min_ratio", type=positive_float, default=0.8, help="minimum len(s2)/len(s1) in characters")
+    p.add_argument("--max_ratio", type=positive_float, default=1.5, help="maximum len(s2)/len(s1) in characters")
+    p.add_argument("--max_rouge", type=unit_interval, default=0.75, help="maximum ROUGE-L F (higher is a copy)")
 
 
 def filter_config(args: argparse.Namespace) -> FilterConfig:

@@ -4,10 +4,13 @@ Candidate pairs are continuations of the same context; a pair is kept only if
 it passes, in this order (cheap tests first, so the classifier scores only
 what survives them):
 
-1. ``length``: character-length ratio len(s2) / len(s1) within [0.8, 1.5];
-   an unordered candidate is oriented so that it passes when either order does;
+1. ``length``: character-length ratio len(s2) / len(s1) within [0.8, 1.5], in the
+   pair's own order (s1 the source, s2 its rewrite; candidates of one context keep the
+   order of generation). Trying both orders would widen the window to [0.667, 1.5]
+   and leave ``min_ratio`` without effect;
 2. ``numbers``: both sentences state the same numbers (``distillation.numbers``);
-3. ``copy``: ROUGE-L F at most 0.75, so the pair is a rewrite, not a copy;
+3. ``copy``: ROUGE-L F at most 0.75, so the pair is a rewrite, not a copy (the
+   ``rouge-score`` package, the reference implementation, with its tokenizer);
 4. ``entailment``: P(paraphrase) from our classifier at least a threshold in
    *both* directions (bidirectional entailment);
 5. ``dedup``: pairs that entail each other are one group (sentences joined by
@@ -24,9 +27,9 @@ import itertools
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 
 from distillation.numbers import numbers_match
-from training.metrics import rouge_l
 
 # P(s2 is a paraphrase of s1) for each ordered (s1, s2), in order.
 ScoreFn = Callable[[Sequence[tuple[str, str]]], Sequence[float]]
@@ -69,19 +72,18 @@ def length_ratio_ok(s1: str, s2: str, min_ratio: float = 0.8, max_ratio: float =
     return min_ratio <= len(s2) / len(s1) <= max_ratio
 
 
-def orient(s1: str, s2: str, min_ratio: float = 0.8, max_ratio: float = 1.5) -> tuple[str, str] | None:
-    """The order of an unordered candidate that passes the length test (given order
-    first), or None if neither does."""
-    if length_ratio_ok(s1, s2, min_ratio, max_ratio):
-        return s1, s2
-    if length_ratio_ok(s2, s1, min_ratio, max_ratio):
-        return s2, s1
-    return None
+@lru_cache(maxsize=1)
+def _rouge_l_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"])
 
 
 def rouge_f(s1: str, s2: str) -> float:
-    """ROUGE-L F of s2 against s1 (the shared metric; symmetric in F)."""
-    return rouge_l(s2, s1).fmeasure
+    """ROUGE-L F of s2 against s1 (symmetric in F) by ``rouge-score``, whose tokenizer lowercases
+    and drops punctuation: "Is Python good?" and "Is Python good." are the copy they are (a
+    whitespace split scored them 0.667, under the 0.75 bound)."""
+    return _rouge_l_scorer().score(s1, s2)["rougeL"].fmeasure
 
 
 def not_copy(s1: str, s2: str, max_rouge: float = 0.75) -> bool:
@@ -144,12 +146,7 @@ def apply_filters(candidates: Sequence[Pair], score_fn: ScoreFn, cfg: FilterConf
     """Run the five filters in order and count what each removed."""
     cfg = cfg or FilterConfig()
     counts = {"candidates": len(candidates)}
-    survivors: list[Pair] = []
-    for p in candidates:
-        o = orient(p.s1, p.s2, cfg.min_ratio, cfg.max_ratio)
-        if o is not None:
-            p.s1, p.s2 = o
-            survivors.append(p)
+    survivors = [p for p in candidates if length_ratio_ok(p.s1, p.s2, cfg.min_ratio, cfg.max_ratio)]
     counts["removed_by_length"] = len(candidates) - len(survivors)
 
     before = len(survivors)

@@ -20,13 +20,14 @@ import torch
 
 from distillation.records import append_jsonl, read_jsonl, write_summary
 from distillation.sampling import add_sampling_args, sample_sentences, sampling_config
+from training.validation import positive_int
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", required=True, help="JSON lines from the contexts step ({'id', 'text'})")
     p.add_argument("--output", required=True, help="JSON lines, appended: {'id', 'context', 'continuations'}")
-    p.add_argument("--num_samples", type=int, default=100, help="continuations per context")
-    p.add_argument("--contexts_per_batch", type=int, default=1,
+    p.add_argument("--num_samples", type=positive_int, default=100, help="continuations per context")
+    p.add_argument("--contexts_per_batch", type=positive_int, default=1,
                    help="contexts decoded together (rows per batch = this x num_samples)")
     add_sampling_args(p, temperature=0.5, no_repeat_ngram_size=3)
     p.add_argument("--prompt_template", default="{context}",

@@ -20,6 +20,7 @@ import torch
 
 from distillation.kd_loss import GPT2Student, LSTMStudent, kd_loss
 from distillation.records import write_summary
+from training.validation import positive_float, positive_int, unit_interval
 
 DEFAULTS = {"batch_size": 32, "lr": 1e-3, "epochs": 5, "hidden_dropout_prob": 0.1}
 
@@ -31,25 +32,35 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", default=None, help="default data/ids-<dataset>-train.csv")
     p.add_argument("--dev", default=None, help="default data/ids-<dataset>-dev.csv")
     p.add_argument("--student", choices=("lstm", "tiny"), default="lstm")
-    p.add_argument("--student_hidden", type=int, default=768, help="LSTM hidden size")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft (teacher) term")
-    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--student_hidden", type=positive_int, default=768, help="LSTM hidden size")
+    p.add_argument("--alpha", type=unit_interval, default=0.5, help="weight of the soft (teacher) term")
+    p.add_argument("--temperature", type=positive_float, default=2.0)
     p.add_argument("--no_baseline", action="store_true", help="skip the student trained without the teacher")
 
 
-def load_teacher(path: str | Path, device: torch.device):
+def load_teacher(path: str | Path, device: torch.device, dataset: str | None = None):
     """(GPT2SentimentClassifier, tokenizer, saved args) from a ``classifier.py`` checkpoint.
     The body is rebuilt the way classifier.py built it (same size, same seed), then the
-    checkpoint's weights (all of them, or the trainable ones of a frozen/LoRA run) loaded."""
+    checkpoint's weights (all of them, or the trainable ones of a frozen/LoRA run) loaded.
+    With ``dataset``, a teacher trained on another task (an SST teacher for CFIMDB would make
+    5-way students of a 2-class task) is refused before anything is built."""
     from models.heads import GPT2SentimentClassifier, set_fine_tune_mode
-    from models.loading import build_model, load_checkpoint, load_tokenizer
+    from models.loading import CheckpointError, build_model, load_checkpoint, load_tokenizer
     from training.checkpoints import load_model_state
     from training.cli import lora_kwargs, seed_everything
+    from training.course_data import SENTIMENT_LABELS
 
     ckpt = load_checkpoint(path, device)
     extra = ckpt.get("extra", {})
     if "args" not in extra or "num_labels" not in extra:
-        raise SystemExit(f"{path}: not a classifier.py checkpoint (no saved args / num_labels)")
+        raise CheckpointError(f"{path}: not a classifier.py checkpoint (no saved args / num_labels); "
+                              "pass --teacher runs/classifier/<mode>-<dataset>/best.pt")
+    if dataset is not None:
+        theirs, n = extra.get("dataset"), extra["num_labels"]
+        if theirs != dataset or n != len(SENTIMENT_LABELS[dataset]):
+            raise CheckpointError(f"{path}: the teacher was trained on {theirs} ({n} labels) but --dataset {dataset} "
+                                  f"has {len(SENTIMENT_LABELS[dataset])}; pass a teacher trained on {dataset} "
+                                  f"or --dataset {theirs}")
     a = argparse.Namespace(**extra["args"])
     seed_everything(a.seed)
     gpt = build_model(a.model_size, a.random_init)
@@ -113,19 +124,19 @@ def train_student(args: argparse.Namespace, teacher, feats: dict[str, list[dict[
 
 def run(args: argparse.Namespace) -> dict:
     from training.cli import pick_device, seed_everything
-    from training.course_data import read_sentiment, sentiment_features
+    from training.course_data import SENTIMENT_LABELS, read_sentiment, sentiment_features
     from training.data import PadCollator, make_eval_loader
 
     seed_everything(args.seed)
     device = pick_device(args.use_gpu, args.device)
-    teacher, tokenizer, teacher_args = load_teacher(args.teacher, device)
+    teacher, tokenizer, teacher_args = load_teacher(args.teacher, device, args.dataset)
     paths = {"train": args.train or f"data/ids-{args.dataset}-train.csv",
              "dev": args.dev or f"data/ids-{args.dataset}-dev.csv"}
     max_len = args.max_length or min(512, teacher.gpt.config.max_position_embeddings)
     collate = PadCollator(tokenizer.pad_token_id)
     feats, labels = {}, {}
     for split, path in paths.items():
-        rows = read_sentiment(path, limit=args.limit)
+        rows = read_sentiment(path, limit=args.limit, labels=SENTIMENT_LABELS[args.dataset])
         if any(r.label is None for r in rows):
             raise SystemExit(f"{path}: no 'sentiment' column; kd needs labels")
         feats[split] = sentiment_features(rows, tokenizer, max_len, f"{args.dataset} {split}")

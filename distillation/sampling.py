@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from models.generation import generate
+from training.validation import non_negative_int, positive_float, positive_int, probability
 
 # A sentence ends at . ! ? (optionally followed by closing quotes/brackets) before
 # whitespace, unless the word is a common abbreviation or a single initial.
@@ -44,11 +45,11 @@ class SamplingConfig:
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float, no_repeat_ngram_size: int | None) -> None:
     """The decoding flags of a step, with that step's defaults (``None``: no n-gram flag)."""
-    p.add_argument("--max_new_tokens", type=int, default=40)
-    p.add_argument("--temperature", type=float, default=temperature)
-    p.add_argument("--top_p", type=float, default=0.9)
+    p.add_argument("--max_new_tokens", type=positive_int, default=40)
+    p.add_argument("--temperature", type=positive_float, default=temperature)
+    p.add_argument("--top_p", type=probability, default=0.9)
     if no_repeat_ngram_size is not None:
-        p.add_argument("--no_repeat_ngram_size", type=int, default=no_repeat_ngram_size)
+        p.add_argument("--no_repeat_ngram_size", type=non_negative_int, default=no_repeat_ngram_size)
     p.add_argument("--keep_unfinished", action="store_true",
                    help="keep text that never ends a sentence (random-weight smoke runs)")
 

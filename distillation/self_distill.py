@@ -23,6 +23,7 @@ from distillation.filters import Pair, apply_filters
 from distillation.records import read_jsonl, write_jsonl, write_summary
 from distillation.sampling import add_sampling_args, sample_sentences, sampling_config
 from distillation.scorer import add_scorer_args, scorer_from_args
+from training.validation import positive_int
 
 DEFAULTS = {"lr": 1.5e-5, "epochs": 2, "batch_size": 8, "hidden_dropout_prob": 0.1}
 PROMPT = "Sentence: {s}\nParaphrase:"
@@ -32,9 +33,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", required=True, help="kept pairs from the filter step (JSON lines)")
     p.add_argument("--output", required=True, help="the last round's pairs (JSON lines); round k also "
                                                    "writes <name>.round<k>.jsonl")
-    p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--num_paraphrases", type=int, default=10)
-    p.add_argument("--sources_per_batch", type=int, default=4, help="sentences decoded together")
+    p.add_argument("--rounds", type=positive_int, default=1)
+    p.add_argument("--num_paraphrases", type=positive_int, default=10)
+    p.add_argument("--sources_per_batch", type=positive_int, default=4, help="sentences decoded together")
     add_sampling_args(p, temperature=1.0, no_repeat_ngram_size=0)
     add_filter_args(p)
     add_scorer_args(p)
@@ -68,7 +69,8 @@ def train_generator(gpt, tokenizer, pairs: list[tuple[str, str]], args: argparse
         return lm_loss(h[:, :-1], m.wte.weight, batch["labels"][:, 1:])
 
     cfg = train_config_from_args(args, device, output_dir=str(out_dir), save_top_k=0)
-    trainer = Trainer(gpt, loss_fn, loader, None, cfg, extra={"task": "paraphrase-generator"})
+    trainer = Trainer(gpt, loss_fn, loader, None, cfg, extra={"task": "paraphrase-generator"},
+                      count_fn=lambda b: (b["labels"][:, 1:] != -100).sum())  # targets, for --grad_accum
     trainer.fit()
     return {"examples": len(feats), "epochs": args.epochs}
 

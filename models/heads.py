@@ -147,13 +147,14 @@ class SonnetGPT(nn.Module):
         return self.gpt.hidden_state_to_token(self.gpt(input_ids, attention_mask)["last_hidden_state"])
 
     def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over real tokens only: targets at padded positions
-        are ignored (the starter averaged over padding too). Chunked over the vocabulary,
-        so the (B, T, V) logits are never held at once."""
-        from modules.losses import lm_loss
+        """Mean next-token cross-entropy over real tokens only: a target counts when it and the
+        position predicting it are real (the starter averaged over padding too; under left
+        padding the first real token was also "predicted" from a pad). Chunked over the
+        vocabulary, so the (B, T, V) logits are never held at once."""
+        from modules.losses import lm_loss, shifted_targets
 
         h = self.gpt(input_ids, attention_mask)["last_hidden_state"]  # (B, T, d)
-        targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)  # (B, T-1)
+        targets = shifted_targets(input_ids, attention_mask)  # (B, T-1)
         return lm_loss(h[:, :-1], self.gpt.wte.weight, targets)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:

@@ -295,6 +295,10 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
     from models.gpt2 import GPT2Model
 
     ckpt = load_checkpoint(path, map_location)
+    if "config" not in ckpt:
+        kind = "a training-engine checkpoint (best.pt, last.pt)" if "train_config" in ckpt else "not a saved model"
+        raise CheckpointError(f"{path} is {kind}, not a model saved by a task script; pass the model file the "
+                              "run wrote (e.g. <output_dir>/paraphrase-model.pt or sonnet-model.pt)")
     model = GPT2Model(GPT2Config.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model

@@ -98,6 +98,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
+def shifted_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """(B, T-1) next-token targets of (B, T) ids: the target of position t is token t + 1, counted only
+    when both are real tokens. Under left padding the first real token follows a pad; predicting it
+    from a pad position is no part of the text's likelihood."""
+    real = attention_mask.bool()
+    return input_ids[:, 1:].masked_fill(~(real[:, 1:] & real[:, :-1]), ignore_index)
+
+
 def lm_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -111,7 +119,8 @@ def lm_loss(
     token ids with ``ignore_index`` for positions that do not count (padding,
     prompts). Shift before calling: ``lm_loss(h[:, :-1], W, ids[:, 1:])``.
     The full (N, V) logits are never held at once, in forward or backward.
-    Gradients flow to both ``hidden`` and ``weight`` (the tied embedding).
+    Gradients flow to both ``hidden`` and ``weight`` (the tied embedding); under ``torch.no_grad()``
+    only the loss is computed (no gradient products, no (V, d) buffer).
     """
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} do not match")
@@ -120,4 +129,6 @@ def lm_loss(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     h = hidden.reshape(-1, hidden.size(-1))  # (N, d)
+    if not torch.is_grad_enabled():  # evaluation: the Function sees requires_grad inputs even under
+        h, weight = h.detach(), weight.detach()  # no_grad, and would build both gradients in forward
     return _ChunkedLinearCrossEntropy.apply(h, weight, targets.reshape(-1), ignore_index, chunk_size)

@@ -18,7 +18,6 @@ from distillation.filters import (
     entailment_scores,
     length_ratio_ok,
     not_copy,
-    orient,
     rouge_f,
 )
 from distillation.numbers import extract_numbers, numbers_match
@@ -36,6 +35,24 @@ def test_rouge_l_known_values() -> None:
     assert rouge_f("nothing shared", "at all") == 0.0
 
 
+@pytest.mark.parametrize("s1,s2", [
+    ("Is Python good?", "Is Python good."),
+    ("The man walked his dog, again.", "the man walked his dog again"),
+    ("Prices rose 5% in May!", "Prices rose 5 % in May."),
+    ("She said: 'no'.", "she said no"),
+    ("The cat sat on the mat.", "A dog slept under the old table?"),
+])
+def test_rouge_l_is_the_reference_implementation(s1, s2) -> None:
+    """Scores equal rouge-score's (its tokenizer drops punctuation), so a copy that differs only in
+    punctuation is a copy: a whitespace split scored "Is Python good?" vs "Is Python good." 0.667."""
+    from rouge_score import rouge_scorer
+
+    want = rouge_scorer.RougeScorer(["rougeL"]).score(s1, s2)["rougeL"].fmeasure
+    assert rouge_f(s1, s2) == pytest.approx(want)
+    assert rouge_f("Is Python good?", "Is Python good.") == 1.0
+    assert not not_copy("Is Python good?", "Is Python good.")
+
+
 # ---------------------------------------------------------------- length
 
 
@@ -44,10 +61,18 @@ def test_length_ratio() -> None:
     assert length_ratio_ok(s, "y" * 80) and length_ratio_ok(s, "y" * 150)
     assert not length_ratio_ok(s, "y" * 79) and not length_ratio_ok(s, "y" * 151)
     assert not length_ratio_ok("", "y")
-    # 140/100 passes as given; 100/140 = 0.71 fails, so the pair is flipped; 200/100 fails both ways.
-    assert orient("x" * 140, "y" * 100) == ("y" * 100, "x" * 140)
-    assert orient("x" * 100, "y" * 120) == ("x" * 100, "y" * 120)
-    assert orient("x" * 100, "y" * 200) is None
+
+
+def test_length_filter_applies_the_documented_window() -> None:
+    """[0.8, 1.5] on len(s2) / len(s1) in the pair's order: a 0.7 ratio is removed (trying both
+    orders used to pass it as 1.43, so min_ratio had no effect), and a pair is never flipped."""
+    pairs = [Pair("c", "x" * 100, "y" * 70), Pair("c", "x" * 100, "y" * 85), Pair("c", "x" * 100, "y" * 140)]
+    res = apply_filters(pairs, lambda q: [1.0] * len(q), FilterConfig(max_rouge=1.0))
+    assert res.counts["removed_by_length"] == 1
+    assert [(len(p.s1), len(p.s2)) for p in res.scored] == [(100, 85), (100, 140)]
+    res = apply_filters([Pair("c", "x" * 100, "y" * 70)], lambda q: [1.0] * len(q),
+                        FilterConfig(min_ratio=0.6, max_rouge=1.0))
+    assert res.counts["removed_by_length"] == 0
 
 
 # ---------------------------------------------------------------- numbers

@@ -106,3 +106,36 @@ def test_tied_weight_gradients_add_up() -> None:
 
     torch.testing.assert_close(run(lambda a, b, c: lm_loss(a, b, c, chunk_size=3)), run(reference),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_no_gradient_work_under_no_grad() -> None:
+    """Evaluation under ``torch.no_grad()`` computes only the loss: one (V, c) logits product per
+    chunk, no gradient products and no (V, d) weight-gradient buffer (it used to build both,
+    the cost of a backward pass, because the inputs still require grad)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[tuple[str, tuple[int, ...]]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs:  # new memory
+                self.ops.append((str(func.overloadpacket.__name__), tuple(out.shape)))
+            return out
+
+    g = torch.Generator().manual_seed(0)
+    N, d, V, chunk = 24, 16, 97, 8
+    h = torch.randn(N, d, generator=g).requires_grad_(True)
+    w = torch.randn(V, d, generator=g).requires_grad_(True)
+    y = torch.randint(0, V, (N,), generator=g)
+    with torch.no_grad(), Record() as rec:
+        loss = lm_loss(h, w, y, chunk_size=chunk)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, reference(h.detach(), w.detach(), y))
+    products = [op for op, _ in rec.ops if op in ("mm", "addmm", "addmm_", "matmul", "bmm")]
+    assert len(products) == N // chunk  # the logits of each chunk, nothing else
+    assert (V, d) not in [shape for _, shape in rec.ops]
+    assert (N, d) not in [shape for _, shape in rec.ops]  # no hidden-state gradient either

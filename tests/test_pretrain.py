@@ -51,7 +51,7 @@ def test_corpus_errors_name_the_file(tmp_path):
         read_corpus(empty)
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"ok\nline two\n\xff\xfe")
-    with pytest.raises(ValueError, match="bin.txt: line 3: not UTF-8"):
+    with pytest.raises(ValueError, match="bin.txt:3: not UTF-8"):
         read_corpus(binary)
 
 

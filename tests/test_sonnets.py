@@ -150,3 +150,21 @@ def test_defaults_are_the_reported_settings():
     assert (a.pretrain_epochs, a.pretrain_batch_size) == (10, 4)
     assert (a.decoding, a.top_p, a.temperature, a.num_lines) == ("sample", 0.9, 1.2, 14)
     assert a.lr == 1e-5 and sonnet_generation.get_args(["--fine-tune-mode", "lora"]).lr == 3e-4
+
+
+def test_lm_loss_skips_the_pad_position_under_left_padding():
+    """Under left padding the first real token follows a pad: it is not predicted from the pad
+    (the loss counts 3 + 5 targets for rows of 4 and 6 tokens, as with right padding)."""
+    from config import GPT2Config
+    from training.data import PadCollator
+
+    torch.manual_seed(0)
+    model = SonnetGPT(GPT2Model(GPT2Config(vocab_size=50, max_position_embeddings=16, hidden_size=16,
+                                           num_hidden_layers=1, num_attention_heads=2))).eval()
+    rows = [[5, 9, 11, 3], [7, 8, 2, 4, 6, 1]]
+    with torch.no_grad():
+        left = PadCollator(0, padding_side="left")([{"input_ids": r} for r in rows])
+        logits = model(left["input_ids"], left["attention_mask"])  # (B, T, V)
+        want = torch.cat([F.cross_entropy(logits[i, -len(r):-1], torch.tensor(r[1:]), reduction="none")
+                          for i, r in enumerate(rows)]).mean()
+        torch.testing.assert_close(model.loss(left["input_ids"], left["attention_mask"]), want)

@@ -2,7 +2,8 @@
 
 A checkpoint may hold every weight or only the trainable ones (LoRA, a frozen body);
 ``trainable_state_dict`` and ``load_model_state`` are the two sides of that choice, also
-used by the CLIs that reload a checkpoint for prediction. ``keep_top_k`` writes a new best
+used by the CLIs that reload a checkpoint for prediction; a checkpoint that does not fit is
+refused with the complete list of what differs. ``keep_top_k`` writes a new best
 checkpoint and deletes those that fell out of the top k. Files are written atomically
 by ``models.loading.atomic_save``.
 """
@@ -16,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.loading import atomic_save
+from config import GPT2Config
+from models.loading import CheckpointError, atomic_save, check_config
 
 TopK = list[tuple[float, int, str]]  # (score, epoch, path); higher scores are better
 
@@ -26,15 +28,35 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], partial: bool, path: Any = "") -> None:
-    """Load full or trainable-only weights; a partial state must still match names it holds."""
-    if not partial:
-        model.load_state_dict(state)
-        return
-    missing_in_model = sorted(set(state) - set(model.state_dict()))
-    if missing_in_model:
-        raise ValueError(f"{path}: checkpoint holds parameters the model lacks: {missing_in_model[:5]}...")
-    model.load_state_dict(state, strict=False)
+def load_model_state(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    partial: bool,
+    path: Any = "",
+    saved_config: Mapping[str, Any] | None = None,
+) -> None:
+    """Load full or trainable-only weights; a partial state must still match the names it holds.
+
+    A checkpoint that does not fit raises one ``CheckpointError`` line that lists everything that
+    differs: every architecture field of ``saved_config`` (the checkpoint's ``model_config``), then
+    every missing, unexpected and differently shaped tensor (torch's own message names them on
+    many lines, of which a command-line error showed only the first)."""
+    if saved_config is not None:
+        ours = model_config_of(model)
+        if ours is not None:
+            check_config(dict(saved_config), GPT2Config.from_dict(ours), path)
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    missing = [] if partial else sorted(set(own) - set(state))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
+              if k in own and state[k].shape != own[k].shape]
+    problems = [f"{what} ({len(keys)}): {', '.join(keys)}" for what, keys in (
+        ("missing from the checkpoint", missing), ("not in the model", unexpected),
+        ("other shapes, checkpoint vs model", shapes)) if keys]
+    if problems:
+        raise CheckpointError(f"{path} does not fit the model (another model size or fine-tune mode?): "
+                              + "; ".join(problems))
+    model.load_state_dict(state, strict=not partial)
 
 
 def model_config_of(model: nn.Module) -> dict[str, Any] | None:

@@ -19,6 +19,15 @@ import torch
 from training.rng import seed_everything
 from training.schedule import SCHEDULES
 from training.trainer import TrainConfig
+from training.validation import (
+    model_size_or_folder,
+    name_list,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    unit_fraction,
+)
 
 LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -42,35 +51,42 @@ def add_common_args(
     patience: int = 0,
 ) -> argparse.ArgumentParser:
     """Add the course starter's flags (same names and defaults) and the engine's.
-    ``lr=None`` lets the task choose a default later (e.g. by fine-tuning mode)."""
+    ``lr=None`` lets the task choose a default later (e.g. by fine-tuning mode). Every numeric
+    flag is range-checked while parsing (``training.validation``): a bad value is one argparse
+    error line and exit status 2, before any work."""
     g = parser.add_argument_group("course starter")
     g.add_argument("--seed", type=int, default=seed)
-    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--epochs", type=non_negative_int, default=epochs)
     g.add_argument("--use_gpu", action="store_true", help="train on CUDA (error if there is none)")
-    g.add_argument("--batch_size", type=int, default=batch_size)
-    g.add_argument("--lr", type=float, default=lr, help="learning rate" + ("" if lr is not None else
+    g.add_argument("--batch_size", type=positive_int, default=batch_size)
+    g.add_argument("--lr", type=positive_float, default=lr, help="learning rate" + ("" if lr is not None else
                                                                           " (default depends on the mode)"))
-    g.add_argument("--hidden_dropout_prob", type=float, default=hidden_dropout_prob)
-    g.add_argument("--model_size", type=str, default=model_size,
+    g.add_argument("--hidden_dropout_prob", type=unit_fraction, default=hidden_dropout_prob)
+    g.add_argument("--model_size", type=model_size_or_folder, default=model_size,
                    help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny, or a local Hugging Face folder")
 
     g = parser.add_argument_group("model and data")
     g.add_argument("--random_init", action="store_true", help="random weights instead of pretrained ones")
     g.add_argument("--tokenizer", type=str, default=None, help="GPT-2 tokenizer folder (vocab.json + merges.txt)")
-    g.add_argument("--limit", type=int, default=0, help="use only the first N examples of each split (quick runs)")
-    g.add_argument("--max_length", type=int, default=0, help="truncate inputs to this many tokens (0: the context)")
+    g.add_argument("--limit", type=non_negative_int, default=0,
+                   help="use only the first N examples of each split (quick runs)")
+    g.add_argument("--max_length", type=non_negative_int, default=0,
+                   help="truncate inputs to this many tokens (0: the context)")
     g.add_argument("--device", type=str, default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, mps")
-    g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--num_workers", type=non_negative_int, default=0, help="DataLoader worker processes")
 
     g = parser.add_argument_group("training engine")
-    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--grad_accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--scheduler", choices=SCHEDULES, default=scheduler)
-    g.add_argument("--warmup_ratio", type=float, default=warmup_ratio, help="fraction of steps of linear warm-up")
-    g.add_argument("--weight_decay", type=float, default=0.0)
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0: off)")
-    g.add_argument("--patience", type=int, default=patience, help="early-stopping patience in epochs (0: off)")
-    g.add_argument("--save_top_k", type=int, default=1, help="best checkpoints kept")
-    g.add_argument("--save_every_steps", type=int, default=0, help="also checkpoint every N steps (resume)")
+    g.add_argument("--warmup_ratio", type=unit_fraction, default=warmup_ratio,
+                   help="fraction of steps of linear warm-up")
+    g.add_argument("--weight_decay", type=non_negative_float, default=0.0)
+    g.add_argument("--max_grad_norm", type=non_negative_float, default=1.0, help="gradient clipping norm (0: off)")
+    g.add_argument("--patience", type=non_negative_int, default=patience,
+                   help="early-stopping patience in epochs (0: off)")
+    g.add_argument("--save_top_k", type=non_negative_int, default=1, help="best checkpoints kept")
+    g.add_argument("--save_every_steps", type=non_negative_int, default=0,
+                   help="also checkpoint every N steps (resume)")
     g.add_argument("--output_dir", type=str, default=None, help="run folder (default runs/<task>/...)")
     g.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pt")
     g.add_argument("--no_progress", action="store_true", help="no tqdm bars (logs only)")
@@ -85,10 +101,10 @@ def add_common_args(
                    help="recompute each block's activations in the backward pass (less memory, ~30%% slower)")
 
     g = parser.add_argument_group("LoRA")
-    g.add_argument("--lora_r", type=int, default=8)
-    g.add_argument("--lora_alpha", type=float, default=16.0)
-    g.add_argument("--lora_dropout", type=float, default=0.05)
-    g.add_argument("--lora_targets", type=str, default=",".join(LORA_TARGETS),
+    g.add_argument("--lora_r", type=positive_int, default=8)
+    g.add_argument("--lora_alpha", type=positive_float, default=16.0)
+    g.add_argument("--lora_dropout", type=unit_fraction, default=0.05)
+    g.add_argument("--lora_targets", type=name_list, default=",".join(LORA_TARGETS),
                    help="comma-separated Linear name suffixes to adapt")
     g.add_argument("--use_dora", action="store_true",
                    help="DoRA: adapters that also learn a magnitude per output row (Liu et al. 2024)")

@@ -1,7 +1,7 @@
 """The course's task files: what each holds, read into plain dataclasses, and the
 prediction files written back byte-for-byte in the starter's format.
 
-- Sentiment (SST, CFIMDB): ``read_sentiment``, ``sentiment_features``.
+- Sentiment (SST, CFIMDB): ``SENTIMENT_LABELS``, ``read_sentiment``, ``sentiment_features``.
 - Paraphrase (Quora as cloze prompts): ``read_quora`` (twice-quoted questions decoded),
   ``PARAPHRASE_PROMPT`` and its features, and ``load_quora_splits``, which carves
   deterministic train/dev/test splits from ``quora-minbert-dev.csv`` when the course's
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from training.data import DataFormatError, encode, parse_int, read_tsv
+from training.data import DataFormatError, encode, parse_int, read_text, read_tsv
 
 # ----------------------------------------------------------- sentiment (SST, CFIMDB)
 
@@ -34,13 +34,21 @@ class SentimentExample:
     label: int | None  # None in the test files
 
 
-def read_sentiment(path: str | Path, limit: int = 0, lowercase: bool = True) -> list[SentimentExample]:
+# The label set of each sentiment task: a label outside it is an error naming its line, not a
+# wider head (an SST file with a stray label 7 used to train an 8-way classifier).
+SENTIMENT_LABELS: dict[str, tuple[int, ...]] = {"sst": (0, 1, 2, 3, 4), "cfimdb": (0, 1)}
+
+
+def read_sentiment(
+    path: str | Path, limit: int = 0, lowercase: bool = True, labels: Sequence[int] | None = None
+) -> list[SentimentExample]:
     """SST / CFIMDB rows. The ``sentiment`` column is read when the file has one (train, dev)
-    and absent in test files. Text is stripped and, as in the starter, lowercased."""
+    and absent in test files; with ``labels`` (e.g. ``SENTIMENT_LABELS["sst"]``) every label must
+    be one of them. Text is stripped and, as in the starter, lowercased."""
     records = read_tsv(path, required=("id", "sentence"), optional=("sentiment",), limit=limit)
     out = []
     for r in records:
-        label = parse_int(r, "sentiment", path) if "sentiment" in r.fields else None
+        label = parse_int(r, "sentiment", path, allowed=labels) if "sentiment" in r.fields else None
         if label is not None and label < 0:
             raise DataFormatError(path, r.line, f"column 'sentiment': negative label {label}")
         text = r["sentence"].lower() if lowercase else r["sentence"]
@@ -260,10 +268,7 @@ def read_sonnets(path: str | Path, limit: int = 0) -> list[Sonnet]:
     only its number. Splits exactly where the starter's ``re.split(r'\\n\\s*\\d+\\s*\\n')``
     does on these files (CRLF or LF), and reads prediction files back the same way."""
     path = Path(path)
-    if not path.exists():
-        raise DataFormatError(path, None, "file does not exist (run setup.sh to download the data, or pass the path)")
-    with open(path, encoding="utf-8") as f:  # universal newlines: CRLF becomes "\n"
-        lines = f.read().split("\n")
+    lines = read_text(path).replace("\r\n", "\n").replace("\r", "\n").split("\n")  # as universal newlines
     sonnets: list[Sonnet] = []
     current: Sonnet | None = None
     body: list[str] = []

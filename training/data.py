@@ -6,8 +6,8 @@ Shared base for every task:
   finds columns by name (the course's test files have a stray index column and an
   odd header such as ``0\\t\\tid\\tsentence``). Each physical line is one record,
   CSV-unquoted on its own, so a stray quote cannot swallow the following lines; a row
-  with the wrong number of fields or an empty required field raises ``DataFormatError``
-  naming the file and line.
+  with the wrong number of fields or an empty required field, a file with no data rows,
+  or bytes that are not UTF-8 raise ``DataFormatError`` naming the file and line.
 - ``encode(tokenizer, texts, max_length)`` tokenises and truncates to the context,
   printing how many inputs were cut. The tokenizer is always passed in, never loaded here.
 - ``ListDataset`` + ``PadCollator``: examples are dicts; batches are padded to their
@@ -62,12 +62,10 @@ def read_tsv(
     quoting: int = csv.QUOTE_MINIMAL,
 ) -> list[Record]:
     """Rows of a headed TSV file as Records holding the ``required`` and present ``optional``
-    columns (values stripped). ``limit`` > 0 keeps the first ``limit`` rows. Blank lines are skipped."""
+    columns (values stripped). ``limit`` > 0 keeps the first ``limit`` rows. Blank lines are skipped;
+    a file with only a header is an error (it would otherwise fail later, far from its cause)."""
     path = Path(path)
-    if not path.exists():
-        raise DataFormatError(path, None, "file does not exist (run setup.sh to download the data, or pass the path)")
-    with open(path, encoding="utf-8", newline="") as f:
-        lines = f.read().splitlines()
+    lines = read_text(path).splitlines()
     if not lines:
         raise DataFormatError(path, 1, "empty file; expected a header line")
     header = [h.strip() for h in _split(lines[0], quoting)]
@@ -91,7 +89,24 @@ def read_tsv(
         records.append(Record(lineno, fields))
         if limit and len(records) >= limit:
             break
+    if not records:
+        raise DataFormatError(path, 1, "a header but no data rows; the file needs at least one example")
     return records
+
+
+def read_text(path: str | Path) -> str:
+    """A data file's text (newlines as in the file), or a DataFormatError naming the file and the
+    line of the first byte that is not UTF-8 (a bare UnicodeDecodeError gives only a byte offset)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(path, None, "file does not exist (run setup.sh to download the data, or pass the path)")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataFormatError(path, line, f"not UTF-8 text (byte 0x{raw[e.start]:02x}: {e.reason}); "
+                                          "save the file as UTF-8") from None
 
 
 def _split(line: str, quoting: int) -> list[str]:
@@ -108,7 +123,8 @@ def parse_int(record: Record, column: str, path: str | Path, allowed: Sequence[i
     except ValueError:
         raise DataFormatError(path, record.line, f"column {column!r}: {raw!r} is not an integer") from None
     if allowed is not None and int(value) not in allowed:
-        raise DataFormatError(path, record.line, f"column {column!r}: {int(value)} is not one of {list(allowed)}")
+        raise DataFormatError(path, record.line, f"column {column!r}: {int(value)} is not one of {list(allowed)}; "
+                                                 "fix the line or pass the file of the right task")
     return int(value)
 
 

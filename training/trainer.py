@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -46,7 +47,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from models.loading import atomic_save, load_checkpoint
+from models.loading import CheckpointError, atomic_save, load_checkpoint
 from optimizer import AdamW
 from training.checkpoints import keep_top_k, load_model_state, model_config_of, rank_top_k, trainable_state_dict
 from training.device import autocast_context, model_device, move_to_device
@@ -56,6 +57,7 @@ from training.schedule import SCHEDULES, lr_lambda
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 EvalFn = Callable[[nn.Module], Mapping[str, float]]
+CountFn = Callable[[Any], "int | float | torch.Tensor"]
 
 
 @dataclass
@@ -144,14 +146,23 @@ def predict(
     return out
 
 
-def _batch_size(batch: Any) -> int:
+def count_lm_targets(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token targets of a causal-LM batch (``input_ids`` + ``attention_mask``), counted as
+    ``SonnetGPT.loss`` counts them: the ``count_fn`` that weighs LM micro-batches by their tokens."""
+    from modules.losses import shifted_targets
+
+    return (shifted_targets(batch["input_ids"], batch["attention_mask"]) != -100).sum()
+
+
+def count_examples(batch: Any) -> int:
+    """Examples in a batch: the default ``count_fn`` (classification losses are means over examples)."""
     if isinstance(batch, torch.Tensor):
         return batch.size(0)
     if isinstance(batch, Mapping):
         batch = list(batch.values())
     for v in batch if isinstance(batch, (list, tuple)) else ():
         if isinstance(v, (torch.Tensor, list, tuple)):
-            return _batch_size(v) if isinstance(v, torch.Tensor) else len(v)
+            return count_examples(v) if isinstance(v, torch.Tensor) else len(v)
     return 0
 
 
@@ -173,6 +184,11 @@ class Trainer:
             biases and LayerNorm weights (1-D tensors).
         callbacks: Callback instances.
         extra: JSON-like dict saved in checkpoints (e.g. the CLI args) for provenance.
+        count_fn: ``count_fn(batch)`` -> the number of items ``loss_fn`` averages over (default: the
+            examples; ``count_lm_targets`` for causal-LM losses). With ``grad_accum`` > 1 each
+            micro-batch's mean loss is weighted by its count over the group's total, as
+            ``transformers`` does with ``num_items_in_batch``, so an accumulated step has the gradient
+            of one batch holding the whole group (uneven token counts, a short last group).
 
     After ``fit()``: ``best_metrics``, ``best_checkpoint`` (Path or None), ``history`` (one dict per
     epoch), ``global_step``, ``epoch`` (epochs completed), ``output_dir``.
@@ -188,8 +204,10 @@ class Trainer:
         optimizer: torch.optim.Optimizer | None = None,
         callbacks: Sequence[Callback] = (),
         extra: Mapping[str, Any] | None = None,
+        count_fn: CountFn | None = None,
     ) -> None:
         self.config = config or TrainConfig()
+        self.count_fn = count_fn or count_examples
         self.device = torch.device(self.config.device)
         self.model = model.to(self.device)
         self.loss_fn = loss_fn
@@ -237,8 +255,14 @@ class Trainer:
     def load_weights(self, path: str | Path) -> dict[str, Any]:
         """Load the model weights of any checkpoint this Trainer wrote; returns the checkpoint."""
         ckpt = load_checkpoint(path, map_location=self.device)
-        load_model_state(self.model, ckpt["model"], ckpt.get("trainable_only", False), path)
+        self._load_model(ckpt, path)
         return ckpt
+
+    def _load_model(self, ckpt: Mapping[str, Any], path: str | Path) -> None:
+        if "model" not in ckpt:
+            raise CheckpointError(f"{path}: not a checkpoint written by the training engine (no model weights)")
+        load_model_state(self.model, ckpt["model"], ckpt.get("trainable_only", False), path,
+                         saved_config=ckpt.get("model_config"))
 
     def fit(self) -> dict[str, Any]:
         """Train for ``config.epochs`` (or until early stopping / ``max_steps``); returns the best dev
@@ -284,7 +308,9 @@ class Trainer:
     def _batches(self) -> Iterator[tuple[int, Any]]:
         """This epoch's batches; after a mid-epoch resume the seen ones are replayed and skipped."""
         cfg = self.config
-        skip = self.step_in_epoch * cfg.grad_accum
+        # A save on an epoch's last step leaves step_in_epoch * grad_accum past the last batch when
+        # the last group is short; skipping more batches than the epoch has raised StopIteration.
+        skip = min(self.step_in_epoch * cfg.grad_accum, len(self.train_loader))  # type: ignore[arg-type]
         if skip:
             resume_rng = get_rng_state()
             set_rng_state(self.epoch_rng)  # the shuffle of the interrupted epoch
@@ -314,20 +340,21 @@ class Trainer:
         window_loss = torch.zeros((), device=self.device)
         window_n, window_examples, t0 = 0, 0, time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        for i, batch in self._batches():
-            group_start = (i // cfg.grad_accum) * cfg.grad_accum
-            group_size = min(cfg.grad_accum, n_batches - group_start)
-            batch = move_to_device(batch, self.device)
-            with self.autocast():
-                loss = self.loss_fn(self.model, batch)
-            (loss / group_size).backward()
-            loss_sum += loss.detach().float()
-            window_loss += loss.detach().float()
-            n_loss += 1
-            window_n += 1
-            window_examples += _batch_size(batch)
-            if i + 1 < group_start + group_size:
-                continue
+        batches = self._batches()
+        for i, first in batches:  # i: the first batch of an accumulation group
+            group = [first, *(b for _, b in itertools.islice(batches, min(cfg.grad_accum, n_batches - i) - 1))]
+            counts = [float(self.count_fn(b)) for b in group]  # on the host, before the batches move
+            total = sum(counts)
+            for batch, count in zip(group, counts):
+                batch = move_to_device(batch, self.device)
+                with self.autocast():
+                    loss = self.loss_fn(self.model, batch)
+                (loss * (count / total if total > 0 else 1.0 / len(group))).backward()
+                loss_sum += loss.detach().float()
+                window_loss += loss.detach().float()
+                n_loss += 1
+                window_n += 1
+                window_examples += count_examples(batch)
             self._optimizer_step()
             logged = None
             if self.global_step % cfg.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
@@ -448,7 +475,9 @@ class Trainer:
         }, self.output_dir / "last.pt")
 
     def _resume(self, path: Path) -> None:
-        ckpt = self.load_weights(path)
+        ckpt = load_checkpoint(path, map_location=self.device)
+        self._check_same_parameters(ckpt, path)
+        self._load_model(ckpt, path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.epoch = ckpt["epoch"]
@@ -465,10 +494,22 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         set_sampler_rng_state(self.train_loader, ckpt["rng"])
 
+    def _check_same_parameters(self, ckpt: Mapping[str, Any], path: Path) -> None:
+        """A run resumes only into the parameters it trained: a checkpoint of another fine-tune mode
+        (a frozen body's head, LoRA adapters, the full model) is refused with what differs, before
+        the optimizer state (one slot per trained parameter) is forced onto other parameters."""
+        saved, ours = set(ckpt.get("model", {})), set(self._model_state())
+        if ckpt.get("trainable_only", False) != self.config.save_trainable_only or saved != ours:
+            detail = "; ".join(f"{what} ({len(keys)}): {', '.join(sorted(keys))}" for what, keys in (
+                ("only in the checkpoint", saved - ours), ("only in this run", ours - saved)) if keys)
+            raise CheckpointError(f"{path} was written by a run that trains other parameters (another fine-tune "
+                                  f"mode or model?){': ' + detail if detail else ''}; resume with that run's flags "
+                                  "or start a new run in another --output_dir")
+
     # ------------------------------------------------------------ logging
 
     def _log(self, record: dict[str, Any]) -> None:
         append_record(self.output_dir / "metrics.jsonl", record)
 
 
-__all__ = ["Callback", "TrainConfig", "Trainer", "predict"]
+__all__ = ["Callback", "TrainConfig", "Trainer", "count_examples", "count_lm_targets", "predict"]
