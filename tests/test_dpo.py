@@ -27,10 +27,15 @@ from training.dpo import (
 )
 
 
+def tiny_sonnet_model(seed: int) -> SonnetGPT:
+    """A random ``tiny`` sonnet LM without dropout, so that policy and reference agree exactly."""
+    torch.manual_seed(seed)
+    return SonnetGPT(GPT2Model(get_config("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)))
+
+
 @pytest.fixture(scope="module")
 def sonnet_model() -> SonnetGPT:
-    torch.manual_seed(0)
-    return SonnetGPT(GPT2Model(get_config("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))).eval()
+    return tiny_sonnet_model(0).eval()
 
 
 def direct_logprobs(model: SonnetGPT, ids: torch.Tensor, att: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
@@ -194,8 +199,7 @@ def test_encode_completion_masks_the_prompt(tokenizer):
 
 
 def test_batch_loss_trains_the_policy_toward_chosen(tokenizer):
-    torch.manual_seed(3)
-    policy = SonnetGPT(GPT2Model(get_config("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)))
+    policy = tiny_sonnet_model(3)
     reference = frozen_reference(policy)
     assert all(not p.requires_grad for p in reference.parameters()) and not reference.training
     pairs = [PreferencePair(0, "Shall I compare thee", " to a summer's day?", " lorem ipsum dolor", 1.0, 0.0),

@@ -11,6 +11,7 @@ from training.sonnet_form import (
     FormSummary,
     end_word,
     estimate_syllables,
+    form_score,
     form_table,
     line_syllables,
     pronunciations,
@@ -150,3 +151,15 @@ def test_summary_weights_sonnets_equally_and_table():
     assert table.splitlines()[2].startswith("| greedy | 2 | 7.50 | 0.50 |")
     with pytest.raises(ValueError):
         summarize_form([])
+
+
+def test_form_score_ranks_form(shakespeare):
+    metered = "\n".join(["the cat sat on the mat and saw the day", "the cat sat on the mat and saw the night"] * 6
+                         + ["the cat sat on the mat and saw the sun", "the cat sat on the mat and saw the one"])
+    # 14 lines of 10 syllables, but only the couplet rhymes (the quatrains repeat their end words)
+    assert form_score(metered) == pytest.approx((1 + 1 + 1 / 7) / 3)
+    f = sonnet_form(SONNET_18)
+    assert form_score(f) == pytest.approx((1 + (1 - f.mean_syllable_error / 10) + 6 / 7) / 3)
+    assert min(form_score(t) for t in shakespeare[:10]) > 0.8
+    assert form_score("one long line of prose " * 20) < 0.2 and form_score("") == 0.0
+    assert form_score(SONNET_18) > form_score("\n".join(sonnet_lines(SONNET_18)[:7])) > form_score("")

@@ -18,7 +18,7 @@ The pieces, in the order a run uses them (the handout's extension: sample severa
 completions per training prompt from a fine-tuned model, rank them, train):
 
 - ``build_pairs``: chosen/rejected pairs from ranked candidates (e.g. by ``chrf_scores``
-  against the true continuation, or by form metrics), best against worst or every pair
+  against the true continuation, or by ``training.sonnet_form.form_score``), best against worst or every pair
   whose scores differ by more than a margin; deterministic, and ties never form a pair;
 - ``encode_pair`` + ``pair_collator``: token ids of prompt + completion with a mask of the
   completion tokens, padded on the right into one batch;

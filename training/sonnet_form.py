@@ -20,8 +20,9 @@ the three things that make the form of Shakespeare's sonnets:
   itself: repeating one end word is the degenerate output a decoder should not be
   rewarded for. Missing lines (a sonnet shorter than 14) are pairs that fail.
 
-``sonnet_form(text)`` scores one sonnet; ``summarize_form(texts)`` averages a
-corpus, each sonnet weighing the same. Measured on the 131 Shakespeare sonnets of
+``sonnet_form(text)`` measures one sonnet; ``summarize_form(texts)`` averages a
+corpus, each sonnet weighing the same (``form_table`` prints summaries side by side);
+``form_score`` folds the three into one number for ranking candidates. Measured on the 131 Shakespeare sonnets of
 the course's ``sonnets.txt`` (see ``tests/test_sonnet_form.py`` for the asserted
 ranges): 98.5% have 14 lines, 10.17 syllables per line (mean distance to 10: 0.23),
 and 0.80 of the rhyme pairs found. The misses are mostly rhymes of Shakespeare's
@@ -217,6 +218,17 @@ def sonnet_form(text: str) -> SonnetForm:
         rhyme_pairs=pairs,
         rhyme_adherence=sum(pairs) / len(RHYME_PAIRS),
     )
+
+
+def form_score(form: SonnetForm | str) -> float:
+    """One number in [0, 1] for ranking candidates by form (e.g. DPO pairs): the mean of
+    ``1 - |lines - 14| / 14``, ``1 - mean |syllables - 10| / 10`` (each floored at 0) and the
+    rhyme adherence. 1 only for 14 rhyming lines of 10 syllables each; equal weights, since
+    no one of the three matters more to the form."""
+    f = sonnet_form(form) if isinstance(form, str) else form
+    lines = max(0.0, 1 - abs(f.num_lines - TARGET_LINES) / TARGET_LINES)
+    meter = max(0.0, 1 - f.mean_syllable_error / TARGET_SYLLABLES)
+    return (lines + meter + f.rhyme_adherence) / 3
 
 
 @dataclass(frozen=True)
