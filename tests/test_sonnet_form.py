@@ -50,6 +50,7 @@ def test_words_split_punctuation_and_keep_elisions():
         "feed'st", "thy", "light's", "flame", "with", "self", "substantial", "fuel"]
     assert words("And moan th\u2019 expense") == ["and", "moan", "th'", "expense"]
     assert words("  -- ! ") == []
+    assert words("My belov\u00e8d caf\u00e9") == ["my", "beloved", "cafe"]
 
 
 def test_dictionary_syllables():

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -56,10 +57,12 @@ _SYLLABIC_LE = re.compile(r"[^aeiouyl]le$")
 
 def words(line: str) -> list[str]:
     """Lower-cased words of a line: letters with inner apostrophes (``feed'st``, ``beauty's``);
-    hyphens, dashes and other punctuation separate words (``self-substantial`` is two). A word
-    without a vowel cut short by an apostrophe (``th' expense``) keeps it: it is an elision that
-    adds no syllable, not the dictionary's spelt-out letters ``th``."""
+    hyphens, dashes and other punctuation separate words (``self-substantial`` is two); accents
+    go (``belovèd`` is ``beloved``). A word without a vowel cut short by an apostrophe
+    (``th' expense``) keeps it: it is an elision that adds no syllable, not the dictionary's
+    spelt-out letters ``th``."""
     line = line.lower().replace("\u2019", "'").replace("\u2018", "'")
+    line = "".join(ch for ch in unicodedata.normalize("NFKD", line) if not unicodedata.combining(ch))  # belovèd
     return [m.group() + ("'" if _ELIDED.match(line, m.end()) and not _VOWEL_GROUP.search(m.group()) else "")
             for m in _WORD.finditer(line)]
 
