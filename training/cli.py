@@ -72,7 +72,7 @@ def add_common_args(
     g.add_argument("--patience", type=int, default=patience, help="early-stopping patience in epochs (0: off)")
     g.add_argument("--save_top_k", type=int, default=1, help="best checkpoints kept")
     g.add_argument("--save_every_steps", type=int, default=0, help="also checkpoint every N steps (resume)")
-    g.add_argument("--output_dir", type=str, default=None, help="run folder (default runs/<task>/...)")
+    g.add_argument("--output_dir", type=str, default=None, help="run folder (default: a new one in runs/<task>/...)")
     g.add_argument("--resume", action="store_true",
                    help="continue from <output_dir>/last.pt (without --output_dir: the latest run of this task)")
     g.add_argument("--resume_allow_changes", action="store_true",

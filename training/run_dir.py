@@ -85,6 +85,18 @@ def _describe(holder: Mapping[str, Any]) -> str:
             f"started {holder.get('started', '?')}")
 
 
+def _link(src: str | Path, dst: Path) -> None:
+    """Put ``src``'s content at ``dst`` atomically; FileExistsError if ``dst`` exists."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: an exclusive create, then the content
+        fd = os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(fd, "wb") as f:
+            f.write(Path(src).read_bytes())
+
+
 def acquire_lock(folder: str | Path) -> None:
     """Take ``folder/run.lock`` for this process or raise ``RunDirError`` naming its holder.
 
@@ -102,7 +114,7 @@ def acquire_lock(folder: str | Path) -> None:
     try:
         for _ in range(3):
             try:
-                os.link(tmp, lock)
+                _link(tmp, lock)
                 return
             except FileExistsError:
                 holder = _read_lock(lock)
@@ -115,11 +127,13 @@ def acquire_lock(folder: str | Path) -> None:
             aside = folder / f".{LOCK_NAME}.stale-{me['pid']}"
             with contextlib.suppress(FileNotFoundError):
                 os.replace(lock, aside)
-                if _read_lock(aside) != holder:  # another process retook it meanwhile: put it back
+                if _read_lock(aside) == holder:
+                    print(f"note: {folder}: took over the lock of a run that is no longer running "
+                          f"({_describe(holder)})")
+                else:  # another process retook it meanwhile: put its lock back
                     with contextlib.suppress(FileExistsError):
-                        os.link(aside, lock)
+                        _link(aside, lock)
                 aside.unlink()
-                print(f"note: {folder}: took over the lock of a run that is no longer running ({_describe(holder)})")
         raise RunDirError(f"{folder}: could not take the run lock; another run keeps taking it")
     finally:
         Path(tmp).unlink(missing_ok=True)
