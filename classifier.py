@@ -20,11 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from models.heads import FINE_TUNE_MODES, GPT2SentimentClassifier, count_parameters, set_fine_tune_mode
+from training.checkpoints import load_weights_into
 from training.cli import (
     add_common_args,
     build_from_args,
     default_output_dir,
     lora_kwargs,
+    open_run,
     pick_device,
     run_main,
     seed_everything,
@@ -74,6 +76,10 @@ def predict_labels(model: torch.nn.Module, loader: Any) -> list[int]:
 def run(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     """Train on one dataset, write its dev and test predictions; returns the dev metrics."""
     print(f"Training sentiment classifier on {dataset} ({args.fine_tune_mode})...")
+    pred_paths = {s: Path(args.predictions_dir) / f"{args.fine_tune_mode}-{dataset}-{s}-out.csv"
+                  for s in ("dev", "test")}
+    out_dir = open_run(args, default_output_dir("classifier", f"{args.fine_tune_mode}-{dataset}"),
+                       subdir=dataset if args.dataset == "both" else None, outputs=pred_paths.values())
     seed_everything(args.seed)
     device = pick_device(args.use_gpu, args.device)
     gpt, tokenizer = build_from_args(args)
@@ -109,14 +115,14 @@ def run(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:
         return classification_metrics(dev_labels, predict_labels(m, dev_loader))
 
-    out_dir = args.output_dir or default_output_dir("classifier", f"{args.fine_tune_mode}-{dataset}")
-    if args.output_dir and args.dataset == "both":
-        out_dir = str(Path(args.output_dir) / dataset)
-    cfg = train_config_from_args(args, device, metric="accuracy", output_dir=out_dir,
+    if args.load:
+        load_weights_into(model, args.load)
+        print(f"loaded {args.load}")
+    cfg = train_config_from_args(args, device, metric="accuracy", output_dir=str(out_dir),
                                  save_trainable_only=trainable_only)
     trainer = Trainer(model, loss_fn, train_loader, eval_fn, cfg, extra={"args": vars(args), "dataset": dataset,
                                                                           "num_labels": num_labels})
-    best = trainer.fit()
+    best = trainer.fit() if out_dir else {}  # --epochs 0: predict with the --load model
     if trainer.best_checkpoint is not None:
         trainer.load_best()
         print(f"best epoch {best.get('epoch')} from {trainer.best_checkpoint}")
@@ -126,7 +132,7 @@ def run(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     metrics = classification_metrics(dev_labels, dev_pred)
     metrics["majority_baseline"] = majority_baseline([e.label for e in data["train"]], dev_labels)
     for split, preds in (("dev", dev_pred), ("test", test_pred)):
-        path = Path(args.predictions_dir) / f"{args.fine_tune_mode}-{dataset}-{split}-out.csv"
+        path = pred_paths[split]
         write_id_predictions(path, "Predicted_Sentiment", [e.id for e in data[split]], preds)
         print(f"wrote {path}")
     print(f"{dataset} dev accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "

@@ -34,6 +34,7 @@ from training.cli import (
     build_from_args,
     default_output_dir,
     lora_kwargs,
+    open_run,
     pick_device,
     run_main,
     seed_everything,
@@ -64,8 +65,6 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_batch_size", type=non_negative_int, default=0, help="0: 4 x --batch_size")
     parser.add_argument("--filepath", type=str, default=None,
                         help="where the best model is saved (default <output_dir>/paraphrase-model.pt)")
-    parser.add_argument("--load", type=str, default=None,
-                        help="start from a model saved by an earlier run; with --epochs 0 only predict")
     # --hidden_dropout_prob is GPT-2's own residual/embedding dropout here (there is no head).
     add_common_args(parser, batch_size=8, lr=1e-5, epochs=10, hidden_dropout_prob=0.1, model_size="gpt2")
     return parser.parse_args(argv)
@@ -144,6 +143,8 @@ def evaluate(p_yes: Sequence[float], pairs: Sequence[ParaphrasePair]) -> dict[st
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train (unless ``--epochs 0``), keep the best dev epoch, save it, write both prediction files."""
+    out_dir = open_run(args, default_output_dir("paraphrase", f"{args.fine_tune_mode}-{Path(args.model_size).name}"),
+                       outputs=(args.para_dev_out, args.para_test_out, args.filepath))
     seed_everything(args.seed)
     device = pick_device(args.use_gpu, args.device)
     data = load_quora_splits(args.para_train, args.para_dev, args.para_test, limit=args.limit)
@@ -159,8 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     collate = PadCollator(tokenizer.pad_token_id, padding_side=args.padding_side)
     eval_bs = args.eval_batch_size or 4 * args.batch_size
     bf16 = not args.no_bf16
-    out_dir = args.output_dir or default_output_dir("paraphrase", f"{args.fine_tune_mode}-{Path(args.model_size).name}")
-    filepath = args.filepath or str(Path(out_dir) / "paraphrase-model.pt")
+    filepath = args.filepath or str(Path(out_dir or ".") / "paraphrase-model.pt")  # no out_dir: predict only
 
     best: dict[str, Any] = {}
     if args.epochs > 0:
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         loader = make_loader(feats["train"], collate, args.batch_size, shuffle=True, num_workers=args.num_workers,
                              group_by_length=args.group_by_length)
-        cfg = train_config_from_args(args, device, metric="accuracy", output_dir=out_dir,
+        cfg = train_config_from_args(args, device, metric="accuracy", output_dir=str(out_dir),
                                      save_trainable_only=trainable_only)
         trainer = Trainer(model, loss_fn, loader, eval_fn, cfg, extra={"args": vars(args)})
         best = trainer.fit()

@@ -182,11 +182,12 @@ def pretrain_from_args(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from models.loading import save_model
+    from models.loading import load_model, save_model
     from training.cli import (
         add_common_args,
         build_from_args,
         default_output_dir,
+        open_run,
         pick_device,
         seed_everything,
         train_config_from_args,
@@ -198,10 +199,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_common_args(parser, batch_size=4, lr=1e-5, epochs=10, hidden_dropout_prob=0.1)
     add_attention_args(parser)
     args = parser.parse_args(argv)
+    args.output_dir = str(open_run(args, default_output_dir("pretrain", Path(args.corpus).stem), trains=True))
     seed_everything(args.seed)
     device = pick_device(args.use_gpu, args.device)
     model, tokenizer = build_from_args(args, hidden_dropout_prob=args.hidden_dropout_prob, **attention_overrides(args))
-    args.output_dir = args.output_dir or default_output_dir("pretrain", Path(args.corpus).stem)
+    if args.load:  # continue from a model an earlier run saved (model.pt)
+        model = load_model(args.load)
     cfg = train_config_from_args(args, device)
     best = pretrain_lm(model, tokenizer, args.corpus, cfg, batch_size=args.batch_size, block_size=args.max_length,
                        held_out_fraction=args.held_out_fraction, limit=args.limit, num_workers=args.num_workers)

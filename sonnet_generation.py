@@ -45,6 +45,7 @@ from training.cli import (
     build_from_args,
     default_output_dir,
     lora_kwargs,
+    open_run,
     pick_device,
     run_main,
     seed_everything,
@@ -108,6 +109,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_decoding(parser, args)
     if args.lr is None:
         args.lr = DEFAULT_LR[args.fine_tune_mode]
+    args.checkpoint = args.checkpoint or args.load  # the shared --load names the same thing here
     if args.generate_only and not args.checkpoint:
         parser.error("--generate_only needs --checkpoint PATH")
     return args
@@ -264,6 +266,10 @@ def load_sonnet_model(args: argparse.Namespace, path: str | Path) -> tuple[Sonne
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train (unless ``--generate_only`` or ``--epochs 0``), then write both prediction files."""
+    trains = not args.generate_only and (args.epochs > 0 or bool(args.pretrain_corpus))
+    out_dir = open_run(args, default_output_dir("sonnet", f"{args.fine_tune_mode}-{Path(args.model_size).name}"),
+                       outputs=(args.sonnet_out, args.dev_sonnet_out), trains=trains, model_flag="checkpoint")
+    args.generate_only = not trains  # --epochs 0: decode with the --checkpoint model, save nothing
     seed_everything(args.seed)
     device = pick_device(args.use_gpu, args.device)
     train = [s.text for s in read_sonnets(args.sonnet_path, args.limit)]
@@ -287,8 +293,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"decoding: {describe(args)}")
 
     best: dict[str, Any] = {}
-    run_name = f"{args.fine_tune_mode}-{Path(args.model_size).name}"
-    out_dir = Path(args.output_dir or default_output_dir("sonnet", run_name))
     if args.pretrain_corpus and not args.generate_only:  # causal-LM pretraining on a corpus first
         pretrain_from_args(model, tokenizer, args, device, out_dir, trainable_only)
     if not args.generate_only and args.epochs > 0:

@@ -94,4 +94,19 @@ def keep_top_k(
     return ranked[:k]
 
 
-__all__ = ["TopK", "keep_top_k", "load_model_state", "model_config_of", "rank_top_k", "trainable_state_dict"]
+def load_weights_into(model: nn.Module, path: str | Path) -> None:
+    """Put the weights of a Trainer checkpoint (``best.pt``, ``last.pt``...) into ``model``, as
+    ``--load`` does; a checkpoint that does not fit the model is a ``CheckpointError``."""
+    from models.loading import CheckpointError, load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    if "model" not in ckpt:
+        raise CheckpointError(f"{path}: not a checkpoint of a training run (no 'model' entry)")
+    try:
+        load_model_state(model, ckpt["model"], ckpt.get("trainable_only", False), path)
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path} does not fit this model: {str(e).splitlines()[0]}") from e
+
+
+__all__ = ["TopK", "keep_top_k", "load_model_state", "load_weights_into", "model_config_of", "rank_top_k",
+           "trainable_state_dict"]

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from training.rng import seed_everything
+from training.run_dir import open_run
 from training.schedule import SCHEDULES
 from training.trainer import TrainConfig
 from training.validation import (
@@ -33,7 +34,7 @@ LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 __all__ = [
     "LORA_TARGETS", "add_common_args", "build_from_args", "default_output_dir", "lora_kwargs", "lora_targets",
-    "pick_device", "run_main", "seed_everything", "train_config_from_args",
+    "open_run", "pick_device", "run_main", "seed_everything", "train_config_from_args",
 ]
 
 
@@ -87,8 +88,15 @@ def add_common_args(
     g.add_argument("--save_top_k", type=non_negative_int, default=1, help="best checkpoints kept")
     g.add_argument("--save_every_steps", type=non_negative_int, default=0,
                    help="also checkpoint every N steps (resume)")
-    g.add_argument("--output_dir", type=str, default=None, help="run folder (default runs/<task>/...)")
-    g.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pt")
+    g.add_argument("--output_dir", type=str, default=None, help="run folder (default: a new one in runs/<task>/...)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from <output_dir>/last.pt (without --output_dir: the latest run of this task)")
+    g.add_argument("--resume_allow_changes", action="store_true",
+                   help="resume even if settings that change the result (lr, batch size, limit...) differ")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run an explicit --output_dir holds (else it is refused unless --resume)")
+    g.add_argument("--load", type=str, default=None,
+                   help="start from a model saved by an earlier run; with --epochs 0 only predict")
     g.add_argument("--no_progress", action="store_true", help="no tqdm bars (logs only)")
     g.add_argument("--no_bf16", action="store_true", help="no bf16 autocast on CUDA")
 
@@ -163,16 +171,19 @@ def run_main(main: Callable[[], Any]) -> None:
 
     from models.loading import CheckpointError
     from training.data import DataFormatError
+    from training.run_dir import RunDirError
 
     try:
         main()
-    except (CheckpointError, DataFormatError, FileNotFoundError) as e:
+    except (CheckpointError, DataFormatError, FileNotFoundError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def default_output_dir(task: str, *parts: str) -> str:
-    """``runs/<task>/<part>/...``: run folders stay out of the repository root (runs/ is gitignored)."""
+    """``runs/<task>/<part>/...``: run folders stay out of the repository root (runs/ is gitignored).
+    It is the parent of a task's default run folders: ``open_run`` makes a new timestamped
+    one in it for each run, so reruns never collide."""
     return str(Path("runs", task, *parts))
 
 
@@ -195,6 +206,8 @@ def train_config_from_args(args: argparse.Namespace, device: torch.device, **fie
         bf16=not args.no_bf16,
         progress=not args.no_progress,
         resume=args.resume,
+        overwrite=getattr(args, "overwrite", False),
+        resume_allow_changes=getattr(args, "resume_allow_changes", False),
     )
     values.update(fields)
     return TrainConfig(**values)

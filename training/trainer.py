@@ -52,6 +52,7 @@ from optimizer import AdamW
 from training.checkpoints import keep_top_k, load_model_state, model_config_of, rank_top_k, trainable_state_dict
 from training.device import autocast_context, model_device, move_to_device
 from training.rng import get_rng_state, sampler_rng_state, seed_everything, set_rng_state, set_sampler_rng_state
+from training.run_dir import fit_guard, run_settings
 from training.run_log import append_record, plot_curves
 from training.schedule import SCHEDULES, lr_lambda
 
@@ -86,7 +87,9 @@ class TrainConfig:
     log_every: int = 20  # optimizer steps between loss syncs (.item()) and log lines
     progress: bool = True  # tqdm bars
     plot: bool = True  # redraw curves.png after each epoch
-    resume: bool = False  # continue from output_dir/last.pt if it exists
+    resume: bool = False  # continue from output_dir/last.pt (an error if there is none: training.run_dir)
+    overwrite: bool = False  # an output_dir that holds a run is replaced (else refused unless resume)
+    resume_allow_changes: bool = False  # resume even if settings that change the result differ
     max_steps: int = 0  # stop (as if interrupted) after this many optimizer steps; 0 = no limit
 
     def __post_init__(self) -> None:
@@ -266,7 +269,15 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train for ``config.epochs`` (or until early stopping / ``max_steps``); returns the best dev
-        metrics with the epoch they came from (or the last epoch's metrics if there is no eval_fn)."""
+        metrics with the epoch they came from (or the last epoch's metrics if there is no eval_fn).
+        The run folder is locked meanwhile and checked first (``training.run_dir.fit_guard``):
+        one that holds another run is refused, and so is a resume with nothing to resume or with
+        changed settings."""
+        current = run_settings(self._config_dict(), model_config_of(self.model), self.extra)
+        with fit_guard(self.output_dir, self.config, current):
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
         last = self.output_dir / "last.pt"
