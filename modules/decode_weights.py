@@ -65,12 +65,15 @@ def rows_of(x: torch.Tensor) -> int:
 
 class WeightLayout(ABC):
     """One (out, in) weight stored for products with few rows. ``matmul(x, bias)`` equals
-    ``F.linear(x, weight, bias)`` for the inputs ``accepts``."""
+    ``F.linear(x, weight, bias)`` for the inputs ``accepts``.
 
-    replaces_weight = False  # True: serves every input, so the original weight can be dropped
+    ``replaces_weight = True`` promises that ``matmul`` serves every input (prefill too) and
+    that the layout keeps no reference to ``weight`` (it converts it in ``__init__``), so the
+    original can be freed. The layouts here keep one, to build their copies lazily."""
+
+    replaces_weight = False
 
     def __init__(self, weight: torch.Tensor) -> None:
-        self.source = weight.detach()  # what the layout is derived from (a snapshot contract, not a copy)
         self.dtype = weight.dtype
 
     def accepts(self, x: torch.Tensor) -> bool:
@@ -87,6 +90,7 @@ class TransposedLayout(WeightLayout):
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__(weight)
+        self.source = weight.detach()  # the weight itself, not a copy: built from at first use
         self._t: torch.Tensor | None = None
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -106,6 +110,7 @@ class PackedLayout(WeightLayout):
         if not packing_available(weight):
             raise ValueError(f"oneDNN cannot pack a {weight.dtype} weight on {weight.device}")
         super().__init__(weight)
+        self.source = weight.detach()  # the weight itself, not a copy: packed at first use per regime
         self._packed: dict[int, torch.Tensor] = {}
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -127,7 +132,7 @@ class TiedHeadLayout(WeightLayout):
         self.packed = PackedLayout(weight)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.transposed is not None and rows_of(x) == 1 and one_row_transposed(self.source):
+        if self.transposed is not None and rows_of(x) == 1 and one_row_transposed(self.packed.source):
             return self.transposed.matmul(x, bias)
         return self.packed.matmul(x, bias)
 

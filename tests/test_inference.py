@@ -16,7 +16,7 @@ from config import GPT2Config
 from models.generation import generate
 from models.gpt2 import GPT2Model, maybe_compile
 from models.inference import InferenceModel, prepare_for_inference
-from modules.decode_weights import DecodeLinear, PackedLayout, TransposedLayout
+from modules.decode_weights import DecodeLinear, PackedLayout, WeightLayout
 from modules.lora import apply_lora
 
 pytestmark = pytest.mark.skipif(not dw._HAS_ONEDNN, reason="this PyTorch build has no oneDNN")
@@ -167,13 +167,20 @@ def test_a_layout_that_replaces_the_weight_serves_every_product() -> None:
     """The inference-only seam: with ``replaces_weight`` the DecodeLinear keeps no reference to
     the original weight and the layout computes prefill too."""
 
-    class Replacing(TransposedLayout):
+    class Replacing(WeightLayout):  # a stand-in for a quantised layout: its own representation only
         replaces_weight = True
+
+        def __init__(self, weight: torch.Tensor) -> None:
+            super().__init__(weight)
+            self.wt = weight.detach().t().contiguous()  # (in, out)
+
+        def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            return x @ self.wt + bias
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 24)
     fast = DecodeLinear.from_linear(lin, Replacing(lin.weight))
-    assert fast.weight is None and all(p is not lin.weight for p in fast.parameters())
+    assert fast.weight is None and fast.layout.wt.data_ptr() != lin.weight.data_ptr()
     x = torch.randn(2, 5, 16)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), F.linear(x, lin.weight, lin.bias))
