@@ -43,6 +43,14 @@ class DecoderLM(Protocol):
     def train(self, mode: bool = True): ...
 
 
+class Strategy(Protocol):
+    """A decoding strategy: (B, P) left-padded prompts -> (B, P + new) token ids. ``generate``
+    calls it with the validated config and the sampling generator by name."""
+
+    def __call__(self, model: DecoderLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
+                 config: GenerationConfig, generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+
 # ----------------------------------------------------------------- processors
 
 

@@ -14,18 +14,16 @@ Also here: ``LineStop`` (a stop condition) and ``trim`` (an output row as a toke
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import fields
 
 import torch
 
 from models.beam_search import beam_search
 from models.contrastive import contrastive_search
-from models.decoding import DecoderLM, greedy_or_sample
+from models.decoding import DecoderLM, Strategy, greedy_or_sample
 from models.generation_config import GenerationConfig
 
-# config.strategy -> (model, input_ids, attention_mask, config, generator) -> (B, P + new) token ids
-Strategy = Callable[..., torch.Tensor]
+# config.strategy -> the code that runs it
 STRATEGIES: dict[str, Strategy] = {
     "greedy": greedy_or_sample,
     "sample": greedy_or_sample,
