@@ -12,7 +12,7 @@ processes hits both alike.
 
 Fairness: same weights, shapes and dtype; ``transformers`` uses its default
 attention implementation (``sdpa``) and ``generate(use_cache=True,
-do_sample=False)``; both sides train with the same optimizer (our
+do_sample=False)``, ours ``generate`` on ``prepare_for_inference(model)``; both sides train with the same optimizer (our
 ``optimizer.AdamW``, multi-tensor path) and dropout on (the configs' 0.1).
 
     python benchmarks/bench.py --model_size gpt2 --batch_size 8 --seq_len 128
@@ -160,8 +160,11 @@ def train_step(model, side: str, args: argparse.Namespace) -> Callable[[], torch
 
 
 def decode_fn(model, side: str, args: argparse.Namespace, batch_size: int) -> Callable[[], torch.Tensor]:
-    """A closure decoding ``new_tokens`` greedily from a fixed random prompt."""
+    """A closure decoding ``new_tokens`` greedily from a fixed random prompt. Ours decodes
+    through ``prepare_for_inference`` (done once here, as a caller decoding many batches
+    would; its layouts are built during the warm-up call)."""
     from models.generation import generate
+    from models.inference import prepare_for_inference
 
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(1)
@@ -169,7 +172,8 @@ def decode_fn(model, side: str, args: argparse.Namespace, batch_size: int) -> Ca
     mask = torch.ones_like(ids)
     model.eval()
     if side == "ours":
-        return lambda: generate(model, ids, max_new_tokens=args.new_tokens)
+        fast = prepare_for_inference(model)
+        return lambda: generate(fast, ids, max_new_tokens=args.new_tokens)
     return lambda: model.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False,
                                   use_cache=True)
 
@@ -181,6 +185,7 @@ def memory_probe(args: argparse.Namespace) -> None:
     import transformers  # noqa: F401  (both sides import the same libraries before the baseline)
 
     from models.generation import generate  # noqa: F401
+    from models.inference import prepare_for_inference  # noqa: F401
 
     kind, side, batch = args.probe.split(":")
     base = rss_mib()

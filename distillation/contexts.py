@@ -15,6 +15,7 @@ import torch
 
 from distillation.records import write_jsonl, write_summary
 from distillation.sampling import SamplingConfig, add_sampling_args, sample_sentences, sampling_config
+from models.inference import prepare_for_inference
 from training.validation import positive_int
 
 DEFAULTS = {"batch_size": 32}
@@ -92,8 +93,8 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
     else:
         if model is None:
             model, tokenizer = build_from_args(args)
-        model.to(pick_device(args.use_gpu, args.device)).eval()
-        texts, drawn = sample_contexts(model, tokenizer, args.style, args.num_contexts, cfg, args.batch_size,
+        fast = prepare_for_inference(model.to(pick_device(args.use_gpu, args.device)).eval())
+        texts, drawn = sample_contexts(fast, tokenizer, args.style, args.num_contexts, cfg, args.batch_size,
                                        args.seed, not args.no_progress)
         source = f"sampled:{args.style}"
     write_jsonl(args.output, ({"id": f"ctx-{i:06d}", "text": t} for i, t in enumerate(texts)))

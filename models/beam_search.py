@@ -6,7 +6,7 @@ bookkeeping (2 * num_beams candidates per step, a finished set scored by
 logprob / length**length_penalty, the three ``early_stopping`` modes, EOS and
 ``stop`` retiring a hypothesis) and the padding of finished rows follow
 ``transformers`` 5.x step for step. The model runner and the logits processors
-are the ones greedy decoding uses, from ``models.generation``.
+are the ones every strategy uses, from ``models.decoding``.
 """
 
 from __future__ import annotations
@@ -14,28 +14,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.generation import Runner, StopFn, ignore_mask, logits_processors
+from models.decoding import DecoderLM, Runner, ignore_mask, logits_processors
+from models.generation_config import GenerationConfig
 
 
-def beam_search(model, input_ids, attention_mask, max_new, nb, length_penalty, early_stopping, do_sample,
-                temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, generator, *, eos, pad,
-                stop: StopFn | None, use_cache) -> torch.Tensor:
+def beam_search(model: DecoderLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                config: GenerationConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Beam search with ``transformers``' bookkeeping: keep the 2*nb best continuations
     of all beams, retire those ending in EOS (or stopped) into a finished set
     scored by logprob / length**length_penalty, continue with the best nb others."""
-    if early_stopping not in (True, False, "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    nb, length_penalty, early_stopping = config.num_beams, config.length_penalty, config.early_stopping
+    eos, stop = config.eos_token_id, config.stop
     B, P = input_ids.shape
-    total = P + max_new
+    runner = Runner(model, attention_mask, P, config)
+    total = runner.total
     dev = input_ids.device
     keep = max(2, 1 + (eos is not None)) * nb  # candidates kept per prompt
-    fill = pad if pad is not None else (eos if eos is not None else -1)
+    fill = config.pad if config.pad is not None else -1
     ignore = ignore_mask(attention_mask, total)
-    process = logits_processors(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                                ignore=None if ignore is None else ignore.repeat_interleave(nb, 0), keep=keep // nb)
-    runner = Runner(model, attention_mask, P, total, use_cache)
-    logits = model.hidden_state_to_token(runner.prefill(input_ids)[:, -1]).float().repeat_interleave(nb, 0)
+    process = logits_processors(config, None if ignore is None else ignore.repeat_interleave(nb, 0), keep=keep // nb)
+    logits = runner.logits(runner.prefill(input_ids)[:, -1]).repeat_interleave(nb, 0)
     runner.expand(nb)
     running = torch.full((B, nb, total), fill, dtype=torch.long, device=dev)
     running[:, :, :P] = input_ids[:, None]
@@ -56,7 +54,7 @@ def beam_search(model, input_ids, attention_mask, max_new, nb, length_penalty, e
             logp = process(logp, flat)
         V = logp.size(-1)
         logp = (logp.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
-        if do_sample:
+        if config.do_sample:
             idx = torch.multinomial(logp.softmax(-1), keep, generator=generator)
             top_scores = logp.gather(1, idx)
         else:
@@ -97,6 +95,6 @@ def beam_search(model, input_ids, attention_mask, max_new, nb, length_penalty, e
         if not (bool(can_improve.any()) and open_beam and not bool(hits.all())):
             break
         runner.reorder(src)
-        logits = model.hidden_state_to_token(runner.step(running[:, :, :cur].reshape(B * nb, cur))).float()
+        logits = runner.logits(runner.step(running[:, :, :cur].reshape(B * nb, cur)))
     out_len = P + int(fin_len[:, 0].max())
     return finished[:, 0, :out_len]

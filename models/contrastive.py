@@ -1,21 +1,19 @@
 """Contrastive search (Su et al. 2022, "A Contrastive Framework for Neural Text
-Generation") for ``models.generation.generate`` (``penalty_alpha > 0`` and
-``top_k > 1``).
+Generation"), the strategy ``models.generation.generate`` runs when
+``penalty_alpha > 0`` and ``top_k > 1``.
 
 Why it is written this way: ``transformers`` 5 no longer ships contrastive search
 in its core, so it follows the paper (tests/test_generation.py checks it step by
-step); the greedy loop of ``models.generation`` drives it one token at a time.
+step); the one-token-per-step loop of ``models.decoding`` drives it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from models.generation import Runner
+from models.decoding import DecoderLM, Runner, one_token_per_step
+from models.generation_config import GenerationConfig
 
 
 class Contrastive:
@@ -26,14 +24,14 @@ class Contrastive:
     candidates are scored in one batched step and the chosen row's new key/value
     is copied to its siblings (one position, not the whole cache)."""
 
-    def __init__(self, model, runner: Runner, prompt_hidden, attention_mask, k: int, alpha: float, total: int):
+    def __init__(self, runner: Runner, prompt_hidden: torch.Tensor, k: int, alpha: float) -> None:
         B, P, d = prompt_hidden.shape
-        self.model, self.runner, self.k, self.alpha, self.B = model, runner, k, alpha, B
-        self.context = prompt_hidden.new_zeros(B, total, d)  # hidden states of the tokens so far
+        self.runner, self.k, self.alpha, self.B = runner, k, alpha, B
+        self.context = prompt_hidden.new_zeros(B, runner.total, d)  # hidden states of the tokens so far
         self.context[:, :P] = prompt_hidden
-        self.valid = torch.ones(B, total, dtype=torch.bool, device=prompt_hidden.device)
-        if attention_mask is not None:
-            self.valid[:, :P] = attention_mask.bool()
+        self.valid = torch.ones(B, runner.total, dtype=torch.bool, device=prompt_hidden.device)
+        if runner.mask is not None:
+            self.valid[:, :P] = runner.mask[:, :P].bool()
         runner.expand(k)
         self.rows = torch.arange(B, device=prompt_hidden.device)
 
@@ -53,10 +51,17 @@ class Contrastive:
         best = score.argmax(-1)  # (B,)
         chosen = h[self.rows, best]  # (B, d)
         self.context[:, cur] = chosen
-        cache = self.runner.cache
-        if cache is not None:  # siblings take the chosen candidate's key/value at this position
-            src = (self.rows * k + best).repeat_interleave(k)
-            t = (cache.length - 1) % cache.k.size(3)  # the slot of this position (ring caches wrap around)
-            cache.k[:, :, :, t] = cache.k[:, :, :, t].index_select(1, src)
-            cache.v[:, :, :, t] = cache.v[:, :, :, t].index_select(1, src)
-        return cand[self.rows, best], self.model.hidden_state_to_token(chosen).float()
+        if self.runner.cache is not None:  # siblings take the chosen candidate's key/value at this position
+            self.runner.cache.copy_last_position((self.rows * k + best).repeat_interleave(k))
+        return cand[self.rows, best], self.runner.logits(chosen)
+
+
+def contrastive_search(model: DecoderLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       config: GenerationConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Contrastive search over ``config.top_k`` candidates with penalty ``config.penalty_alpha``
+    (``top_k`` picks candidates here, so it does not filter the scores)."""
+    return one_token_per_step(
+        model, input_ids, attention_mask, config,
+        lambda runner, hidden: Contrastive(runner, hidden, config.top_k, config.penalty_alpha).select,
+        filter_top_k=False,
+    )

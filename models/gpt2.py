@@ -2,7 +2,9 @@
 and an LM head tied to the token embedding.
 
 The whole model fits on one screen on purpose; ``models.loading`` fills it from
-Hugging Face checkpoints and ``models.heads`` builds task models on top.
+Hugging Face checkpoints, ``models.heads`` builds task models on top, and
+``models.inference.prepare_for_inference`` gives decoding its faster weight layouts
+without touching this module.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from config import GPT2Config
-from modules.attention import KVCache, RingKVCache, build_attention_mask, new_kv_cache
-from modules.decode_weights import decode_path, one_row_transposed, packed_linear, transposed_weight
+from modules.attention import build_attention_mask
 from modules.gpt2_layer import GPT2Layer
+from modules.kv_cache import BaseKVCache, new_kv_cache
 
 
 class GPT2Model(nn.Module):
@@ -76,7 +78,7 @@ class GPT2Model(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: BaseKVCache | None = None,
     ) -> dict[str, torch.Tensor]:
         """``attention_mask`` (B, S) has 1 for real tokens; with a cache it covers
         cached and new positions. Returns ``last_hidden_state`` (B, T, d) and
@@ -98,21 +100,10 @@ class GPT2Model(nn.Module):
         return {"last_hidden_state": x, "last_token": last}
 
     def hidden_state_to_token(self, hidden_state: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits through the tied token embedding: (..., d) -> (..., V).
+        """Vocabulary logits through the tied token embedding: (..., d) -> (..., V)."""
+        return F.linear(hidden_state, self.wte.weight)
 
-        For a decoding step (up to DECODE_ROWS rows, no autograd, CPU) it multiplies by a
-        cached oneDNN-prepacked copy of the embedding (``modules.decode_weights.decode_weight``),
-        or for one row on one thread or at small width by a cached transposed copy: the (V, d)
-        matrix times a few vectors is the largest read of a decoding step, and the layout
-        F.linear uses streams it at well under the machine's bandwidth."""
-        w = self.wte.weight
-        if decode_path(hidden_state, w):
-            if hidden_state.numel() == w.size(1) and one_row_transposed(w):
-                return hidden_state @ transposed_weight(self, w)  # (..., d) @ (d, V)
-            return packed_linear(self, hidden_state, w, None)
-        return F.linear(hidden_state, w)
-
-    def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache | RingKVCache:
+    def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> BaseKVCache:
         """The decoding cache for this config: a ring of the last w positions under window attention."""
         return new_kv_cache(self.config, batch_size, max_length, self.device, dtype or self.wte.weight.dtype)
 

@@ -1,4 +1,5 @@
-"""Causal self-attention with padding masks, sparse patterns and a key/value cache.
+"""Causal self-attention with padding masks, sparse patterns and a key/value cache
+(any ``modules.kv_cache.BaseKVCache``).
 
 Two implementations give the same dense numbers: ``sdpa`` calls
 ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
@@ -25,8 +26,9 @@ reference. Training and prefill without a cache use the blockwise kernels of
 O(T * w); ``attn_sparse_impl="mask"`` runs SDPA on the reference mask instead.
 With a cache, each step attends only to the keys the pattern can reach (the
 last w for ``window``, a slice; the window plus the log-spaced keys for
-``strided``, gathered); ``RingKVCache`` (``new_kv_cache`` picks it for
-``window``) stores only the last w. A pattern that covers the whole sequence
+``strided``, gathered); the caches live in ``modules.kv_cache``, where
+``RingKVCache`` (``new_kv_cache`` picks it for ``window``) stores only the last
+w. A pattern that covers the whole sequence
 (``covers_all``) runs the dense code, so it gives the dense numbers bit for bit.
 """
 
@@ -39,103 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import GPT2Config
+from modules.kv_cache import BaseKVCache
 from modules.sparse_attention import sparse_blockwise_attention
-
-
-class KVCache:
-    """Preallocated keys and values of every layer, filled left to right.
-
-    Preallocation avoids a ``torch.cat`` per layer per step; ``length`` is a
-    Python int, so decoding needs no host-device synchronisation to index it.
-    """
-
-    def __init__(
-        self,
-        config: GPT2Config,
-        batch_size: int,
-        max_length: int,
-        device: torch.device | str,
-        dtype: torch.dtype,
-    ) -> None:
-        shape = (config.num_hidden_layers, batch_size, config.num_attention_heads, max_length, config.head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.max_length = max_length
-        self.length = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's (B, nh, T, hs) keys/values; return all keys/values so far."""
-        start, end = self.length, self.length + k.size(2)
-        if end > self.max_length:
-            raise ValueError(f"KV cache full: {end} positions > max_length {self.max_length}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Select batch rows (beam search): row i becomes old row index[i]."""
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
-
-
-class RingKVCache:
-    """Bounded cache for the ``window`` pattern: keeps only the last ``attn_window``
-    keys/values per layer, in a ring indexed by position mod w.
-
-    ``update`` returns, in order, the last w - 1 cached keys followed by the new
-    ones: the most any new query can see. Memory is O(w), not O(max_length).
-    Same interface as ``KVCache`` (``update``/``advance``/``reorder``/``length``).
-    """
-
-    def __init__(
-        self,
-        config: GPT2Config,
-        batch_size: int,
-        max_length: int,
-        device: torch.device | str,
-        dtype: torch.dtype,
-    ) -> None:
-        if config.attn_pattern != "window":
-            raise ValueError(f"RingKVCache needs attn_pattern='window', got {config.attn_pattern!r}")
-        self.capacity = min(config.attn_window, max_length)
-        shape = (config.num_hidden_layers, batch_size, config.num_attention_heads, self.capacity, config.head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.max_length = max_length
-        self.length = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        T = k.size(2)
-        if self.length + T > self.max_length:
-            raise ValueError(f"KV cache full: {self.length + T} positions > max_length {self.max_length}")
-        n_old = min(self.length, self.capacity - 1)
-        old = torch.arange(self.length - n_old, self.length, device=k.device) % self.capacity
-        k_out = torch.cat([self.k[layer].index_select(2, old), k], dim=2)  # (B, nh, n_old + T, hs)
-        v_out = torch.cat([self.v[layer].index_select(2, old), v], dim=2)
-        n_new = min(T, self.capacity)
-        slots = torch.arange(self.length + T - n_new, self.length + T, device=k.device) % self.capacity
-        self.k[layer].index_copy_(2, slots, k[:, :, T - n_new :])
-        self.v[layer].index_copy_(2, slots, v[:, :, T - n_new :])
-        return k_out, v_out
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    def reorder(self, index: torch.Tensor) -> None:
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
-
-
-def new_kv_cache(
-    config: GPT2Config, batch_size: int, max_length: int, device: torch.device | str, dtype: torch.dtype
-) -> KVCache | RingKVCache:
-    """The cache that fits the pattern: a ring of w positions for ``window``, else the full one."""
-    if config.attn_pattern == "window" and config.attn_window < max_length:
-        return RingKVCache(config, batch_size, max_length, device, dtype)
-    return KVCache(config, batch_size, max_length, device, dtype)
 
 
 def covers_all(config: GPT2Config, length: int) -> bool:
@@ -237,7 +144,7 @@ class CausalSelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
-        cache: KVCache | RingKVCache | None = None,
+        cache: BaseKVCache | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -247,7 +154,7 @@ class CausalSelfAttention(nn.Module):
         past = 0
         if cache is not None:
             past = cache.length
-            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, S, hs): the last S positions
+            k, v = cache.append(self.layer_idx, k, v)  # (B, nh, S, hs): the last S positions
         dropout = self.attn_dropout if self.training else 0.0
         if covers_all(self.config, past + T):
             is_causal = mask is None and past == 0 and T > 1

@@ -1,7 +1,7 @@
 """One GPT-2 transformer block: pre-LayerNorm attention and MLP, each residual.
 
-Its four linears get ``modules.decode_weights.with_decode_weights``: cached faster-layout
-weights during decoding steps, ``F.linear`` otherwise.
+Plain ``nn.Linear`` layers throughout: faster decoding layouts are applied from
+outside, by ``models.inference.prepare_for_inference``, never seen by training.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import GPT2Config
-from modules.attention import CausalSelfAttention, KVCache
-from modules.decode_weights import with_decode_weights
+from modules.attention import CausalSelfAttention
+from modules.kv_cache import BaseKVCache
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
-        self.c_fc = with_decode_weights(nn.Linear(config.hidden_size, config.intermediate_size))
-        self.c_proj = with_decode_weights(nn.Linear(config.intermediate_size, config.hidden_size))
+        self.c_fc = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -32,8 +32,6 @@ class GPT2Layer(nn.Module):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attn = CausalSelfAttention(config, layer_idx)
-        with_decode_weights(self.attn.c_attn)
-        with_decode_weights(self.attn.c_proj)
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
@@ -41,7 +39,7 @@ class GPT2Layer(nn.Module):
         self,
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: BaseKVCache | None = None,
     ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), mask, cache)
         x = x + self.mlp(self.ln_2(x))

@@ -3,6 +3,8 @@ cached against uncached, and contrastive search against Su et al. 2022 step by s
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,9 @@ from transformers import GPT2Config as HFConfig
 from transformers import GPT2LMHeadModel
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from models.generation import LineStop, _top_k, _top_p, generate, trim
+from models.decoding import top_k_filter, top_p_filter
+from models.generation import STRATEGIES, LineStop, generate, trim
+from models.generation_config import GenerationConfig
 from models.gpt2 import GPT2Model
 from models.mbr import mbr_generate, mbr_select
 
@@ -173,9 +177,9 @@ def test_contrastive_search_follows_su_et_al(models):
 def test_top_k_top_p_match_transformers_warpers():
     scores = torch.randn(5, 50, generator=torch.Generator().manual_seed(3)) * 3
     for p in (0.1, 0.5, 0.9, 1.0):
-        assert torch.equal(_top_p(scores, p), TopPLogitsWarper(p)(None, scores))
+        assert torch.equal(top_p_filter(scores, p), TopPLogitsWarper(p)(None, scores))
     for k in (1, 7, 50):
-        assert torch.equal(_top_k(scores, k), TopKLogitsWarper(k)(None, scores))
+        assert torch.equal(top_k_filter(scores, k), TopKLogitsWarper(k)(None, scores))
 
 
 def test_sampling_limits_and_reproducibility(models):
@@ -201,6 +205,45 @@ def test_bad_arguments_are_rejected(models):
         generate(ours, ids, max_new_tokens=3, stop=lambda t: t[:, -1] == 1)
     with pytest.raises(ValueError, match="early_stopping"):
         generate(ours, ids, max_new_tokens=3, num_beams=2, early_stopping="sometimes")
+    with pytest.raises(ValueError, match="num_beams must be >= 1, got 0"):
+        generate(ours, ids, max_new_tokens=3, num_beams=0)
+
+
+@pytest.mark.parametrize("bad", [dict(num_beams=0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
+                                 dict(max_new_tokens=0), dict(max_new_tokens=-3), dict(max_new_tokens=2.5),
+                                 dict(do_sample=True, temperature=0.0), dict(do_sample=True, temperature=-1.0),
+                                 dict(no_repeat_ngram_size=-1), dict(penalty_alpha=-0.1), dict(penalty_alpha=1.5),
+                                 dict(repetition_penalty=0.0), dict(early_stopping="sometimes"),
+                                 dict(eos_token_id=-1), dict(pad_token_id=1.0), dict(length_penalty="long")],
+                         ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_generation_config_rejects_bad_values_by_name(bad):
+    name = next(k for k in bad if k != "do_sample")
+    with pytest.raises(ValueError, match=f"^{name} must"):
+        GenerationConfig(**{"max_new_tokens": 5, **bad})
+    GenerationConfig(**{"max_new_tokens": 5, **{k: v for k, v in bad.items() if k == "do_sample"}})  # the rest is fine
+    assert GenerationConfig(max_new_tokens=5, temperature=0.0).strategy == "greedy"  # unused without sampling
+
+
+def test_generate_takes_one_config_or_keywords(models, monkeypatch):
+    ours, _, ids, eos = models
+    cfg = GenerationConfig(max_new_tokens=8, num_beams=2, eos_token_id=eos)
+    assert torch.equal(generate(ours, ids, config=cfg), generate(ours, ids, max_new_tokens=8, num_beams=2,
+                                                                 eos_token_id=eos))
+    with pytest.raises(TypeError, match="not both"):
+        generate(ours, ids, config=cfg, top_k=3)
+    with pytest.raises(TypeError, match="unknown settings \\['topk'\\]"):
+        generate(ours, ids, max_new_tokens=3, topk=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.top_k = 3
+    assert [GenerationConfig(max_new_tokens=1, **kw).strategy for kw in
+            (dict(), dict(do_sample=True), dict(num_beams=2, penalty_alpha=0.5, top_k=3),
+             dict(penalty_alpha=0.5, top_k=3), dict(penalty_alpha=0.5, top_k=1))] == [
+        "greedy", "sample", "beam", "contrastive", "greedy"]
+    seen = {}  # the strategy receives the validated config by name
+    monkeypatch.setitem(STRATEGIES, "beam",
+                        lambda model, input_ids, attention_mask, **kw: seen.update(kw) or input_ids)
+    generate(ours, ids, config=cfg)
+    assert seen["config"] is cfg and set(seen) == {"config", "generator"}
 
 
 def test_line_stop_ends_rows_at_the_given_line_count(tokenizer):

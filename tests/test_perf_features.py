@@ -3,8 +3,6 @@ length-grouped batching, and the chunked loss inside a real training step."""
 
 from __future__ import annotations
 
-import copy
-import pickle
 import warnings
 
 import pytest
@@ -128,125 +126,6 @@ def test_length_grouped_sampler_resumes_from_its_generator() -> None:
         LengthGroupedSampler(lengths, 0)
 
 
-@pytest.mark.parametrize("one_row", ["transposed", "packed"])
-def test_decoding_logits_follow_weight_updates(one_row, monkeypatch) -> None:
-    """The cached embedding copies used for decoding logits (transposed or packed for one row,
-    packed for a few) equal F.linear and are rebuilt after an in-place update (an optimizer
-    step) or a dtype change."""
-    import modules.decode_weights as layer
-
-    if one_row == "packed":  # what gpt2-size widths take on several threads
-        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-        monkeypatch.setattr(layer, "ONE_ROW_PACKED_MIN_D", 0)
-    torch.manual_seed(0)
-    model = GPT2Model(small_config())
-    with torch.no_grad():
-        model.hidden_state_to_token(torch.randn(1, 32))
-    assert ("t" in model.__dict__["_decode_weights"]) == (one_row == "transposed")
-    for rows in (1, 3):  # one row and a few rows: two packed layouts
-        h = torch.randn(rows, 32)
-        with torch.no_grad():
-            torch.testing.assert_close(model.hidden_state_to_token(h), F.linear(h, model.wte.weight))
-            model.wte.weight.mul_(2.0)  # in place, as an optimizer step
-            torch.testing.assert_close(model.hidden_state_to_token(h), F.linear(h, model.wte.weight))
-            bf = h.bfloat16()
-            model.bfloat16()
-            torch.testing.assert_close(model.hidden_state_to_token(bf), F.linear(bf, model.wte.weight))
-            model.float()
-    h = torch.randn(2, 5, 32, requires_grad=True)  # with autograd: the plain path, gradients flow
-    model.hidden_state_to_token(h).sum().backward()
-    assert h.grad is not None and model.wte.weight.grad is not None
-    assert not any("decode" in k for k in model.state_dict())
-    with torch.no_grad():
-        clone = copy.deepcopy(model)  # the packed cache must not break copies
-        h = torch.randn(3, 32)
-        torch.testing.assert_close(clone.hidden_state_to_token(h), model.hidden_state_to_token(h))
-    pickle.loads(pickle.dumps(model))
-
-
-def test_decoding_logits_give_gradients_to_hidden_states_under_a_frozen_embedding() -> None:
-    """A frozen embedding (LoRA) with trainable hidden states must not take the packed path,
-    which has no autograd formula: the gradient of the hidden states would be lost."""
-    torch.manual_seed(0)
-    model = GPT2Model(small_config())
-    model.wte.weight.requires_grad_(False)
-    h = torch.randn(2, 32, requires_grad=True)
-    model.hidden_state_to_token(h).pow(2).sum().backward()
-    ref = h.detach().clone().requires_grad_(True)
-    F.linear(ref, model.wte.weight).pow(2).sum().backward()
-    torch.testing.assert_close(h.grad, ref.grad)
-
-
-def block_linears(model: GPT2Model) -> list[torch.nn.Linear]:
-    return [m for b in model.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
-
-
-@pytest.fixture
-def pack_small_weights(monkeypatch):
-    """The tests' tiny block weights are below the size that gets packed; pack them anyway."""
-    import modules.decode_weights
-
-    monkeypatch.setattr(modules.decode_weights, "PACKED_MIN_NUMEL", 0)
-
-
-@pytest.mark.parametrize("batch", [1, 3])
-def test_packed_block_linears_equal_plain_linears_and_follow_weight_updates(batch: int, pack_small_weights) -> None:
-    """Decoding steps (no autograd, one position per row) run the block linears on cached
-    oneDNN-packed weights: same outputs as F.linear, rebuilt after in-place updates and dtype
-    changes, never used with autograd, invisible to state_dict, copies and pickles."""
-    torch.manual_seed(0)
-    model = GPT2Model(small_config())
-    lin = model.h[0].mlp.c_fc
-    assert type(lin) is torch.nn.Linear  # still a plain nn.Linear for LoRA and loading
-    x = torch.randn(batch, 1, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
-        assert lin.__dict__.get("_decode_weights")  # the packed path ran
-        lin.weight.mul_(-3.0)  # in place, as an optimizer step or a LoRA merge
-        lin.bias.add_(1.0)
-        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
-        lin.bfloat16()
-        torch.testing.assert_close(lin(x.bfloat16()), F.linear(x.bfloat16(), lin.weight, lin.bias))
-        lin.float()
-        prefill = torch.randn(batch, 4, 32)  # several positions per row: plain F.linear, no new copy
-        lin.__dict__.pop("_decode_weights")
-        torch.testing.assert_close(lin(prefill), F.linear(prefill, lin.weight, lin.bias))
-        assert not lin.__dict__.get("_decode_weights")
-    xg = x.clone().requires_grad_(True)  # autograd: the plain path, gradients flow
-    lin(xg).sum().backward()
-    assert xg.grad is not None and lin.weight.grad is not None
-    lin.weight.requires_grad_(False)  # frozen weight, trainable input (LoRA): still the plain path
-    xg.grad = None
-    lin(xg).pow(2).sum().backward()
-    ref = x.clone().requires_grad_(True)
-    F.linear(ref, lin.weight, lin.bias).pow(2).sum().backward()
-    torch.testing.assert_close(xg.grad, ref.grad)
-    assert not any("decode" in k for k in model.state_dict())
-    with torch.no_grad():
-        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-            c = clone.h[0].mlp.c_fc
-            torch.testing.assert_close(c(x), lin(x))
-            c.weight.mul_(0.5)  # the clone's fast path reads the clone's own weight
-            torch.testing.assert_close(c(x), F.linear(x, c.weight, c.bias))
-
-
-def test_cached_decoding_with_packed_weights_equals_the_plain_forward(pack_small_weights) -> None:
-    """Whole-model decoding steps on packed weights give the hidden states of the plain
-    (autograd-enabled, F.linear) forward over the full sequence."""
-    torch.manual_seed(0)
-    model = GPT2Model(small_config()).eval()
-    ids = torch.randint(0, 101, (2, 9))
-    full = model(ids)["last_hidden_state"]  # grad enabled: no packed weights
-    assert not any(m.__dict__.get("_decode_weights") for m in block_linears(model))
-    with torch.no_grad():
-        cache = model.new_cache(2, 9)
-        steps = [model(ids[:, :5], cache=cache)["last_hidden_state"]]
-        for t in range(5, 9):
-            steps.append(model(ids[:, t : t + 1], cache=cache)["last_hidden_state"])
-    assert all(m.__dict__.get("_decode_weights") for m in block_linears(model))
-    torch.testing.assert_close(torch.cat(steps, 1), full.detach(), rtol=1e-5, atol=1e-5)
-
-
 def test_blocked_foreach_adamw_equals_the_loop_bit_for_bit() -> None:
     """The multi-tensor AdamW works on slices grouped into blocks: tensors split across blocks,
     small ones sharing a block, a non-contiguous gradient; the numbers are the loop's exactly."""
@@ -275,13 +154,3 @@ def test_blocked_foreach_adamw_equals_the_loop_bit_for_bit() -> None:
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
-
-
-def test_small_block_weights_stay_on_f_linear() -> None:
-    """Weights below PACKED_MIN_NUMEL (cache-resident) are not packed: no copy, F.linear's numbers."""
-    model = GPT2Model(small_config())
-    lin = model.h[0].attn.c_proj
-    x = torch.randn(1, 1, 32)
-    with torch.no_grad():
-        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
-    assert not lin.__dict__.get("_decode_weights")

@@ -12,15 +12,8 @@ import torch.nn.functional as F
 
 from config import GPT2Config
 from models.gpt2 import GPT2Model
-from modules.attention import (
-    KVCache,
-    RingKVCache,
-    build_attention_mask,
-    covers_all,
-    eager_attention,
-    new_kv_cache,
-    pattern_mask,
-)
+from modules.attention import build_attention_mask, covers_all, eager_attention, pattern_mask
+from modules.kv_cache import KVCache, RingKVCache, new_kv_cache
 from modules.sparse_attention import far_offsets, sparse_blockwise_attention
 
 # Small windows so that sequences of ~40 tokens cross many blocks.
@@ -195,7 +188,7 @@ def test_cache_equals_no_cache(name, pad):
     keep = am.bool() if pad else torch.ones(3, 34, dtype=torch.bool)
     torch.testing.assert_close(inc[keep], full[keep], rtol=1e-5, atol=1e-5)
     if name.endswith("ring"):
-        assert cache.k.size(3) == cfg.attn_window  # bounded: w positions per layer, not 34
+        assert cache.capacity == cfg.attn_window  # bounded: w positions per layer, not 34
 
 
 def test_window_decoding_attends_only_to_last_w_keys(monkeypatch):

@@ -1,0 +1,148 @@
+"""Key/value caches for decoding, behind one interface that attention layers and
+decoding loops use instead of the tensors.
+
+``BaseKVCache`` holds what every cache shares: preallocated (L, B, nh, slots, hs)
+keys and values, the number of positions written (``length``, a Python int, so
+decoding never synchronises with the device to index it), row selection for
+beams and candidates, and copying one position between rows. A subclass says
+only where a position is stored (``slot``) and what a new query may see
+(``append``):
+
+- ``KVCache``: one slot per position, filled left to right;
+- ``RingKVCache``: for the ``window`` attention pattern, the last ``attn_window``
+  positions in a ring (slot = position mod w), so memory is O(w), not O(length).
+
+``new_kv_cache`` picks the one that fits a config.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from config import GPT2Config
+
+
+class BaseKVCache(ABC):
+    """Keys and values of every layer for a batch of rows.
+
+    The protocol: a forward pass calls ``append`` once per layer with that step's
+    keys/values, then ``advance`` once with the number of new positions; decoding
+    loops use ``batch_size``, ``length``, ``reorder``, ``repeat_rows`` and
+    ``copy_last_position``, never the storage itself.
+    """
+
+    def __init__(self, config: GPT2Config, batch_size: int, max_length: int, slots: int,
+                 device: torch.device | str, dtype: torch.dtype) -> None:
+        shape = (config.num_hidden_layers, batch_size, config.num_attention_heads, slots, config.head_dim)
+        self._k = torch.empty(shape, device=device, dtype=dtype)
+        self._v = torch.empty(shape, device=device, dtype=dtype)
+        self.max_length = max_length
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self._k.size(1)
+
+    @property
+    def capacity(self) -> int:
+        """Positions held in memory per row and layer."""
+        return self._k.size(3)
+
+    @abstractmethod
+    def slot(self, position: int) -> int:
+        """Where ``position`` is stored (it must be one of the positions still held)."""
+
+    @abstractmethod
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, nh, T, hs) keys/values of ``layer`` after the ``length``
+        cached positions; return, in position order, every key/value a new query may
+        attend to: (B, nh, S, hs), the new ones last."""
+
+    def _check_room(self, new: int) -> None:
+        if self.length + new > self.max_length:
+            raise ValueError(f"KV cache full: {self.length + new} positions > max_length {self.max_length}")
+
+    def advance(self, n: int) -> None:
+        """The forward pass has appended ``n`` positions to every layer."""
+        self.length += n
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select rows (beam search): row i becomes old row index[i]."""
+        self._k = self._k.index_select(1, index)
+        self._v = self._v.index_select(1, index)
+
+    def repeat_rows(self, k: int) -> None:
+        """Repeat every row k times (row b -> rows b*k .. b*k+k-1): beams or candidates of one prompt."""
+        self.reorder(torch.arange(self.batch_size, device=self._k.device).repeat_interleave(k))
+
+    def copy_last_position(self, index: torch.Tensor) -> None:
+        """At the last written position only, row i takes the keys/values of row index[i]
+        (contrastive search: siblings adopt the chosen candidate's step, one position
+        instead of the whole cache)."""
+        t = self.slot(self.length - 1)
+        self._k[:, :, :, t] = self._k[:, :, :, t].index_select(1, index)
+        self._v[:, :, :, t] = self._v[:, :, :, t].index_select(1, index)
+
+
+class KVCache(BaseKVCache):
+    """One slot per position, filled left to right: preallocation avoids a ``torch.cat``
+    per layer per step."""
+
+    def __init__(self, config: GPT2Config, batch_size: int, max_length: int, device: torch.device | str,
+                 dtype: torch.dtype) -> None:
+        super().__init__(config, batch_size, max_length, max_length, device, dtype)
+
+    def slot(self, position: int) -> int:
+        return position
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_room(k.size(2))
+        start, end = self.length, self.length + k.size(2)
+        self._k[layer, :, :, start:end] = k
+        self._v[layer, :, :, start:end] = v
+        return self._k[layer, :, :, :end], self._v[layer, :, :, :end]
+
+
+class RingKVCache(BaseKVCache):
+    """Bounded cache for the ``window`` pattern: only the last ``attn_window`` keys/values
+    per layer, in a ring indexed by position mod w.
+
+    ``append`` returns, in order, the last w - 1 cached keys followed by the new ones:
+    the most any new query can see.
+    """
+
+    def __init__(self, config: GPT2Config, batch_size: int, max_length: int, device: torch.device | str,
+                 dtype: torch.dtype) -> None:
+        if config.attn_pattern != "window":
+            raise ValueError(f"RingKVCache needs attn_pattern='window', got {config.attn_pattern!r}")
+        super().__init__(config, batch_size, max_length, min(config.attn_window, max_length), device, dtype)
+
+    def slot(self, position: int) -> int:
+        if not self.length - self.capacity <= position < self.length:
+            raise IndexError(f"position {position} is not in the ring (holds {self.length - self.capacity} .. "
+                             f"{self.length - 1})")
+        return position % self.capacity
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T, cap = k.size(2), self.capacity
+        self._check_room(T)
+        n_old = min(self.length, cap - 1)
+        old = torch.arange(self.length - n_old, self.length, device=k.device) % cap
+        k_out = torch.cat([self._k[layer].index_select(2, old), k], dim=2)  # (B, nh, n_old + T, hs)
+        v_out = torch.cat([self._v[layer].index_select(2, old), v], dim=2)
+        n_new = min(T, cap)
+        slots = torch.arange(self.length + T - n_new, self.length + T, device=k.device) % cap
+        self._k[layer].index_copy_(2, slots, k[:, :, T - n_new :])
+        self._v[layer].index_copy_(2, slots, v[:, :, T - n_new :])
+        return k_out, v_out
+
+
+def new_kv_cache(
+    config: GPT2Config, batch_size: int, max_length: int, device: torch.device | str, dtype: torch.dtype
+) -> BaseKVCache:
+    """The cache that fits the pattern: a ring of w positions for ``window``, else the full one."""
+    if config.attn_pattern == "window" and config.attn_window < max_length:
+        return RingKVCache(config, batch_size, max_length, device, dtype)
+    return KVCache(config, batch_size, max_length, device, dtype)
