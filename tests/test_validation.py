@@ -152,12 +152,16 @@ CASES: dict[str, Case] = {
     "--resume of another config": lambda tmp, run: (
         classifier.main, classifier_args(tmp, hf_folder(tmp / "other", OTHER), "--output_dir",
                                          str(copy_run(run, tmp)), "--resume"),
-        r"last\.pt was saved from another model config \(hidden_size: checkpoint 32 vs model 48, num_hidden_layers: "
-        r"checkpoint 2 vs model 3, num_attention_heads: checkpoint 2 vs model 4, intermediate_size: "
-        r"checkpoint 128 vs model 192\)"),
+        r"last\.pt: --resume with settings that differ from the saved run's: model\.hidden_size 32 -> 48; "
+        r"model\.intermediate_size 128 -> 192; model\.num_attention_heads 2 -> 4; model\.num_hidden_layers 2 -> 3"),
     "--resume of another fine-tune mode": lambda tmp, run: (
         classifier.main, classifier_args(tmp, run / "micro", "--fine-tune-mode", "lora", "--output_dir",
                                          str(copy_run(run, tmp)), "--resume"),
+        r"last\.pt: --resume with settings that differ from the saved run's: "
+        r"fine_tune_mode 'last-linear-layer' -> 'lora'"),
+    "--resume of another fine-tune mode, changes allowed": lambda tmp, run: (
+        classifier.main, classifier_args(tmp, run / "micro", "--fine-tune-mode", "lora", "--output_dir",
+                                         str(copy_run(run, tmp)), "--resume", "--resume_allow_changes"),
         r"last\.pt was written by a run that trains other parameters .*only in this run \(\d+\): gpt\.h\.0\."),
     "--load of a Trainer checkpoint": lambda tmp, run: (
         paraphrase_detection.main,
