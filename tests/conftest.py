@@ -1,7 +1,10 @@
-"""Shared fixtures: small random ``transformers`` GPT-2 checkpoints in Hugging Face format."""
+"""Shared fixtures: small random ``transformers`` GPT-2 checkpoints in Hugging Face format,
+the course data, and the flags of a quick ``classifier.py`` run."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -58,3 +61,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+MICRO = dict(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)  # a micro GPT-2 config.json
+
+
+@pytest.fixture
+def classifier_cli(tmp_path) -> Callable[..., list[str]]:
+    """``classifier_cli(mode, *extra)``: ``classifier.py`` flags for a quick run on a micro random
+    GPT-2 with the course's sentiment files (8 examples, 1 epoch), everything written under tmp_path."""
+    folder = tmp_path / "micro"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(MICRO))
+
+    def make(mode: str, *extra: str) -> list[str]:
+        paths = []
+        for ds in ("sst", "cfimdb"):
+            for split, suffix in (("train", "train"), ("dev", "dev"), ("test", "test-student")):
+                paths += [f"--{ds}_{split}", str(SHARED_DATA / f"ids-{ds}-{suffix}.csv")]
+        return ["--fine-tune-mode", mode, "--model_size", str(folder), "--random_init",
+                "--limit", "8", "--epochs", "1", "--batch_size", "4", "--max_length", "32", "--no_progress",
+                "--output_dir", str(tmp_path / "runs"), "--predictions_dir", str(tmp_path / "pred"), *paths, *extra]
+
+    return make

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from models.loading import load_checkpoint
+from training.checkpoints import load_checkpoint
 from training.rng import get_rng_state, set_rng_state
 from training.schedule import lr_lambda
 from training.trainer import Callback, TrainConfig, Trainer

@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
+from models.fine_tune import MODES, FineTuneConfig, LoraConfig
+from modules.lora import DEFAULT_TARGETS
 from training.rng import seed_everything
 from training.schedule import SCHEDULES
 from training.trainer import TrainConfig
 
-LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-
 __all__ = [
-    "LORA_TARGETS", "add_common_args", "build_from_args", "default_output_dir", "lora_kwargs", "lora_targets",
+    "add_common_args", "build_from_args", "default_output_dir", "fine_tune_config", "lora_targets",
     "pick_device", "run_main", "seed_everything", "train_config_from_args",
 ]
 
@@ -88,7 +88,7 @@ def add_common_args(
     g.add_argument("--lora_r", type=int, default=8)
     g.add_argument("--lora_alpha", type=float, default=16.0)
     g.add_argument("--lora_dropout", type=float, default=0.05)
-    g.add_argument("--lora_targets", type=str, default=",".join(LORA_TARGETS),
+    g.add_argument("--lora_targets", type=str, default=",".join(DEFAULT_TARGETS),
                    help="comma-separated Linear name suffixes to adapt")
     g.add_argument("--use_dora", action="store_true",
                    help="DoRA: adapters that also learn a magnitude per output row (Liu et al. 2024)")
@@ -114,12 +114,15 @@ def lora_targets(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
 
 
-def lora_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The LoRA keywords of ``models.heads.set_fine_tune_mode`` from the LoRA flags, so every
-    task script (and a teacher rebuilt from saved args, which may predate ``--use_dora``)
-    passes the same ones."""
-    return {"lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
-            "lora_targets": lora_targets(args), "use_dora": getattr(args, "use_dora", False)}
+def fine_tune_config(args: argparse.Namespace) -> FineTuneConfig:
+    """``--fine-tune-mode`` and its adapter settings from the LoRA flags, so every task script
+    (and a KD teacher rebuilt from saved args, which may predate ``--use_dora``) builds the
+    same ``FineTuneConfig``."""
+    adapter = None
+    if MODES[args.fine_tune_mode].adapter is LoraConfig:
+        adapter = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                             targets=lora_targets(args), use_dora=getattr(args, "use_dora", False))
+    return FineTuneConfig(args.fine_tune_mode, adapter)
 
 
 def build_from_args(args: argparse.Namespace, **config_overrides: Any):

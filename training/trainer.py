@@ -46,10 +46,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from models.loading import atomic_save, load_checkpoint
 from optimizer import AdamW
-from training.checkpoints import keep_top_k, load_model_state, model_config_of, rank_top_k, trainable_state_dict
-from training.device import autocast_context, model_device, move_to_device
+from training.checkpoints import (
+    atomic_save,
+    keep_top_k,
+    load_checkpoint,
+    load_model_state,
+    model_config_of,
+    rank_top_k,
+    trainable_state_dict,
+)
+from training.device import autocast_context, move_to_device
+from training.predict import predict
 from training.rng import get_rng_state, sampler_rng_state, seed_everything, set_rng_state, set_sampler_rng_state
 from training.run_log import append_record, plot_curves
 from training.schedule import SCHEDULES, lr_lambda
@@ -114,34 +122,6 @@ class Callback:
 
 
 # ------------------------------------------------------------------ helpers
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    loader: Iterable,
-    step_fn: Callable[[nn.Module, Any], Any],
-    bf16: bool = True,
-    desc: str | None = None,
-) -> list[Any]:
-    """Run ``step_fn(model, batch)`` over a loader in eval mode (no grad, autocast on CUDA),
-    batches moved to the model's device; returns the list of results. Tasks build eval_fn on this."""
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    out = []
-    it = loader
-    if desc is not None:
-        from tqdm.auto import tqdm
-
-        it = tqdm(loader, desc=desc, leave=False)
-    try:
-        with autocast_context(device, bf16):
-            for batch in it:
-                out.append(step_fn(model, move_to_device(batch, device)))
-    finally:
-        model.train(was_training)
-    return out
 
 
 def _batch_size(batch: Any) -> int:

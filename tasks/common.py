@@ -1,0 +1,71 @@
+"""The skeleton every task run shares, so a task is its data, its head, its loss and its metric.
+
+``start`` seeds and picks the device, ``prepare_model`` applies ``--fine-tune-mode`` (with its
+adapter settings) to a task model and says what trains, ``fit_task`` trains on the task's
+features with the shared engine and leaves the best epoch's weights in the model
+(``fit_and_load_best``: the one place that decides to reload the best checkpoint, skipped
+after an interrupted run, whose last weights are what the user stopped on).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.fine_tune import count_parameters, set_fine_tune_mode
+from training.cli import fine_tune_config, pick_device, seed_everything
+from training.data import make_loader
+from training.trainer import EvalFn, LossFn, TrainConfig, Trainer
+
+
+def start(args: argparse.Namespace) -> torch.device:
+    """Seed everything from ``--seed`` and pick the device from ``--use_gpu``/``--device``."""
+    seed_everything(args.seed)
+    return pick_device(args.use_gpu, args.device)
+
+
+def prepare_model(model: nn.Module, args: argparse.Namespace) -> bool:
+    """Apply ``--fine-tune-mode`` to a task model (its ``head`` names what a head-only mode
+    trains) and print what trains; True when checkpoints hold only trainable parameters."""
+    trainable_only = set_fine_tune_mode(model, fine_tune_config(args), model.head)
+    n_train, n_total = count_parameters(model)
+    print(f"{args.fine_tune_mode}: {n_train:,} of {n_total:,} parameters train")
+    return trainable_only
+
+
+def fit_and_load_best(trainer: Trainer) -> dict[str, Any]:
+    """``trainer.fit()``, then the best checkpoint's weights back into the model, unless none
+    was saved or the run was interrupted. Returns the best dev metrics with their epoch."""
+    best = trainer.fit()
+    if trainer.best_checkpoint is not None and not trainer.interrupted:
+        trainer.load_best()
+        print(f"best epoch {best.get('epoch')} from {trainer.best_checkpoint}")
+    return best
+
+
+def fit_task(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_features: Sequence[dict[str, Any]],
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    eval_fn: EvalFn | None,
+    config: TrainConfig,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    group_by_length: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], Trainer]:
+    """Train ``model`` on shuffled batches of ``train_features`` with the shared Trainer and
+    leave the best epoch's weights in it. Returns (best dev metrics, trainer)."""
+    loader = make_loader(train_features, collate, batch_size, shuffle=True, num_workers=num_workers,
+                         group_by_length=group_by_length)
+    trainer = Trainer(model, loss_fn, loader, eval_fn, config, extra=extra)
+    return fit_and_load_best(trainer), trainer
+
+
+__all__ = ["fit_and_load_best", "fit_task", "prepare_model", "start"]

@@ -1,0 +1,89 @@
+"""Sentiment classification (SST, CFIMDB) with ``GPT2SentimentClassifier``: the task behind
+``classifier.py``, callable with its parsed flags (``run(args, dataset)``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from models.heads import GPT2SentimentClassifier
+from tasks.common import fit_task, prepare_model, start
+from training.cli import build_from_args, default_output_dir, train_config_from_args
+from training.course_data import read_sentiment, sentiment_features, write_id_predictions
+from training.data import PadCollator, make_eval_loader, sample
+from training.metrics import classification_metrics, majority_baseline
+from training.predict import predict_in_order
+
+DATASETS = ("sst", "cfimdb")
+
+
+def logits(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """(B, num_labels) float logits of one batch."""
+    return model(batch["input_ids"], batch["attention_mask"]).float()
+
+
+def predict_labels(model: torch.nn.Module, loader: Any) -> list[int]:
+    """Predicted labels in file order."""
+    return predict_in_order(model, loader, lambda m, b: logits(m, b).argmax(-1))
+
+
+def run(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
+    """Train on one dataset, write its dev and test predictions; returns the dev metrics."""
+    print(f"Training sentiment classifier on {dataset} ({args.fine_tune_mode})...")
+    device = start(args)
+    gpt, tokenizer = build_from_args(args)
+    paths = {split: getattr(args, f"{dataset}_{split}") for split in ("train", "dev", "test")}
+    # --limit: a seeded sample of the training file (its rows are grouped by label), the first N of dev and test.
+    data = {split: read_sentiment(p, limit=0 if split == "train" else args.limit) for split, p in paths.items()}
+    data["train"] = sample(data["train"], args.limit, args.seed)
+    for split, rows in data.items():
+        print(f"loaded {len(rows)} {split} examples from {paths[split]}")
+    for split in ("train", "dev"):
+        if any(e.label is None for e in data[split]):
+            raise SystemExit(f"{paths[split]}: no 'sentiment' column; the {split} split needs labels")
+    num_labels = max(e.label for e in data["train"]) + 1
+
+    model = GPT2SentimentClassifier(gpt, num_labels, args.hidden_dropout_prob)
+    print(f"{num_labels} labels")
+    trainable_only = prepare_model(model, args)
+
+    max_len = args.max_length or gpt.config.max_position_embeddings
+    feats = {s: sentiment_features(rows, tokenizer, max_len, f"{dataset} {s}") for s, rows in data.items()}
+    collate = PadCollator(tokenizer.pad_token_id)
+    dev_loader = make_eval_loader(feats["dev"], collate, args.batch_size, args.num_workers)
+    test_loader = make_eval_loader(feats["test"], collate, args.batch_size, args.num_workers)
+    dev_labels = [e.label for e in data["dev"]]
+
+    def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return F.cross_entropy(m(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
+    def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+        return classification_metrics(dev_labels, predict_labels(m, dev_loader))
+
+    out_dir = args.output_dir or default_output_dir("classifier", f"{args.fine_tune_mode}-{dataset}")
+    if args.output_dir and args.dataset == "both":
+        out_dir = str(Path(args.output_dir) / dataset)
+    cfg = train_config_from_args(args, device, metric="accuracy", output_dir=out_dir,
+                                 save_trainable_only=trainable_only)
+    fit_task(model, loss_fn, feats["train"], collate, eval_fn, cfg, batch_size=args.batch_size,
+             num_workers=args.num_workers, group_by_length=args.group_by_length,
+             extra={"args": vars(args), "dataset": dataset, "num_labels": num_labels})
+
+    dev_pred = predict_labels(model, dev_loader)
+    test_pred = predict_labels(model, test_loader)
+    metrics = classification_metrics(dev_labels, dev_pred)
+    metrics["majority_baseline"] = majority_baseline([e.label for e in data["train"]], dev_labels)
+    for split, preds in (("dev", dev_pred), ("test", test_pred)):
+        path = Path(args.predictions_dir) / f"{args.fine_tune_mode}-{dataset}-{split}-out.csv"
+        write_id_predictions(path, "Predicted_Sentiment", [e.id for e in data[split]], preds)
+        print(f"wrote {path}")
+    print(f"{dataset} dev accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
+          f"(majority-class baseline accuracy {metrics['majority_baseline']:.3f})")
+    return metrics
+
+
+__all__ = ["DATASETS", "logits", "predict_labels", "run"]
