@@ -7,7 +7,7 @@ CUDA, gradient accumulation and clipping, our ``optimizer.AdamW``, a learning-ra
 schedule, evaluation each epoch, early stopping, best/top-k checkpoints, exact
 resume, a JSONL metrics log and a PNG of the curves.
 
-Typical use (see ``classifier.py``)::
+Typical use (the tasks go through ``tasks.common.fit_task``, which does exactly this)::
 
     cfg = TrainConfig(epochs=10, lr=1e-5, metric="accuracy", output_dir="runs/sst/full-model")
     trainer = Trainer(model, loss_fn, train_loader, eval_fn, cfg)
@@ -27,14 +27,15 @@ mid-epoch: on resume the epoch's shuffle is replayed from that saved state and t
 batches already seen are skipped, so the final weights equal an uninterrupted run.
 
 The parts the loop is built from live beside it: ``training.rng`` (seeding, RNG state),
-``training.schedule`` (learning-rate schedules), ``training.checkpoints`` (weights saved,
-top-k kept), ``training.device`` (batch placement, autocast), ``training.run_log`` (logs, plot).
+``training.schedule`` (learning-rate schedules), ``training.checkpoints`` (checkpoint files,
+weights saved, top-k kept), ``training.trainer_state`` (what a run writes and resumes from:
+``last.pt``, best checkpoints, the metrics log), ``training.device`` (batch placement,
+autocast), ``training.run_log`` (logs, plot), ``training.predict`` (the eval-mode loop).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -47,20 +48,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from optimizer import AdamW
-from training.checkpoints import (
-    atomic_save,
-    keep_top_k,
-    load_checkpoint,
-    load_model_state,
-    model_config_of,
-    rank_top_k,
-    trainable_state_dict,
-)
+from training.checkpoints import load_checkpoint, load_model_state, rank_top_k
 from training.device import autocast_context, move_to_device
 from training.predict import predict
 from training.rng import get_rng_state, sampler_rng_state, seed_everything, set_rng_state, set_sampler_rng_state
-from training.run_log import append_record, plot_curves
+from training.run_log import plot_curves
 from training.schedule import SCHEDULES, lr_lambda
+from training.trainer_state import CheckpointMixin
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 EvalFn = Callable[[nn.Module], Mapping[str, float]]
@@ -138,7 +132,7 @@ def _batch_size(batch: Any) -> int:
 # ------------------------------------------------------------------ trainer
 
 
-class Trainer:
+class Trainer(CheckpointMixin):
     """Fit a model with a task-supplied loss and dev evaluation.
 
     Args:
@@ -383,72 +377,6 @@ class Trainer:
         self._save_last()
         if cfg.plot:
             plot_curves(self.history, cfg.metric, self.output_dir / "curves.png")
-
-    # ------------------------------------------------------------ checkpoints
-
-    def _keep_top_k(self, score: float) -> None:
-        self.top_k = keep_top_k(self.top_k, self.config.save_top_k, score, self.epoch, self.output_dir, lambda: {
-            "model": self._model_state(), "trainable_only": self.config.save_trainable_only, "epoch": self.epoch,
-            "dev": self.history[-1]["dev"], "train_config": self._config_dict(),
-            "model_config": model_config_of(self.model), "extra": self.extra})
-
-    def _model_state(self) -> dict[str, torch.Tensor]:
-        if self.config.save_trainable_only:
-            return trainable_state_dict(self.model)
-        return self.model.state_dict()
-
-    def _config_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self.config)
-        d["betas"] = list(d["betas"])
-        return d
-
-    def _save_last(self) -> None:
-        rng = get_rng_state()
-        rng["sampler"] = sampler_rng_state(self.train_loader)
-        atomic_save({
-            "model": self._model_state(),
-            "trainable_only": self.config.save_trainable_only,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": rng,
-            "epoch_rng": self.epoch_rng if self.step_in_epoch else None,
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "step_in_epoch": self.step_in_epoch,
-            "partial_loss": list(self._partial_loss),
-            "history": self.history,
-            "best_metrics": self.best_metrics,
-            "best_score": self.best_score,
-            "top_k": [list(t) for t in self.top_k],
-            "bad_epochs": self.bad_epochs,
-            "stopped": self.stop,
-            "train_config": self._config_dict(),
-            "model_config": model_config_of(self.model),
-            "extra": self.extra,
-        }, self.output_dir / "last.pt")
-
-    def _resume(self, path: Path) -> None:
-        ckpt = self.load_weights(path)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.epoch = ckpt["epoch"]
-        self.global_step = ckpt["global_step"]
-        self.step_in_epoch = ckpt["step_in_epoch"]
-        self._partial_loss = (float(ckpt["partial_loss"][0]), int(ckpt["partial_loss"][1]))
-        self.epoch_rng = ckpt["epoch_rng"]
-        self.history = list(ckpt["history"])
-        self.best_metrics = dict(ckpt["best_metrics"])
-        self.best_score = ckpt["best_score"]
-        self.top_k = [(float(s), int(e), str(p)) for s, e, p in ckpt["top_k"]]
-        self.bad_epochs = ckpt["bad_epochs"]
-        self.stop = ckpt["stopped"]
-        set_rng_state(ckpt["rng"])
-        set_sampler_rng_state(self.train_loader, ckpt["rng"])
-
-    # ------------------------------------------------------------ logging
-
-    def _log(self, record: dict[str, Any]) -> None:
-        append_record(self.output_dir / "metrics.jsonl", record)
 
 
 __all__ = ["Callback", "TrainConfig", "Trainer", "predict"]
