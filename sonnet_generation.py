@@ -33,11 +33,10 @@ from tasks.lm import add_attention_args, add_pretrain_args
 from tasks.sonnet import CONTRASTIVE_K, DECODINGS, run
 from training.cli import add_common_args, run_main
 
-FINE_TUNE_MODES = mode_names(has_head=False)  # SonnetGPT has no head to train alone
-
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    modes = mode_names(has_head=False)  # SonnetGPT has no head to train alone
     g = parser.add_argument_group("files")
     g.add_argument("--sonnet_path", type=str, default="data/sonnets.txt")
     g.add_argument("--held_out_sonnet_path", type=str, default="data/sonnets_held_out.txt")
@@ -45,8 +44,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--dev_held_out_sonnet_path", type=str, default="data/sonnets_held_out_dev.txt")
     g.add_argument("--dev_true_sonnet_path", type=str, default="data/TRUE_sonnets_held_out_dev.txt")
     g.add_argument("--dev_sonnet_out", type=str, default="predictions/generated_sonnets_dev.txt")
-    g.add_argument("--fine-tune-mode", dest="fine_tune_mode", choices=FINE_TUNE_MODES, default="full-model",
-                   help=modes_help(FINE_TUNE_MODES))
+    g.add_argument("--fine-tune-mode", dest="fine_tune_mode", choices=modes, default="full-model",
+                   help=modes_help(modes))
     g.add_argument("--generate_only", action="store_true", help="decode from --checkpoint without training")
     g.add_argument("--checkpoint", type=str, default=None,
                    help="a saved sonnet model (sonnet-model.pt) or a Trainer checkpoint (best-epochN.pt)")

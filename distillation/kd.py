@@ -39,10 +39,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def load_teacher(path: str | Path, device: torch.device):
     """(GPT2SentimentClassifier, tokenizer, saved args) from a ``classifier.py`` checkpoint.
-    The model is rebuilt the way classifier.py built it (same size, same seed, the same
-    ``FineTuneConfig`` from the saved flags, so adapters are where the weights expect them),
-    then the checkpoint's weights (all of them, or the trainable ones of a frozen/LoRA run) loaded."""
-    from models.fine_tune import set_fine_tune_mode
+    The model is rebuilt the way classifier.py built it (same size, same seed, the saved
+    ``FineTuneConfig``, so adapters are where the weights expect them), then the checkpoint's
+    weights (all of them, or the trainable ones of a frozen/LoRA run) loaded."""
+    from models.fine_tune import FineTuneConfig, set_fine_tune_mode
     from models.heads import GPT2SentimentClassifier
     from models.loading import build_model, load_tokenizer
     from training.checkpoints import load_checkpoint, load_model_state
@@ -56,7 +56,9 @@ def load_teacher(path: str | Path, device: torch.device):
     seed_everything(a.seed)
     gpt = build_model(a.model_size, a.random_init)
     model = GPT2SentimentClassifier(gpt, extra["num_labels"], a.hidden_dropout_prob)
-    set_fine_tune_mode(model, fine_tune_config(a), model.head)  # use_dora: False if not saved
+    # Checkpoints written before the config was saved carry only the flags (maybe without --use_dora).
+    fine_tune = FineTuneConfig.from_dict(extra["fine_tune"]) if "fine_tune" in extra else fine_tune_config(a)
+    set_fine_tune_mode(model, fine_tune, model.head)
     load_model_state(model, ckpt["model"], ckpt.get("trainable_only", False), path)
     return model.to(device).eval(), load_tokenizer(getattr(a, "tokenizer", None), verbose=False), a
 

@@ -13,7 +13,7 @@ one ``register(...)`` below.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import nn
@@ -106,6 +106,16 @@ class FineTuneConfig:
         if self.adapter is not None and (want is None or not isinstance(self.adapter, want)):
             raise ValueError(f"fine-tune mode {self.mode!r} takes {want.__name__ if want else 'no adapter'} "
                              f"settings, got {type(self.adapter).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, for a checkpoint's ``extra`` (loadable with ``weights_only``)."""
+        return {"mode": self.mode, "adapter": None if self.adapter is None else asdict(self.adapter)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FineTuneConfig:
+        adapter_cls = MODES[d["mode"]].adapter
+        adapter = d.get("adapter")
+        return cls(d["mode"], adapter_cls(**adapter) if adapter is not None and adapter_cls is not None else None)
 
 
 def mode_names(has_head: bool = True) -> tuple[str, ...]:

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.fine_tune import count_parameters, set_fine_tune_mode
-from training.cli import fine_tune_config, pick_device, seed_everything
+from models.fine_tune import FineTuneConfig, count_parameters, set_fine_tune_mode
+from training.cli import pick_device, seed_everything
 from training.data import make_loader
 from training.trainer import EvalFn, LossFn, TrainConfig, Trainer
 
@@ -28,12 +28,13 @@ def start(args: argparse.Namespace) -> torch.device:
     return pick_device(args.use_gpu, args.device)
 
 
-def prepare_model(model: nn.Module, args: argparse.Namespace) -> bool:
-    """Apply ``--fine-tune-mode`` to a task model (its ``head`` names what a head-only mode
-    trains) and print what trains; True when checkpoints hold only trainable parameters."""
-    trainable_only = set_fine_tune_mode(model, fine_tune_config(args), model.head)
+def prepare_model(model: nn.Module, config: FineTuneConfig) -> bool:
+    """Apply a fine-tune mode (``training.cli.fine_tune_config(args)``) to a task model (its
+    ``head`` names what a head-only mode trains) and print what trains; True when checkpoints
+    hold only trainable parameters."""
+    trainable_only = set_fine_tune_mode(model, config, model.head)
     n_train, n_total = count_parameters(model)
-    print(f"{args.fine_tune_mode}: {n_train:,} of {n_total:,} parameters train")
+    print(f"{config.mode}: {n_train:,} of {n_total:,} parameters train")
     return trainable_only
 
 

@@ -22,25 +22,24 @@ from models.loading import load_tokenizer
 from modules.lora import unwrap_lora
 from tasks.common import fit_task, prepare_model, start
 from training.checkpoints import load_model, save_model
-from training.cli import add_common_args, build_from_args, default_output_dir, train_config_from_args
+from training.cli import add_common_args, build_from_args, default_output_dir, fine_tune_config, train_config_from_args
 from training.course_data import ParaphrasePair, load_quora_splits, paraphrase_features, write_id_predictions
 from training.data import PadCollator, make_eval_loader
 from training.metrics import classification_metrics, majority_baseline
 from training.predict import predict_in_order
 
-FINE_TUNE_MODES = mode_names(has_head=False)  # the cloze scorer has no head to train alone
-
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """The flags of a paraphrase run (``paraphrase_detection.py``'s command line)."""
     parser = argparse.ArgumentParser(description=description)
+    modes = mode_names(has_head=False)  # the cloze scorer has no head to train alone
     parser.add_argument("--para_train", type=str, default="data/quora-train.csv")
     parser.add_argument("--para_dev", type=str, default="data/quora-dev.csv")
     parser.add_argument("--para_test", type=str, default="data/quora-test-student.csv")
     parser.add_argument("--para_dev_out", type=str, default="predictions/para-dev-output.csv")
     parser.add_argument("--para_test_out", type=str, default="predictions/para-test-output.csv")
-    parser.add_argument("--fine_tune_mode", "--fine-tune-mode", dest="fine_tune_mode", choices=FINE_TUNE_MODES,
-                        default="full-model", help=modes_help(FINE_TUNE_MODES))
+    parser.add_argument("--fine_tune_mode", "--fine-tune-mode", dest="fine_tune_mode", choices=modes,
+                        default="full-model", help=modes_help(modes))
     parser.add_argument("--loss", choices=("answer", "vocab"), default="answer",
                         help="cross-entropy among the two answer tokens (answer) or over the full vocabulary "
                              "(vocab, the starter's)")
@@ -124,7 +123,7 @@ def build_scorer(args: argparse.Namespace) -> tuple[ClozeParaphraseScorer, Any, 
     else:
         gpt, tokenizer = build_from_args(args, hidden_dropout_prob=args.hidden_dropout_prob)
     model = ClozeParaphraseScorer(gpt)
-    return model, tokenizer, prepare_model(model, args)
+    return model, tokenizer, prepare_model(model, fine_tune_config(args))
 
 
 def evaluate(p_yes: Sequence[float], pairs: Sequence[ParaphrasePair]) -> dict[str, float]:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from models.heads import GPT2SentimentClassifier
 from tasks.common import fit_task, prepare_model, start
-from training.cli import build_from_args, default_output_dir, train_config_from_args
+from training.cli import build_from_args, default_output_dir, fine_tune_config, train_config_from_args
 from training.course_data import read_sentiment, sentiment_features, write_id_predictions
 from training.data import PadCollator, make_eval_loader, sample
 from training.metrics import classification_metrics, majority_baseline
@@ -49,7 +49,8 @@ def run(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
 
     model = GPT2SentimentClassifier(gpt, num_labels, args.hidden_dropout_prob)
     print(f"{num_labels} labels")
-    trainable_only = prepare_model(model, args)
+    fine_tune = fine_tune_config(args)
+    trainable_only = prepare_model(model, fine_tune)
 
     max_len = args.max_length or gpt.config.max_position_embeddings
     feats = {s: sentiment_features(rows, tokenizer, max_len, f"{dataset} {s}") for s, rows in data.items()}
@@ -71,7 +72,8 @@ def run(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
                                  save_trainable_only=trainable_only)
     fit_task(model, loss_fn, feats["train"], collate, eval_fn, cfg, batch_size=args.batch_size,
              num_workers=args.num_workers, group_by_length=args.group_by_length,
-             extra={"args": vars(args), "dataset": dataset, "num_labels": num_labels})
+             extra={"args": vars(args), "dataset": dataset, "num_labels": num_labels,
+                    "fine_tune": fine_tune.to_dict()})
 
     dev_pred = predict_labels(model, dev_loader)
     test_pred = predict_labels(model, test_loader)

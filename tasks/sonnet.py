@@ -23,7 +23,7 @@ from tasks import common
 from tasks.common import prepare_model
 from tasks.lm import attention_overrides, fine_tune_lm, pretrain_from_args
 from training.checkpoints import load_checkpoint, load_model, load_model_state, save_model
-from training.cli import build_from_args, default_output_dir, train_config_from_args
+from training.cli import build_from_args, default_output_dir, fine_tune_config, train_config_from_args
 from training.course_data import read_sonnets, write_sonnets
 from training.data import PadCollator, encode
 from training.metrics import chrf
@@ -110,7 +110,7 @@ def build_sonnet_model(args: argparse.Namespace) -> tuple[SonnetGPT, Any, bool]:
     """(model, tokenizer, checkpoints hold only trainable parameters) from the flags."""
     gpt, tokenizer = build_from_args(args, hidden_dropout_prob=args.hidden_dropout_prob, **attention_overrides(args))
     model = SonnetGPT(gpt)
-    return model, tokenizer, prepare_model(model, args)
+    return model, tokenizer, prepare_model(model, fine_tune_config(args))
 
 
 def load_sonnet_model(args: argparse.Namespace, path: str | Path) -> tuple[SonnetGPT, Any]:

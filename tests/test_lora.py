@@ -215,7 +215,7 @@ def test_dora_from_the_classifier_cli_and_as_a_kd_teacher(tmp_path, classifier_c
     classifier.main(classifier_cli("lora", "--use_dora", "--dataset", "sst", "--lr", "1e-2"))
     ckpt = torch.load(tmp_path / "runs" / "best.pt", map_location="cpu", weights_only=False)
     saved = set(ckpt["model"])
-    assert ckpt["extra"]["args"]["use_dora"] is True
+    assert ckpt["extra"]["args"]["use_dora"] is True and ckpt["extra"]["fine_tune"]["adapter"]["use_dora"] is True
     assert any(k.endswith("lora_magnitude") for k in saved) and any(k.startswith("classifier.") for k in saved)
     assert all(k.startswith("classifier.") or k.endswith(("lora_A", "lora_B", "lora_magnitude")) for k in saved)
     teacher, _, _ = load_teacher(tmp_path / "runs" / "best.pt", torch.device("cpu"))
@@ -223,3 +223,9 @@ def test_dora_from_the_classifier_cli_and_as_a_kd_teacher(tmp_path, classifier_c
     assert mods and all(m.use_dora for m in mods)
     for k, v in ckpt["model"].items():
         torch.testing.assert_close(teacher.state_dict()[k], v)
+    # A checkpoint from before the FineTuneConfig was saved: the teacher is rebuilt from the flags.
+    del ckpt["extra"]["fine_tune"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    old, _, _ = load_teacher(tmp_path / "old.pt", torch.device("cpu"))
+    assert all(m.use_dora for m in old.modules() if isinstance(m, LoRALinear))
+    torch.testing.assert_close(old.state_dict(), teacher.state_dict())
