@@ -1,10 +1,11 @@
 """The one place for command-line flags every task shares, and the helpers that act on them.
 
 Each task CLI calls ``add_common_args(parser, ...)`` with its own defaults, adds only
-its task flags (file paths, fine-tune mode...), then uses ``seed_everything``,
-``pick_device``, ``build_from_args`` and ``train_config_from_args`` -- so no argument or
-seeding code is copied between ``classifier.py``, ``paraphrase_detection.py`` and
-``sonnet_generation.py``.
+its task flags (file paths, fine-tune mode...), then the task (``tasks/``) uses
+``seed_everything``, ``pick_device``, ``build_from_args``, ``fine_tune_config`` (the
+``models.fine_tune.FineTuneConfig`` of ``--fine-tune-mode`` and the LoRA flags) and
+``train_config_from_args`` -- so no argument or seeding code is copied between
+``classifier.py``, ``paraphrase_detection.py`` and ``sonnet_generation.py``.
 """
 
 from __future__ import annotations
