@@ -1,10 +1,19 @@
 """The skeleton every task run shares, so a task is its data, its head, its loss and its metric.
 
-``start`` seeds and picks the device, ``prepare_model`` applies ``--fine-tune-mode`` (with its
-adapter settings) to a task model and says what trains, ``fit_task`` trains on the task's
-features with the shared engine and leaves the best epoch's weights in the model
-(``fit_and_load_best``: the one place that decides to reload the best checkpoint, skipped
-after an interrupted run, whose last weights are what the user stopped on).
+A task's ``run(args)`` is::
+
+    device = start(args)                                   # seed, device
+    model, tokenizer, trainable_only = build_task_model(args, MyHead)   # body + head + fine-tune mode
+    ... read the data, make features, a collate and an eval_fn (the metric) ...
+    cfg = train_config_from_args(args, device, metric="accuracy", output_dir=out_dir,
+                                 save_trainable_only=trainable_only)
+    best, _ = fit_task(model, loss_fn, train_features, collate, eval_fn, cfg, **loader_settings(args))
+    ... predict (``training.predict.predict_in_order``) and write the prediction files ...
+
+``prepare_model`` applies a ``FineTuneConfig`` to a task model and says what trains;
+``fit_task`` trains on the task's features with the shared engine and leaves the best epoch's
+weights in the model (``fit_and_load_best``: the one place that decides to reload the best
+checkpoint, skipped after an interrupted run, whose last weights are what the user stopped on).
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import torch
 from torch import nn
 
 from models.fine_tune import FineTuneConfig, count_parameters, set_fine_tune_mode
-from training.cli import pick_device, seed_everything
+from training.cli import build_from_args, fine_tune_config, pick_device, seed_everything
 from training.data import make_loader
 from training.trainer import EvalFn, LossFn, TrainConfig, Trainer
 
@@ -36,6 +45,17 @@ def prepare_model(model: nn.Module, config: FineTuneConfig) -> bool:
     n_train, n_total = count_parameters(model)
     print(f"{config.mode}: {n_train:,} of {n_total:,} parameters train")
     return trainable_only
+
+
+def build_task_model(
+    args: argparse.Namespace, head: Callable[[Any], nn.Module], **config_overrides: Any
+) -> tuple[nn.Module, Any, bool]:
+    """(task model, tokenizer, checkpoints hold only trainable parameters): the GPT-2 body of
+    ``--model_size`` (``config_overrides`` change its config), ``head(body)``, and the fine-tune
+    mode of the flags applied."""
+    gpt, tokenizer = build_from_args(args, **config_overrides)
+    model = head(gpt)
+    return model, tokenizer, prepare_model(model, fine_tune_config(args))
 
 
 def fit_and_load_best(trainer: Trainer) -> dict[str, Any]:
@@ -69,4 +89,10 @@ def fit_task(
     return fit_and_load_best(trainer), trainer
 
 
-__all__ = ["fit_and_load_best", "fit_task", "prepare_model", "start"]
+def loader_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``fit_task``'s loader keywords from the shared flags (``--batch_size``, ``--num_workers``,
+    ``--group_by_length``)."""
+    return {"batch_size": args.batch_size, "num_workers": args.num_workers, "group_by_length": args.group_by_length}
+
+
+__all__ = ["build_task_model", "fit_and_load_best", "loader_settings", "fit_task", "prepare_model", "start"]

@@ -20,9 +20,9 @@ from models.fine_tune import mode_names, modes_help
 from models.heads import ClozeParaphraseScorer
 from models.loading import load_tokenizer
 from modules.lora import unwrap_lora
-from tasks.common import fit_task, prepare_model, start
+from tasks.common import build_task_model, fit_task, loader_settings, prepare_model, start
 from training.checkpoints import load_model, save_model
-from training.cli import add_common_args, build_from_args, default_output_dir, fine_tune_config, train_config_from_args
+from training.cli import add_common_args, default_output_dir, fine_tune_config, train_config_from_args
 from training.course_data import ParaphrasePair, load_quora_splits, paraphrase_features, write_id_predictions
 from training.data import PadCollator, make_eval_loader
 from training.metrics import classification_metrics, majority_baseline
@@ -117,12 +117,10 @@ def write_paraphrase_predictions(path: str | Path, ids: Sequence[str], token_ids
 
 def build_scorer(args: argparse.Namespace) -> tuple[ClozeParaphraseScorer, Any, bool]:
     """(scorer, tokenizer, checkpoints hold only trainable parameters) from the flags."""
-    if args.load:
-        gpt, tokenizer = load_model(args.load), load_tokenizer(args.tokenizer)
-        print(f"loaded {args.load}")
-    else:
-        gpt, tokenizer = build_from_args(args, hidden_dropout_prob=args.hidden_dropout_prob)
-    model = ClozeParaphraseScorer(gpt)
+    if not args.load:
+        return build_task_model(args, ClozeParaphraseScorer, hidden_dropout_prob=args.hidden_dropout_prob)
+    model, tokenizer = ClozeParaphraseScorer(load_model(args.load)), load_tokenizer(args.tokenizer)
+    print(f"loaded {args.load}")
     return model, tokenizer, prepare_model(model, fine_tune_config(args))
 
 
@@ -161,8 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         cfg = train_config_from_args(args, device, metric="accuracy", output_dir=out_dir,
                                      save_trainable_only=trainable_only)
-        best, _ = fit_task(model, loss_fn, feats["train"], collate, eval_fn, cfg, batch_size=args.batch_size,
-                           num_workers=args.num_workers, group_by_length=args.group_by_length,
+        best, _ = fit_task(model, loss_fn, feats["train"], collate, eval_fn, cfg, **loader_settings(args),
                            extra={"args": vars(args)})
     model.to(device)
     unwrap_lora(model)

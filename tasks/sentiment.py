@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from models.heads import GPT2SentimentClassifier
-from tasks.common import fit_task, prepare_model, start
+from tasks.common import fit_task, loader_settings, prepare_model, start
 from training.cli import build_from_args, default_output_dir, fine_tune_config, train_config_from_args
 from training.course_data import read_sentiment, sentiment_features, write_id_predictions
 from training.data import PadCollator, make_eval_loader, sample
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     """Train on one dataset, write its dev and test predictions; returns the dev metrics."""
     print(f"Training sentiment classifier on {dataset} ({args.fine_tune_mode})...")
     device = start(args)
-    gpt, tokenizer = build_from_args(args)
+    gpt, tokenizer = build_from_args(args)  # weights first: a bad --model_size fails before any data is read
     paths = {split: getattr(args, f"{dataset}_{split}") for split in ("train", "dev", "test")}
     # --limit: a seeded sample of the training file (its rows are grouped by label), the first N of dev and test.
     data = {split: read_sentiment(p, limit=0 if split == "train" else args.limit) for split, p in paths.items()}
@@ -46,13 +46,12 @@ def run(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
         if any(e.label is None for e in data[split]):
             raise SystemExit(f"{paths[split]}: no 'sentiment' column; the {split} split needs labels")
     num_labels = max(e.label for e in data["train"]) + 1
-
-    model = GPT2SentimentClassifier(gpt, num_labels, args.hidden_dropout_prob)
     print(f"{num_labels} labels")
+    model = GPT2SentimentClassifier(gpt, num_labels, args.hidden_dropout_prob)
     fine_tune = fine_tune_config(args)
     trainable_only = prepare_model(model, fine_tune)
 
-    max_len = args.max_length or gpt.config.max_position_embeddings
+    max_len = args.max_length or model.gpt.config.max_position_embeddings
     feats = {s: sentiment_features(rows, tokenizer, max_len, f"{dataset} {s}") for s, rows in data.items()}
     collate = PadCollator(tokenizer.pad_token_id)
     dev_loader = make_eval_loader(feats["dev"], collate, args.batch_size, args.num_workers)
@@ -70,8 +69,7 @@ def run(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
         out_dir = str(Path(args.output_dir) / dataset)
     cfg = train_config_from_args(args, device, metric="accuracy", output_dir=out_dir,
                                  save_trainable_only=trainable_only)
-    fit_task(model, loss_fn, feats["train"], collate, eval_fn, cfg, batch_size=args.batch_size,
-             num_workers=args.num_workers, group_by_length=args.group_by_length,
+    fit_task(model, loss_fn, feats["train"], collate, eval_fn, cfg, **loader_settings(args),
              extra={"args": vars(args), "dataset": dataset, "num_labels": num_labels,
                     "fine_tune": fine_tune.to_dict()})
 

@@ -20,10 +20,10 @@ from models.loading import CheckpointError, load_tokenizer
 from models.mbr import mbr_generate
 from modules.lora import unwrap_lora
 from tasks import common
-from tasks.common import prepare_model
+from tasks.common import build_task_model, loader_settings
 from tasks.lm import attention_overrides, fine_tune_lm, pretrain_from_args
 from training.checkpoints import load_checkpoint, load_model, load_model_state, save_model
-from training.cli import build_from_args, default_output_dir, fine_tune_config, train_config_from_args
+from training.cli import default_output_dir, train_config_from_args
 from training.course_data import read_sonnets, write_sonnets
 from training.data import PadCollator, encode
 from training.metrics import chrf
@@ -108,9 +108,7 @@ def dev_chrf(model: SonnetGPT, tokenizer: Any, prompts: Sequence[str], reference
 
 def build_sonnet_model(args: argparse.Namespace) -> tuple[SonnetGPT, Any, bool]:
     """(model, tokenizer, checkpoints hold only trainable parameters) from the flags."""
-    gpt, tokenizer = build_from_args(args, hidden_dropout_prob=args.hidden_dropout_prob, **attention_overrides(args))
-    model = SonnetGPT(gpt)
-    return model, tokenizer, prepare_model(model, fine_tune_config(args))
+    return build_task_model(args, SonnetGPT, hidden_dropout_prob=args.hidden_dropout_prob, **attention_overrides(args))
 
 
 def load_sonnet_model(args: argparse.Namespace, path: str | Path) -> tuple[SonnetGPT, Any]:
@@ -167,9 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                      save_trainable_only=trainable_only)
         best, _ = fine_tune_lm(model, tokenizer, train,
                                lambda m: dev_chrf(m, tokenizer, dev_texts, dev_refs, kw, **complete_kw), cfg,
-                               batch_size=args.batch_size, max_length=args.max_length,
-                               num_workers=args.num_workers, group_by_length=args.group_by_length,
-                               extra={"args": vars(args)})
+                               max_length=args.max_length, extra={"args": vars(args)}, **loader_settings(args))
     if not args.generate_only:
         unwrap_lora(model)  # a plain GPT-2: loads without adapter code and decodes faster
         path = out_dir / "sonnet-model.pt"
