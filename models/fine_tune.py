@@ -4,7 +4,8 @@ A mode is a name, a one-line help, the learning rate a task uses when ``--lr`` i
 whether it needs a task head (``last-linear-layer`` trains only the head, so the cloze
 scorer and the sonnet LM, which have none, do not offer it), and ``prepare``, which makes
 the right parameters of a task model train. Adapter modes also name the frozen dataclass of
-their settings (``LoraConfig``, in the shape of PEFT's). Every task script takes its
+their settings (``LoraConfig``, in the shape of PEFT's) and the flag each field is read from
+(``training.cli.fine_tune_config`` builds it from any mode's ``flags``). Every task script takes its
 ``--fine-tune-mode`` choices and default lr from here, and the KD teacher is rebuilt through
 the same ``set_fine_tune_mode``. Adding a mode (e.g. prefix tuning) is its own module plus
 one ``register(...)`` below.
@@ -12,8 +13,8 @@ one ``register(...)`` below.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
@@ -35,7 +36,8 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if self.r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {self.r}")
-        object.__setattr__(self, "targets", tuple(self.targets))
+        targets = self.targets.split(",") if isinstance(self.targets, str) else self.targets  # "a,b" from a flag
+        object.__setattr__(self, "targets", tuple(t.strip() for t in targets if t.strip()))
 
 
 Prepare = Callable[[nn.Module, tuple[str, ...], Any], bool]
@@ -53,6 +55,7 @@ class FineTuneMode:
     prepare: Prepare
     needs_head: bool = False
     adapter: type | None = None  # the settings dataclass of an adapter mode
+    flags: Mapping[str, str] = field(default_factory=dict)  # adapter field -> command-line flag (dest)
 
 
 MODES: dict[str, FineTuneMode] = {}
@@ -89,7 +92,8 @@ register(FineTuneMode("last-linear-layer", "GPT-2 frozen, only the head trains",
                       needs_head=True))
 register(FineTuneMode("full-model", "every parameter trains", 1e-5, _full_model))
 register(FineTuneMode("lora", "low-rank adapters (DoRA with --use_dora) and the head train", 3e-4, _lora,
-                      adapter=LoraConfig))
+                      adapter=LoraConfig, flags={"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+                                                 "targets": "lora_targets", "use_dora": "use_dora"}))
 
 
 @dataclass(frozen=True)

@@ -80,3 +80,14 @@ def test_a_registered_mode_reaches_the_task_scripts(monkeypatch):
     model = classifier_model()
     assert set_fine_tune_mode(model, FineTuneConfig("bias-only"), model.head)
     assert all(p.requires_grad == n.endswith("bias") for n, p in model.named_parameters())
+
+
+def test_adapter_settings_come_from_the_flags_the_registry_names():
+    from training.cli import fine_tune_config
+
+    args = classifier.get_args(["--fine-tune-mode", "lora", "--lora_r", "4", "--lora_alpha", "2",
+                                "--lora_targets", "attn.c_attn, mlp.c_fc", "--use_dora"])
+    assert fine_tune_config(args) == FineTuneConfig("lora", LoraConfig(4, 2.0, 0.05, ("attn.c_attn", "mlp.c_fc"), True))
+    del args.use_dora  # flags saved by a run from before --use_dora existed
+    assert fine_tune_config(args).adapter.use_dora is False
+    assert fine_tune_config(classifier.get_args(["--fine-tune-mode", "full-model"])) == FineTuneConfig("full-model")

@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from models.fine_tune import MODES, FineTuneConfig, LoraConfig
+from models.fine_tune import MODES, FineTuneConfig
 from modules.lora import DEFAULT_TARGETS
 from training.rng import seed_everything
 from training.schedule import SCHEDULES
 from training.trainer import TrainConfig
 
 __all__ = [
-    "add_common_args", "build_from_args", "default_output_dir", "fine_tune_config", "lora_targets",
+    "add_common_args", "build_from_args", "default_output_dir", "fine_tune_config",
     "pick_device", "run_main", "seed_everything", "train_config_from_args",
 ]
 
@@ -111,19 +111,16 @@ def pick_device(use_gpu: bool = False, device: str = "auto") -> torch.device:
     return dev
 
 
-def lora_targets(args: argparse.Namespace) -> tuple[str, ...]:
-    return tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-
-
 def fine_tune_config(args: argparse.Namespace) -> FineTuneConfig:
-    """``--fine-tune-mode`` and its adapter settings from the LoRA flags, so every task script
-    (and a KD teacher rebuilt from saved args, which may predate ``--use_dora``) builds the
+    """``--fine-tune-mode`` and its adapter settings from the flags the registry names for it
+    (``--lora_r`` ... for lora), so every task script (and a KD teacher rebuilt from saved args,
+    which may predate ``--use_dora``: a missing flag keeps the adapter's default) builds the
     same ``FineTuneConfig``."""
-    adapter = None
-    if MODES[args.fine_tune_mode].adapter is LoraConfig:
-        adapter = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                             targets=lora_targets(args), use_dora=getattr(args, "use_dora", False))
-    return FineTuneConfig(args.fine_tune_mode, adapter)
+    mode = MODES[args.fine_tune_mode]
+    if mode.adapter is None:
+        return FineTuneConfig(mode.name)
+    settings = {f: getattr(args, flag) for f, flag in mode.flags.items() if hasattr(args, flag)}
+    return FineTuneConfig(mode.name, mode.adapter(**settings))
 
 
 def build_from_args(args: argparse.Namespace, **config_overrides: Any):
