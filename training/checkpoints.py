@@ -58,6 +58,16 @@ def save_model(model, path: str | Path, **extra: Any) -> None:
     atomic_save({"config": model.config.to_dict(), "model": model.state_dict(), "extra": extra}, path)
 
 
+def check_config(saved: dict[str, Any], config: GPT2Config, path: str | Path) -> None:
+    """Raise if a checkpoint's architecture differs from the model it is loaded into."""
+    theirs = GPT2Config.from_dict(saved).architecture()
+    ours = config.architecture()
+    diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in diff.items())
+        raise CheckpointError(f"{path} was saved from another model config ({detail})")
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
     """A GPT2Model saved with ``save_model``."""
     from models.gpt2 import GPT2Model
@@ -125,6 +135,6 @@ def keep_top_k(
 
 
 __all__ = [
-    "TopK", "atomic_save", "keep_top_k", "load_checkpoint", "load_model", "load_model_state",
+    "TopK", "atomic_save", "check_config", "keep_top_k", "load_checkpoint", "load_model", "load_model_state",
     "model_config_of", "rank_top_k", "save_model", "trainable_state_dict",
 ]
