@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from distillation.kd_loss import GPT2Student, LSTMStudent, kd_loss
+from distillation.kd_loss import LSTMStudent, kd_loss
 from distillation.records import write_summary
 from training.validation import positive_float, positive_int, unit_interval
 
@@ -40,14 +40,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def load_teacher(path: str | Path, device: torch.device, dataset: str | None = None):
     """(GPT2SentimentClassifier, tokenizer, saved args) from a ``classifier.py`` checkpoint.
-    The body is rebuilt the way classifier.py built it (same size, same seed), then the
-    checkpoint's weights (all of them, or the trainable ones of a frozen/LoRA run) loaded.
+    The model is rebuilt the way classifier.py built it (same size, same seed, the saved
+    ``FineTuneConfig``, so adapters are where the weights expect them), then the checkpoint's
+    weights (all of them, or the trainable ones of a frozen/LoRA run) loaded.
     With ``dataset``, a teacher trained on another task (an SST teacher for CFIMDB would make
     5-way students of a 2-class task) is refused before anything is built."""
-    from models.heads import GPT2SentimentClassifier, set_fine_tune_mode
-    from models.loading import CheckpointError, build_model, load_checkpoint, load_tokenizer
-    from training.checkpoints import load_model_state
-    from training.cli import lora_kwargs, seed_everything
+    from models.fine_tune import FineTuneConfig, set_fine_tune_mode
+    from models.heads import GPT2SentimentClassifier
+    from models.loading import CheckpointError, build_model, load_tokenizer
+    from training.checkpoints import load_checkpoint, load_model_state
+    from training.cli import fine_tune_config, seed_everything
     from training.course_data import SENTIMENT_LABELS
 
     ckpt = load_checkpoint(path, device)
@@ -65,19 +67,19 @@ def load_teacher(path: str | Path, device: torch.device, dataset: str | None = N
     seed_everything(a.seed)
     gpt = build_model(a.model_size, a.random_init)
     model = GPT2SentimentClassifier(gpt, extra["num_labels"], a.hidden_dropout_prob)
-    if a.fine_tune_mode == "lora":
-        set_fine_tune_mode(model, "lora", model.head, **lora_kwargs(a))  # use_dora: False if not saved
+    # Checkpoints written before the config was saved carry only the flags (maybe without --use_dora).
+    fine_tune = FineTuneConfig.from_dict(extra["fine_tune"]) if "fine_tune" in extra else fine_tune_config(a)
+    set_fine_tune_mode(model, fine_tune, model.head)
     load_model_state(model, ckpt["model"], ckpt.get("trainable_only", False), path)
     return model.to(device).eval(), load_tokenizer(getattr(a, "tokenizer", None), verbose=False), a
 
 
 def logits_of(model, loader) -> list[list[float]]:
     """Logits in file order (features carry ``index``)."""
-    from training.data import restore_order
-    from training.trainer import predict
+    from tasks.sentiment import logits
+    from training.predict import predict_in_order
 
-    out = predict(model, loader, lambda m, b: (b["index"].cpu(), m(b["input_ids"], b["attention_mask"]).float().cpu()))
-    return restore_order(torch.cat([i for i, _ in out]).tolist(), torch.cat([x for _, x in out]).tolist())
+    return predict_in_order(model, loader, logits)
 
 
 def accuracy_of(model, loader, labels: list[int]) -> float:
@@ -87,25 +89,26 @@ def accuracy_of(model, loader, labels: list[int]) -> float:
 
 
 def build_student(kind: str, teacher, num_labels: int, args: argparse.Namespace) -> torch.nn.Module:
+    """The LSTM on the teacher's embeddings, or a random ``tiny`` GPT-2 sentiment classifier."""
+    from models.heads import GPT2SentimentClassifier
     from models.loading import build_model
 
     if kind == "lstm":
         return LSTMStudent(teacher.gpt.wte.weight, num_labels, args.student_hidden, dropout=args.hidden_dropout_prob)
-    return GPT2Student(build_model("tiny", random_init=True), num_labels, args.hidden_dropout_prob)
+    return GPT2SentimentClassifier(build_model("tiny", random_init=True), num_labels, args.hidden_dropout_prob)
 
 
 def train_student(args: argparse.Namespace, teacher, feats: dict[str, list[dict[str, Any]]], alpha: float,
                   name: str, device: torch.device, collate, dev_labels: list[int]) -> dict[str, Any]:
-    from models.heads import count_parameters
+    from models.fine_tune import count_parameters
+    from tasks.common import fit_task
     from training.cli import seed_everything, train_config_from_args
-    from training.data import make_eval_loader, make_loader
-    from training.trainer import Trainer
+    from training.data import make_eval_loader
 
     seed_everything(args.seed)
     num_labels = len(feats["train"][0]["teacher_logits"])
     student = build_student(args.student, teacher, num_labels, args)
     n_train, n_total = count_parameters(student)
-    train_loader = make_loader(feats["train"], collate, args.batch_size, shuffle=True)
     dev_loader = make_eval_loader(feats["dev"], collate, args.batch_size)
 
     def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -115,9 +118,10 @@ def train_student(args: argparse.Namespace, teacher, feats: dict[str, list[dict[
 
     out_dir = Path(args.output_dir or f"runs/kd/{args.dataset}-{args.student}") / name
     cfg = train_config_from_args(args, device, metric="accuracy", output_dir=str(out_dir))
-    trainer = Trainer(student, loss_fn, train_loader, lambda m: {"accuracy": accuracy_of(m, dev_loader, dev_labels)},
-                      cfg, extra={"alpha": alpha, "temperature": args.temperature, "student": args.student})
-    best = trainer.fit()
+    best, trainer = fit_task(student, loss_fn, feats["train"], collate,
+                             lambda m: {"accuracy": accuracy_of(m, dev_loader, dev_labels)}, cfg,
+                             batch_size=args.batch_size,
+                             extra={"alpha": alpha, "temperature": args.temperature, "student": args.student})
     return {"dev_accuracy": best.get("accuracy"), "best_epoch": best.get("epoch"), "alpha": alpha,
             "trainable_parameters": n_train, "parameters": n_total, "checkpoint": str(trainer.best_checkpoint)}
 

@@ -1,4 +1,5 @@
-"""Knowledge-distillation loss (Hinton et al. 2015) and the small students it trains.
+"""Knowledge-distillation loss (Hinton et al. 2015) and the LSTM student it trains (the
+small GPT-2 student is the task's own ``models.heads.GPT2SentimentClassifier``).
 
 Kept apart from ``distillation.kd`` (the CLI and training wiring) so that the
 loss and the students can be tested and reused without the engine.
@@ -72,17 +73,3 @@ class LSTMStudent(nn.Module):
                                                    enforce_sorted=False)
         _, (h_n, _) = self.lstm(packed)  # h_n (num_layers, B, H)
         return self.head(self.drop(h_n[-1]))  # (B, num_labels)
-
-
-class GPT2Student(nn.Module):
-    """A small GPT-2 (e.g. the ``tiny`` size) with a linear head on the last real token."""
-
-    def __init__(self, gpt, num_labels: int, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.gpt = gpt
-        self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(gpt.config.hidden_size, num_labels)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self.gpt(input_ids, attention_mask)["last_token"]  # (B, d)
-        return self.head(self.drop(h))  # (B, num_labels)

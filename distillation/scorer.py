@@ -1,7 +1,8 @@
 """The entailment scorer of the filters: P("yes") of our cloze paraphrase model
 for ordered (s1, s2) pairs, as a plain function (``filters.ScoreFn``).
 
-The model is a checkpoint trained by ``paraphrase_detection.py`` (``--scorer``),
+The model is a checkpoint trained by ``paraphrase_detection.py`` (``--scorer``, read and
+scored by ``tasks.paraphrase``),
 or, without one, GPT-2 asked the cloze question zero-shot (``--model_size``,
 ``--random_init``: what the tiny end-to-end test uses).
 """
@@ -21,9 +22,9 @@ def add_scorer_args(p: argparse.ArgumentParser) -> None:
 
 
 def cloze_score_fn(model, tokenizer, batch_size: int = 64, max_length: int = 0) -> ScoreFn:
-    """A ScoreFn over a ``ClozeParaphraseScorer``, through ``paraphrase_detection``'s own
+    """A ScoreFn over a ``ClozeParaphraseScorer``, through the paraphrase task's own
     scoring (same prompt, features and batching as it trains and predicts with)."""
-    from paraphrase_detection import score_paraphrase_pairs
+    from tasks.paraphrase import score_paraphrase_pairs
 
     def score(pairs: Sequence[tuple[str, str]]) -> list[float]:
         return score_paraphrase_pairs(model, tokenizer, pairs, batch_size, max_length or None) if pairs else []
@@ -39,7 +40,7 @@ def scorer_from_args(args: argparse.Namespace) -> ScoreFn:
 
     device = pick_device(args.use_gpu, args.device)
     if args.scorer:
-        from paraphrase_detection import load_paraphrase_scorer
+        from tasks.paraphrase import load_paraphrase_scorer
 
         model, tokenizer = load_paraphrase_scorer(args.scorer, device), load_tokenizer(args.tokenizer)
     else:

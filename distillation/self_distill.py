@@ -95,7 +95,7 @@ def paraphrase_candidates(gpt, tokenizer, sources: list[str], args: argparse.Nam
 
 
 def run(args: argparse.Namespace) -> dict:
-    from models.loading import save_model
+    from training.checkpoints import save_model
     from training.cli import build_from_args, pick_device, seed_everything
 
     seed_everything(args.seed)

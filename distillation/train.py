@@ -1,6 +1,7 @@
 """Step 4, ``train``: the kept pairs (label 1) and generated negatives (pairs that
 failed entailment, label 0) written in the Quora file format, and
-``paraphrase_detection.py`` trained on them:
+the paraphrase task (``tasks.paraphrase``, what ``paraphrase_detection.py`` runs) trained on
+them, with every shared flag given here (engine, LoRA, model) passed on:
 
 - approach 1: generated pairs only (batch 8, 4 epochs);
 - approach 2: generated pairs plus the Quora training set (batch 16, 8 epochs);
@@ -48,25 +49,15 @@ def quora_train_pairs(args: argparse.Namespace) -> list[tuple[str, str, int]]:
     return [(r.sentence1, r.sentence2, r.label) for r in rows]
 
 
-def paraphrase_argv(args: argparse.Namespace, train_file: Path, out_dir: Path, batch_size: int, epochs: int) -> list:
-    """paraphrase_detection.py flags: the shared ones passed through, files under ``out_dir``."""
-    argv = ["--para_train", str(train_file), "--para_dev", args.para_dev, "--para_test", args.para_test,
-            "--para_dev_out", str(out_dir / "para-dev-output.csv"),
-            "--para_test_out", str(out_dir / "para-test-output.csv"),
-            "--output_dir", str(out_dir), "--batch_size", str(batch_size), "--epochs", str(epochs),
-            "--lr", str(args.lr), "--seed", str(args.seed), "--model_size", args.model_size,
-            "--device", args.device, "--hidden_dropout_prob", str(args.hidden_dropout_prob),
-            "--scheduler", args.scheduler, "--warmup_ratio", str(args.warmup_ratio),
-            "--grad_accum", str(args.grad_accum), "--patience", str(args.patience)]
-    for flag in ("random_init", "use_gpu", "no_progress", "no_bf16", "resume"):
-        if getattr(args, flag):
-            argv.append(f"--{flag}")
-    for flag in ("limit", "max_length"):
-        if getattr(args, flag):
-            argv += [f"--{flag}", str(getattr(args, flag))]
-    if args.tokenizer:
-        argv += ["--tokenizer", args.tokenizer]
-    return argv
+def paraphrase_settings_for(args: argparse.Namespace, train_file: Path, out_dir: Path, batch_size: int,
+                            epochs: int) -> argparse.Namespace:
+    """The paraphrase run's settings: every flag this step shares with it, the approach's
+    batch size and epochs, and the files under ``out_dir``."""
+    from tasks.paraphrase import paraphrase_settings
+
+    return paraphrase_settings(args, para_train=str(train_file), para_dev_out=str(out_dir / "para-dev-output.csv"),
+                               para_test_out=str(out_dir / "para-test-output.csv"), output_dir=str(out_dir),
+                               batch_size=batch_size, epochs=epochs)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -99,9 +90,9 @@ def run(args: argparse.Namespace) -> dict:
                "batch_size": bs, "epochs": ep, "lr": args.lr}
         print(f"approach {a}: wrote {rows} pairs to {pair_file}")
         if not args.prepare_only:
-            import paraphrase_detection
+            from tasks.paraphrase import run as train_paraphrase
 
-            out = paraphrase_detection.main(paraphrase_argv(args, pair_file, out_dir, bs, ep))
+            out = train_paraphrase(paraphrase_settings_for(args, pair_file, out_dir, bs, ep))
             res.update({"dev": out.get("dev"), "test": out.get("test"), "checkpoint": out.get("checkpoint")})
         results[f"approach{a}"] = res
     summary = {"results": results, "generated_negatives_available": len(neg_all), "neg_ratio": args.neg_ratio,

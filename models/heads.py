@@ -1,8 +1,9 @@
-"""Task models built on GPT2Model, and the fine-tuning modes they share.
+"""Task models built on GPT2Model.
 
-Each head keeps the body under ``self.gpt`` (the starter's name) so that
-``set_fine_tune_mode`` and checkpoints treat every task alike. Add new task
-heads below the sentiment classifier.
+Each head keeps the body under ``self.gpt`` (the starter's name) and names its own new
+modules in ``head``, so that ``models.fine_tune.set_fine_tune_mode`` and checkpoints treat
+every task alike. The sentiment classifier is also the KD pipeline's small GPT-2 student.
+Add new task heads below the sentiment classifier.
 """
 
 from __future__ import annotations
@@ -13,47 +14,6 @@ import torch
 from torch import nn
 
 from models.gpt2 import GPT2Model
-from modules.lora import DEFAULT_TARGETS, apply_lora, mark_only_lora_trainable
-
-FINE_TUNE_MODES = ("last-linear-layer", "full-model", "lora")
-
-
-def set_fine_tune_mode(
-    model: nn.Module,
-    mode: str,
-    head: Sequence[str],
-    *,
-    lora_r: int = 8,
-    lora_alpha: float = 16.0,
-    lora_dropout: float = 0.05,
-    lora_targets: Sequence[str] = DEFAULT_TARGETS,
-    use_dora: bool = False,
-) -> bool:
-    """Decide what trains: ``last-linear-layer`` freezes the GPT-2 body (only ``head`` modules
-    train), ``full-model`` trains everything, ``lora`` wraps the body's linears with adapters
-    (DoRA ones, with their magnitudes, when ``use_dora``) and trains them plus ``head``. Returns
-    True when checkpoints should hold only trainable parameters (the frozen body is rebuilt from
-    the same weights or seed)."""
-    if mode not in FINE_TUNE_MODES:
-        raise ValueError(f"fine-tune mode must be one of {FINE_TUNE_MODES}, got {mode!r}")
-    head = tuple(head)
-    if mode == "full-model":
-        for p in model.parameters():
-            p.requires_grad = True
-        return False
-    if mode == "lora":
-        apply_lora(model, lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, use_dora=use_dora)
-        mark_only_lora_trainable(model, extra_trainable=head)
-        return True
-    for name, p in model.named_parameters():
-        p.requires_grad = any(name == h or name.startswith(h + ".") for h in head)
-    return True
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, for the log line every CLI prints."""
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
 
 
 class GPT2SentimentClassifier(nn.Module):

@@ -1,7 +1,7 @@
-"""Everything that touches files and the hub: pretrained GPT-2 weights (hub id or
-local Hugging Face folder), the tokenizer, and our own atomic checkpoints.
+"""Pretrained GPT-2 weights (hub id or local Hugging Face folder) and the tokenizer.
 
-This is the only module that knows Hugging Face parameter names.
+This is the only module that knows Hugging Face parameter names. Our own checkpoint
+files (atomic saves, saved models) are the training engine's: ``training.checkpoints``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import json
 import os
 import socket
 import sys
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -245,60 +244,3 @@ def load_tokenizer(path: str | None = None, verbose: bool = True):
         tok = GPT2TokenizerFast.from_pretrained(str(path))
     tok.pad_token = tok.eos_token
     return tok
-
-
-# ------------------------------------------------------------ our checkpoints
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash
-    never leaves a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
-
-
-def save_model(model, path: str | Path, **extra: Any) -> None:
-    """A GPT2Model (or any module with ``.config``) as {config, model weights, extra}."""
-    atomic_save({"config": model.config.to_dict(), "model": model.state_dict(), "extra": extra}, path)
-
-
-def check_config(saved: dict[str, Any], config: GPT2Config, path: str | Path) -> None:
-    """Raise if a checkpoint's architecture differs from the model it is loaded into."""
-    theirs = GPT2Config.from_dict(saved).architecture()
-    ours = config.architecture()
-    diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
-    if diff:
-        detail = ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in diff.items())
-        raise CheckpointError(f"{path} was saved from another model config ({detail})")
-
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
-    """A GPT2Model saved with ``save_model``."""
-    from models.gpt2 import GPT2Model
-
-    ckpt = load_checkpoint(path, map_location)
-    if "config" not in ckpt:
-        kind = "a training-engine checkpoint (best.pt, last.pt)" if "train_config" in ckpt else "not a saved model"
-        raise CheckpointError(f"{path} is {kind}, not a model saved by a task script; pass the model file the "
-                              "run wrote (e.g. <output_dir>/paraphrase-model.pt or sonnet-model.pt)")
-    model = GPT2Model(GPT2Config.from_dict(ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    return model

@@ -12,8 +12,11 @@ is again the base model. As in PEFT (and section 4.3 of the paper) the norm is t
 constant in the backward pass, which saves memory and matches PEFT's gradients.
 
 Wrapping moves a base weight from ``...c_attn.weight`` to ``...c_attn.base.weight``;
-checkpoints of a LoRA run hold only the adapters (with DoRA's magnitudes) and the task head
-(``lora_state_dict``), to be loaded on top of the same base model.
+checkpoints of a LoRA run hold only the trainable parameters (the adapters, DoRA's magnitudes
+and the task head: ``training.checkpoints.trainable_state_dict``), to be loaded on top of the
+same base model. ``unwrap_lora`` merges and removes the wrappers, so a saved final model is
+a plain GPT-2. The adapter settings and the ``lora`` fine-tune mode are in
+``models.fine_tune``.
 """
 
 from __future__ import annotations
@@ -155,17 +158,6 @@ def lora_modules(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
-def merge_lora(model: nn.Module) -> None:
-    """Fold every adapter into its base weight (faster inference; the outputs do not change)."""
-    for m in lora_modules(model):
-        m.merge()
-
-
-def unmerge_lora(model: nn.Module) -> None:
-    for m in lora_modules(model):
-        m.unmerge()
-
-
 def unwrap_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weight and put the plain ``nn.Linear`` back, so the
     model (and what is saved of it) is an ordinary GPT-2 that needs no adapter code to load."""
@@ -190,11 +182,3 @@ def mark_only_lora_trainable(model: nn.Module, extra_trainable: Iterable[str] = 
         p.requires_grad = "lora_" in name.rsplit(".", 1)[-1] or _is_extra(name, extra)
         n += p.numel() if p.requires_grad else 0
     return n
-
-
-def lora_state_dict(model: nn.Module, extra: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-    """Only the adapters, DoRA magnitudes included (and the ``extra`` prefixed modules): what a
-    LoRA run saves."""
-    extra = tuple(extra)
-    return {k: v for k, v in model.state_dict().items()
-            if "lora_" in k.rsplit(".", 1)[-1] or _is_extra(k, extra)}

@@ -1,7 +1,10 @@
-"""Shared fixtures: small random ``transformers`` GPT-2 checkpoints in Hugging Face format."""
+"""Shared fixtures: small random ``transformers`` GPT-2 checkpoints in Hugging Face format,
+the course data, and the flags of a quick ``classifier.py`` run."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -58,3 +61,56 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+MICRO = dict(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)  # a micro GPT-2 config.json
+
+
+def classifier_cli_args(tmp_path: Path, mode: str, *extra: str) -> list[str]:
+    """``classifier.py`` flags for a quick run on a micro random GPT-2 (``tmp_path/micro``) with the
+    course's sentiment files (8 examples, 1 epoch), everything written under tmp_path."""
+    folder = tmp_path / "micro"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(MICRO))
+    paths = []
+    for ds in ("sst", "cfimdb"):
+        for split, suffix in (("train", "train"), ("dev", "dev"), ("test", "test-student")):
+            paths += [f"--{ds}_{split}", str(SHARED_DATA / f"ids-{ds}-{suffix}.csv")]
+    return ["--fine-tune-mode", mode, "--model_size", str(folder), "--random_init",
+            "--limit", "8", "--epochs", "1", "--batch_size", "4", "--max_length", "32", "--no_progress",
+            "--output_dir", str(tmp_path / "runs"), "--predictions_dir", str(tmp_path / "pred"), *paths, *extra]
+
+
+@pytest.fixture
+def classifier_cli(tmp_path) -> Callable[..., list[str]]:
+    """``classifier_cli(mode, *extra)``: ``classifier_cli_args`` in the test's tmp_path."""
+    return lambda mode, *extra: classifier_cli_args(tmp_path, mode, *extra)
+
+
+def sonnet_data_flags(tmp_path: Path) -> list[str]:
+    """``sonnet_generation.py`` file flags: the course's sonnets, outputs and run folder under tmp_path."""
+    return ["--sonnet_path", str(SHARED_DATA / "sonnets.txt"),
+            "--held_out_sonnet_path", str(SHARED_DATA / "sonnets_held_out.txt"),
+            "--dev_held_out_sonnet_path", str(SHARED_DATA / "sonnets_held_out_dev.txt"),
+            "--dev_true_sonnet_path", str(SHARED_DATA / "TRUE_sonnets_held_out_dev.txt"),
+            "--sonnet_out", str(tmp_path / "pred" / "generated_sonnets.txt"),
+            "--dev_sonnet_out", str(tmp_path / "pred" / "generated_sonnets_dev.txt"),
+            "--output_dir", str(tmp_path / "run"), "--no_progress"]
+
+
+def make_toy_data(n: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linearly separable 2-class toy set for Trainer tests."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, 6, generator=g)
+    y = (X[:, 0] + X[:, 1] > 0).long()
+    return X, y
+
+
+def make_toy_model(dropout: float = 0.2) -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(dropout),
+                               torch.nn.Linear(16, 2))
+
+
+def toy_loss_fn(model: torch.nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])

@@ -3,7 +3,6 @@ the starter's prediction files, and bad input fails clearly."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -12,17 +11,18 @@ import torch
 import torch.nn.functional as F
 
 import classifier
+import tasks.common
+import tasks.sentiment
 from config import GPT2Config
+from models.fine_tune import FineTuneConfig, LoraConfig, set_fine_tune_mode
 from models.gpt2 import GPT2Model
-from models.heads import GPT2SentimentClassifier, set_fine_tune_mode
+from models.heads import GPT2SentimentClassifier
 from models.loading import load_tokenizer
+from tests.conftest import SHARED_DATA as SHARED
 from training.cli import pick_device, train_config_from_args
 from training.course_data import read_sentiment, sentiment_features
 from training.data import PadCollator, make_loader
 from training.trainer import TrainConfig, Trainer
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-MICRO = dict(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)
 
 
 def micro_gpt() -> GPT2Model:
@@ -37,7 +37,8 @@ def test_each_mode_learns_a_fixed_batch(tmp_path, mode, lr):
     feats = sentiment_features(read_sentiment(SHARED / "ids-sst-dev.csv", limit=8), tok, 64)
     batch = PadCollator(tok.pad_token_id)(feats)
     model = GPT2SentimentClassifier(micro_gpt(), num_labels=5, hidden_dropout_prob=0.0)
-    trainable_only = set_fine_tune_mode(model, mode, model.head, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    adapter = LoraConfig(r=4, alpha=8, dropout=0.0) if mode == "lora" else None
+    trainable_only = set_fine_tune_mode(model, FineTuneConfig(mode, adapter), model.head)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("gpt.") and "lora_" not in k}
 
     def loss_fn(m, b):
@@ -58,25 +59,8 @@ def test_each_mode_learns_a_fixed_batch(tmp_path, mode, lr):
     assert body_changed == (mode == "full-model")
 
 
-def micro_folder(tmp_path: Path) -> Path:
-    folder = tmp_path / "micro"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(MICRO))
-    return folder
-
-
-def cli_args(tmp_path: Path, mode: str, *extra: str) -> list[str]:
-    paths = []
-    for ds in ("sst", "cfimdb"):
-        for split, suffix in (("train", "train"), ("dev", "dev"), ("test", "test-student")):
-            paths += [f"--{ds}_{split}", str(SHARED / f"ids-{ds}-{suffix}.csv")]
-    return ["--fine-tune-mode", mode, "--model_size", str(micro_folder(tmp_path)), "--random_init",
-            "--limit", "8", "--epochs", "1", "--batch_size", "4", "--max_length", "32", "--no_progress",
-            "--output_dir", str(tmp_path / "runs"), "--predictions_dir", str(tmp_path / "pred"), *paths, *extra]
-
-
-def test_cli_writes_starter_prediction_files(tmp_path, capsys):
-    results = classifier.main(cli_args(tmp_path, "lora"))
+def test_cli_writes_starter_prediction_files(tmp_path, capsys, classifier_cli):
+    results = classifier.main(classifier_cli("lora"))
     assert set(results) == {"sst", "cfimdb"}
     out = capsys.readouterr().out
     assert "sst dev accuracy" in out and "macro-F1" in out and "truncated" in out  # CFIMDB reviews > 32 tokens
@@ -89,13 +73,16 @@ def test_cli_writes_starter_prediction_files(tmp_path, capsys):
             want = [r.id for r in read_sentiment(SHARED / f"ids-{ds}-{suffix}.csv", limit=8)]
             assert [r[0] for r in rows] == want
             assert all(r[1].endswith(" ") and 0 <= int(r[1]) < n_labels for r in rows)
+            if split == "dev":  # the reported accuracy is that of the written predictions
+                labels = [r.label for r in read_sentiment(SHARED / f"ids-{ds}-dev.csv", limit=8)]
+                hits = sum(int(r[1]) == y for r, y in zip(rows, labels))
+                assert results[ds]["accuracy"] == pytest.approx(hits / len(labels))
         assert (tmp_path / "runs" / ds / "metrics.jsonl").exists()
-        assert 0 <= results[ds]["accuracy"] <= 1
 
 
-def test_speed_flags_reach_the_model_and_loader(tmp_path, monkeypatch):
+def test_speed_flags_reach_the_model_and_loader(tmp_path, monkeypatch, classifier_cli):
     seen = {}
-    real_build = classifier.build_from_args
+    real_build = tasks.sentiment.build_from_args
 
     def spy(args, **kw):
         gpt, tok = real_build(args, **kw)
@@ -106,12 +93,12 @@ def test_speed_flags_reach_the_model_and_loader(tmp_path, monkeypatch):
         seen["grouped"] = kw.get("group_by_length")
         return real_loader(*a, **kw)
 
-    real_loader = classifier.make_loader
-    monkeypatch.setattr(classifier, "build_from_args", spy)
-    monkeypatch.setattr(classifier, "make_loader", loader_spy)
-    results = classifier.main(cli_args(tmp_path, "full-model", "--dataset", "sst", "--group_by_length",
+    real_loader = tasks.common.make_loader
+    monkeypatch.setattr(tasks.sentiment, "build_from_args", spy)
+    monkeypatch.setattr(tasks.common, "make_loader", loader_spy)
+    results = classifier.main(classifier_cli("full-model", "--dataset", "sst", "--group_by_length",
                                        "--gradient_checkpointing"))
-    assert seen == {"checkpointing": True, "grouped": True} and 0 <= results["sst"]["accuracy"] <= 1
+    assert seen == {"checkpointing": True, "grouped": True} and set(results) == {"sst"}
 
 
 def test_default_lr_depends_on_mode():
@@ -122,10 +109,10 @@ def test_default_lr_depends_on_mode():
     assert args.hidden_dropout_prob == 0.3 and args.model_size == "gpt2" and args.sst_train == "data/ids-sst-train.csv"
 
 
-def test_malformed_train_file_is_a_clear_error(tmp_path):
+def test_malformed_train_file_is_a_clear_error(tmp_path, classifier_cli):
     bad = tmp_path / "bad.csv"
     bad.write_text("\tid\tsentence\tsentiment\n0\ta\tgood\t1\n1\tb\tbroken row without label\n")
-    args = cli_args(tmp_path, "last-linear-layer", "--dataset", "sst", "--sst_train", str(bad))
+    args = classifier_cli("last-linear-layer", "--dataset", "sst", "--sst_train", str(bad))
     with pytest.raises(ValueError, match=rf"{bad}:3: expected 4 tab-separated fields"):
         classifier.main(args)
 

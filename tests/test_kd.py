@@ -1,11 +1,13 @@
 """Knowledge distillation: the loss reduces to cross-entropy at alpha = 0, its
 soft term pulls the student toward the teacher, and the students run."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from distillation.kd_loss import GPT2Student, LSTMStudent, kd_loss
+from distillation.kd_loss import LSTMStudent, kd_loss
 
 
 def _logits(seed: int, B: int = 6, C: int = 5) -> torch.Tensor:
@@ -77,35 +79,29 @@ def test_lstm_student_ignores_padding_side() -> None:
     assert not student.embed.weight.requires_grad
 
 
-def test_gpt2_student_shape() -> None:
-    from config import get_config
-    from models.gpt2 import GPT2Model
-
-    gpt = GPT2Model(get_config("tiny", vocab_size=100, max_position_embeddings=16))
-    out = GPT2Student(gpt, num_labels=2)(torch.randint(0, 100, (3, 7)), torch.ones(3, 7, dtype=torch.long))
-    assert out.shape == (3, 2)
-
-
-def test_kd_cli_on_a_classifier_checkpoint(tmp_path, capsys) -> None:
+def test_kd_cli_on_a_classifier_checkpoint(tmp_path, capsys, classifier_cli) -> None:
     """classifier.py trains a micro teacher; ``python -m distillation kd`` distils it into an
     LSTM student and trains the same student without the teacher, and reports both."""
     import json
 
     import classifier
     from distillation.__main__ import main
-    from tests.test_classifier import SHARED, cli_args
+    from tests.conftest import SHARED_DATA as SHARED
 
-    classifier.main(cli_args(tmp_path, "full-model", "--dataset", "sst", "--limit", "16", "--lr", "1e-3"))
+    teacher_run = classifier.main(classifier_cli("full-model", "--dataset", "sst", "--limit", "16", "--lr", "1e-3"))
     teacher = tmp_path / "runs" / "best.pt"  # one dataset: its run folder is --output_dir itself
     assert teacher.exists()
     summary = main(["kd", "--teacher", str(teacher), "--dataset", "sst", "--train", str(SHARED / "ids-sst-train.csv"),
-                    "--dev", str(SHARED / "ids-sst-dev.csv"), "--limit", "24", "--epochs", "1", "--batch_size", "8",
+                    "--dev", str(SHARED / "ids-sst-dev.csv"), "--limit", "16", "--epochs", "1", "--batch_size", "8",
                     "--student_hidden", "16", "--max_length", "32", "--no_progress",
                     "--output_dir", str(tmp_path / "kd")])
     results = summary["results"]
     assert set(results) == {"teacher", "kd", "baseline"}
     assert results["kd"]["alpha"] == 0.5 and results["baseline"]["alpha"] == 0.0
-    assert all(0 <= results[k]["dev_accuracy"] <= 1 for k in results)
+    # The rebuilt teacher scores the same 16 dev sentences exactly as classifier.py did.
+    assert results["teacher"]["dev_accuracy"] == pytest.approx(teacher_run["sst"]["accuracy"])
+    assert all((16 * results[k]["dev_accuracy"]).is_integer() and Path(results[k]["checkpoint"]).exists()
+               for k in ("kd", "baseline"))
     saved = json.loads((tmp_path / "kd" / "kd.summary.json").read_text())
     assert saved["results"]["teacher"]["dev_accuracy"] == results["teacher"]["dev_accuracy"]
     assert "student+KD" in capsys.readouterr().out

@@ -11,15 +11,13 @@ from torch import nn
 from config import GPT2Config
 from models.gpt2 import GPT2Model
 from models.heads import GPT2SentimentClassifier
-from modules.lora import (
-    LoRALinear,
-    apply_lora,
-    lora_state_dict,
-    mark_only_lora_trainable,
-    merge_lora,
-    unmerge_lora,
-    unwrap_lora,
-)
+from modules.lora import LoRALinear, apply_lora, lora_modules, mark_only_lora_trainable, unwrap_lora
+from training.checkpoints import trainable_state_dict
+
+
+def merge_all(model: nn.Module) -> None:
+    for m in lora_modules(model):
+        m.merge()
 
 
 def small_model() -> GPT2SentimentClassifier:
@@ -89,12 +87,13 @@ def test_merge_equals_unmerged_and_unmerge_restores(use_dora):
     model, ids, mask = adapted_model(use_dora)
     base_w = model.gpt.h[0].attn.c_attn.base.weight.clone()
     unmerged = model(ids, mask)
-    merge_lora(model)
+    merge_all(model)
     assert not torch.equal(model.gpt.h[0].attn.c_attn.base.weight, base_w)
     torch.testing.assert_close(model(ids, mask), unmerged, rtol=1e-5, atol=1e-5)
-    merge_lora(model)  # idempotent
+    merge_all(model)  # idempotent
     torch.testing.assert_close(model(ids, mask), unmerged, rtol=1e-5, atol=1e-5)
-    unmerge_lora(model)
+    for m in lora_modules(model):
+        m.unmerge()
     torch.testing.assert_close(model.gpt.h[0].attn.c_attn.base.weight, base_w, rtol=0, atol=1e-6)
     torch.testing.assert_close(model(ids, mask), unmerged, rtol=1e-5, atol=1e-5)
 
@@ -130,7 +129,7 @@ def test_only_adapters_and_head_train_and_are_saved(use_dora):
     assert ("gpt.h.0.attn.c_attn.lora_magnitude" in trainable) == use_dora
     assert "classifier.weight" in trainable and "gpt.h.0.attn.c_attn.base.weight" not in trainable
     assert n == sum(model.get_parameter(k).numel() for k in trainable)
-    assert set(lora_state_dict(model, extra=("classifier",))) == trainable
+    assert set(trainable_state_dict(model)) == trainable
 
 
 def test_typo_in_targets_is_an_error():
@@ -200,24 +199,23 @@ def test_dora_with_dropout_in_training_matches_peft():
 
 def test_dora_merge_matches_peft_merge():
     ours, theirs, targets = peft_pair(use_dora=True)
-    merge_lora(ours)
+    merge_all(ours)
     for t in targets:
         theirs.get_submodule(t).merge()
         torch.testing.assert_close(ours.get_submodule(t).base.weight, theirs.get_submodule(t).base_layer.weight,
                                    rtol=1e-5, atol=1e-6)
 
 
-def test_dora_from_the_classifier_cli_and_as_a_kd_teacher(tmp_path):
+def test_dora_from_the_classifier_cli_and_as_a_kd_teacher(tmp_path, classifier_cli):
     """``--use_dora`` reaches the model: the checkpoint holds the magnitudes, and the kd teacher
     is rebuilt from the saved args as DoRA with the trained outputs."""
     import classifier
     from distillation.kd import load_teacher
-    from tests.test_classifier import cli_args
 
-    classifier.main(cli_args(tmp_path, "lora", "--use_dora", "--dataset", "sst", "--lr", "1e-2"))
+    classifier.main(classifier_cli("lora", "--use_dora", "--dataset", "sst", "--lr", "1e-2"))
     ckpt = torch.load(tmp_path / "runs" / "best.pt", map_location="cpu", weights_only=False)
     saved = set(ckpt["model"])
-    assert ckpt["extra"]["args"]["use_dora"] is True
+    assert ckpt["extra"]["args"]["use_dora"] is True and ckpt["extra"]["fine_tune"]["adapter"]["use_dora"] is True
     assert any(k.endswith("lora_magnitude") for k in saved) and any(k.startswith("classifier.") for k in saved)
     assert all(k.startswith("classifier.") or k.endswith(("lora_A", "lora_B", "lora_magnitude")) for k in saved)
     teacher, _, _ = load_teacher(tmp_path / "runs" / "best.pt", torch.device("cpu"))
@@ -225,3 +223,9 @@ def test_dora_from_the_classifier_cli_and_as_a_kd_teacher(tmp_path):
     assert mods and all(m.use_dora for m in mods)
     for k, v in ckpt["model"].items():
         torch.testing.assert_close(teacher.state_dict()[k], v)
+    # A checkpoint from before the FineTuneConfig was saved: the teacher is rebuilt from the flags.
+    del ckpt["extra"]["fine_tune"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    old, _, _ = load_teacher(tmp_path / "old.pt", torch.device("cpu"))
+    assert all(m.use_dora for m in old.modules() if isinstance(m, LoRALinear))
+    torch.testing.assert_close(old.state_dict(), teacher.state_dict())

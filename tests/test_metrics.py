@@ -9,7 +9,6 @@ from training.metrics import (
     accuracy,
     chrf,
     classification_metrics,
-    corpus_rouge_l,
     macro_f1,
     majority_baseline,
     matthews_corr,
@@ -67,9 +66,3 @@ def test_rouge_l_by_hand():
     assert (s.precision, s.recall, s.fmeasure) == pytest.approx((0.5, 1.0, 2 / 3))
     assert rouge_l("x y", "z") == (0.0, 0.0, 0.0)
     assert rouge_l("", "a b").fmeasure == 0.0
-
-
-def test_corpus_rouge_l_is_mean():
-    c = corpus_rouge_l(["a b c d", "x"], ["a c", "x"])
-    assert c.fmeasure == pytest.approx((2 / 3 + 1.0) / 2)
-    assert c.recall == pytest.approx(1.0)

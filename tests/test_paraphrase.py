@@ -12,6 +12,7 @@ from models.gpt2 import GPT2Model
 from models.heads import NO_TOKEN_ID, YES_TOKEN_ID, ClozeParaphraseScorer
 from models.loading import SHARED_TOKENIZER
 from optimizer import AdamW
+from tasks.paraphrase import load_paraphrase_scorer, score_paraphrase_pairs
 from tests.conftest import SHARED_DATA
 from training.course_data import (
     PARAPHRASE_PROMPT,
@@ -262,18 +263,18 @@ def test_cli_writes_one_row_per_example_and_saves_a_reloadable_scorer(tmp_path, 
     assert set(result["dev"]) >= {"accuracy", "macro_f1"} and result["best"]["epoch"] == 1
 
     # The saved model reproduces the written predictions through the public scoring function.
-    scorer = para.load_paraphrase_scorer(result["checkpoint"])
+    scorer = load_paraphrase_scorer(result["checkpoint"])
     pairs = [(p.sentence1, p.sentence2) for p in read_quora(test)]
-    p_yes = para.score_paraphrase_pairs(scorer, tokenizer, pairs, batch_size=2)
+    p_yes = score_paraphrase_pairs(scorer, tokenizer, pairs, batch_size=2)
     assert [ClozeParaphraseScorer.answer_token([int(p > 0.5)])[0] for p in p_yes] == [t for _, t in test_rows]
-    left = para.score_paraphrase_pairs(scorer, tokenizer, pairs, batch_size=3, padding_side="left")
+    left = score_paraphrase_pairs(scorer, tokenizer, pairs, batch_size=3, padding_side="left")
     torch.testing.assert_close(torch.tensor(left), torch.tensor(p_yes), atol=1e-5, rtol=1e-4)
-    alone = [para.score_paraphrase_pairs(scorer, tokenizer, [pair])[0] for pair in pairs]
+    alone = [score_paraphrase_pairs(scorer, tokenizer, [pair])[0] for pair in pairs]
     torch.testing.assert_close(torch.tensor(alone), torch.tensor(p_yes), atol=1e-5, rtol=1e-4)
 
     # LoRA: only adapters train, and the saved model is a plain GPT-2 with the adapters merged in.
     lora = para.main([*args, "--fine_tune_mode", "lora", "--output_dir", str(tmp_path / "lora"),
                     "--load", result["checkpoint"]])
-    merged = para.load_paraphrase_scorer(lora["checkpoint"])
+    merged = load_paraphrase_scorer(lora["checkpoint"])
     assert not any("lora" in k for k in merged.state_dict())
-    assert para.score_paraphrase_pairs(merged, tokenizer, pairs[:2]) != p_yes[:2]
+    assert score_paraphrase_pairs(merged, tokenizer, pairs[:2]) != p_yes[:2]

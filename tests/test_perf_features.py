@@ -12,8 +12,17 @@ import torch.nn.functional as F
 from config import GPT2Config
 from models.gpt2 import GPT2Model, maybe_compile
 from modules.losses import lm_loss
-from training.sampler import LengthGroupedSampler, padded_tokens
+from training.sampler import LengthGroupedSampler
 
+
+def padded_tokens(lengths: list[int], batch_order: list[int], batch_size: int) -> int:
+    """Tokens a DataLoader would compute, padding each batch to its longest member;
+    compare with ``sum(lengths)`` to see the padding a sampler costs."""
+    total = 0
+    for s in range(0, len(batch_order), batch_size):
+        chunk = batch_order[s : s + batch_size]
+        total += max(lengths[i] for i in chunk) * len(chunk)
+    return total
 
 def small_config(**kw) -> GPT2Config:
     base = dict(vocab_size=101, max_position_embeddings=32, hidden_size=32, num_hidden_layers=2,

@@ -16,9 +16,8 @@ import pytest
 import classifier
 import paraphrase_detection as para
 import sonnet_generation
-from tests.test_classifier import MICRO, cli_args
-from tests.test_sonnets import data_flags
-from tests.test_trainer import loss_fn, make_data, make_model
+from tests.conftest import MICRO, classifier_cli_args, make_toy_data, make_toy_model, toy_loss_fn
+from tests.conftest import sonnet_data_flags as data_flags
 from training import run_dir
 from training.run_dir import RunDirError
 from training.trainer import Callback, TrainConfig, Trainer
@@ -38,10 +37,8 @@ def without_output_dir(args: list[str]) -> list[str]:
 
 def sst_args(tmp_path: Path, *extra: str, output_dir: bool = True) -> list[str]:
     """The classifier on 8 SST examples with a micro model (made once per test): a run of about a second."""
-    if (tmp_path / "micro").exists():
-        (tmp_path / "micro" / "config.json").unlink()
-        (tmp_path / "micro").rmdir()
-    args = cli_args(tmp_path, "last-linear-layer", "--dataset", "sst", "--output_dir", str(tmp_path / "run"), *extra)
+    args = classifier_cli_args(tmp_path, "last-linear-layer", "--dataset", "sst", "--output_dir", str(tmp_path / "run"),
+                               *extra)
     return args if output_dir else without_output_dir(args)
 
 
@@ -53,15 +50,15 @@ def trainer(tmp_path: Path, name: str = "run", batch_size: int = 8, extra: dict 
             **cfg) -> Trainer:
     from torch.utils.data import DataLoader, TensorDataset
 
-    X, y = make_data()
+    X, y = make_toy_data()
     loader = DataLoader(TensorDataset(X, y), batch_size=batch_size, shuffle=True)
     defaults = dict(epochs=3, lr=1e-2, output_dir=str(tmp_path / name), progress=False, log_every=2, plot=False)
 
     def eval_fn(m):
         return {"accuracy": float((m(X).argmax(-1) == y).float().mean())}
 
-    return Trainer(make_model(), loss_fn, loader, eval_fn, TrainConfig(**{**defaults, **cfg}), callbacks=callbacks,
-                   extra=extra)
+    return Trainer(make_toy_model(), toy_loss_fn, loader, eval_fn, TrainConfig(**{**defaults, **cfg}),
+                   callbacks=callbacks, extra=extra)
 
 
 def epoch_records(folder: Path) -> list[dict]:

@@ -13,7 +13,9 @@ import sonnet_generation
 from config import get_config
 from models.gpt2 import GPT2Model
 from models.heads import SonnetGPT
-from tests.conftest import SHARED_DATA
+from tasks.lm import sonnet_features
+from tasks.sonnet import DECODINGS, complete_prompts, decoding_kwargs
+from tests.conftest import SHARED_DATA, sonnet_data_flags
 from training.course_data import read_sonnets, write_sonnets
 from training.data import DataFormatError
 from training.metrics import chrf
@@ -85,34 +87,27 @@ def test_loss_ignores_padding(tiny):
 
 
 def test_training_examples_end_with_eos(tokenizer):
-    feats = sonnet_generation.sonnet_features(["Shall I compare thee", "x " * 50], tokenizer, max_length=10)
+    feats = sonnet_features(["Shall I compare thee", "x " * 50], tokenizer, max_length=10)
     assert feats[0]["input_ids"] == tokenizer.encode("Shall I compare thee") + [tokenizer.eos_token_id]
     assert len(feats[1]["input_ids"]) == 10
 
 
-@pytest.mark.parametrize("decoding", sonnet_generation.DECODINGS)
+@pytest.mark.parametrize("decoding", DECODINGS)
 def test_every_decoding_completes_prompts(tiny, tokenizer, decoding):
     args = sonnet_generation.get_args(["--decoding", decoding, "--max_new_tokens", "6", "--num_beams", "2",
                                        "--mbr_candidates", "3", "--num_lines", "4"])
-    kw = sonnet_generation.decoding_kwargs(args, tokenizer)
+    kw = decoding_kwargs(args, tokenizer)
     prompts = ["From fairest creatures we desire increase,\nThat thereby beauty's rose", "When I do count"]
     mbr = args.mbr_candidates if decoding == "mbr" else 0
-    texts = sonnet_generation.complete_prompts(tiny, tokenizer, prompts, kw, batch_size=2, mbr_candidates=mbr)
-    again = sonnet_generation.complete_prompts(tiny, tokenizer, prompts, kw, batch_size=1, mbr_candidates=mbr)
+    texts = complete_prompts(tiny, tokenizer, prompts, kw, batch_size=2, mbr_candidates=mbr)
+    again = complete_prompts(tiny, tokenizer, prompts, kw, batch_size=1, mbr_candidates=mbr)
     for p, t in zip(prompts, texts):
         assert t.startswith(p) and len(t) > len(p) and t.count("\n") < 4
     if decoding in ("greedy", "beam", "contrastive"):  # deterministic: left padding in a batch changes nothing
         assert texts == again
 
 
-def data_flags(tmp_path) -> list[str]:
-    return ["--sonnet_path", str(SHARED_DATA / "sonnets.txt"),
-            "--held_out_sonnet_path", str(SHARED_DATA / "sonnets_held_out.txt"),
-            "--dev_held_out_sonnet_path", str(SHARED_DATA / "sonnets_held_out_dev.txt"),
-            "--dev_true_sonnet_path", str(SHARED_DATA / "TRUE_sonnets_held_out_dev.txt"),
-            "--sonnet_out", str(tmp_path / "pred" / "generated_sonnets.txt"),
-            "--dev_sonnet_out", str(tmp_path / "pred" / "generated_sonnets_dev.txt"),
-            "--output_dir", str(tmp_path / "run"), "--no_progress"]
+data_flags = sonnet_data_flags
 
 
 @pytest.mark.parametrize("mode,decoding,epochs", [("full-model", "sample", 2), ("lora", "greedy", 1)])
@@ -122,7 +117,9 @@ def test_cli_trains_writes_both_files_and_generates_from_the_checkpoint(tmp_path
     result = sonnet_generation.main([*common, "--epochs", str(epochs), "--lr", "1e-3"])
     run = tmp_path / "run"
     assert len(list(run.glob("best-epoch*.pt"))) == epochs and (run / "sonnet-model.pt").exists()
-    assert 1 <= result["best"]["epoch"] <= epochs and 0 <= result["dev_chrf"] <= 100
+    assert 1 <= result["best"]["epoch"] <= epochs
+    refs = [s.text for s in read_sonnets(SHARED_DATA / "TRUE_sonnets_held_out_dev.txt", 3)]
+    assert result["dev_chrf"] == pytest.approx(chrf(result["dev"], refs))  # the score of the written sonnets
     prompts = {"test": read_sonnets(SHARED_DATA / "sonnets_held_out.txt", 3),
                "dev": read_sonnets(SHARED_DATA / "sonnets_held_out_dev.txt", 3)}
     for split, name in (("test", "generated_sonnets.txt"), ("dev", "generated_sonnets_dev.txt")):

@@ -14,26 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from models.loading import load_checkpoint
+from tests.conftest import make_toy_data, make_toy_model, toy_loss_fn
+from training.checkpoints import load_checkpoint
 from training.rng import get_rng_state, set_rng_state
 from training.schedule import lr_lambda
 from training.trainer import Callback, TrainConfig, Trainer
 
-
-def make_data(n: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(n, 6, generator=g)
-    y = (X[:, 0] + X[:, 1] > 0).long()
-    return X, y
-
-
-def make_model(dropout: float = 0.2) -> nn.Module:
-    torch.manual_seed(1)
-    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 2))
-
-
-def loss_fn(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
-    return F.cross_entropy(model(batch[0]), batch[1])
+make_data, make_model, loss_fn = make_toy_data, make_toy_model, toy_loss_fn
 
 
 def run(tmp_path, name: str, model: nn.Module | None = None, batch_size: int = 8, eval_fn=None, **cfg) -> Trainer:

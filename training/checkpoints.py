@@ -1,15 +1,21 @@
-"""What the Trainer's checkpoints hold of a model, and which best checkpoints stay on disk.
+"""Our checkpoint files: how they are written and read, what they hold of a model, and
+which best checkpoints stay on disk.
 
-A checkpoint may hold every weight or only the trainable ones (LoRA, a frozen body);
-``trainable_state_dict`` and ``load_model_state`` are the two sides of that choice, also
-used by the CLIs that reload a checkpoint for prediction; a checkpoint that does not fit is
-refused with the complete list of what differs. ``keep_top_k`` writes a new best
-checkpoint and deletes those that fell out of the top k. Files are written atomically
-by ``models.loading.atomic_save``.
+Checkpoint files are the training engine's business (the model package knows weights and
+Hugging Face names only). Every file is written by ``atomic_save`` and read by
+``load_checkpoint``; ``save_model``/``load_model`` are a plain GPT-2 with its config, what
+the task scripts keep as their final model. A Trainer checkpoint may hold every weight or
+only the trainable ones (LoRA, a frozen body); ``trainable_state_dict`` and
+``load_model_state`` are the two sides of that choice, also used by the CLIs that reload a
+checkpoint for prediction (one that does not fit is refused with the complete list of what
+differs). ``keep_top_k`` writes a new best checkpoint and deletes those
+that fell out of the top k.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +24,66 @@ import torch
 from torch import nn
 
 from config import GPT2Config
-from models.loading import CheckpointError, atomic_save, check_config
+from models.loading import CheckpointError
+
+# ------------------------------------------------------------ our checkpoints
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a crash
+    never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+
+
+def save_model(model, path: str | Path, **extra: Any) -> None:
+    """A GPT2Model (or any module with ``.config``) as {config, model weights, extra}."""
+    atomic_save({"config": model.config.to_dict(), "model": model.state_dict(), "extra": extra}, path)
+
+
+def check_config(saved: dict[str, Any], config: GPT2Config, path: str | Path) -> None:
+    """Raise if a checkpoint's architecture differs from the model it is loaded into."""
+    theirs = GPT2Config.from_dict(saved).architecture()
+    ours = config.architecture()
+    diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in diff.items())
+        raise CheckpointError(f"{path} was saved from another model config ({detail})")
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
+    """A GPT2Model saved with ``save_model``."""
+    from models.gpt2 import GPT2Model
+
+    ckpt = load_checkpoint(path, map_location)
+    if "config" not in ckpt:
+        kind = "a training-engine checkpoint (best.pt, last.pt)" if "train_config" in ckpt else "not a saved model"
+        raise CheckpointError(f"{path} is {kind}, not a model saved by a task script; pass the model file the "
+                              "run wrote (e.g. <output_dir>/paraphrase-model.pt or sonnet-model.pt)")
+    model = GPT2Model(GPT2Config.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+# ------------------------------------------------------------ Trainer checkpoints
 
 TopK = list[tuple[float, int, str]]  # (score, epoch, path); higher scores are better
 
@@ -97,8 +162,6 @@ def keep_top_k(
 def load_weights_into(model: nn.Module, path: str | Path) -> None:
     """Put the weights of a Trainer checkpoint (``best.pt``, ``last.pt``...) into ``model``, as
     ``--load`` does; a checkpoint that does not fit the model is a ``CheckpointError``."""
-    from models.loading import CheckpointError, load_checkpoint
-
     ckpt = load_checkpoint(path)
     if "model" not in ckpt:
         raise CheckpointError(f"{path}: not a checkpoint of a training run (no 'model' entry)")
@@ -108,5 +171,7 @@ def load_weights_into(model: nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"{path} does not fit this model: {str(e).splitlines()[0]}") from e
 
 
-__all__ = ["TopK", "keep_top_k", "load_model_state", "load_weights_into", "model_config_of", "rank_top_k",
-           "trainable_state_dict"]
+__all__ = [
+    "TopK", "atomic_save", "check_config", "keep_top_k", "load_checkpoint", "load_model", "load_model_state",
+    "load_weights_into", "model_config_of", "rank_top_k", "save_model", "trainable_state_dict",
+]

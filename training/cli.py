@@ -1,10 +1,11 @@
 """The one place for command-line flags every task shares, and the helpers that act on them.
 
 Each task CLI calls ``add_common_args(parser, ...)`` with its own defaults, adds only
-its task flags (file paths, fine-tune mode...), then uses ``seed_everything``,
-``pick_device``, ``build_from_args`` and ``train_config_from_args`` -- so no argument or
-seeding code is copied between ``classifier.py``, ``paraphrase_detection.py`` and
-``sonnet_generation.py``.
+its task flags (file paths, fine-tune mode...), then the task (``tasks/``) uses
+``seed_everything``, ``pick_device``, ``build_from_args``, ``fine_tune_config`` (the
+``models.fine_tune.FineTuneConfig`` of ``--fine-tune-mode`` and the LoRA flags) and
+``train_config_from_args`` -- so no argument or seeding code is copied between
+``classifier.py``, ``paraphrase_detection.py`` and ``sonnet_generation.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 import torch
 
+from models.fine_tune import MODES, FineTuneConfig
+from modules.lora import DEFAULT_TARGETS
 from training.rng import seed_everything
 from training.run_dir import open_run
 from training.schedule import SCHEDULES
@@ -30,10 +33,8 @@ from training.validation import (
     unit_fraction,
 )
 
-LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-
 __all__ = [
-    "LORA_TARGETS", "add_common_args", "build_from_args", "default_output_dir", "lora_kwargs", "lora_targets",
+    "add_common_args", "build_from_args", "default_output_dir", "fine_tune_config",
     "open_run", "pick_device", "run_main", "seed_everything", "train_config_from_args",
 ]
 
@@ -112,7 +113,7 @@ def add_common_args(
     g.add_argument("--lora_r", type=positive_int, default=8)
     g.add_argument("--lora_alpha", type=positive_float, default=16.0)
     g.add_argument("--lora_dropout", type=unit_fraction, default=0.05)
-    g.add_argument("--lora_targets", type=name_list, default=",".join(LORA_TARGETS),
+    g.add_argument("--lora_targets", type=name_list, default=",".join(DEFAULT_TARGETS),
                    help="comma-separated Linear name suffixes to adapt")
     g.add_argument("--use_dora", action="store_true",
                    help="DoRA: adapters that also learn a magnitude per output row (Liu et al. 2024)")
@@ -134,16 +135,16 @@ def pick_device(use_gpu: bool = False, device: str = "auto") -> torch.device:
     return dev
 
 
-def lora_targets(args: argparse.Namespace) -> tuple[str, ...]:
-    return tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-
-
-def lora_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The LoRA keywords of ``models.heads.set_fine_tune_mode`` from the LoRA flags, so every
-    task script (and a teacher rebuilt from saved args, which may predate ``--use_dora``)
-    passes the same ones."""
-    return {"lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
-            "lora_targets": lora_targets(args), "use_dora": getattr(args, "use_dora", False)}
+def fine_tune_config(args: argparse.Namespace) -> FineTuneConfig:
+    """``--fine-tune-mode`` and its adapter settings from the flags the registry names for it
+    (``--lora_r`` ... for lora), so every task script (and a KD teacher rebuilt from saved args,
+    which may predate ``--use_dora``: a missing flag keeps the adapter's default) builds the
+    same ``FineTuneConfig``."""
+    mode = MODES[args.fine_tune_mode]
+    if mode.adapter is None:
+        return FineTuneConfig(mode.name)
+    settings = {f: getattr(args, flag) for f, flag in mode.flags.items() if hasattr(args, flag)}
+    return FineTuneConfig(mode.name, mode.adapter(**settings))
 
 
 def build_from_args(args: argparse.Namespace, **config_overrides: Any):

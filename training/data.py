@@ -14,6 +14,8 @@ Shared base for every task:
   own longest sequence (not the context), with an ``attention_mask``.
 - ``make_loader`` / ``make_eval_loader`` / ``restore_order``: the DataLoaders every task uses,
   and the undoing of the eval loader's length sort.
+- ``count_examples`` / ``count_lm_targets``: what a batch's loss averages over, so the
+  Trainer weighs accumulated micro-batches by their counts.
 
 The course's own files (sentiment, Quora, sonnets, prediction files) are read and written
 on top of these in ``training.course_data``.
@@ -253,3 +255,23 @@ def restore_order(indices: Sequence[int], values: Sequence[Any]) -> list[Any]:
     for i, v in zip(indices, values):
         out[i] = v
     return out
+
+
+def count_lm_targets(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token targets of a causal-LM batch (``input_ids`` + ``attention_mask``), counted as
+    ``SonnetGPT.loss`` counts them: the ``count_fn`` that weighs LM micro-batches by their tokens."""
+    from modules.losses import shifted_targets
+
+    return (shifted_targets(batch["input_ids"], batch["attention_mask"]) != -100).sum()
+
+
+def count_examples(batch: Any) -> int:
+    """Examples in a batch: the default ``count_fn`` (classification losses are means over examples)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.size(0)
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    for v in batch if isinstance(batch, (list, tuple)) else ():
+        if isinstance(v, (torch.Tensor, list, tuple)):
+            return count_examples(v) if isinstance(v, torch.Tensor) else len(v)
+    return 0

@@ -88,16 +88,6 @@ def rouge_l(hypothesis: str, reference: str) -> RougeScore:
     return RougeScore(p, r, 2 * p * r / (p + r))
 
 
-def corpus_rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> RougeScore:
-    """Mean of sentence-level ROUGE-L precision, recall and F over aligned pairs."""
-    _check_lengths(references, hypotheses)
-    if not hypotheses:
-        raise ValueError("corpus_rouge_l needs at least one pair")
-    scores = [rouge_l(h, r) for h, r in zip(hypotheses, references)]
-    n = len(scores)
-    return RougeScore(*(sum(s[i] for s in scores) / n for i in range(3)))
-
-
 def _check_lengths(a: Sequence, b: Sequence) -> None:
     if len(a) != len(b):
         raise ValueError(f"length mismatch: {len(a)} references/labels vs {len(b)} predictions")

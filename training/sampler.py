@@ -73,13 +73,3 @@ class LengthGroupedSampler(Sampler[int]):
                 batches[0], batches[top] = batches[top], batches[0]
         for batch in batches:
             yield from batch
-
-
-def padded_tokens(lengths: Sequence[int], batch_order: Sequence[int], batch_size: int) -> int:
-    """Tokens a DataLoader would compute, padding each batch to its longest member;
-    compare with ``sum(lengths)`` to see the padding a sampler costs."""
-    total = 0
-    for s in range(0, len(batch_order), batch_size):
-        chunk = batch_order[s : s + batch_size]
-        total += max(lengths[i] for i in chunk) * len(chunk)
-    return total

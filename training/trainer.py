@@ -7,7 +7,7 @@ CUDA, gradient accumulation and clipping, our ``optimizer.AdamW``, a learning-ra
 schedule, evaluation each epoch, early stopping, best/top-k checkpoints, exact
 resume, a JSONL metrics log and a PNG of the curves.
 
-Typical use (see ``classifier.py``)::
+Typical use (the tasks go through ``tasks.common.fit_task``, which does exactly this)::
 
     cfg = TrainConfig(epochs=10, lr=1e-5, metric="accuracy", output_dir="runs/sst/full-model")
     trainer = Trainer(model, loss_fn, train_loader, eval_fn, cfg)
@@ -27,14 +27,15 @@ mid-epoch: on resume the epoch's shuffle is replayed from that saved state and t
 batches already seen are skipped, so the final weights equal an uninterrupted run.
 
 The parts the loop is built from live beside it: ``training.rng`` (seeding, RNG state),
-``training.schedule`` (learning-rate schedules), ``training.checkpoints`` (weights saved,
-top-k kept), ``training.device`` (batch placement, autocast), ``training.run_log`` (logs, plot).
+``training.schedule`` (learning-rate schedules), ``training.checkpoints`` (checkpoint files,
+weights saved, top-k kept), ``training.trainer_state`` (what a run writes and resumes from:
+``last.pt``, best checkpoints, the metrics log), ``training.device`` (batch placement,
+autocast), ``training.run_log`` (logs, plot), ``training.predict`` (the eval-mode loop).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import math
 import time
@@ -47,14 +48,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from models.loading import CheckpointError, atomic_save, load_checkpoint
 from optimizer import AdamW
-from training.checkpoints import keep_top_k, load_model_state, model_config_of, rank_top_k, trainable_state_dict
-from training.device import autocast_context, model_device, move_to_device
+from training.checkpoints import load_checkpoint, model_config_of, rank_top_k
+from training.data import count_examples, count_lm_targets
+from training.device import autocast_context, move_to_device
+from training.predict import predict
 from training.rng import get_rng_state, sampler_rng_state, seed_everything, set_rng_state, set_sampler_rng_state
 from training.run_dir import fit_guard, run_settings
-from training.run_log import append_record, plot_curves
+from training.run_log import plot_curves
 from training.schedule import SCHEDULES, lr_lambda
+from training.trainer_state import CheckpointMixin
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 EvalFn = Callable[[nn.Module], Mapping[str, float]]
@@ -118,61 +121,10 @@ class Callback:
     def on_train_end(self, trainer: Trainer, best: dict[str, Any]) -> None: ...
 
 
-# ------------------------------------------------------------------ helpers
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    loader: Iterable,
-    step_fn: Callable[[nn.Module, Any], Any],
-    bf16: bool = True,
-    desc: str | None = None,
-) -> list[Any]:
-    """Run ``step_fn(model, batch)`` over a loader in eval mode (no grad, autocast on CUDA),
-    batches moved to the model's device; returns the list of results. Tasks build eval_fn on this."""
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    out = []
-    it = loader
-    if desc is not None:
-        from tqdm.auto import tqdm
-
-        it = tqdm(loader, desc=desc, leave=False)
-    try:
-        with autocast_context(device, bf16):
-            for batch in it:
-                out.append(step_fn(model, move_to_device(batch, device)))
-    finally:
-        model.train(was_training)
-    return out
-
-
-def count_lm_targets(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token targets of a causal-LM batch (``input_ids`` + ``attention_mask``), counted as
-    ``SonnetGPT.loss`` counts them: the ``count_fn`` that weighs LM micro-batches by their tokens."""
-    from modules.losses import shifted_targets
-
-    return (shifted_targets(batch["input_ids"], batch["attention_mask"]) != -100).sum()
-
-
-def count_examples(batch: Any) -> int:
-    """Examples in a batch: the default ``count_fn`` (classification losses are means over examples)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.size(0)
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    for v in batch if isinstance(batch, (list, tuple)) else ():
-        if isinstance(v, (torch.Tensor, list, tuple)):
-            return count_examples(v) if isinstance(v, torch.Tensor) else len(v)
-    return 0
-
-
 # ------------------------------------------------------------------ trainer
 
 
-class Trainer:
+class Trainer(CheckpointMixin):
     """Fit a model with a task-supplied loss and dev evaluation.
 
     Args:
@@ -260,12 +212,6 @@ class Trainer:
         ckpt = load_checkpoint(path, map_location=self.device)
         self._load_model(ckpt, path)
         return ckpt
-
-    def _load_model(self, ckpt: Mapping[str, Any], path: str | Path) -> None:
-        if "model" not in ckpt:
-            raise CheckpointError(f"{path}: not a checkpoint written by the training engine (no model weights)")
-        load_model_state(self.model, ckpt["model"], ckpt.get("trainable_only", False), path,
-                         saved_config=ckpt.get("model_config"))
 
     def fit(self) -> dict[str, Any]:
         """Train for ``config.epochs`` (or until early stopping / ``max_steps``); returns the best dev
@@ -441,86 +387,6 @@ class Trainer:
         self._save_last()
         if cfg.plot:
             plot_curves(self.history, cfg.metric, self.output_dir / "curves.png")
-
-    # ------------------------------------------------------------ checkpoints
-
-    def _keep_top_k(self, score: float) -> None:
-        self.top_k = keep_top_k(self.top_k, self.config.save_top_k, score, self.epoch, self.output_dir, lambda: {
-            "model": self._model_state(), "trainable_only": self.config.save_trainable_only, "epoch": self.epoch,
-            "dev": self.history[-1]["dev"], "train_config": self._config_dict(),
-            "model_config": model_config_of(self.model), "extra": self.extra})
-
-    def _model_state(self) -> dict[str, torch.Tensor]:
-        if self.config.save_trainable_only:
-            return trainable_state_dict(self.model)
-        return self.model.state_dict()
-
-    def _config_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self.config)
-        d["betas"] = list(d["betas"])
-        return d
-
-    def _save_last(self) -> None:
-        rng = get_rng_state()
-        rng["sampler"] = sampler_rng_state(self.train_loader)
-        atomic_save({
-            "model": self._model_state(),
-            "trainable_only": self.config.save_trainable_only,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": rng,
-            "epoch_rng": self.epoch_rng if self.step_in_epoch else None,
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "step_in_epoch": self.step_in_epoch,
-            "partial_loss": list(self._partial_loss),
-            "history": self.history,
-            "best_metrics": self.best_metrics,
-            "best_score": self.best_score,
-            "top_k": [list(t) for t in self.top_k],
-            "bad_epochs": self.bad_epochs,
-            "stopped": self.stop,
-            "train_config": self._config_dict(),
-            "model_config": model_config_of(self.model),
-            "extra": self.extra,
-        }, self.output_dir / "last.pt")
-
-    def _resume(self, path: Path) -> None:
-        ckpt = load_checkpoint(path, map_location=self.device)
-        self._check_same_parameters(ckpt, path)
-        self._load_model(ckpt, path)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.epoch = ckpt["epoch"]
-        self.global_step = ckpt["global_step"]
-        self.step_in_epoch = ckpt["step_in_epoch"]
-        self._partial_loss = (float(ckpt["partial_loss"][0]), int(ckpt["partial_loss"][1]))
-        self.epoch_rng = ckpt["epoch_rng"]
-        self.history = list(ckpt["history"])
-        self.best_metrics = dict(ckpt["best_metrics"])
-        self.best_score = ckpt["best_score"]
-        self.top_k = [(float(s), int(e), str(p)) for s, e, p in ckpt["top_k"]]
-        self.bad_epochs = ckpt["bad_epochs"]
-        self.stop = ckpt["stopped"]
-        set_rng_state(ckpt["rng"])
-        set_sampler_rng_state(self.train_loader, ckpt["rng"])
-
-    def _check_same_parameters(self, ckpt: Mapping[str, Any], path: Path) -> None:
-        """A run resumes only into the parameters it trained: a checkpoint of another fine-tune mode
-        (a frozen body's head, LoRA adapters, the full model) is refused with what differs, before
-        the optimizer state (one slot per trained parameter) is forced onto other parameters."""
-        saved, ours = set(ckpt.get("model", {})), set(self._model_state())
-        if ckpt.get("trainable_only", False) != self.config.save_trainable_only or saved != ours:
-            detail = "; ".join(f"{what} ({len(keys)}): {', '.join(sorted(keys))}" for what, keys in (
-                ("only in the checkpoint", saved - ours), ("only in this run", ours - saved)) if keys)
-            raise CheckpointError(f"{path} was written by a run that trains other parameters (another fine-tune "
-                                  f"mode or model?){': ' + detail if detail else ''}; resume with that run's flags "
-                                  "or start a new run in another --output_dir")
-
-    # ------------------------------------------------------------ logging
-
-    def _log(self, record: dict[str, Any]) -> None:
-        append_record(self.output_dir / "metrics.jsonl", record)
 
 
 __all__ = ["Callback", "TrainConfig", "Trainer", "count_examples", "count_lm_targets", "predict"]

@@ -1,0 +1,100 @@
+"""The skeleton every task run shares, so a task is its data, its head, its loss and its metric.
+
+A task's ``run(args)`` is::
+
+    device = start(args)                                   # seed, device
+    model, tokenizer, trainable_only = build_task_model(args, MyHead)   # body + head + fine-tune mode
+    ... read the data, make features, a collate and an eval_fn (the metric) ...
+    cfg = train_config_from_args(args, device, metric="accuracy", output_dir=out_dir,
+                                 save_trainable_only=trainable_only)
+    best, _ = fit_task(model, loss_fn, train_features, collate, eval_fn, cfg, **loader_settings(args))
+    ... predict (``training.predict.predict_in_order``) and write the prediction files ...
+
+``prepare_model`` applies a ``FineTuneConfig`` to a task model and says what trains;
+``fit_task`` trains on the task's features with the shared engine and leaves the best epoch's
+weights in the model (``fit_and_load_best``: the one place that decides to reload the best
+checkpoint, skipped after an interrupted run, whose last weights are what the user stopped on).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.fine_tune import FineTuneConfig, count_parameters, set_fine_tune_mode
+from training.cli import build_from_args, fine_tune_config, pick_device, seed_everything
+from training.data import make_loader
+from training.trainer import CountFn, EvalFn, LossFn, TrainConfig, Trainer
+
+
+def start(args: argparse.Namespace) -> torch.device:
+    """Seed everything from ``--seed`` and pick the device from ``--use_gpu``/``--device``."""
+    seed_everything(args.seed)
+    return pick_device(args.use_gpu, args.device)
+
+
+def prepare_model(model: nn.Module, config: FineTuneConfig) -> bool:
+    """Apply a fine-tune mode (``training.cli.fine_tune_config(args)``) to a task model (its
+    ``head`` names what a head-only mode trains) and print what trains; True when checkpoints
+    hold only trainable parameters."""
+    trainable_only = set_fine_tune_mode(model, config, model.head)
+    n_train, n_total = count_parameters(model)
+    print(f"{config.mode}: {n_train:,} of {n_total:,} parameters train")
+    return trainable_only
+
+
+def build_task_model(
+    args: argparse.Namespace, head: Callable[[Any], nn.Module], **config_overrides: Any
+) -> tuple[nn.Module, Any, bool]:
+    """(task model, tokenizer, checkpoints hold only trainable parameters): the GPT-2 body of
+    ``--model_size`` (``config_overrides`` change its config), ``head(body)``, and the fine-tune
+    mode of the flags applied."""
+    gpt, tokenizer = build_from_args(args, **config_overrides)
+    model = head(gpt)
+    return model, tokenizer, prepare_model(model, fine_tune_config(args))
+
+
+def fit_and_load_best(trainer: Trainer) -> dict[str, Any]:
+    """``trainer.fit()``, then the best checkpoint's weights back into the model, unless none
+    was saved or the run was interrupted. Returns the best dev metrics with their epoch."""
+    best = trainer.fit()
+    if trainer.best_checkpoint is not None and not trainer.interrupted:
+        trainer.load_best()
+        print(f"best epoch {best.get('epoch')} from {trainer.best_checkpoint}")
+    return best
+
+
+def fit_task(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_features: Sequence[dict[str, Any]],
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    eval_fn: EvalFn | None,
+    config: TrainConfig,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    group_by_length: bool = False,
+    extra: Mapping[str, Any] | None = None,
+    count_fn: CountFn | None = None,
+) -> tuple[dict[str, Any], Trainer]:
+    """Train ``model`` on shuffled batches of ``train_features`` with the shared Trainer and
+    leave the best epoch's weights in it (``count_fn``: what a loss averages over, for
+    gradient accumulation; default examples). Returns (best dev metrics, trainer)."""
+    loader = make_loader(train_features, collate, batch_size, shuffle=True, num_workers=num_workers,
+                         group_by_length=group_by_length)
+    trainer = Trainer(model, loss_fn, loader, eval_fn, config, extra=extra, count_fn=count_fn)
+    return fit_and_load_best(trainer), trainer
+
+
+def loader_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``fit_task``'s loader keywords from the shared flags (``--batch_size``, ``--num_workers``,
+    ``--group_by_length``)."""
+    return {"batch_size": args.batch_size, "num_workers": args.num_workers, "group_by_length": args.group_by_length}
+
+
+__all__ = ["build_task_model", "fit_and_load_best", "loader_settings", "fit_task", "prepare_model", "start"]

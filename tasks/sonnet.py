@@ -1,0 +1,191 @@
+"""Sonnet generation with ``SonnetGPT``: the task behind ``sonnet_generation.py`` (callable
+with its parsed flags, ``run(args)``), and its decoding: ``decoding_kwargs`` turns
+``--decoding`` and its settings into ``models.generation.generate`` keywords,
+``complete_prompts`` continues prompts into sonnets, ``dev_chrf`` scores them. Training is
+``tasks.lm.fine_tune_lm`` (the causal-LM loss over every real token, an EOS appended).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.generation import LineStop, generate, trim
+from models.heads import SonnetGPT
+from models.inference import prepare_for_inference
+from models.loading import CheckpointError, load_tokenizer
+from models.mbr import mbr_generate
+from modules.lora import unwrap_lora
+from tasks import common
+from tasks.common import build_task_model, loader_settings
+from tasks.lm import attention_overrides, fine_tune_lm, pretrain_from_args
+from training.checkpoints import load_checkpoint, load_model, load_model_state, save_model
+from training.cli import default_output_dir, open_run, train_config_from_args
+from training.course_data import read_sonnets, write_sonnets
+from training.data import PadCollator, encode
+from training.metrics import chrf
+
+DECODINGS = ("greedy", "sample", "beam", "contrastive", "mbr")
+CONTRASTIVE_K = 4  # candidates per step when --top_k is not given (Su et al. use 4-10)
+
+
+def decoding_kwargs(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
+    """``generate`` keyword arguments for ``--decoding`` and its settings."""
+    kw: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                              repetition_penalty=args.repetition_penalty,
+                              no_repeat_ngram_size=args.no_repeat_ngram_size,
+                              stop=LineStop(tokenizer, args.num_lines), use_cache=not args.no_cache)
+    if args.decoding in ("sample", "mbr"):
+        kw.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0)
+    elif args.decoding == "beam":
+        kw.update(num_beams=args.num_beams, length_penalty=args.length_penalty)
+    elif args.decoding == "contrastive":
+        kw.update(penalty_alpha=args.penalty_alpha, top_k=args.top_k if args.top_k is not None else CONTRASTIVE_K)
+    return kw
+
+
+def describe(args: argparse.Namespace) -> str:
+    """The decoding strategy and the settings that apply to it, for logs."""
+    keys = {"sample": ("temperature", "top_p", "top_k"), "mbr": ("temperature", "top_p", "top_k", "mbr_candidates"),
+            "beam": ("num_beams", "length_penalty"), "contrastive": ("penalty_alpha", "top_k"), "greedy": ()}
+    shown = {k: getattr(args, k) for k in keys[args.decoding] if getattr(args, k) is not None}
+    if args.decoding == "contrastive":
+        shown.setdefault("top_k", CONTRASTIVE_K)
+    for k, neutral in (("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0)):
+        if getattr(args, k) != neutral:
+            shown[k] = getattr(args, k)
+    return " ".join([args.decoding, *(f"{k}={v}" for k, v in shown.items())])
+
+
+@torch.no_grad()
+def complete_prompts(
+    model: SonnetGPT,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    generate_kwargs: Mapping[str, Any],
+    *,
+    batch_size: int = 12,
+    seed: int = 11711,
+    mbr_candidates: int = 0,
+) -> list[str]:
+    """Each prompt continued into a full sonnet (prompt included), decoded to text.
+
+    Sampling draws from a generator seeded with ``seed``, so every call (each epoch's dev
+    evaluation) sees the same random stream. ``mbr_candidates`` > 0 selects among that many
+    samples by mean chrF against the others."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
+    collate = PadCollator(tokenizer.pad_token_id, padding_side="left")
+    eos = generate_kwargs.get("eos_token_id")
+    max_prompt = model.gpt.config.max_position_embeddings - generate_kwargs["max_new_tokens"]
+    ids = encode(tokenizer, list(prompts), max(1, max_prompt), "prompts")
+    texts: list[str] = []
+    gpt = prepare_for_inference(model.gpt)  # faster CPU decoding layouts, built once for every batch
+    for start in range(0, len(ids), batch_size):
+        batch = collate([{"input_ids": x} for x in ids[start : start + batch_size]])
+        x, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        if mbr_candidates:
+            rows = mbr_generate(gpt, x, mask, num_candidates=mbr_candidates, decode=tokenizer.decode,
+                                utility=lambda a, b: chrf([a], [b]), generator=gen, **generate_kwargs)
+        else:
+            out = generate(gpt, x, mask, generator=gen, **generate_kwargs)
+            n_pad = (mask == 0).sum(-1).tolist()
+            rows = [trim(out[i], x.size(1), n_pad[i], eos) for i in range(out.size(0))]
+        texts.extend(tokenizer.decode(r).strip() for r in rows)
+    return texts
+
+
+def dev_chrf(model: SonnetGPT, tokenizer: Any, prompts: Sequence[str], references: Sequence[str],
+             generate_kwargs: Mapping[str, Any], **complete_kw: Any) -> dict[str, float]:
+    """Corpus chrF (sacrebleu defaults, as the course grades) of the completed dev prompts."""
+    return {"chrf": chrf(complete_prompts(model, tokenizer, prompts, generate_kwargs, **complete_kw), references)}
+
+
+# ----------------------------------------------------------------- model building
+
+
+def build_sonnet_model(args: argparse.Namespace) -> tuple[SonnetGPT, Any, bool]:
+    """(model, tokenizer, checkpoints hold only trainable parameters) from the flags."""
+    return build_task_model(args, SonnetGPT, hidden_dropout_prob=args.hidden_dropout_prob, **attention_overrides(args))
+
+
+def load_sonnet_model(args: argparse.Namespace, path: str | Path) -> tuple[SonnetGPT, Any]:
+    """A model saved by this script (plain GPT-2: ``sonnet-model.pt``) or a Trainer checkpoint of a
+    run with the same ``--model_size``/``--fine-tune-mode`` flags (``best-epochN.pt``, ``last.pt``)."""
+    ckpt = load_checkpoint(path)
+    if "config" in ckpt:
+        return SonnetGPT(load_model(path)), load_tokenizer(args.tokenizer)
+    if "model" not in ckpt:
+        raise CheckpointError(f"{path}: neither a saved sonnet model nor a Trainer checkpoint")
+    model, tokenizer, _ = build_sonnet_model(args)
+    try:
+        load_model_state(model, ckpt["model"], ckpt.get("trainable_only", False), path, ckpt.get("model_config"))
+    except RuntimeError as e:  # a CheckpointError listing every differing field and tensor on one line
+        raise CheckpointError(f"{path} does not fit --model_size {args.model_size} --fine-tune-mode "
+                              f"{args.fine_tune_mode}: {str(e).splitlines()[0]}") from e
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------- the run
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """``sonnet_generation.py``: train (unless ``--generate_only`` or ``--epochs 0``), then
+    write both prediction files."""
+    trains = not args.generate_only and (args.epochs > 0 or bool(args.pretrain_corpus))
+    out_dir = open_run(args, default_output_dir("sonnet", f"{args.fine_tune_mode}-{Path(args.model_size).name}"),
+                       outputs=(args.sonnet_out, args.dev_sonnet_out), trains=trains, model_flag="checkpoint")
+    args.generate_only = not trains  # --epochs 0: decode with the --checkpoint model, save nothing
+    device = common.start(args)
+    train = [s.text for s in read_sonnets(args.sonnet_path, args.limit)]
+    dev_prompts = read_sonnets(args.dev_held_out_sonnet_path, args.limit)
+    dev_refs = [s.text for s in read_sonnets(args.dev_true_sonnet_path, args.limit)]
+    test_prompts = read_sonnets(args.held_out_sonnet_path, args.limit)
+    if len(dev_prompts) != len(dev_refs):
+        raise SystemExit(f"{args.dev_held_out_sonnet_path} has {len(dev_prompts)} prompts but "
+                         f"{args.dev_true_sonnet_path} has {len(dev_refs)} sonnets")
+    if args.generate_only:
+        model, tokenizer = load_sonnet_model(args, args.checkpoint)
+        print(f"loaded {args.checkpoint}")
+    else:
+        model, tokenizer, trainable_only = build_sonnet_model(args)
+    model.to(device)
+    kw = decoding_kwargs(args, tokenizer)
+    mbr = args.mbr_candidates if args.decoding == "mbr" else 0
+    complete_kw = dict(batch_size=args.gen_batch_size, seed=args.seed, mbr_candidates=mbr)
+    dev_texts = [s.text for s in dev_prompts]
+    print(f"{len(train)} training sonnets, {len(dev_prompts)} dev and {len(test_prompts)} test prompts; "
+          f"decoding: {describe(args)}")
+
+    best: dict[str, Any] = {}
+    if args.pretrain_corpus and not args.generate_only:  # causal-LM pretraining on a corpus first
+        pretrain_from_args(model, tokenizer, args, device, out_dir, trainable_only)
+    if not args.generate_only and args.epochs > 0:
+        cfg = train_config_from_args(args, device, metric="chrf", output_dir=str(out_dir),
+                                     save_trainable_only=trainable_only)
+        best, _ = fine_tune_lm(model, tokenizer, train,
+                               lambda m: dev_chrf(m, tokenizer, dev_texts, dev_refs, kw, **complete_kw), cfg,
+                               max_length=args.max_length, extra={"args": vars(args)}, **loader_settings(args))
+    if not args.generate_only:
+        unwrap_lora(model)  # a plain GPT-2: loads without adapter code and decodes faster
+        path = out_dir / "sonnet-model.pt"
+        save_model(model.gpt, path, task="sonnet", dev=best)
+        print(f"saved the model to {path}")
+
+    result: dict[str, Any] = {"best": best}
+    for name, prompts, out in (("dev", dev_prompts, args.dev_sonnet_out), ("test", test_prompts, args.sonnet_out)):
+        texts = complete_prompts(model, tokenizer, [s.text for s in prompts], kw, **complete_kw)
+        write_sonnets(out, list(enumerate(texts)))  # the starter numbers sonnets by position
+        print(f"wrote {out}")
+        result[name] = texts
+    result["dev_chrf"] = chrf(result["dev"], dev_refs)
+    print(f"dev chrF {result['dev_chrf']:.2f} ({describe(args)})\n\n{result['test'][0]}")
+    return result
+
+
+__all__ = ["CONTRASTIVE_K", "DECODINGS", "build_sonnet_model", "complete_prompts", "decoding_kwargs", "describe",
+           "dev_chrf", "load_sonnet_model", "run"]

@@ -1,0 +1,93 @@
+"""The fine-tune mode registry: what trains in each mode, which modes a head-less model offers,
+adapter settings validated and saved as plain values, and the task scripts' choices and learning
+rates taken from it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import classifier
+import sonnet_generation
+from config import get_config
+from models.fine_tune import (
+    MODES,
+    FineTuneConfig,
+    FineTuneMode,
+    LoraConfig,
+    mode_names,
+    register,
+    set_fine_tune_mode,
+)
+from models.gpt2 import GPT2Model
+from models.heads import GPT2SentimentClassifier, SonnetGPT
+from modules.lora import LoRALinear
+
+
+def classifier_model() -> GPT2SentimentClassifier:
+    torch.manual_seed(0)
+    return GPT2SentimentClassifier(GPT2Model(get_config("tiny")), num_labels=3)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_each_mode_trains_what_it_says(mode):
+    model = classifier_model()
+    trainable_only = set_fine_tune_mode(model, FineTuneConfig(mode), model.head)
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} <= trains
+    body = {n for n in trains if n.startswith("gpt.")}
+    if mode == "full-model":
+        assert not trainable_only and len(trains) == len(list(model.parameters()))
+    elif mode == "lora":
+        assert trainable_only and body and all("lora_" in n for n in body)
+        assert all(m.r == LoraConfig().r for m in model.modules() if isinstance(m, LoRALinear))
+    else:
+        assert trainable_only and not body
+
+
+def test_head_less_models_do_not_offer_head_only_training():
+    assert mode_names(has_head=False) == ("full-model", "lora")
+    assert mode_names() == ("last-linear-layer", "full-model", "lora")
+    model = SonnetGPT(GPT2Model(get_config("tiny")))
+    with pytest.raises(ValueError, match="has none"):
+        set_fine_tune_mode(model, FineTuneConfig("last-linear-layer"), model.head)
+
+
+def test_config_is_validated_and_round_trips_as_plain_values():
+    with pytest.raises(ValueError, match="must be one of"):
+        FineTuneConfig("prefix")
+    with pytest.raises(ValueError, match="takes no adapter"):
+        FineTuneConfig("full-model", LoraConfig())
+    with pytest.raises(ValueError, match="positive"):
+        LoraConfig(r=0)
+    cfg = FineTuneConfig("lora", LoraConfig(r=4, targets=["attn.c_attn"], use_dora=True))
+    assert cfg.adapter.targets == ("attn.c_attn",)
+    assert FineTuneConfig.from_dict(cfg.to_dict()) == cfg
+    assert FineTuneConfig.from_dict(FineTuneConfig("full-model").to_dict()) == FineTuneConfig("full-model")
+
+
+def test_a_registered_mode_reaches_the_task_scripts(monkeypatch):
+    """Adding a mode is one ``register``: the scripts' choices and default lr follow."""
+    def bias_only(model, head, adapter):
+        for n, p in model.named_parameters():
+            p.requires_grad = n.endswith("bias")
+        return True
+
+    monkeypatch.setattr("models.fine_tune.MODES", dict(MODES))
+    register(FineTuneMode("bias-only", "only biases train", 5e-4, bias_only))
+    assert classifier.get_args(["--fine-tune-mode", "bias-only"]).lr == 5e-4
+    assert sonnet_generation.get_args(["--fine-tune-mode", "bias-only"]).lr == 5e-4
+    model = classifier_model()
+    assert set_fine_tune_mode(model, FineTuneConfig("bias-only"), model.head)
+    assert all(p.requires_grad == n.endswith("bias") for n, p in model.named_parameters())
+
+
+def test_adapter_settings_come_from_the_flags_the_registry_names():
+    from training.cli import fine_tune_config
+
+    args = classifier.get_args(["--fine-tune-mode", "lora", "--lora_r", "4", "--lora_alpha", "2",
+                                "--lora_targets", "attn.c_attn, mlp.c_fc", "--use_dora"])
+    assert fine_tune_config(args) == FineTuneConfig("lora", LoraConfig(4, 2.0, 0.05, ("attn.c_attn", "mlp.c_fc"), True))
+    del args.use_dora  # flags saved by a run from before --use_dora existed
+    assert fine_tune_config(args).adapter.use_dora is False
+    assert fine_tune_config(classifier.get_args(["--fine-tune-mode", "full-model"])) == FineTuneConfig("full-model")
