@@ -108,11 +108,26 @@ class GPT2Model(nn.Module):
         return new_kv_cache(self.config, batch_size, max_length, self.device, dtype or self.wte.weight.dtype)
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str | Path, **config_overrides) -> GPT2Model:
-        """A hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local Hugging Face folder."""
+    def from_pretrained(
+        cls,
+        name_or_dir: str | Path | None = None,
+        *,
+        model: str | None = None,
+        d: int | None = None,
+        l: int | None = None,  # noqa: E741 (the course starter's keyword)
+        num_heads: int | None = None,
+        **config_overrides,
+    ) -> GPT2Model:
+        """A hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local Hugging Face folder, in
+        eval mode as ``transformers`` returns it. Also takes the course starter's call
+        ``from_pretrained(model='gpt2', d=768, l=12, num_heads=12)``: the sizes are checked against
+        the checkpoint's config (they never change it); ``config_overrides`` (dropout...) do."""
         from models.loading import load_pretrained
 
-        return load_pretrained(name_or_dir, **config_overrides)
+        if name_or_dir is not None and model is not None and str(name_or_dir) != str(model):
+            raise TypeError(f"from_pretrained got two models: {str(name_or_dir)!r} and model={model!r}")
+        expect = {"hidden_size": d, "num_hidden_layers": l, "num_attention_heads": num_heads}
+        return load_pretrained(name_or_dir or model or "gpt2", expect=expect, **config_overrides)
 
 
 def last_index(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | int:

@@ -40,10 +40,23 @@ class CheckpointError(RuntimeError):
 # --------------------------------------------------------------------------- hub
 
 
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment at each call (``huggingface_hub``
+    reads it once at import, so an ``HF_HOME`` set later would otherwise be ignored)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 @lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 3.0) -> bool:
     """One quick TCP connect to the hub; False at once offline instead of a long hang."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if hub_offline():
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
@@ -53,38 +66,78 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def hub_file(repo_id: str, filename: str) -> Path | None:
-    """A hub file from the local cache, else downloaded when the hub is reachable, else None."""
+def cached_hub_file(repo_id: str, filename: str) -> Path | None:
+    """A hub file from the local cache only: no network, whatever HF_HUB_OFFLINE says."""
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
+        return Path(hf_hub_download(repo_id, filename, cache_dir=hub_cache_dir(), local_files_only=True))
     except Exception:
-        pass
-    if not hub_reachable():
         return None
+
+
+def hub_file(repo_id: str, filename: str) -> Path | None:
+    """A hub file from the local cache, else downloaded when the hub is reachable, else None.
+    The cache comes first, so a cached model never waits on the network."""
+    from huggingface_hub import hf_hub_download
+
+    cached = cached_hub_file(repo_id, filename)
+    if cached is not None or not hub_reachable():
+        return cached
     try:
-        return Path(hf_hub_download(repo_id, filename, etag_timeout=5))
+        return Path(hf_hub_download(repo_id, filename, cache_dir=hub_cache_dir(), etag_timeout=5))
     except Exception as e:  # missing file in the repo, network dropped mid-way...
         print(f"note: could not fetch {repo_id}/{filename}: {type(e).__name__}: {e}", file=sys.stderr)
         return None
 
 
+def cached_snapshot(repo_id: str) -> Path:
+    """The cache folder of ``repo_id``'s snapshot that ``refs/main`` names (or of the repo
+    itself when there is no such snapshot): the place an error about the cache points to."""
+    repo = hub_cache_dir() / f"models--{repo_id.replace('/', '--')}"
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snapshot = repo / "snapshots" / ref.read_text().strip()
+        if snapshot.is_dir():
+            return snapshot
+    return repo
+
+
+def cache_fix(repo_id: str) -> str:
+    return (f"To fix it, download it again where the hub is reachable (`hf download {repo_id}`, or delete "
+            f"{hub_cache_dir() / ('models--' + repo_id)} and rerun), or pass a complete local folder with "
+            "--model_size DIR.")
+
+
 def resolve_weights_dir(name_or_dir: str | Path) -> Path:
-    """A local folder as given, or the cached/downloaded hub snapshot of a hub id."""
+    """A local folder as given, or the snapshot of a hub id: from the cache when it holds
+    config.json and weights, else downloaded. Offline, a partial cache is an error naming the
+    snapshot folder and the missing file."""
     path = Path(name_or_dir)
     if path.is_dir():
         return path
     name = str(name_or_dir)
     if name not in HUB_IDS:
         raise CheckpointError(f"{name!r} is neither a local folder nor a GPT-2 hub id {HUB_IDS}. {OFFLINE_HINT}")
-    config_file = hub_file(name, "config.json")
-    if config_file is None:
-        raise CheckpointError(f"cannot download {name!r}: the Hugging Face hub is unreachable. {OFFLINE_HINT}")
-    for weights in WEIGHT_FILES:
-        if hub_file(name, weights) is not None:
+    config_file = cached_hub_file(name, "config.json")
+    if config_file is not None and any(cached_hub_file(name, w) for w in WEIGHT_FILES):
+        return config_file.parent
+    if hub_reachable():
+        config_file = hub_file(name, "config.json")
+        if config_file is not None and any(hub_file(name, w) for w in WEIGHT_FILES):
             return config_file.parent
-    raise CheckpointError(f"could not download the weights of {name!r} from the hub. {OFFLINE_HINT}")
+        raise CheckpointError(f"could not download {name!r} from the hub. {OFFLINE_HINT}")
+    snapshot = cached_snapshot(name)
+    if not snapshot.exists():
+        raise CheckpointError(f"cannot download {name!r}: the Hugging Face hub is unreachable and the cache "
+                              f"{hub_cache_dir()} holds no copy of it. {OFFLINE_HINT}")
+    missing = [] if config_file is not None else ["config.json"]
+    if config_file is None or not any(cached_hub_file(name, w) for w in WEIGHT_FILES):
+        missing.append(" or ".join(WEIGHT_FILES))
+    broken = [f"{f.name} is a broken link to {os.readlink(f)}" for f in sorted(snapshot.glob("*"))
+              if f.is_symlink() and not f.exists()]
+    raise CheckpointError(f"{snapshot}: the cached copy of {name!r} is incomplete: it lacks {' and '.join(missing)}"
+                          + "".join(f" ({b})" for b in broken) + f", and the hub is unreachable. {cache_fix(name)}")
 
 
 # ------------------------------------------------------------ Hugging Face format
@@ -116,8 +169,14 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> GPT2Config:
 
 
 def read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """The weights of a Hugging Face folder; a file that cannot be read (truncated download,
+    a cache link whose blob is gone) is an error naming it and what to do."""
+    fix = ("download it again (for a hub id: delete that file and rerun where the hub is reachable) "
+           "or pass another folder with --model_size DIR")
     for name in WEIGHT_FILES:
         f = folder / name
+        if f.is_symlink() and not f.exists():
+            raise CheckpointError(f"{f}: broken link (its cached blob {os.readlink(f)} is missing); {fix}")
         if f.exists():
             try:
                 if name.endswith(".safetensors"):
@@ -126,7 +185,7 @@ def read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
                     return load_file(str(f))
                 return torch.load(f, map_location="cpu", weights_only=True)
             except Exception as e:
-                raise CheckpointError(f"{f}: cannot read weights ({type(e).__name__}: {e})") from e
+                raise CheckpointError(f"{f}: cannot read weights ({type(e).__name__}: {e}); {fix}") from e
     raise CheckpointError(f"{folder}: no weights file; expected one of {WEIGHT_FILES}")
 
 
@@ -175,8 +234,10 @@ def convert_hf_state_dict(hf_sd: dict[str, torch.Tensor], config: GPT2Config) ->
     return out
 
 
-def load_pretrained(name_or_dir: str | Path, **config_overrides: Any):
-    """GPT2Model with pretrained weights; the size is read from the checkpoint's config.json."""
+def load_pretrained(name_or_dir: str | Path, expect: dict[str, int] | None = None, **config_overrides: Any):
+    """GPT2Model with pretrained weights; the size is read from the checkpoint's config.json.
+    ``expect`` maps config fields to the values the caller assumed (e.g. the course starter's
+    ``d=768, l=12``); a disagreement is an error before any weight is read."""
     from models.gpt2 import GPT2Model
 
     folder = resolve_weights_dir(name_or_dir)
@@ -191,11 +252,15 @@ def load_pretrained(name_or_dir: str | Path, **config_overrides: Any):
         config = config_from_hf(hf_cfg, **config_overrides)
     except KeyError as e:
         raise CheckpointError(f"{cfg_file}: missing field {e.args[0]!r}") from e
+    wrong = {k: (v, getattr(config, k)) for k, v in (expect or {}).items() if v is not None and getattr(config, k) != v}
+    if wrong:
+        detail = ", ".join(f"{k}={asked} asked but the checkpoint has {k}={has}" for k, (asked, has) in wrong.items())
+        raise CheckpointError(f"{cfg_file}: {detail}; drop the size arguments or pick the matching model")
     state = convert_hf_state_dict(read_hf_state_dict(folder), config)
     with torch.device("meta"):
         model = GPT2Model(config)
     model.load_state_dict(state, strict=True, assign=True)
-    return model
+    return model.eval()  # as transformers' from_pretrained: no dropout until .train() is called
 
 
 def build_model(model_size: str, random_init: bool = False, **config_overrides: Any):
@@ -216,31 +281,57 @@ def build_model(model_size: str, random_init: bool = False, **config_overrides: 
 
 # --------------------------------------------------------------------- tokenizer
 
+TOKENIZER_SIZE = 50257
+TOKENIZER_PROBE = ("Hello world", [15496, 995])  # a known GPT-2 encoding, checked on every load
+
+
+def read_tokenizer(folder: str | Path, where: str):
+    """The GPT-2 tokenizer in ``folder`` (vocab.json + merges.txt, or tokenizer.json), checked:
+    50257 entries and the known encoding of "Hello world". ``from_pretrained`` on the folder is
+    the construction that works under transformers 5 (``GPT2TokenizerFast(vocab_file=...,
+    merges_file=...)`` there gives a 1-entry tokenizer that encodes everything as []), and the
+    check makes sure no branch ever returns such a tokenizer silently."""
+    from transformers import GPT2TokenizerFast
+
+    folder = Path(folder)
+    fix = "pass --tokenizer DIR with GPT-2's vocab.json and merges.txt"
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: tokenizer folder ({where}) does not exist; {fix}")
+    missing = [f for f in ("vocab.json", "merges.txt") if not (folder / f).is_file()]
+    if missing and not (folder / "tokenizer.json").is_file():
+        raise CheckpointError(f"{folder / missing[0]}: missing from the tokenizer folder ({where}); {fix}")
+    try:
+        tok = GPT2TokenizerFast.from_pretrained(str(folder))
+    except Exception as e:
+        raise CheckpointError(f"{folder}: cannot read the GPT-2 tokenizer ({where}): {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[-1]}; {fix}") from e
+    text, want = TOKENIZER_PROBE
+    got = tok.encode(text)
+    if len(tok) != TOKENIZER_SIZE or got != want:
+        raise CheckpointError(f"{folder}: not the GPT-2 tokenizer ({where}): {len(tok)} entries and {text!r} -> "
+                              f"{got}, expected {TOKENIZER_SIZE} and {want} (incomplete or foreign "
+                              f"vocab.json/merges.txt); {fix}")
+    tok.pad_token = tok.eos_token  # GPT-2 has no pad token of its own
+    return tok
+
 
 @lru_cache(maxsize=4)
 def load_tokenizer(path: str | None = None, verbose: bool = True):
     """The GPT-2 tokenizer, loaded once: ``path`` if given, else the hub's ``gpt2``
-    (cache or download), else the offline copy in ../shared/gpt2-tokenizer.
-    The pad token is EOS, as GPT-2 has none of its own."""
-    from transformers import GPT2TokenizerFast
+    (cache first, then download), else the offline copy in ../shared/gpt2-tokenizer.
+    Every branch is checked by ``read_tokenizer``. The pad token is EOS."""
+    if path is not None:
+        return read_tokenizer(path, "--tokenizer")
+    vocab = hub_file("gpt2", "vocab.json")
+    merges = hub_file("gpt2", "merges.txt") if vocab is not None else None
+    if vocab is not None and merges is not None and vocab.parent == merges.parent:
+        return read_tokenizer(vocab.parent, "the Hugging Face cache of gpt2")
+    if not SHARED_TOKENIZER.is_dir():
+        raise CheckpointError(f"GPT-2 tokenizer unavailable: the hub is unreachable, the cache {hub_cache_dir()} "
+                              f"holds no complete copy, and {SHARED_TOKENIZER} does not exist; "
+                              "pass --tokenizer DIR (vocab.json + merges.txt)")
+    if verbose:
+        print(f"note: no cached or downloadable gpt2 tokenizer; using the GPT-2 tokenizer files in "
+              f"{SHARED_TOKENIZER}", file=sys.stderr)
+    return read_tokenizer(SHARED_TOKENIZER, "the offline copy")
 
-    if path is None:
-        vocab = hub_file("gpt2", "vocab.json")
-        merges = hub_file("gpt2", "merges.txt") if vocab is not None else None
-        if vocab is not None and merges is not None:
-            tok = GPT2TokenizerFast(vocab_file=str(vocab), merges_file=str(merges))
-        elif SHARED_TOKENIZER.is_dir():
-            if verbose:
-                print(f"note: hub unreachable; using the GPT-2 tokenizer files in {SHARED_TOKENIZER}", file=sys.stderr)
-            tok = GPT2TokenizerFast.from_pretrained(str(SHARED_TOKENIZER))
-        else:
-            raise CheckpointError(
-                "GPT-2 tokenizer unavailable: the hub is unreachable and "
-                f"{SHARED_TOKENIZER} does not exist; pass --tokenizer DIR (vocab.json + merges.txt)"
-            )
-    else:
-        if not Path(path).is_dir():
-            raise CheckpointError(f"tokenizer folder {path} does not exist")
-        tok = GPT2TokenizerFast.from_pretrained(str(path))
-    tok.pad_token = tok.eos_token
-    return tok

@@ -1,5 +1,6 @@
 """Shared fixtures: small random ``transformers`` GPT-2 checkpoints in Hugging Face format,
-the course data, and the flags of a quick ``classifier.py`` run."""
+Hugging Face hub caches (``$HF_HOME/hub/models--gpt2/...``) holding them, as a download leaves,
+the course data, the flags of quick task runs, and a toy model for Trainer tests."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED_DATA = SHARED / "data"
+GPT2_TOKENIZER_FILES = ("vocab.json", "merges.txt")
+CACHE_COMMIT = "607a30d783dfa663caf39e06633721c8d4cfcd7e"  # any 40-hex name; the cache folder of a snapshot
+# A small GPT-2 with the real vocabulary and context, so the real tokenizer and every task run on it.
+SMALL_GPT2 = dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024, vocab_size=50257)
 
 # Two small configs that exercise different widths, depths, head counts and a non-4d MLP.
 HF_CONFIGS = {
@@ -39,6 +45,55 @@ def make_hf_folder(folder: Path, seed: int = 0, lm_head: bool = True, safetensor
         hf_cfg.save_pretrained(folder)
         torch.save(model.state_dict(), folder / "pytorch_model.bin")
     return folder
+
+
+def write_hub_cache(home: Path, weights: str | None = "model.safetensors", seed: int = 0, **cfg) -> Path:
+    """``home`` laid out as HF_HOME after ``gpt2`` was downloaded: ``hub/models--gpt2/refs/main``
+    naming ``snapshots/<commit>/`` with config.json, the weights (``model.safetensors``,
+    ``pytorch_model.bin``, or none: a partial cache) and the real tokenizer files.
+    Returns the snapshot folder."""
+    import shutil
+
+    repo = home / "hub" / "models--gpt2"
+    snapshot = repo / "snapshots" / CACHE_COMMIT
+    make_hf_folder(snapshot, seed=seed, safetensors=weights != "pytorch_model.bin", **(cfg or SMALL_GPT2))
+    if weights is None:
+        (snapshot / "model.safetensors").unlink()
+    for name in GPT2_TOKENIZER_FILES:
+        shutil.copy(SHARED / "gpt2-tokenizer" / name, snapshot / name)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(CACHE_COMMIT)
+    return snapshot
+
+
+@pytest.fixture(scope="session")
+def hub_cache(tmp_path_factory) -> Path:
+    """HF_HOME with a complete cached ``gpt2`` (small random weights in model.safetensors)."""
+    home = tmp_path_factory.mktemp("hf_home")
+    write_hub_cache(home)
+    return home
+
+
+@pytest.fixture
+def use_hub_cache(monkeypatch):
+    """A function pointing the hub at an HF_HOME for this test only: HF_HUB_OFFLINE=1, or unset as
+    on a machine without network. The memoised hub and tokenizer lookups are cleared when it is
+    called and after the test, so no other test sees this cache."""
+    from models import loading
+
+    def use(home: Path, offline: bool = True) -> None:
+        monkeypatch.setenv("HF_HOME", str(home))
+        monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+        if offline:
+            monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        else:
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        loading.hub_reachable.cache_clear()
+        loading.load_tokenizer.cache_clear()
+
+    yield use
+    loading.hub_reachable.cache_clear()
+    loading.load_tokenizer.cache_clear()
 
 
 @pytest.fixture(scope="session", params=sorted(HF_CONFIGS))

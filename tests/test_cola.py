@@ -14,7 +14,8 @@ def test_reads_the_shared_files():
     train, dev = read_cola(SHARED_DATA / "cola-train.tsv"), read_cola(SHARED_DATA / "cola-dev.tsv")
     assert (len(train), len(dev)) == (8551, 516)
     assert sum(e.label for e in train) == 6023 and sum(e.label for e in dev) == 354
-    assert dev[0] == SentimentExample("cola-dev-1", "somebody just left guess who", 1)
+    assert dev[0] == SentimentExample("cola-dev-1", "somebody just left guess who", 1, line=1,
+                                      path=str(SHARED_DATA / "cola-dev.tsv"))
     assert train[0].text.startswith("our friends wo n't buy")  # lower-cased like the sentiment reader
     assert len({e.id for e in train}) == len(train)
     assert len(read_cola(SHARED_DATA / "cola-dev.tsv", limit=5)) == 5

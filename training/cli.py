@@ -122,13 +122,20 @@ def add_common_args(
 
 def pick_device(use_gpu: bool = False, device: str = "auto") -> torch.device:
     """``--use_gpu`` demands CUDA (the starter's flag); otherwise ``--device``, where ``auto``
-    takes CUDA when present and the CPU otherwise."""
+    takes CUDA, then Apple's MPS, then the CPU -- with one line on what the CPU costs."""
+    import sys
+
+    from training.device import best_device, cpu_hint
+
     if use_gpu:
         if not torch.cuda.is_available():
             raise SystemExit("--use_gpu was given but CUDA is not available; drop the flag to run on the CPU")
         return torch.device("cuda")
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = best_device()
+        if dev.type == "cpu":
+            print(cpu_hint(), file=sys.stderr)
+        return dev
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {device} was given but CUDA is not available")

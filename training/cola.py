@@ -43,7 +43,7 @@ def read_cola(path: str | Path, limit: int = 0, lowercase: bool = True) -> list[
             raise DataFormatError(path, lineno, "empty sentence")
         label = parse_int(Record(lineno, {"label": fields[1].strip()}), "label", path, allowed=(0, 1))
         out.append(SentimentExample(id=f"{path.stem}-{lineno}", text=sentence.lower() if lowercase else sentence,
-                                    label=label))
+                                    label=label, line=lineno, path=str(path)))
         if limit and len(out) >= limit:
             break
     if not out:

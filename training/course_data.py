@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from training.data import DataFormatError, encode, parse_int, read_text, read_tsv
+from training.data import DataFormatError, check_encoded, encode, parse_int, read_text, read_tsv
 
 # ----------------------------------------------------------- sentiment (SST, CFIMDB)
 
@@ -32,6 +32,8 @@ class SentimentExample:
     id: str
     text: str
     label: int | None  # None in the test files
+    line: int = 0  # where it was read, for messages
+    path: str = ""
 
 
 # The label set of each sentiment task: a label outside it is an error naming its line, not a
@@ -52,7 +54,7 @@ def read_sentiment(
         if label is not None and label < 0:
             raise DataFormatError(path, r.line, f"column 'sentiment': negative label {label}")
         text = r["sentence"].lower() if lowercase else r["sentence"]
-        out.append(SentimentExample(id=r["id"].lower(), text=text, label=label))
+        out.append(SentimentExample(id=r["id"].lower(), text=text, label=label, line=r.line, path=str(path)))
     return out
 
 
@@ -64,11 +66,10 @@ def sentiment_features(
 ) -> list[dict[str, Any]]:
     """Example dicts for PadCollator: ``input_ids``, ``id``, ``index`` (position in the file, to
     restore order after length-sorted evaluation) and ``labels`` when known."""
-    ids = encode(tokenizer, [e.text for e in examples], max_length, name)
+    ids = encode(tokenizer, [e.text for e in examples], max_length, name,
+                 origins=[(e.path or name or "data", e.line or None) for e in examples])
     feats = []
     for i, (e, x) in enumerate(zip(examples, ids)):
-        if not x:  # an empty sentence still needs one token for the classifier to read
-            x = [tokenizer.eos_token_id]
         f: dict[str, Any] = {"input_ids": x, "id": e.id, "index": i}
         if e.label is not None:
             f["labels"] = e.label
@@ -95,6 +96,7 @@ class ParaphrasePair:
     sentence2: str
     label: int | None  # 1 = same question, 0 = not; None in test files
     line: int = 0  # line in the source file, for messages
+    path: str = ""  # the source file, for messages
 
 
 def unquote_twice_quoted(field: str) -> str:
@@ -145,7 +147,7 @@ def read_quora(
         s1, s2 = unquote_twice_quoted(r["sentence1"]), unquote_twice_quoted(r["sentence2"])
         if not s1 or not s2:
             empty.append(r.line)
-        pairs.append(ParaphrasePair(r["id"].lower(), s1, s2, label, r.line))
+        pairs.append(ParaphrasePair(r["id"].lower(), s1, s2, label, r.line, str(path)))
     if verbose and unlabeled:
         print(f"warning: {path}: left out {len(unlabeled)} row(s) without a usable is_duplicate label: "
               + "; ".join(unlabeled))
@@ -236,6 +238,7 @@ def paraphrase_features(
     Prints how many prompts had their questions cut to fit ``max_length``."""
     prompts = [PARAPHRASE_PROMPT.format(s1=p.sentence1, s2=p.sentence2) for p in pairs]
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []  # one fast batch call
+    check_encoded(prompts, encoded, [(p.path or name or "paraphrase", p.line or None) for p in pairs])
     feats, n_cut = [], 0
     for i, (p, ids) in enumerate(zip(pairs, encoded)):
         if len(ids) > max_length:

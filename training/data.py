@@ -149,16 +149,32 @@ def encode(
     max_length: int,
     name: str = "",
     verbose: bool = True,
+    origins: Sequence[tuple[str | Path, int | None]] | None = None,
 ) -> list[list[int]]:
     """Token ids of each text, cut to the first ``max_length`` tokens (as the starter's
-    ``truncation=True``); prints how many were cut so long inputs are never lost silently."""
+    ``truncation=True``); prints how many were cut so long inputs are never lost silently.
+    ``origins`` gives each text's (file, line) for ``check_encoded``'s errors."""
     if max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+    check_encoded(texts, ids, origins or [(name or "data", None)] * len(ids))
     n_cut = sum(len(x) > max_length for x in ids)
     if n_cut and verbose:
         print(f"{name or 'data'}: truncated {n_cut} of {len(ids)} inputs to {max_length} tokens")
     return [x[:max_length] for x in ids]
+
+
+def check_encoded(
+    texts: Sequence[str], ids: Sequence[Sequence[int]], origins: Sequence[tuple[str | Path, int | None]]
+) -> None:
+    """An empty text, or a text that encodes to no tokens (a broken tokenizer), is an error
+    naming its file and line: it is never trained on as nothing or silently replaced."""
+    for text, x, (path, line) in zip(texts, ids, origins):
+        if not text.strip():
+            raise DataFormatError(path, line, "empty text; fill it in or remove the row")
+        if not x:
+            raise DataFormatError(path, line, f"{text[:40]!r} encodes to no tokens: the tokenizer is broken "
+                                              "(pass --tokenizer DIR with GPT-2's vocab.json and merges.txt)")
 
 
 class ListDataset(Dataset):

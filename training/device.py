@@ -1,7 +1,8 @@
-"""Where tensors run: batches moved to the model's device, and bf16 autocast on CUDA only.
+"""Where tensors run: the default device, batches moved to the model's device, and bf16
+autocast on CUDA only.
 
 Shared by the Trainer's loop and ``predict``, so training and evaluation place and cast
-batches the same way.
+batches the same way; ``best_device`` is what every CLI's ``--device auto`` means.
 """
 
 from __future__ import annotations
@@ -12,6 +13,31 @@ from typing import Any
 
 import torch
 from torch import nn
+
+# Full fine-tuning of gpt2 (124M) on the CPU, measured: the SST classifier in training mode, batches
+# of 8 real SST training sentences (43.7 tokens padded on average), forward + backward + the AdamW
+# step, one thread, process CPU time over 24 examples after a warm-up batch: 8.4 s, 0.35 s each.
+CPU_SECONDS_PER_EXAMPLE = 0.35
+SST_TRAIN_EXAMPLES = 8544
+
+
+def best_device() -> torch.device:
+    """CUDA, then Apple's MPS, then the CPU: the fastest device this machine has."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_hint() -> str:
+    """One line for a run that fell back to the CPU: what full fine-tuning costs there, and the
+    flags of a quick run."""
+    epoch_min = CPU_SECONDS_PER_EXAMPLE * SST_TRAIN_EXAMPLES / 60
+    return (f"note: no GPU found, running on the CPU: full fine-tuning of gpt2 takes about "
+            f"{CPU_SECONDS_PER_EXAMPLE:.2f} s of one core per training sentence (~{epoch_min:.0f} min per SST epoch, "
+            "more for CFIMDB's long reviews); for a quick run add --limit 64 --epochs 1")
 
 
 def move_to_device(batch: Any, device: torch.device | str) -> Any:
@@ -36,4 +62,4 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-__all__ = ["autocast_context", "model_device", "move_to_device"]
+__all__ = ["autocast_context", "best_device", "cpu_hint", "model_device", "move_to_device"]
