@@ -108,7 +108,7 @@ def build_pair(cfg: GPT2Config, device: torch.device, seed: int = 0):
 
     hf = build_hf(cfg, device, seed)
     ours = GPT2Model(cfg)
-    ours.load_state_dict(convert_hf_state_dict(hf.state_dict(), cfg))
+    ours.load_state_dict(convert_hf_state_dict(hf.state_dict(), cfg, ours.state_dict()))
     return ours.to(device), hf
 
 

@@ -46,8 +46,9 @@ def load_teacher(path: str | Path, device: torch.device, dataset: str | None = N
     With ``dataset``, a teacher trained on another task (an SST teacher for CFIMDB would make
     5-way students of a 2-class task) is refused before anything is built."""
     from models.fine_tune import FineTuneConfig, set_fine_tune_mode
+    from models.gpt2 import build_model
     from models.heads import GPT2SentimentClassifier
-    from models.loading import CheckpointError, build_model, load_tokenizer
+    from models.loading import CheckpointError, load_tokenizer
     from training.checkpoints import load_checkpoint, load_model_state
     from training.cli import fine_tune_config, seed_everything
     from training.course_data import SENTIMENT_LABELS
@@ -90,8 +91,8 @@ def accuracy_of(model, loader, labels: list[int]) -> float:
 
 def build_student(kind: str, teacher, num_labels: int, args: argparse.Namespace) -> torch.nn.Module:
     """The LSTM on the teacher's embeddings, or a random ``tiny`` GPT-2 sentiment classifier."""
+    from models.gpt2 import build_model
     from models.heads import GPT2SentimentClassifier
-    from models.loading import build_model
 
     if kind == "lstm":
         return LSTMStudent(teacher.gpt.wte.weight, num_labels, args.student_hidden, dropout=args.hidden_dropout_prob)

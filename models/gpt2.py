@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from config import GPT2Config
+from config import GPT2Config, get_config
+from models.loading import CheckpointError, convert_hf_state_dict, read_hf_config, read_pretrained
 from modules.attention import build_attention_mask
 from modules.gpt2_layer import GPT2Layer
 from modules.kv_cache import BaseKVCache, new_kv_cache
@@ -122,12 +123,26 @@ class GPT2Model(nn.Module):
         eval mode as ``transformers`` returns it. Also takes the course starter's call
         ``from_pretrained(model='gpt2', d=768, l=12, num_heads=12)``: the sizes are checked against
         the checkpoint's config (they never change it); ``config_overrides`` (dropout...) do."""
-        from models.loading import load_pretrained
-
         if name_or_dir is not None and model is not None and str(name_or_dir) != str(model):
             raise TypeError(f"from_pretrained got two models: {str(name_or_dir)!r} and model={model!r}")
         expect = {"hidden_size": d, "num_hidden_layers": l, "num_attention_heads": num_heads}
-        return load_pretrained(name_or_dir or model or "gpt2", expect=expect, **config_overrides)
+        config, hf_state = read_pretrained(name_or_dir or model or "gpt2", expect=expect, **config_overrides)
+        with torch.device("meta"):
+            gpt = cls(config)
+        gpt.load_state_dict(convert_hf_state_dict(hf_state, config, gpt.state_dict()), strict=True, assign=True)
+        return gpt.eval()  # as transformers' from_pretrained: no dropout until .train() is called
+
+
+def build_model(model_size: str, random_init: bool = False, **config_overrides) -> GPT2Model:
+    """What every CLI calls for ``--model_size`` and ``--random_init``: a named size
+    or a local Hugging Face folder, pretrained unless ``random_init``."""
+    if random_init:
+        if Path(model_size).is_dir():
+            return GPT2Model(read_hf_config(Path(model_size), **config_overrides))
+        return GPT2Model(get_config(model_size, **config_overrides))
+    if model_size == "tiny":
+        raise CheckpointError("there are no pretrained 'tiny' weights; add --random_init")
+    return GPT2Model.from_pretrained(model_size, **config_overrides)
 
 
 def last_index(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | int:

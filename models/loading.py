@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -189,15 +190,14 @@ def read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{folder}: no weights file; expected one of {WEIGHT_FILES}")
 
 
-def convert_hf_state_dict(hf_sd: dict[str, torch.Tensor], config: GPT2Config) -> dict[str, torch.Tensor]:
-    """Map a GPT2Model / GPT2LMHeadModel state dict onto our parameter names.
+def convert_hf_state_dict(
+    hf_sd: Mapping[str, torch.Tensor], config: GPT2Config, expected: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Map a GPT2Model / GPT2LMHeadModel state dict onto our parameter names; ``expected`` is
+    our model's state dict (shapes only: a meta-device model's will do).
 
     Every tensor is used or explicitly ignored (mask buffers, a tied lm_head),
     every parameter of ours is filled, and every shape is checked."""
-    from models.gpt2 import GPT2Model
-
-    with torch.device("meta"):
-        expected = GPT2Model(config).state_dict()
     out: dict[str, torch.Tensor] = {}
     unexpected, wrong_shape, misshapen = [], [], set()
     lm_head = None
@@ -234,13 +234,8 @@ def convert_hf_state_dict(hf_sd: dict[str, torch.Tensor], config: GPT2Config) ->
     return out
 
 
-def load_pretrained(name_or_dir: str | Path, expect: dict[str, int] | None = None, **config_overrides: Any):
-    """GPT2Model with pretrained weights; the size is read from the checkpoint's config.json.
-    ``expect`` maps config fields to the values the caller assumed (e.g. the course starter's
-    ``d=768, l=12``); a disagreement is an error before any weight is read."""
-    from models.gpt2 import GPT2Model
-
-    folder = resolve_weights_dir(name_or_dir)
+def read_hf_config(folder: Path, **config_overrides: Any) -> GPT2Config:
+    """Our config from a Hugging Face folder's ``config.json``, with clear errors."""
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{folder}: no config.json (a Hugging Face GPT-2 folder holds config.json and weights)")
@@ -249,34 +244,25 @@ def load_pretrained(name_or_dir: str | Path, expect: dict[str, int] | None = Non
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: line {e.lineno}: invalid JSON ({e.msg})") from e
     try:
-        config = config_from_hf(hf_cfg, **config_overrides)
+        return config_from_hf(hf_cfg, **config_overrides)
     except KeyError as e:
         raise CheckpointError(f"{cfg_file}: missing field {e.args[0]!r}") from e
+
+
+def read_pretrained(
+    name_or_dir: str | Path, expect: Mapping[str, int | None] | None = None, **config_overrides: Any
+) -> tuple[GPT2Config, dict[str, torch.Tensor]]:
+    """(config, the checkpoint's Hugging Face state dict) of a hub id or local folder, for
+    ``GPT2Model.from_pretrained``; the size is read from the checkpoint's config.json.
+    ``expect`` maps config fields to the values the caller assumed (e.g. the course starter's
+    ``d=768, l=12``); a disagreement is an error before any weight is read."""
+    folder = resolve_weights_dir(name_or_dir)
+    config = read_hf_config(folder, **config_overrides)
     wrong = {k: (v, getattr(config, k)) for k, v in (expect or {}).items() if v is not None and getattr(config, k) != v}
     if wrong:
         detail = ", ".join(f"{k}={asked} asked but the checkpoint has {k}={has}" for k, (asked, has) in wrong.items())
-        raise CheckpointError(f"{cfg_file}: {detail}; drop the size arguments or pick the matching model")
-    state = convert_hf_state_dict(read_hf_state_dict(folder), config)
-    with torch.device("meta"):
-        model = GPT2Model(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()  # as transformers' from_pretrained: no dropout until .train() is called
-
-
-def build_model(model_size: str, random_init: bool = False, **config_overrides: Any):
-    """What every CLI calls for ``--model_size`` and ``--random_init``: a named size
-    or a local folder, pretrained unless ``random_init``."""
-    from config import get_config
-    from models.gpt2 import GPT2Model
-
-    if random_init:
-        if Path(model_size).is_dir():
-            hf_cfg = json.loads((Path(model_size) / "config.json").read_text())
-            return GPT2Model(config_from_hf(hf_cfg, **config_overrides))
-        return GPT2Model(get_config(model_size, **config_overrides))
-    if model_size == "tiny":
-        raise CheckpointError("there are no pretrained 'tiny' weights; add --random_init")
-    return load_pretrained(model_size, **config_overrides)
+        raise CheckpointError(f"{folder / 'config.json'}: {detail}; drop the size arguments or pick the matching model")
+    return config, read_hf_state_dict(folder)
 
 
 # --------------------------------------------------------------------- tokenizer

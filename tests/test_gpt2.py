@@ -13,7 +13,7 @@ from transformers import GPT2Model as HFGPT2Model
 from config import GPT2Config, get_config
 from models import loading
 from models.gpt2 import GPT2Model
-from models.loading import CheckpointError, load_pretrained
+from models.loading import CheckpointError
 from tests.conftest import make_hf_folder
 
 ATOL = 1e-5
@@ -100,9 +100,9 @@ def test_kv_cache_equals_full_forward(hf_folder):
 def test_pytorch_bin_and_base_model_layouts(tmp_path):
     """pytorch_model.bin and a GPT2Model checkpoint (no 'transformer.' prefix) load the same."""
     cfg = dict(n_embd=32, n_layer=1, n_head=2, n_positions=16, vocab_size=100)
-    a = load_pretrained(make_hf_folder(tmp_path / "st", seed=3, **cfg))
-    b = load_pretrained(make_hf_folder(tmp_path / "bin", seed=3, safetensors=False, **cfg))
-    c = load_pretrained(make_hf_folder(tmp_path / "base", seed=3, lm_head=False, **cfg))
+    a = GPT2Model.from_pretrained(make_hf_folder(tmp_path / "st", seed=3, **cfg))
+    b = GPT2Model.from_pretrained(make_hf_folder(tmp_path / "bin", seed=3, safetensors=False, **cfg))
+    c = GPT2Model.from_pretrained(make_hf_folder(tmp_path / "base", seed=3, lm_head=False, **cfg))
     for other in (b, c):
         for (name, p), q in zip(a.state_dict().items(), other.state_dict().values(), strict=True):
             assert torch.equal(p, q), name
@@ -112,7 +112,8 @@ def test_every_checkpoint_tensor_used_and_every_parameter_filled(tmp_path):
     folder = make_hf_folder(tmp_path / "m", n_embd=32, n_layer=2, n_head=2, n_positions=16, vocab_size=100)
     hf_sd = loading.read_hf_state_dict(folder)
     config = loading.config_from_hf(json.loads((folder / "config.json").read_text()))
-    ours = loading.convert_hf_state_dict(hf_sd, config)
+    expected = GPT2Model(config).state_dict()
+    ours = loading.convert_hf_state_dict(hf_sd, config, expected)
     assert set(ours) == set(GPT2Model(config).state_dict())
     transposed = [k for k in ours if k.endswith(loading.TRANSPOSED)]
     assert len(transposed) == 4 * 2
@@ -120,7 +121,7 @@ def test_every_checkpoint_tensor_used_and_every_parameter_filled(tmp_path):
         assert torch.equal(ours[k], hf_sd["transformer." + k].t())
     # An extra tensor is reported, not silently dropped.
     with pytest.raises(CheckpointError, match="unexpected keys: transformer.h.0.extra"):
-        loading.convert_hf_state_dict({**hf_sd, "transformer.h.0.extra": torch.zeros(1)}, config)
+        loading.convert_hf_state_dict({**hf_sd, "transformer.h.0.extra": torch.zeros(1)}, config, expected)
 
 
 def test_bad_checkpoint_folders_give_clear_errors(tmp_path):
@@ -128,29 +129,29 @@ def test_bad_checkpoint_folders_give_clear_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CheckpointError, match="no config.json"):
-        load_pretrained(empty)
+        GPT2Model.from_pretrained(empty)
     (empty / "config.json").write_text((folder / "config.json").read_text())
     with pytest.raises(CheckpointError, match="no weights file"):
-        load_pretrained(empty)
+        GPT2Model.from_pretrained(empty)
     # A config that says 3 layers for a 2-layer checkpoint: missing keys listed.
     cfg = json.loads((folder / "config.json").read_text())
     cfg["n_layer"] = 3
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"missing keys: h\.2\."):
-        load_pretrained(folder)
+        GPT2Model.from_pretrained(folder)
     # A wider config than the weights: every wrong shape is named.
     cfg["n_layer"], cfg["n_embd"] = 2, 64
     (folder / "config.json").write_text(json.dumps(cfg))
     wrong_wte = r"(?s)wrong shapes:\n.*  transformer.wte.weight: checkpoint \(100, 32\) vs model \(100, 64\)"
     with pytest.raises(CheckpointError, match=wrong_wte):
-        load_pretrained(folder)
+        GPT2Model.from_pretrained(folder)
     (folder / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="line 1: invalid JSON"):
-        load_pretrained(folder)
+        GPT2Model.from_pretrained(folder)
     (folder / "model.safetensors").write_bytes(b"garbage")
     (folder / "config.json").write_text(json.dumps({**cfg, "n_embd": 32}))
     with pytest.raises(CheckpointError, match="cannot read weights"):
-        load_pretrained(folder)
+        GPT2Model.from_pretrained(folder)
 
 
 def test_hub_id_offline_fails_fast_with_advice(monkeypatch):
@@ -158,10 +159,10 @@ def test_hub_id_offline_fails_fast_with_advice(monkeypatch):
     loading.hub_reachable.cache_clear()
     start = time.monotonic()
     with pytest.raises(CheckpointError, match="--random_init"):
-        load_pretrained("gpt2-medium")
+        GPT2Model.from_pretrained("gpt2-medium")
     assert time.monotonic() - start < 10
     with pytest.raises(CheckpointError, match="neither a local folder nor a GPT-2 hub id"):
-        load_pretrained("gpt3")
+        GPT2Model.from_pretrained("gpt3")
     loading.hub_reachable.cache_clear()
 
 

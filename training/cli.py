@@ -159,8 +159,8 @@ def build_from_args(args: argparse.Namespace, **config_overrides: Any):
     ``--gradient_checkpointing`` and ``--compile`` applied when the parser has them.
     ``config_overrides`` (e.g. ``hidden_dropout_prob=...``) change the body's config; the course
     classifier keeps GPT-2's own dropout in the body and uses ``--hidden_dropout_prob`` in its head."""
-    from models.gpt2 import maybe_compile
-    from models.loading import build_model, load_tokenizer
+    from models.gpt2 import build_model, maybe_compile
+    from models.loading import load_tokenizer
 
     if getattr(args, "gradient_checkpointing", False):
         config_overrides.setdefault("gradient_checkpointing", True)
