@@ -122,9 +122,10 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.checkpoint = args.checkpoint or args.load  # the shared --load names the same thing here
     if args.generate_only and not args.checkpoint:
         parser.error("--generate_only needs --checkpoint PATH")
-    if args.dpo and (not args.checkpoint or args.generate_only or args.pretrain_corpus or args.random_init):
-        parser.error("--dpo tunes a fine-tuned model: give --checkpoint PATH (a sonnet-model.pt), and no "
-                     "--generate_only, --pretrain_corpus or --random_init")
+    if args.dpo and (not args.checkpoint or args.generate_only or args.pretrain_corpus or args.random_init
+                     or args.epochs == 0):
+        parser.error("--dpo tunes a fine-tuned model: give --checkpoint PATH (a sonnet-model.pt) and --epochs >= 1, "
+                     "and no --generate_only, --pretrain_corpus or --random_init")
     return args
 
 

@@ -84,7 +84,8 @@ def test_dpo_cli_starts_at_log_2_trains_and_writes_the_files(tmp_path):
                                  ["--dpo", "--checkpoint", "m.pt", "--dpo_beta", "0"],
                                  ["--dpo", "--checkpoint", "m.pt", "--dpo_rank", "bleu"],
                                  ["--dpo", "--checkpoint", "m.pt", "--random_init"],
-                                 ["--dpo", "--checkpoint", "m.pt", "--generate_only"]])
+                                 ["--dpo", "--checkpoint", "m.pt", "--generate_only"],
+                                 ["--dpo", "--checkpoint", "m.pt", "--epochs", "0"]])
 def test_dpo_flags_are_checked_while_parsing(bad):
     with pytest.raises(SystemExit):
         sonnet_generation.get_args(bad)
