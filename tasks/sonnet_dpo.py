@@ -118,7 +118,10 @@ def dpo_fine_tune(
         for p in pairs:
             f.write(json.dumps(p.__dict__) + "\n")
     max_length = settings["max_length"] or model.gpt.config.max_position_embeddings
-    feats = [encode_pair(tokenizer, p, max_length) for p in pairs]
+    try:
+        feats = [encode_pair(tokenizer, p, max_length) for p in pairs]
+    except ValueError as e:  # a prompt that fills --max_length leaves nothing to score
+        raise DataFormatError(source, None, f"{e}; raise --max_length") from None
     best, _ = fit_task(model, make_dpo_loss_fn(reference, settings["beta"]), feats,
                        pair_collator(tokenizer.pad_token_id), eval_fn, config, batch_size=settings["batch_size"],
                        extra=extra)

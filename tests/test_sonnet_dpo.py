@@ -89,3 +89,14 @@ def test_dpo_cli_starts_at_log_2_trains_and_writes_the_files(tmp_path):
 def test_dpo_flags_are_checked_while_parsing(bad):
     with pytest.raises(SystemExit):
         sonnet_generation.get_args(bad)
+
+
+def test_dpo_with_prompts_longer_than_max_length_is_a_clear_error(tmp_path):
+    from training.data import DataFormatError
+
+    torch.manual_seed(0)
+    save_model(GPT2Model(get_config("tiny")), tmp_path / "sonnet-model.pt")
+    with pytest.raises(DataFormatError, match="no room for a completion.*raise --max_length"):
+        sonnet_generation.main(["--dpo", "--checkpoint", str(tmp_path / "sonnet-model.pt"), "--dpo_samples", "2",
+                                "--epochs", "1", "--limit", "2", "--max_new_tokens", "4", "--max_length", "8",
+                                "--device", "cpu", *sonnet_data_flags(tmp_path)])
