@@ -5,6 +5,9 @@
     python sonnet_generation.py --decoding beam --num_beams 4 --no_repeat_ngram_size 3
     python sonnet_generation.py --generate_only --checkpoint runs/sonnet/full-model-gpt2/sonnet-model.pt --decoding mbr
     python sonnet_generation.py --model_size tiny --random_init --epochs 1 --limit 8 --max_new_tokens 24  # smoke run
+    python sonnet_generation.py --checkpoint runs/pretrain/tinyshakespeare/<run>/model.pt --lr 1e-3  # from pretrain.py
+    python sonnet_generation.py --dpo --checkpoint runs/sonnet/full-model-gpt2/<run>/sonnet-model.pt --epochs 2 \
+        --dpo_samples 4 --dpo_beta 0.1 --dpo_rank chrf                      # DPO on ranked samples
 
 Training: the LM loss over every real token of each sonnet (padding ignored, an EOS
 appended so the model learns where a sonnet ends), through the shared Trainer
@@ -13,6 +16,16 @@ dev prompts (the first 3 lines of each held-out sonnet) are completed and scored
 sacrebleu chrF against the true sonnets. Then ``predictions/generated_sonnets.txt``
 (test prompts) and ``predictions/generated_sonnets_dev.txt`` are written in the
 starter's format, and the best model is saved as a plain GPT-2 checkpoint.
+
+Evaluation, each epoch (``metrics.jsonl``): dev chrF, the held-out loss and perplexity of the
+whole true dev sonnets (the handout's metric; an EOS appended as in training), and the form of
+the generated dev sonnets (``form_*``: lines, syllables per line, rhyme adherence;
+``training.sonnet_form``). ``--early_stop_metric chrf|loss`` picks the best epoch by either;
+``--train_size F`` trains on a seeded random fraction F of the training sonnets and judges
+epochs on the rest, so the dev set only scores the final model. The final files' form goes to
+``<run>/form.json`` with dev chrF and perplexity. ``--checkpoint`` with training starts from a
+saved model (``pretrain.py``'s ``model.pt``); with ``--random_init`` too, from that architecture
+with fresh weights. ``--dpo`` preference-tunes a fine-tuned ``--checkpoint`` (``tasks.sonnet_dpo``).
 
 Decoding (``--decoding``): greedy, sample (temperature, top-k, top-p), beam, contrastive
 (``--penalty_alpha``, ``--top_k``) or mbr (``--mbr_candidates`` samples, keep the one
@@ -31,9 +44,14 @@ from typing import Any
 from models.fine_tune import default_lr, mode_names, modes_help
 from tasks.lm import add_attention_args, add_pretrain_args
 from tasks.sonnet import CONTRASTIVE_K, DECODINGS, run
+from tasks.sonnet_dpo import PAIRINGS, RANKINGS
+from tasks.sonnet_eval import EARLY_STOP_METRICS
 from training.cli import add_common_args, run_main
 from training.validation import (
     check_decoding,
+    float_in,
+    int_in,
+    non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
@@ -74,6 +92,24 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num_lines", type=positive_int, default=14, help="stop a sonnet when it has this many lines")
     g.add_argument("--gen_batch_size", type=positive_int, default=12, help="prompts decoded together")
     g.add_argument("--no_cache", action="store_true", help="decode without the key/value cache (slow; checks)")
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--early_stop_metric", choices=sorted(EARLY_STOP_METRICS), default="chrf",
+                   help="what picks the best epoch and stops early: dev chrF (higher) or dev sonnet loss (lower)")
+    g.add_argument("--train_size", type=float_in(0.0, 1.0, low_open=True), default=1.0,
+                   help="train on this seeded random fraction of the training sonnets and judge epochs on the "
+                        "rest instead of the dev sonnets (1: no split)")
+
+    g = parser.add_argument_group("DPO (preference tuning of a fine-tuned --checkpoint)")
+    g.add_argument("--dpo", action="store_true",
+                   help="sample --dpo_samples completions per training prompt, rank, pair, train with DPO")
+    g.add_argument("--dpo_beta", type=positive_float, default=0.1, help="how far the policy may leave the reference")
+    g.add_argument("--dpo_samples", type=int_in(2), default=4, help="sampled completions per training prompt")
+    g.add_argument("--dpo_rank", choices=RANKINGS, default="chrf",
+                   help="chrf against the true continuation, or form_score (lines, syllables, rhyme)")
+    g.add_argument("--dpo_pairs", choices=PAIRINGS, default="best_worst",
+                   help="best against worst per prompt, or every differently scored two")
+    g.add_argument("--dpo_min_margin", type=non_negative_float, default=0.0,
+                   help="pair only candidates whose scores differ by more than this")
     add_common_args(parser, batch_size=8, lr=None, epochs=50, hidden_dropout_prob=0.1, scheduler="linear",
                     warmup_ratio=0.1, patience=3)
     add_attention_args(parser)
@@ -86,6 +122,10 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.checkpoint = args.checkpoint or args.load  # the shared --load names the same thing here
     if args.generate_only and not args.checkpoint:
         parser.error("--generate_only needs --checkpoint PATH")
+    if args.dpo and (not args.checkpoint or args.generate_only or args.pretrain_corpus or args.random_init
+                     or args.epochs == 0):
+        parser.error("--dpo tunes a fine-tuned model: give --checkpoint PATH (a sonnet-model.pt) and --epochs >= 1, "
+                     "and no --generate_only, --pretrain_corpus or --random_init")
     return args
 
 

@@ -2,8 +2,9 @@
 and ``sonnet_generation.py --pretrain_corpus``) and fine-tuning on a list of texts (the
 sonnets), with one loss, ``causal_lm_loss``, through the shared engine.
 
-Pretraining reads the corpus as one token stream (write ``<|endoftext|>`` between documents
-if it has several), cuts it into blocks of the context length, and holds out a small tail of
+Pretraining reads the corpus as one token stream (a plain-text file as it is: write
+``<|endoftext|>`` between documents if it has several; a Poetry Foundation CSV as its poems
+joined by that token, ``--corpus_format``), cuts it into blocks of the context length, and holds out a small tail of
 blocks so that the best epoch is picked by held-out loss. Resume, checkpoints and logs are
 the Trainer's (``--resume`` continues from ``<output_dir>/last.pt``). The flags for sparse
 attention (``add_attention_args``) and for pretraining before fine-tuning
@@ -28,17 +29,25 @@ from tasks.common import fit_task, start
 from training.checkpoints import load_model, save_model
 from training.cli import build_from_args, default_output_dir, open_run, train_config_from_args
 from training.data import DataFormatError, PadCollator, encode, make_loader, read_text
+from training.poetry_corpus import FORMATS, is_poetry_csv, read_documents
 from training.trainer import EvalFn, TrainConfig, Trainer, count_lm_targets
 from training.validation import non_negative_int, positive_float, positive_int
+
+EOS_TEXT = "<|endoftext|>"  # GPT-2's end-of-text token as text: the tokenizer reads it as that one token
 
 # ----------------------------------------------------------------- data
 
 
-def read_corpus(path: str | Path) -> str:
-    """The corpus text; a clear error for a missing, binary or empty file."""
+def read_corpus(path: str | Path, fmt: str = "auto", separator: str = EOS_TEXT) -> str:
+    """The corpus text; a clear error for a missing, binary or empty file. A Poetry Foundation
+    CSV (``fmt`` ``csv``, or ``auto`` and a ``.csv`` name: ``training.poetry_corpus``) becomes its
+    poems joined by ``separator`` (GPT-2's end-of-text token), so that no poem runs into the next
+    and the model learns where one ends; ``text`` reads any file as one plain-text document."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretraining corpus {path} does not exist")
+    if fmt != "text" and (fmt == "csv" or is_poetry_csv(path)):
+        return separator.join(read_documents(path, "csv", verbose=True))
     text = read_text(path)
     if not text.strip():
         raise DataFormatError(path, None, "the corpus is empty; give a plain-text file with some text")
@@ -132,6 +141,7 @@ def pretrain_lm(
     held_out_fraction: float = 0.05,
     limit: int = 0,
     num_workers: int = 0,
+    corpus_format: str = "auto",
 ) -> dict[str, Any]:
     """Continue training ``model`` (a GPT2Model or a SonnetGPT; whatever of it
     requires grad) as a causal LM on ``corpus``; leaves the best held-out epoch's
@@ -139,12 +149,14 @@ def pretrain_lm(
 
     ``train_config`` is a ``training.trainer.TrainConfig`` (epochs, lr, output_dir,
     resume...); its metric is set to held-out loss. ``block_size`` 0 means the
-    model's context length. Returns the best held-out metrics with their epoch.
+    model's context length; ``corpus_format`` is ``read_corpus``'s ``fmt``. Returns the best
+    held-out metrics with their epoch.
     """
     lm = model if isinstance(model, SonnetGPT) else SonnetGPT(model)
     context = lm.gpt.config.max_position_embeddings
     block_size = min(block_size or context, context)
-    blocks = corpus_blocks(read_corpus(corpus), tokenizer, block_size, limit)
+    text = read_corpus(corpus, corpus_format, getattr(tokenizer, "eos_token", None) or EOS_TEXT)
+    blocks = corpus_blocks(text, tokenizer, block_size, limit)
     if not blocks:
         raise DataFormatError(corpus, None, "fewer than 2 tokens, nothing to learn; give a longer corpus")
     train, held = split_held_out(blocks, held_out_fraction)
@@ -185,12 +197,21 @@ def attention_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def add_pretrain_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``--pretrain_corpus`` and its epochs/batch/lr, for a task script that pretrains first."""
     g = parser.add_argument_group("causal-LM pretraining before fine-tuning")
-    g.add_argument("--pretrain_corpus", type=str, default=None, help="plain-text corpus (e.g. poems)")
+    g.add_argument("--pretrain_corpus", type=str, default=None,
+                   help="plain-text corpus or Poetry Foundation CSV (Title,Poem,Poet,Tags)")
+    add_corpus_format_arg(g, "--pretrain_corpus_format")
     g.add_argument("--pretrain_epochs", type=non_negative_int, default=10)
     g.add_argument("--pretrain_batch_size", type=positive_int, default=4)
     g.add_argument("--pretrain_lr", type=positive_float, default=1e-5)
     g.add_argument("--pretrain_block_size", type=non_negative_int, default=0, help="tokens per block (0: the context)")
     return parser
+
+
+def add_corpus_format_arg(group: Any, flag: str = "--corpus_format") -> None:
+    """The corpus-format flag of ``pretrain.py`` and of ``--pretrain_corpus``."""
+    group.add_argument(flag, choices=FORMATS, default="auto",
+                       help="csv: a Poetry Foundation CSV, its poems joined by <|endoftext|>; text: the file as "
+                            "it is; auto: csv for a .csv name")
 
 
 def pretrain_from_args(
@@ -203,7 +224,8 @@ def pretrain_from_args(
     cfg = train_config_from_args(args, device, epochs=args.pretrain_epochs, lr=args.pretrain_lr,
                                  output_dir=str(Path(output_dir) / "pretrain"), save_trainable_only=trainable_only)
     return pretrain_lm(model, tokenizer, args.pretrain_corpus, cfg, batch_size=args.pretrain_batch_size,
-                       block_size=args.pretrain_block_size, limit=args.limit, num_workers=args.num_workers)
+                       block_size=args.pretrain_block_size, limit=args.limit, num_workers=args.num_workers,
+                       corpus_format=getattr(args, "pretrain_corpus_format", "auto"))
 
 
 def run_pretraining(args: argparse.Namespace) -> dict[str, Any]:
@@ -216,7 +238,8 @@ def run_pretraining(args: argparse.Namespace) -> dict[str, Any]:
         model = load_model(args.load)
     cfg = train_config_from_args(args, device)
     best = pretrain_lm(model, tokenizer, args.corpus, cfg, batch_size=args.batch_size, block_size=args.max_length,
-                       held_out_fraction=args.held_out_fraction, limit=args.limit, num_workers=args.num_workers)
+                       held_out_fraction=args.held_out_fraction, limit=args.limit, num_workers=args.num_workers,
+                       corpus_format=args.corpus_format)
     save_model(model, Path(args.output_dir) / "model.pt", corpus=args.corpus)
     print(f"best held-out {best}; weights in {Path(args.output_dir) / 'model.pt'}")
     return best

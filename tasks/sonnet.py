@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from config import GPT2Config
 from models.generation import LineStop, generate, trim
+from models.gpt2 import GPT2Model
 from models.heads import SonnetGPT
 from models.inference import prepare_for_inference
 from models.loading import CheckpointError, load_tokenizer
@@ -22,11 +25,20 @@ from models.mbr import mbr_generate
 from modules.lora import unwrap_lora
 from tasks import common
 from tasks.common import build_task_model, loader_settings
-from tasks.lm import attention_overrides, fine_tune_lm, pretrain_from_args
+from tasks.lm import attention_overrides, fine_tune_lm, held_out_loss, pretrain_from_args
+from tasks.sonnet_dpo import dpo_fine_tune
+from tasks.sonnet_eval import (
+    EARLY_STOP_METRICS,
+    evaluate_sonnets,
+    loss_loader,
+    sonnet_prompt,
+    split_train,
+    write_form_report,
+)
 from training.checkpoints import load_checkpoint, load_model, load_model_state, save_model
-from training.cli import default_output_dir, open_run, train_config_from_args
+from training.cli import default_output_dir, fine_tune_config, open_run, train_config_from_args
 from training.course_data import read_sonnets, write_sonnets
-from training.data import PadCollator, encode
+from training.data import DataFormatError, PadCollator, encode
 from training.metrics import chrf
 
 DECODINGS = ("greedy", "sample", "beam", "contrastive", "mbr")
@@ -133,11 +145,37 @@ def load_sonnet_model(args: argparse.Namespace, path: str | Path) -> tuple[Sonne
 # ----------------------------------------------------------------- the run
 
 
+def model_for_training(args: argparse.Namespace) -> tuple[SonnetGPT, Any, bool]:
+    """(model, tokenizer, checkpoints hold only trainable parameters) to train: the ``--model_size``
+    model, or with ``--checkpoint`` a saved model (``pretrain.py``'s ``model.pt`` or a
+    ``sonnet-model.pt``; a Trainer checkpoint is continued with ``--resume`` instead) with the
+    fine-tune mode applied. With ``--random_init`` as well, the checkpoint gives only the
+    architecture: the same model with fresh weights, the baseline that shows what its training
+    was worth. ``--hidden_dropout_prob`` replaces the saved model's dropout."""
+    if not args.checkpoint:
+        return build_sonnet_model(args)
+    overrides = dict(hidden_dropout_prob=args.hidden_dropout_prob)
+    if args.random_init:
+        saved = load_checkpoint(args.checkpoint)
+        if "config" not in saved:
+            raise CheckpointError(f"{args.checkpoint} is not a saved model; --random_init --checkpoint takes the "
+                                  "architecture of a model file (model.pt, sonnet-model.pt)")
+        gpt = GPT2Model(GPT2Config.from_dict({**saved["config"], **overrides}))
+        print(f"random weights in the architecture of {args.checkpoint}")
+    else:
+        gpt = load_model(args.checkpoint, **overrides)
+        print(f"starting from {args.checkpoint}")
+    model = SonnetGPT(gpt)
+    return model, load_tokenizer(args.tokenizer), common.prepare_model(model, fine_tune_config(args))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """``sonnet_generation.py``: train (unless ``--generate_only`` or ``--epochs 0``), then
-    write both prediction files."""
+    """``sonnet_generation.py``: train (unless ``--generate_only`` or ``--epochs 0``; with ``--dpo``
+    by preference tuning, ``tasks.sonnet_dpo``), then write both prediction files and the form
+    of each (``form.json`` in the run folder)."""
     trains = not args.generate_only and (args.epochs > 0 or bool(args.pretrain_corpus))
-    out_dir = open_run(args, default_output_dir("sonnet", f"{args.fine_tune_mode}-{Path(args.model_size).name}"),
+    out_dir = open_run(args, default_output_dir("sonnet", f"{'dpo' if args.dpo else args.fine_tune_mode}-"
+                                                          f"{Path(args.model_size).name}"),
                        outputs=(args.sonnet_out, args.dev_sonnet_out), trains=trains, model_flag="checkpoint")
     args.generate_only = not trains  # --epochs 0: decode with the --checkpoint model, save nothing
     device = common.start(args)
@@ -148,28 +186,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if len(dev_prompts) != len(dev_refs):
         raise SystemExit(f"{args.dev_held_out_sonnet_path} has {len(dev_prompts)} prompts but "
                          f"{args.dev_true_sonnet_path} has {len(dev_refs)} sonnets")
+    try:
+        train, valid = split_train(train, args.train_size, args.seed)
+    except ValueError as e:
+        raise DataFormatError(args.sonnet_path, None, f"{e}; change --train_size or --limit") from None
     if args.generate_only:
         model, tokenizer = load_sonnet_model(args, args.checkpoint)
         print(f"loaded {args.checkpoint}")
     else:
-        model, tokenizer, trainable_only = build_sonnet_model(args)
+        model, tokenizer, trainable_only = model_for_training(args)
     model.to(device)
     kw = decoding_kwargs(args, tokenizer)
     mbr = args.mbr_candidates if args.decoding == "mbr" else 0
     complete_kw = dict(batch_size=args.gen_batch_size, seed=args.seed, mbr_candidates=mbr)
     dev_texts = [s.text for s in dev_prompts]
-    print(f"{len(train)} training sonnets, {len(dev_prompts)} dev and {len(test_prompts)} test prompts; "
-          f"decoding: {describe(args)}")
+    print(f"{len(train)} training sonnets{f' ({len(valid)} more validate)' if valid else ''}, {len(dev_prompts)} "
+          f"dev and {len(test_prompts)} test prompts; decoding: {describe(args)}")
+
+    def complete(m: nn.Module, prompts: Sequence[str]) -> list[str]:
+        return complete_prompts(m, tokenizer, prompts, kw, **complete_kw)
+
+    loss_batch = max(1, args.gen_batch_size)
+    max_length = args.max_length or model.gpt.config.max_position_embeddings
+    dev_loss = loss_loader(dev_refs, tokenizer, max_length, loss_batch)
+    if valid:  # --train_size: epochs are judged on the held-back training sonnets, never on dev
+        val_prompts, val_refs = [sonnet_prompt(t) for t in valid], valid
+        val_loss = loss_loader(valid, tokenizer, max_length, loss_batch)
+    else:
+        val_prompts, val_refs, val_loss = dev_texts, dev_refs, dev_loss
+    eval_fn = lambda m: evaluate_sonnets(m, complete, val_prompts, val_refs, val_loss)  # noqa: E731
 
     best: dict[str, Any] = {}
     if args.pretrain_corpus and not args.generate_only:  # causal-LM pretraining on a corpus first
         pretrain_from_args(model, tokenizer, args, device, out_dir, trainable_only)
     if not args.generate_only and args.epochs > 0:
-        cfg = train_config_from_args(args, device, metric="chrf", output_dir=str(out_dir),
+        cfg = train_config_from_args(args, device, metric=args.early_stop_metric, output_dir=str(out_dir),
+                                     mode=EARLY_STOP_METRICS[args.early_stop_metric],
                                      save_trainable_only=trainable_only)
-        best, _ = fine_tune_lm(model, tokenizer, train,
-                               lambda m: dev_chrf(m, tokenizer, dev_texts, dev_refs, kw, **complete_kw), cfg,
-                               max_length=args.max_length, extra={"args": vars(args)}, **loader_settings(args))
+        if args.dpo:
+            sample_args = argparse.Namespace(**{**vars(args), "decoding": "sample"})
+            sample_kw = decoding_kwargs(sample_args, tokenizer)
+            best = dpo_fine_tune(
+                model, tokenizer, train,
+                lambda prompts: complete_prompts(model, tokenizer, prompts, sample_kw, **{**complete_kw,
+                                                                                          "mbr_candidates": 0}),
+                eval_fn, cfg, dpo_settings(args), source=args.sonnet_path, extra={"args": vars(args)})
+        else:
+            best, _ = fine_tune_lm(model, tokenizer, train, eval_fn, cfg, max_length=args.max_length,
+                                   extra={"args": vars(args)}, **loader_settings(args))
     if not args.generate_only:
         unwrap_lora(model)  # a plain GPT-2: loads without adapter code and decodes faster
         path = out_dir / "sonnet-model.pt"
@@ -183,9 +247,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"wrote {out}")
         result[name] = texts
     result["dev_chrf"] = chrf(result["dev"], dev_refs)
-    print(f"dev chrF {result['dev_chrf']:.2f} ({describe(args)})\n\n{result['test'][0]}")
+    model.eval()
+    with torch.no_grad():
+        held = held_out_loss(model, dev_loss)
+    result["dev_loss"], result["dev_perplexity"] = held["loss"], held["perplexity"]
+    print(f"dev chrF {result['dev_chrf']:.2f}, dev sonnet loss {held['loss']:.4f} (perplexity "
+          f"{held['perplexity']:.2f}) ({describe(args)})")
+    scores = {k: result[k] for k in ("dev_chrf", "dev_loss", "dev_perplexity")}
+    result["form"] = write_form_report(out_dir, {"dev": result["dev"], "test": result["test"]},
+                                       {**scores, "decoding": describe(args)})
+    print(f"\n{result['test'][0]}")
     return result
 
 
+def dpo_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``tasks.sonnet_dpo.dpo_fine_tune``'s settings from the ``--dpo_*`` flags."""
+    return dict(samples=args.dpo_samples, rank=args.dpo_rank, pairs=args.dpo_pairs, min_margin=args.dpo_min_margin,
+                beta=args.dpo_beta, batch_size=args.batch_size, max_length=args.max_length)
+
+
 __all__ = ["CONTRASTIVE_K", "DECODINGS", "build_sonnet_model", "complete_prompts", "decoding_kwargs", "describe",
-           "dev_chrf", "load_sonnet_model", "run"]
+           "dev_chrf", "dpo_settings", "load_sonnet_model", "model_for_training", "run"]

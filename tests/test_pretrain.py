@@ -136,3 +136,37 @@ def test_sonnet_cli_pretrains_then_fine_tunes_with_lora_and_sparse_attention(tmp
     saved = torch.load(run / "sonnet-model.pt", weights_only=True)
     assert saved["config"]["attn_pattern"] == "window" and saved["config"]["attn_window"] == 8
     assert (tmp_path / "gen.txt").read_text().startswith("--Generated Sonnets--")
+
+
+POEMS_CSV = ('Title,Poem,Poet,Tags\n'
+             '"One","Shall I compare thee\r\r\nto a summer\'s day?",Will,\n'
+             '"Two","  Thou art more lovely\r\r\n  and more temperate.",Will,"Love,Nature"\n')
+
+
+def test_a_poetry_csv_corpus_is_its_poems_joined_by_the_end_of_text_token(tmp_path, tokenizer):
+    csv_path = tmp_path / "poems.csv"
+    csv_path.write_text(POEMS_CSV)
+    text = read_corpus(csv_path)
+    assert text == "Shall I compare thee\nto a summer's day?<|endoftext|>Thou art more lovely\nand more temperate."
+    assert read_corpus(csv_path, "text") == POEMS_CSV  # --corpus_format text: the file as it is
+    plain = tmp_path / "poems.txt"
+    plain.write_text(POEMS_CSV)
+    assert read_corpus(plain) == POEMS_CSV and read_corpus(plain, "csv") == text  # auto goes by the suffix
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(tokenizer.eos_token_id) == 1  # one token between the poems, not its characters
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Title,Text\nOne,two\n")
+    with pytest.raises(ValueError, match="bad.csv:1: .*no Poem column"):
+        read_corpus(bad)
+
+
+def test_cli_pretrains_on_a_poetry_csv(tmp_path):
+    corpus = tmp_path / "poems.csv"
+    corpus.write_text(POEMS_CSV + "".join(f'"T{i}","Line {i} of a poem\r\r\nand its second line",P,\n'
+                                          for i in range(20)))
+    out = tmp_path / "cli"
+    best = main(["--corpus", str(corpus), "--model_size", "tiny", "--random_init", "--epochs", "1",
+                 "--max_length", "32", "--limit", "4", "--output_dir", str(out), "--no_progress", "--device", "cpu"])
+    assert (out / "model.pt").exists() and best["loss"] > 0
+    with pytest.raises(SystemExit):
+        main(["--corpus", str(corpus), "--corpus_format", "json"])

@@ -69,8 +69,9 @@ def check_config(saved: dict[str, Any], config: GPT2Config, path: str | Path) ->
         raise CheckpointError(f"{path} was saved from another model config ({detail})")
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
-    """A GPT2Model saved with ``save_model``."""
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", **config_overrides: Any):
+    """A GPT2Model saved with ``save_model``; ``config_overrides`` change fields of its config that
+    do not touch the weights (e.g. ``hidden_dropout_prob`` for a model trained further)."""
     from models.gpt2 import GPT2Model
 
     ckpt = load_checkpoint(path, map_location)
@@ -78,7 +79,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
         kind = "a training-engine checkpoint (best.pt, last.pt)" if "train_config" in ckpt else "not a saved model"
         raise CheckpointError(f"{path} is {kind}, not a model saved by a task script; pass the model file the "
                               "run wrote (e.g. <output_dir>/paraphrase-model.pt or sonnet-model.pt)")
-    model = GPT2Model(GPT2Config.from_dict(ckpt["config"]))
+    model = GPT2Model(GPT2Config.from_dict({**ckpt["config"], **config_overrides}))
     model.load_state_dict(ckpt["model"])
     return model
 

@@ -19,8 +19,10 @@ def append_record(path: str | Path, record: Mapping[str, Any]) -> None:
 
 
 def plot_curves(history: Sequence[Mapping[str, Any]], metric: str, path: str | Path) -> None:
-    """Training loss and the selection metric per epoch, side by side, saved as a PNG at ``path``.
-    ``history`` holds the Trainer's epoch records (``epoch``, ``train_loss``, ``dev``)."""
+    """Losses and a dev metric per epoch, side by side, saved as a PNG at ``path``. ``history``
+    holds the Trainer's epoch records (``epoch``, ``train_loss``, ``dev``). A dev ``loss`` (held-out
+    cross-entropy) is drawn beside the training loss; the right panel shows the selection
+    ``metric``, or when that is the dev loss, the first other dev metric (e.g. chrF)."""
     import matplotlib
     import matplotlib.ticker
 
@@ -28,13 +30,19 @@ def plot_curves(history: Sequence[Mapping[str, Any]], metric: str, path: str | P
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
+    dev_names = list(history[-1]["dev"]) if history else []
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.plot(epochs, [h["train_loss"] if h["train_loss"] is not None else float("nan") for h in history],
-           marker="o")
-    a.set(xlabel="epoch", ylabel="training loss", title="training loss")
-    dev = [h["dev"].get(metric, float("nan")) for h in history]
+           marker="o", label="training")
+    if "loss" in dev_names:
+        a.plot(epochs, [h["dev"].get("loss", float("nan")) for h in history], marker="o", label="dev")
+        a.legend()
+    a.set(xlabel="epoch", ylabel="loss", title="loss")
+    shown = metric if metric != "loss" or "loss" not in dev_names else next(
+        (k for k in dev_names if k not in ("loss", "perplexity")), metric)
+    dev = [h["dev"].get(shown, float("nan")) for h in history]
     b.plot(epochs, dev, marker="o", color="tab:orange")
-    b.set(xlabel="epoch", ylabel=metric, title=f"dev {metric}")
+    b.set(xlabel="epoch", ylabel=shown, title=f"dev {shown}")
     for ax in (a, b):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()

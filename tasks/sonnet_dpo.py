@@ -1,0 +1,132 @@
+"""DPO on sonnets (``sonnet_generation.py --dpo``): the handout's preference-tuning extension.
+
+From a fine-tuned sonnet model: prompt it with the first 3 lines of each training sonnet,
+sample ``--dpo_samples`` completions per prompt, score each (``--dpo_rank chrf``: chrF against
+the sonnet's true continuation; ``form``: ``training.sonnet_form.form_score`` of the whole
+sonnet), pair the better against the worse (``training.dpo.build_pairs``), and train the model
+with the DPO loss against a frozen copy of itself (``--dpo_beta``) on the shared Trainer. The
+pairs are written to ``<run>/dpo_pairs.jsonl``.
+
+Dropout is switched off in the policy (and the reference is in eval mode), so at the first
+step the policy equals the reference and the loss is exactly log 2; with dropout the two
+would disagree from the start and the implicit reward would be noise. Candidates are sampled
+with the sampling settings (``--temperature``, ``--top_p``, ``--top_k``) whatever ``--decoding``
+says: pairs need different completions; ``--decoding`` applies to the prediction files.
+Completions that are empty (the model ended the sonnet at once) cannot be scored by
+log-probability and are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tasks.common import fit_task
+from tasks.sonnet_eval import sonnet_prompt
+from training.data import DataFormatError
+from training.dpo import build_pairs, chrf_scores, encode_pair, frozen_reference, make_dpo_loss_fn, pair_collator
+from training.sonnet_form import form_score
+from training.trainer import EvalFn, TrainConfig
+
+RANKINGS = ("chrf", "form")
+PAIRINGS = ("best_worst", "all")
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Every dropout of ``model`` set to 0 (``nn.Dropout`` modules, LoRA's included, and the
+    attention-probability dropout that ``modules.attention`` applies functionally)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attn_dropout", None), float):
+            m.attn_dropout = 0.0
+    return model
+
+
+def prompts_and_continuations(texts: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(prompt, true continuation) of each training sonnet longer than its prompt: the first 3
+    lines, and the text after them."""
+    prompts, rest = [], []
+    for t in texts:
+        p = sonnet_prompt(t)
+        tail = t.strip()[len(p):]
+        if tail.strip():
+            prompts.append(p)
+            rest.append(tail)
+    return prompts, rest
+
+
+def sample_completions(complete: Callable[[Sequence[str]], list[str]], prompts: Sequence[str],
+                       n: int) -> list[list[str]]:
+    """``n`` sampled completions (the text after the prompt) of each prompt, in one batched
+    decode of every prompt repeated ``n`` times; empty completions dropped."""
+    texts = complete([p for p in prompts for _ in range(n)])
+    out = []
+    for i, p in enumerate(prompts):
+        rows = texts[i * n:(i + 1) * n]
+        out.append([t[len(p):] for t in rows if t.startswith(p) and t[len(p):].strip()])
+    return out
+
+
+def score_completions(prompts: Sequence[str], continuations: Sequence[str], candidates: Sequence[Sequence[str]],
+                      rank: str) -> list[list[float]]:
+    """Each candidate's score (higher is better): chrF against the true continuation, or the
+    form score of prompt + candidate."""
+    if rank not in RANKINGS:
+        raise ValueError(f"rank must be one of {RANKINGS}, got {rank!r}")
+    if rank == "chrf":
+        return [chrf_scores(c, ref) if c else [] for c, ref in zip(candidates, continuations, strict=True)]
+    return [[form_score(p + c) for c in cs] for p, cs in zip(prompts, candidates, strict=True)]
+
+
+def dpo_fine_tune(
+    model: nn.Module,
+    tokenizer: Any,
+    train_texts: Sequence[str],
+    complete: Callable[[Sequence[str]], list[str]],
+    eval_fn: EvalFn | None,
+    config: TrainConfig,
+    settings: Mapping[str, Any],
+    *,
+    source: str | Path = "training sonnets",
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Sample, rank and pair completions of the training prompts with ``model`` (``complete``:
+    prompts -> sampled full texts), then DPO-train it in place against a frozen copy; leaves
+    the best epoch's weights in ``model``. ``settings``: ``samples``, ``rank``, ``pairs``,
+    ``min_margin``, ``beta``, ``batch_size``, ``max_length``. Returns the best dev metrics."""
+    disable_dropout(model)
+    reference = frozen_reference(model)
+    prompts, continuations = prompts_and_continuations(train_texts)
+    candidates = sample_completions(complete, prompts, settings["samples"])
+    scores = score_completions(prompts, continuations, candidates, settings["rank"])
+    pairs = build_pairs(prompts, candidates, scores, strategy=settings["pairs"], min_margin=settings["min_margin"])
+    if not pairs:
+        raise DataFormatError(source, None, f"no preference pairs from {len(prompts)} prompts x "
+                                            f"{settings['samples']} samples: every prompt's candidates scored "
+                                            "alike; sample more (--dpo_samples) or lower --dpo_min_margin")
+    mean_margin = sum(p.margin for p in pairs) / len(pairs)
+    print(f"DPO: {len(pairs)} pairs from {len(prompts)} prompts x {settings['samples']} samples, ranked by "
+          f"{settings['rank']} (mean margin {mean_margin:.3f}), beta {settings['beta']}")
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "dpo_pairs.jsonl", "w") as f:
+        for p in pairs:
+            f.write(json.dumps(p.__dict__) + "\n")
+    max_length = settings["max_length"] or model.gpt.config.max_position_embeddings
+    try:
+        feats = [encode_pair(tokenizer, p, max_length) for p in pairs]
+    except ValueError as e:  # a prompt that fills --max_length leaves nothing to score
+        raise DataFormatError(source, None, f"{e}; raise --max_length") from None
+    best, _ = fit_task(model, make_dpo_loss_fn(reference, settings["beta"]), feats,
+                       pair_collator(tokenizer.pad_token_id), eval_fn, config, batch_size=settings["batch_size"],
+                       extra=extra)
+    return best
+
+
+__all__ = ["PAIRINGS", "RANKINGS", "disable_dropout", "dpo_fine_tune", "prompts_and_continuations",
+           "sample_completions", "score_completions"]
