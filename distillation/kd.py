@@ -4,7 +4,7 @@ student: a 2-layer LSTM on GPT-2 token embeddings, or a ``tiny`` GPT-2.
 
 Loss: alpha * T^2 * KL(teacher soft labels || student) + (1 - alpha) * CE
 (``distillation.kd_loss``). The same student trained with alpha = 0 (no teacher)
-is the baseline; both dev accuracies are reported together, with the teacher's.
+is the baseline; both students' dev scores are reported together, with the teacher's.
 The teacher's logits are computed once over the training set (it is frozen and
 in eval mode, so they never change). Every result carries the dev accuracy and Matthews
 correlation; on CoLA the best epoch is picked by Matthews correlation, GLUE's CoLA metric.
@@ -157,8 +157,7 @@ def run(args: argparse.Namespace) -> dict:
         for f, t in zip(feats[split], t_logits):
             f["teacher_logits"] = t
     teacher_dev = metrics_of(teacher, make_eval_loader(feats["dev"], collate, args.batch_size), labels["dev"])
-    teacher_acc = teacher_dev["accuracy"]
-    results: dict[str, Any] = {"teacher": {"dev_accuracy": teacher_acc,
+    results: dict[str, Any] = {"teacher": {"dev_accuracy": teacher_dev["accuracy"],
                                            "dev_matthews_corr": teacher_dev["matthews_corr"],
                                            "checkpoint": str(args.teacher),
                                            "model_size": teacher_args.model_size,
