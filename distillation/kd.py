@@ -1,12 +1,13 @@
-"""``kd``: knowledge distillation of a fine-tuned GPT-2 sentiment classifier (the
-teacher, a checkpoint written by ``classifier.py``) into a small student: a
-2-layer LSTM on GPT-2 token embeddings, or a ``tiny`` GPT-2.
+"""``kd``: knowledge distillation of a fine-tuned GPT-2 sentence classifier (the
+teacher, a checkpoint written by ``classifier.py`` on SST, CFIMDB or CoLA) into a small
+student: a 2-layer LSTM on GPT-2 token embeddings, or a ``tiny`` GPT-2.
 
 Loss: alpha * T^2 * KL(teacher soft labels || student) + (1 - alpha) * CE
 (``distillation.kd_loss``). The same student trained with alpha = 0 (no teacher)
-is the baseline; both dev accuracies are reported together, with the teacher's.
+is the baseline; both students' dev scores are reported together, with the teacher's.
 The teacher's logits are computed once over the training set (it is frozen and
-in eval mode, so they never change).
+in eval mode, so they never change). Every result carries the dev accuracy and Matthews
+correlation; on CoLA the best epoch is picked by Matthews correlation, GLUE's CoLA metric.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ DEFAULTS = {"batch_size": 32, "lr": 1e-3, "epochs": 5, "hidden_dropout_prob": 0.
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True,
                    help="classifier.py checkpoint (e.g. runs/classifier/full-model-sst/best.pt)")
-    p.add_argument("--dataset", choices=("sst", "cfimdb"), default="sst")
-    p.add_argument("--train", default=None, help="default data/ids-<dataset>-train.csv")
-    p.add_argument("--dev", default=None, help="default data/ids-<dataset>-dev.csv")
+    from tasks.sentiment import DATASETS
+
+    p.add_argument("--dataset", choices=DATASETS, default="sst")
+    p.add_argument("--train", default=None, help="default data/ids-<dataset>-train.csv (CoLA: data/cola-train.tsv)")
+    p.add_argument("--dev", default=None, help="default data/ids-<dataset>-dev.csv (CoLA: data/cola-dev.tsv)")
     p.add_argument("--student", choices=("lstm", "tiny"), default="lstm")
     p.add_argument("--student_hidden", type=positive_int, default=768, help="LSTM hidden size")
     p.add_argument("--alpha", type=unit_interval, default=0.5, help="weight of the soft (teacher) term")
@@ -47,11 +50,11 @@ def load_teacher(path: str | Path, device: torch.device, dataset: str | None = N
     5-way students of a 2-class task) is refused before anything is built."""
     from models.fine_tune import FineTuneConfig, set_fine_tune_mode
     from models.gpt2 import build_model
-    from models.heads import GPT2SentimentClassifier
+    from models.heads import GPT2SentimentClassifier, pooling_of
     from models.loading import CheckpointError, load_tokenizer
+    from tasks.sentiment import NUM_LABELS
     from training.checkpoints import load_checkpoint, load_model_state
     from training.cli import fine_tune_config, seed_everything
-    from training.course_data import SENTIMENT_LABELS
 
     ckpt = load_checkpoint(path, device)
     extra = ckpt.get("extra", {})
@@ -60,14 +63,14 @@ def load_teacher(path: str | Path, device: torch.device, dataset: str | None = N
                               "pass --teacher runs/classifier/<mode>-<dataset>/best.pt")
     if dataset is not None:
         theirs, n = extra.get("dataset"), extra["num_labels"]
-        if theirs != dataset or n != len(SENTIMENT_LABELS[dataset]):
+        if theirs != dataset or n != NUM_LABELS[dataset]:
             raise CheckpointError(f"{path}: the teacher was trained on {theirs} ({n} labels) but --dataset {dataset} "
-                                  f"has {len(SENTIMENT_LABELS[dataset])}; pass a teacher trained on {dataset} "
+                                  f"has {NUM_LABELS[dataset]}; pass a teacher trained on {dataset} "
                                   f"or --dataset {theirs}")
     a = argparse.Namespace(**extra["args"])
     seed_everything(a.seed)
     gpt = build_model(a.model_size, a.random_init)
-    model = GPT2SentimentClassifier(gpt, extra["num_labels"], a.hidden_dropout_prob)
+    model = GPT2SentimentClassifier(gpt, extra["num_labels"], a.hidden_dropout_prob, pooling_of(extra))
     # Checkpoints written before the config was saved carry only the flags (maybe without --use_dora).
     fine_tune = FineTuneConfig.from_dict(extra["fine_tune"]) if "fine_tune" in extra else fine_tune_config(a)
     set_fine_tune_mode(model, fine_tune, model.head)
@@ -83,10 +86,11 @@ def logits_of(model, loader) -> list[list[float]]:
     return predict_in_order(model, loader, logits)
 
 
-def accuracy_of(model, loader, labels: list[int]) -> float:
-    from training.metrics import accuracy
+def metrics_of(model, loader, labels: list[int]) -> dict[str, float]:
+    """Accuracy, macro-F1 and Matthews correlation of the model's predictions."""
+    from training.metrics import classification_metrics
 
-    return accuracy(labels, [max(range(len(x)), key=x.__getitem__) for x in logits_of(model, loader)])
+    return classification_metrics(labels, [max(range(len(x)), key=x.__getitem__) for x in logits_of(model, loader)])
 
 
 def build_student(kind: str, teacher, num_labels: int, args: argparse.Namespace) -> torch.nn.Module:
@@ -103,6 +107,7 @@ def train_student(args: argparse.Namespace, teacher, feats: dict[str, list[dict[
                   name: str, device: torch.device, collate, dev_labels: list[int]) -> dict[str, Any]:
     from models.fine_tune import count_parameters
     from tasks.common import fit_task
+    from tasks.sentiment import SELECTION_METRIC
     from training.cli import seed_everything, train_config_from_args
     from training.data import make_eval_loader
 
@@ -118,30 +123,31 @@ def train_student(args: argparse.Namespace, teacher, feats: dict[str, list[dict[
         return kd_loss(logits.float(), teacher_logits, batch["labels"], alpha, args.temperature)
 
     out_dir = Path(args.output_dir or f"runs/kd/{args.dataset}-{args.student}") / name
-    cfg = train_config_from_args(args, device, metric="accuracy", output_dir=str(out_dir))
-    best, trainer = fit_task(student, loss_fn, feats["train"], collate,
-                             lambda m: {"accuracy": accuracy_of(m, dev_loader, dev_labels)}, cfg,
-                             batch_size=args.batch_size,
+    cfg = train_config_from_args(args, device, metric=SELECTION_METRIC[args.dataset], output_dir=str(out_dir))
+    best, trainer = fit_task(student, loss_fn, feats["train"], collate, lambda m: metrics_of(m, dev_loader, dev_labels),
+                             cfg, batch_size=args.batch_size,
                              extra={"alpha": alpha, "temperature": args.temperature, "student": args.student})
-    return {"dev_accuracy": best.get("accuracy"), "best_epoch": best.get("epoch"), "alpha": alpha,
+    return {"dev_accuracy": best.get("accuracy"), "dev_matthews_corr": best.get("matthews_corr"),
+            "best_epoch": best.get("epoch"), "alpha": alpha,
             "trainable_parameters": n_train, "parameters": n_total, "checkpoint": str(trainer.best_checkpoint)}
 
 
 def run(args: argparse.Namespace) -> dict:
+    from tasks.sentiment import default_path, read_split
     from training.cli import pick_device, seed_everything
-    from training.course_data import SENTIMENT_LABELS, read_sentiment, sentiment_features
+    from training.course_data import sentiment_features
     from training.data import PadCollator, make_eval_loader
 
     seed_everything(args.seed)
     device = pick_device(args.use_gpu, args.device)
     teacher, tokenizer, teacher_args = load_teacher(args.teacher, device, args.dataset)
-    paths = {"train": args.train or f"data/ids-{args.dataset}-train.csv",
-             "dev": args.dev or f"data/ids-{args.dataset}-dev.csv"}
+    paths = {"train": args.train or default_path(args.dataset, "train"),
+             "dev": args.dev or default_path(args.dataset, "dev")}
     max_len = args.max_length or min(512, teacher.gpt.config.max_position_embeddings)
     collate = PadCollator(tokenizer.pad_token_id)
     feats, labels = {}, {}
     for split, path in paths.items():
-        rows = read_sentiment(path, limit=args.limit, labels=SENTIMENT_LABELS[args.dataset])
+        rows = read_split(args.dataset, path, limit=args.limit)
         if any(r.label is None for r in rows):
             raise SystemExit(f"{path}: no 'sentiment' column; kd needs labels")
         feats[split] = sentiment_features(rows, tokenizer, max_len, f"{args.dataset} {split}")
@@ -150,8 +156,10 @@ def run(args: argparse.Namespace) -> dict:
         t_logits = logits_of(teacher, make_eval_loader(feats[split], collate, args.batch_size))
         for f, t in zip(feats[split], t_logits):
             f["teacher_logits"] = t
-    teacher_acc = accuracy_of(teacher, make_eval_loader(feats["dev"], collate, args.batch_size), labels["dev"])
-    results: dict[str, Any] = {"teacher": {"dev_accuracy": teacher_acc, "checkpoint": str(args.teacher),
+    teacher_dev = metrics_of(teacher, make_eval_loader(feats["dev"], collate, args.batch_size), labels["dev"])
+    results: dict[str, Any] = {"teacher": {"dev_accuracy": teacher_dev["accuracy"],
+                                           "dev_matthews_corr": teacher_dev["matthews_corr"],
+                                           "checkpoint": str(args.teacher),
                                            "model_size": teacher_args.model_size,
                                            "fine_tune_mode": teacher_args.fine_tune_mode}}
     results["kd"] = train_student(args, teacher, feats, args.alpha, "kd", device, collate, labels["dev"])
@@ -163,9 +171,10 @@ def run(args: argparse.Namespace) -> dict:
                             "epochs": args.epochs, "batch_size": args.batch_size, "limit": args.limit},
                "seed": args.seed}
     write_summary(out, "kd", **summary)
-    line = f"{args.dataset} dev accuracy: teacher {teacher_acc:.3f}, student+KD {results['kd']['dev_accuracy']:.3f}"
-    if "baseline" in results:
-        line += f", student alone {results['baseline']['dev_accuracy']:.3f}"
-    print(line)
+    for key, name in (("dev_accuracy", "accuracy"), ("dev_matthews_corr", "Matthews corr.")):
+        line = f"{args.dataset} dev {name}: teacher {results['teacher'][key]:.3f}, student+KD {results['kd'][key]:.3f}"
+        if "baseline" in results:
+            line += f", student alone {results['baseline'][key]:.3f}"
+        print(line)
     print(json.dumps(results, indent=2))
     return summary

@@ -8,32 +8,51 @@ Add new task heads below the sentiment classifier.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from models.gpt2 import GPT2Model
+from models.pooling import POOLINGS, pool
 
 
 class GPT2SentimentClassifier(nn.Module):
-    """GPT-2, dropout, and a linear layer on the hidden state of the last real token
-    (the course starter's design: with causal attention only that position has read
-    the whole sentence)."""
+    """GPT-2, dropout, and a linear layer on a sentence representation: by default the hidden
+    state of the last real token (the course starter's design: with causal attention only that
+    position has read the whole sentence), or with ``pooling="mean"`` the mean over the real
+    tokens (``models.pooling``; the same under left and right padding). The pooling has no
+    parameters, so a checkpoint does not show it: runs save it beside the weights
+    (``extra["pooling"]``) and rebuild the head with ``pooling_of(extra)``."""
 
     head = ("classifier",)
 
-    def __init__(self, gpt: GPT2Model, num_labels: int, hidden_dropout_prob: float = 0.3) -> None:
+    def __init__(self, gpt: GPT2Model, num_labels: int, hidden_dropout_prob: float = 0.3,
+                 pooling: str = "last") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.gpt = gpt
         self.num_labels = num_labels
+        self.pooling = pooling
         self.dropout = nn.Dropout(hidden_dropout_prob)
         self.classifier = nn.Linear(gpt.config.hidden_size, num_labels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids and mask -> (B, num_labels) logits."""
-        last_token = self.gpt(input_ids, attention_mask)["last_token"]  # (B, d)
-        return self.classifier(self.dropout(last_token))  # (B, num_labels)
+        out = self.gpt(input_ids, attention_mask)
+        if self.pooling == "last":
+            sentence = out["last_token"]  # (B, d)
+        else:
+            sentence = pool(out["last_hidden_state"], attention_mask, self.pooling)  # (B, d)
+        return self.classifier(self.dropout(sentence))  # (B, num_labels)
+
+
+def pooling_of(extra: Mapping[str, Any]) -> str:
+    """The pooling a classifier checkpoint's ``extra`` records (``extra["pooling"]``, else its saved
+    flags); checkpoints written before ``--pooling`` existed used the last token."""
+    return extra.get("pooling") or extra.get("args", {}).get("pooling") or "last"
 
 
 YES_TOKEN_ID = 8505  # GPT-2's "yes"
@@ -76,10 +95,21 @@ class ClozeParaphraseScorer(nn.Module):
         """Cross-entropy of the right answer token for 0/1 ``labels`` (B,): among the two
         answers only (a binary classifier; the default), or over the whole vocabulary (the
         starter's loss, which also spends effort pushing every other token down)."""
+        return self.answer_loss(self.scores(input_ids, attention_mask, full_vocab), labels, full_vocab)
+
+    def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               full_vocab: bool = False) -> torch.Tensor:
+        """The logits ``loss`` reads: (B, V) over the vocabulary with ``full_vocab``, else the
+        (B, 2) answer logits (what the training objectives regularise)."""
+        return self(input_ids, attention_mask) if full_vocab else self.answer_logits(input_ids, attention_mask)
+
+    @classmethod
+    def answer_loss(cls, logits: torch.Tensor, labels: torch.Tensor, full_vocab: bool = False) -> torch.Tensor:
+        """Cross-entropy of the right answer for 0/1 ``labels`` given ``scores``' logits."""
         if full_vocab:
-            targets = torch.tensor(self.answer_ids, device=labels.device)[labels]  # (B,) token ids
-            return nn.functional.cross_entropy(self(input_ids, attention_mask).float(), targets)
-        return nn.functional.cross_entropy(self.answer_logits(input_ids, attention_mask).float(), labels)
+            targets = torch.tensor(cls.answer_ids, device=labels.device)[labels]  # (B,) token ids
+            return nn.functional.cross_entropy(logits.float(), targets)
+        return nn.functional.cross_entropy(logits.float(), labels)
 
     def p_yes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) probability of "yes" given that the answer is "yes" or "no"."""

@@ -26,9 +26,11 @@ import torch
 from torch import nn
 
 from models.fine_tune import FineTuneConfig, count_parameters, set_fine_tune_mode
-from training.cli import build_from_args, fine_tune_config, pick_device, seed_everything
+from training.cli import add_common_args, build_from_args, fine_tune_config, pick_device, seed_everything
 from training.data import make_loader
-from training.trainer import CountFn, EvalFn, LossFn, TrainConfig, Trainer
+from training.efficiency import EfficiencyRecorder
+from training.objectives import add_objective_args
+from training.trainer import Callback, CountFn, EvalFn, LossFn, TrainConfig, Trainer
 
 
 def start(args: argparse.Namespace) -> torch.device:
@@ -81,14 +83,25 @@ def fit_task(
     group_by_length: bool = False,
     extra: Mapping[str, Any] | None = None,
     count_fn: CountFn | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> tuple[dict[str, Any], Trainer]:
     """Train ``model`` on shuffled batches of ``train_features`` with the shared Trainer and
     leave the best epoch's weights in it (``count_fn``: what a loss averages over, for
-    gradient accumulation; default examples). Returns (best dev metrics, trainer)."""
+    gradient accumulation; default examples; ``callbacks``: e.g. a training objective's).
+    Every run also records its efficiency table (``training.efficiency``: printed at the end,
+    ``efficiency.json`` in the run folder). Returns (best dev metrics, trainer)."""
     loader = make_loader(train_features, collate, batch_size, shuffle=True, num_workers=num_workers,
                          group_by_length=group_by_length)
-    trainer = Trainer(model, loss_fn, loader, eval_fn, config, extra=extra, count_fn=count_fn)
+    trainer = Trainer(model, loss_fn, loader, eval_fn, config, extra=extra, count_fn=count_fn,
+                      callbacks=[*callbacks, EfficiencyRecorder()])
     return fit_and_load_best(trainer), trainer
+
+
+def add_classification_args(parser: argparse.ArgumentParser, **common_defaults: Any) -> argparse.ArgumentParser:
+    """The flags every classification task shares: the course's and the engine's
+    (``add_common_args`` with the task's defaults) and the training objectives'
+    (``training.objectives.add_objective_args``: R-Drop, SimCSE, SMART, ``--pooling``)."""
+    return add_objective_args(add_common_args(parser, **common_defaults))
 
 
 def loader_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -97,4 +110,5 @@ def loader_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {"batch_size": args.batch_size, "num_workers": args.num_workers, "group_by_length": args.group_by_length}
 
 
-__all__ = ["build_task_model", "fit_and_load_best", "loader_settings", "fit_task", "prepare_model", "start"]
+__all__ = ["add_classification_args", "build_task_model", "fit_and_load_best", "loader_settings", "fit_task",
+           "prepare_model", "start"]

@@ -5,6 +5,14 @@ task behind ``paraphrase_detection.py``, and the scoring the distillation pipeli
     load_paraphrase_scorer(path) -> ClozeParaphraseScorer saved by a run
     run(paraphrase_settings(base, para_train=...)) -> {"dev": metrics, "checkpoint": path, ...};
         trains on any Quora-format TSV, with every setting of ``base`` a paraphrase run shares
+
+The training loss is ``training.objectives.build_objective`` over the answer logits (or the
+vocabulary's, with ``--loss vocab``): the plain cross-entropy unless an objective flag is set.
+R-Drop and SMART regularise those logits; SimCSE's InfoNCE runs on the prompt's representation
+(unsupervised, two dropout views) or, with ``--contrastive_supervised``, on the two questions of
+each pair encoded alone (a positive pair's questions are positives). ``--pooling`` picks that
+representation; the answer itself is always read at the prompt's last token (it is the
+next-token prediction there).
 """
 
 from __future__ import annotations
@@ -20,12 +28,13 @@ from models.fine_tune import mode_names, modes_help
 from models.heads import ClozeParaphraseScorer
 from models.loading import load_tokenizer
 from modules.lora import unwrap_lora
-from tasks.common import build_task_model, fit_task, loader_settings, prepare_model, start
+from tasks.common import add_classification_args, build_task_model, fit_task, loader_settings, prepare_model, start
 from training.checkpoints import load_model, save_model
-from training.cli import add_common_args, default_output_dir, fine_tune_config, open_run, train_config_from_args
+from training.cli import default_output_dir, fine_tune_config, open_run, train_config_from_args
 from training.course_data import ParaphrasePair, load_quora_splits, paraphrase_features, write_id_predictions
 from training.data import PadCollator, make_eval_loader
 from training.metrics import classification_metrics, majority_baseline
+from training.objectives import PairViewCollator, add_pair_views, build_objective
 from training.predict import predict_in_order
 from training.validation import non_negative_int
 
@@ -49,7 +58,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--filepath", type=str, default=None,
                         help="where the best model is saved (default <output_dir>/paraphrase-model.pt)")
     # --hidden_dropout_prob is GPT-2's own residual/embedding dropout here (there is no head).
-    add_common_args(parser, batch_size=8, lr=1e-5, epochs=10, hidden_dropout_prob=0.1, model_size="gpt2")
+    add_classification_args(parser, batch_size=8, lr=1e-5, epochs=10, hidden_dropout_prob=0.1, model_size="gpt2")
     return parser
 
 def paraphrase_settings(base: argparse.Namespace | None = None, **overrides: Any) -> argparse.Namespace:
@@ -150,17 +159,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     best: dict[str, Any] = {}
     if args.epochs > 0:
         full_vocab = args.loss == "vocab"
-
-        def loss_fn(m: ClozeParaphraseScorer, batch: dict[str, Any]) -> torch.Tensor:
-            return m.loss(batch["input_ids"], batch["attention_mask"], batch["labels"], full_vocab=full_vocab)
+        objective = build_objective(
+            args, lambda m, b: m.scores(b["input_ids"], b["attention_mask"], full_vocab),
+            lambda logits, b: ClozeParaphraseScorer.answer_loss(logits, b["labels"], full_vocab))
+        train_collate = collate
+        if objective.settings.contrastive_supervised:  # each question alone, for the pair's two views
+            add_pair_views(feats["train"], [p.sentence1 for p in data["train"]], [p.sentence2 for p in data["train"]],
+                           tokenizer, max_len)
+            train_collate = PairViewCollator(tokenizer.pad_token_id, padding_side=args.padding_side)
 
         def eval_fn(m: ClozeParaphraseScorer) -> dict[str, float]:
             return evaluate(predict_p_yes(m, feats["dev"], collate, eval_bs, bf16), data["dev"])
 
         cfg = train_config_from_args(args, device, metric="accuracy", output_dir=str(out_dir),
                                      save_trainable_only=trainable_only)
-        best, _ = fit_task(model, loss_fn, feats["train"], collate, eval_fn, cfg, **loader_settings(args),
-                           extra={"args": vars(args)})
+        best, _ = fit_task(model, objective, feats["train"], train_collate, eval_fn, cfg, **loader_settings(args),
+                           callbacks=objective.callbacks, extra={"args": vars(args)})
     model.to(device)
     unwrap_lora(model)
     if args.epochs > 0 or not args.load:  # predicting with a loaded model changes nothing worth saving

@@ -160,9 +160,10 @@ def keep_top_k(
     return ranked[:k]
 
 
-def load_weights_into(model: nn.Module, path: str | Path) -> None:
+def load_weights_into(model: nn.Module, path: str | Path) -> dict[str, Any]:
     """Put the weights of a Trainer checkpoint (``best.pt``, ``last.pt``...) into ``model``, as
-    ``--load`` does; a checkpoint that does not fit the model is a ``CheckpointError``."""
+    ``--load`` does; a checkpoint that does not fit the model is a ``CheckpointError``. Returns
+    the checkpoint (its ``extra`` holds what the weights do not show, e.g. the head's pooling)."""
     ckpt = load_checkpoint(path)
     if "model" not in ckpt:
         raise CheckpointError(f"{path}: not a checkpoint of a training run (no 'model' entry)")
@@ -170,6 +171,7 @@ def load_weights_into(model: nn.Module, path: str | Path) -> None:
         load_model_state(model, ckpt["model"], ckpt.get("trainable_only", False), path)
     except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path} does not fit this model: {str(e).splitlines()[0]}") from e
+    return ckpt
 
 
 __all__ = [

@@ -17,6 +17,7 @@ from training.objectives.combined import (
 )
 from training.objectives.contrastive import (
     PairViewCollator,
+    add_pair_views,
     info_nce,
     supervised_pair_loss,
     unsupervised_contrastive_loss,
@@ -33,6 +34,7 @@ from training.objectives.smart import (
 
 __all__ = [
     "POOLINGS", "MomentumTeacher", "Objective", "ObjectiveSettings", "PairViewCollator", "add_objective_args",
+    "add_pair_views",
     "adversarial_perturbation", "build_objective", "cross_entropy_loss", "info_nce", "perturbed_embeddings", "pool",
     "proximal_loss", "rdrop_loss", "smoothness_loss", "supervised_pair_loss", "symmetric_kl", "two_passes",
     "unsupervised_contrastive_loss",

@@ -13,8 +13,9 @@ sim, temperature tau), with h'_{t(i)} the positive of anchor i,
   other question is the positive; the second question of a non-paraphrase pair (often on the
   same topic) is a hard negative, as the contradiction hypothesis is in SimCSE's NLI version.
 
-The two questions of a pair reach the loss as their own padded token ids: ``PairViewCollator``
-pads ``sentence1_input_ids`` / ``sentence2_input_ids`` beside the prompt and gives each its mask.
+The two questions of a pair reach the loss as their own padded token ids: ``add_pair_views``
+puts each question's token ids in its example's features, and ``PairViewCollator`` pads
+``sentence1_input_ids`` / ``sentence2_input_ids`` beside the prompt and gives each its mask.
 """
 
 from __future__ import annotations
@@ -81,6 +82,19 @@ def pair_views_loss(
         raise KeyError(f"supervised contrastive loss needs batch keys {missing}; build batches with PairViewCollator")
     first, second = (encode_sentences(body, batch[k], batch[mask_key(k)], pooling) for k in PAIR_KEYS)
     return supervised_pair_loss(first, second, batch["labels"], temperature)
+
+
+def add_pair_views(
+    features: Sequence[dict[str, Any]], first: Sequence[str], second: Sequence[str], tokenizer: Any, max_length: int
+) -> None:
+    """Give each feature dict the token ids of its pair's two texts (``sentence1_input_ids``,
+    ``sentence2_input_ids``, each cut to ``max_length``), in place, for ``PairViewCollator``."""
+    if not len(features) == len(first) == len(second):
+        raise ValueError(f"{len(features)} features for {len(first)} first and {len(second)} second texts")
+    for key, texts in zip(PAIR_KEYS, (first, second)):
+        encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+        for f, ids in zip(features, encoded):
+            f[key] = ids[:max_length]
 
 
 def mask_key(ids_key: str) -> str:
