@@ -30,6 +30,7 @@ class GenerationConfig:
     top_k: int = 0  # sampling: keep the k most likely tokens (0 = off); contrastive search: candidates
     top_p: float = 1.0
     num_beams: int = 1
+    num_return_sequences: int = 1  # rows per prompt: the n best beams, or n samples
     length_penalty: float = 1.0
     early_stopping: bool | str = False  # beam search: True, False or "never"
     no_repeat_ngram_size: int = 0
@@ -44,7 +45,7 @@ class GenerationConfig:
     use_cache: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "top_k", "num_beams", "no_repeat_ngram_size"):
+        for name in ("max_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size"):
             _check_int(name, getattr(self, name))
         for name in ("eos_token_id", "pad_token_id"):
             if getattr(self, name) is not None:
@@ -67,6 +68,13 @@ class GenerationConfig:
         self._require(self.contrastive_alpha_sensitivity >= 0, "contrastive_alpha_sensitivity", "must be >= 0")
         self._require(self.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1 turns it off)")
         self._require(self.early_stopping in (True, False, "never"), "early_stopping", "must be True, False or 'never'")
+        self._require(self.num_return_sequences >= 1, "num_return_sequences", "must be >= 1")
+        if self.strategy == "beam":
+            self._require(self.num_return_sequences <= self.num_beams, "num_return_sequences",
+                          f"must be <= num_beams ({self.num_beams}): beam search returns its best beams")
+        elif self.strategy != "sample":
+            self._require(self.num_return_sequences == 1, "num_return_sequences",
+                          f"must be 1 for {self.strategy} decoding, which is deterministic")
         if self.stop is not None and self.pad is None:
             raise ValueError("a stop condition needs pad_token_id (or eos_token_id) to fill the rows it ends")
 
