@@ -5,12 +5,13 @@
     python generate.py --model MODEL --prompts_file prompts.txt --penalty_alpha 0.6 --top_k 4 --contrastive_mean_sim
     python generate.py --model MODEL --prompt "..." --mbr_pool beam:4,sample:8,contrastive:1 --output out.jsonl
 
-``--model`` is a model saved by a task script (``save_model``: ``sonnet-model.pt``...), a
-Trainer checkpoint holding every weight (``best.pt`` of a full-model run), or a Hugging Face
-GPT-2 folder or hub id. Every ``GenerationConfig`` setting is a flag of the same name, checked
-by ``GenerationConfig`` itself while the command line is parsed (a bad value or combination is
-one error line, exit status 2, before the model loads); ``--mbr_pool`` fills a candidate pool
-per prompt and keeps the chrF consensus (``models.mbr``). Decoding runs on the model prepared by
+``--model`` is a model saved by a task script (``save_model``: ``sonnet-model.pt``...; a
+prefix-tuned body keeps its prefix), a Trainer checkpoint holding every weight (``best.pt`` of
+a full-model run), or a Hugging Face GPT-2 folder or hub id. Every ``GenerationConfig``
+setting is a flag of the same name, checked by ``GenerationConfig`` itself while the command
+line is parsed (a bad value or combination is one error line, exit status 2, before the model
+loads); ``--mbr_pool`` fills a candidate pool per prompt and keeps the chrF consensus
+(``models.mbr``). Decoding runs on the model prepared by
 ``models.inference.prepare_for_inference``.
 
 Output: each completion (prompt included), followed by a blank line, on stdout or in
@@ -35,6 +36,7 @@ from models.generation_config import GenerationConfig
 from models.inference import prepare_for_inference
 from models.loading import CheckpointError, load_checkpoint, load_model, load_pretrained, load_tokenizer
 from models.mbr import CandidatePool, mbr_pool_generate
+from modules.prefix import PREFIX_ATTR, restore_prefix
 from training.cli import pick_device, run_main, seed_everything
 from training.data import PadCollator, encode
 
@@ -114,15 +116,19 @@ def load_any_model(spec: str):
     if not Path(spec).is_file():
         return load_pretrained(spec)
     ckpt = load_checkpoint(spec)
-    if "config" in ckpt:
+    has_prefix = any(k.startswith(f"{PREFIX_ATTR}.") for k in ckpt.get("model", {}))
+    if "config" in ckpt and not has_prefix:
         return load_model(spec)
+    if "config" in ckpt:  # a prefix-tuned model saved with its prefix
+        ckpt = {"model": ckpt["model"], "model_config": ckpt["config"]}
     if "model" not in ckpt or "model_config" not in ckpt:
         raise CheckpointError(f"{spec}: neither a saved model, a Trainer checkpoint nor a Hugging Face folder")
     if ckpt.get("trainable_only", False):
-        raise CheckpointError(f"{spec} holds only the trained parameters (LoRA or a frozen body); pass the model "
-                              "file the run saved (e.g. sonnet-model.pt)")
+        raise CheckpointError(f"{spec} holds only the trained parameters (LoRA, prefix or a frozen body); pass the "
+                              "model file the run saved (e.g. sonnet-model.pt)")
     state = {k.removeprefix("gpt."): v for k, v in ckpt["model"].items()}
     model = GPT2Model(GPT2Config.from_dict(ckpt["model_config"]))
+    restore_prefix(model, state)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -114,6 +114,17 @@ def apply_prefix(model: nn.Module, length: int, hidden: int = 512, reparam: bool
     return encoder
 
 
+def restore_prefix(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Before loading ``state`` (a GPT2Model's state dict) into a plain ``model``: give it the
+    prefix the state holds, folded or not, so that ``load_state_dict`` fits. False if none."""
+    kv, emb = state.get(f"{PREFIX_ATTR}.kv"), state.get(f"{PREFIX_ATTR}.embedding")
+    if kv is not None:  # (n_layer, 2, nh, length, hs)
+        apply_prefix(model, kv.size(3), reparam=False)
+    elif emb is not None:
+        apply_prefix(model, emb.size(0), hidden=state[f"{PREFIX_ATTR}.mlp.0.weight"].size(0))
+    return kv is not None or emb is not None
+
+
 def remove_prefix(model: nn.Module) -> None:
     """Back to the plain model (the encoder is dropped)."""
     body = _body(model)

@@ -105,3 +105,23 @@ def test_no_prompt_is_an_error(saved, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--model", str(saved[1])])
     assert e.value.code == 2 and "at least one --prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_a_prefix_tuned_model_keeps_its_prefix(saved, tokenizer, tmp_path, fold):
+    from modules.prefix import apply_prefix
+
+    model, _ = saved
+    tuned = GPT2Model(model.config).eval()
+    tuned.load_state_dict(model.state_dict())
+    torch.manual_seed(3)
+    enc = apply_prefix(tuned, 4, hidden=16)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.mul_(30)
+    if fold:
+        enc.fold()
+    save_model(tuned, tmp_path / "prefix.pt")
+    out = cli.main(["--model", str(tmp_path / "prefix.pt"), "--prompt", "Shall I", "--max_new_tokens", "6"])
+    assert out == [[expected(tuned, tokenizer, "Shall I", max_new_tokens=6)]]
+    assert out != [[expected(model, tokenizer, "Shall I", max_new_tokens=6)]]  # the prefix mattered

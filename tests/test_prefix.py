@@ -148,3 +148,25 @@ def test_prefix_without_reparameterisation_and_refusals():
         apply_prefix(tiny(attn_pattern="window", attn_window=4), 3)
     with pytest.raises(TypeError, match="GPT2Model"):
         apply_prefix(torch.nn.Linear(2, 2), 3)
+
+
+def test_prefix_fine_tune_mode_and_restore():
+    from modules.prefix import prefix_fine_tune, restore_prefix
+
+    model = SonnetGPT(tiny())
+    assert prefix_fine_tune(model, head=(), prefix_length=3, prefix_hidden=16) is True
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "gpt.prefix_encoder.embedding", "gpt.prefix_encoder.mlp.0.weight", "gpt.prefix_encoder.mlp.0.bias",
+        "gpt.prefix_encoder.mlp.2.weight", "gpt.prefix_encoder.mlp.2.bias"}
+    for fold in (False, True):
+        if fold:
+            model.gpt.prefix_encoder.fold()
+        state = model.gpt.state_dict()
+        plain = tiny()
+        assert restore_prefix(plain, state)
+        plain.load_state_dict(state)  # strict: the restored prefix has the saved shapes
+        ids, mask = ids_and_mask()
+        with torch.no_grad():
+            torch.testing.assert_close(plain(ids, mask)["last_hidden_state"],
+                                       model.gpt(ids, mask)["last_hidden_state"], rtol=0, atol=1e-6)
+    assert not restore_prefix(tiny(), tiny().state_dict())
