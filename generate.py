@@ -34,9 +34,10 @@ import torch
 from models.generation import LineStop, generate, trim
 from models.generation_config import GenerationConfig
 from models.inference import prepare_for_inference
-from models.loading import CheckpointError, load_checkpoint, load_model, load_pretrained, load_tokenizer
+from models.loading import CheckpointError, load_pretrained, load_tokenizer
 from models.mbr import CandidatePool, mbr_pool_generate
 from modules.prefix import PREFIX_ATTR, restore_prefix
+from training.checkpoints import load_checkpoint, load_model
 from training.cli import pick_device, run_main, seed_everything
 from training.data import PadCollator, encode
 

@@ -38,9 +38,8 @@ from models.heads import SonnetGPT  # noqa: E402
 from models.loading import load_tokenizer  # noqa: E402
 from optimizer import AdamW  # noqa: E402
 from training.course_data import read_sonnets  # noqa: E402
-from training.data import PadCollator, encode  # noqa: E402
+from training.data import PadCollator, count_lm_targets, encode  # noqa: E402
 from training.metrics import chrf  # noqa: E402
-from training.trainer import count_lm_targets  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 

@@ -12,8 +12,9 @@ import generate as cli
 from config import get_config
 from models.generation import generate, trim
 from models.gpt2 import GPT2Model
-from models.loading import CheckpointError, atomic_save, save_model
+from models.loading import CheckpointError
 from tests.conftest import make_hf_folder
+from training.checkpoints import atomic_save, save_model
 
 
 @pytest.fixture(scope="module")
