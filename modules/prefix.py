@@ -25,6 +25,7 @@ Why it is written this way:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,6 +33,19 @@ from torch import nn
 from config import GPT2Config
 
 PREFIX_ATTR = "prefix_encoder"  # where apply_prefix registers the encoder on the GPT2Model
+
+
+@dataclass(frozen=True)
+class PrefixConfig:
+    """Prefix-tuning settings: prefix positions per layer, and the width of the
+    reparameterisation MLP's hidden layer (Li and Liang: 10 positions for table-to-text, 512)."""
+
+    length: int = 10
+    hidden: int = 512
+
+    def __post_init__(self) -> None:
+        if self.length < 1 or self.hidden < 1:
+            raise ValueError(f"prefix length and hidden size must be >= 1, got {self.length} and {self.hidden}")
 
 
 class PrefixEncoder(nn.Module):
@@ -156,10 +170,10 @@ def prefix_parameter_counts(model: nn.Module) -> dict[str, int]:
             "model": sum(p.numel() for p in model.parameters())}
 
 
-def prefix_fine_tune(model: nn.Module, head: Sequence[str], *, prefix_length: int = 10,
-                     prefix_hidden: int = 512) -> bool:
-    """The ``prefix`` fine-tune mode in the shape of ``models.heads.set_fine_tune_mode``: apply
-    a prefix, train only it and ``head``; True = checkpoints hold only trainable parameters."""
-    apply_prefix(model, prefix_length, prefix_hidden)
+def prefix_fine_tune(model: nn.Module, head: Sequence[str], config: PrefixConfig | None = None) -> bool:
+    """The ``prefix`` fine-tune mode (``models.fine_tune``'s ``prepare``): apply a prefix, train
+    only it and ``head``; True = checkpoints hold only trainable parameters."""
+    config = config or PrefixConfig()
+    apply_prefix(model, config.length, config.hidden)
     mark_only_prefix_trainable(model, head)
     return True

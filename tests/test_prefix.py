@@ -151,10 +151,10 @@ def test_prefix_without_reparameterisation_and_refusals():
 
 
 def test_prefix_fine_tune_mode_and_restore():
-    from modules.prefix import prefix_fine_tune, restore_prefix
+    from modules.prefix import PrefixConfig, prefix_fine_tune, restore_prefix
 
     model = SonnetGPT(tiny())
-    assert prefix_fine_tune(model, head=(), prefix_length=3, prefix_hidden=16) is True
+    assert prefix_fine_tune(model, (), PrefixConfig(length=3, hidden=16)) is True
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         "gpt.prefix_encoder.embedding", "gpt.prefix_encoder.mlp.0.weight", "gpt.prefix_encoder.mlp.0.bias",
         "gpt.prefix_encoder.mlp.2.weight", "gpt.prefix_encoder.mlp.2.bias"}
@@ -170,3 +170,5 @@ def test_prefix_fine_tune_mode_and_restore():
             torch.testing.assert_close(plain(ids, mask)["last_hidden_state"],
                                        model.gpt(ids, mask)["last_hidden_state"], rtol=0, atol=1e-6)
     assert not restore_prefix(tiny(), tiny().state_dict())
+    with pytest.raises(ValueError, match="must be >= 1"):
+        PrefixConfig(length=0)
