@@ -36,7 +36,7 @@ from models.generation_config import GenerationConfig
 from models.inference import prepare_for_inference
 from models.loading import CheckpointError, load_pretrained, load_tokenizer
 from models.mbr import CandidatePool, mbr_pool_generate
-from modules.prefix import PREFIX_ATTR, restore_prefix
+from modules.prefix import restore_prefix
 from training.checkpoints import load_checkpoint, load_model
 from training.cli import pick_device, run_main, seed_everything
 from training.data import PadCollator, encode
@@ -117,11 +117,8 @@ def load_any_model(spec: str):
     if not Path(spec).is_file():
         return load_pretrained(spec)
     ckpt = load_checkpoint(spec)
-    has_prefix = any(k.startswith(f"{PREFIX_ATTR}.") for k in ckpt.get("model", {}))
-    if "config" in ckpt and not has_prefix:
+    if "config" in ckpt:
         return load_model(spec)
-    if "config" in ckpt:  # a prefix-tuned model saved with its prefix
-        ckpt = {"model": ckpt["model"], "model_config": ckpt["config"]}
     if "model" not in ckpt or "model_config" not in ckpt:
         raise CheckpointError(f"{spec}: neither a saved model, a Trainer checkpoint nor a Hugging Face folder")
     if ckpt.get("trainable_only", False):

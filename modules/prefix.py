@@ -139,6 +139,13 @@ def restore_prefix(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
     return kv is not None or emb is not None
 
 
+def fold_prefix(model: nn.Module) -> None:
+    """Fold the model's prefix, if it has one, into plain prefixes (before saving a trained model)."""
+    encoder = getattr(_body(model), PREFIX_ATTR, None)
+    if encoder is not None:
+        encoder.fold()
+
+
 def remove_prefix(model: nn.Module) -> None:
     """Back to the plain model (the encoder is dropped)."""
     body = _body(model)

@@ -23,6 +23,7 @@ from models.inference import prepare_for_inference
 from models.loading import CheckpointError, load_tokenizer
 from models.mbr import mbr_generate
 from modules.lora import unwrap_lora
+from modules.prefix import fold_prefix
 from tasks import common
 from tasks.common import build_task_model, loader_settings
 from tasks.lm import attention_overrides, fine_tune_lm, held_out_loss, pretrain_from_args
@@ -236,6 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                    extra={"args": vars(args)}, **loader_settings(args))
     if not args.generate_only:
         unwrap_lora(model)  # a plain GPT-2: loads without adapter code and decodes faster
+        fold_prefix(model)  # prefix tuning: plain prefixes, no MLP
         path = out_dir / "sonnet-model.pt"
         save_model(model.gpt, path, task="sonnet", dev=best)
         print(f"saved the model to {path}")

@@ -110,7 +110,8 @@ def test_every_decoding_completes_prompts(tiny, tokenizer, decoding):
 data_flags = sonnet_data_flags
 
 
-@pytest.mark.parametrize("mode,decoding,epochs", [("full-model", "sample", 2), ("lora", "greedy", 1)])
+@pytest.mark.parametrize("mode,decoding,epochs", [("full-model", "sample", 2), ("lora", "greedy", 1),
+                                                  ("prefix", "contrastive", 1)])
 def test_cli_trains_writes_both_files_and_generates_from_the_checkpoint(tmp_path, mode, decoding, epochs):
     common = ["--model_size", "tiny", "--random_init", "--limit", "3", "--max_new_tokens", "6", "--max_length", "48",
               "--batch_size", "3", "--fine-tune-mode", mode, "--decoding", decoding, *data_flags(tmp_path)]
@@ -130,7 +131,7 @@ def test_cli_trains_writes_both_files_and_generates_from_the_checkpoint(tmp_path
     # decoding again from the saved model, without training, gives the same sonnets (same seed)
     again = sonnet_generation.main([*common, "--generate_only", "--checkpoint", str(run / "sonnet-model.pt")])
     assert again["test"] == result["test"] and again["dev_chrf"] == pytest.approx(result["dev_chrf"])
-    if mode == "lora":  # a Trainer checkpoint (adapters only) on the same seeded random body loads too
+    if mode != "full-model":  # a Trainer checkpoint (adapters only) on the same seeded random body loads too
         best = sorted(run.glob("best-epoch*.pt"))[0]
         from_best = sonnet_generation.main([*common, "--generate_only", "--checkpoint", str(best)])
         assert from_best["test"] == result["test"]
