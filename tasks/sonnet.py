@@ -57,7 +57,9 @@ def decoding_kwargs(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
     elif args.decoding == "beam":
         kw.update(num_beams=args.num_beams, length_penalty=args.length_penalty)
     elif args.decoding == "contrastive":
-        kw.update(penalty_alpha=args.penalty_alpha, top_k=args.top_k if args.top_k is not None else CONTRASTIVE_K)
+        kw.update(penalty_alpha=args.penalty_alpha, top_k=args.top_k if args.top_k is not None else CONTRASTIVE_K,
+                  contrastive_mean_sim=args.contrastive_mean_sim,
+                  contrastive_dynamic_alpha=args.contrastive_dynamic_alpha)
     return kw
 
 
@@ -68,6 +70,7 @@ def describe(args: argparse.Namespace) -> str:
     shown = {k: getattr(args, k) for k in keys[args.decoding] if getattr(args, k) is not None}
     if args.decoding == "contrastive":
         shown.setdefault("top_k", CONTRASTIVE_K)
+        shown.update({k: True for k in ("contrastive_mean_sim", "contrastive_dynamic_alpha") if getattr(args, k)})
     for k, neutral in (("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0)):
         if getattr(args, k) != neutral:
             shown[k] = getattr(args, k)

@@ -14,7 +14,7 @@ from config import get_config
 from models.gpt2 import GPT2Model
 from models.heads import SonnetGPT
 from tasks.lm import sonnet_features
-from tasks.sonnet import DECODINGS, complete_prompts, decoding_kwargs
+from tasks.sonnet import DECODINGS, complete_prompts, decoding_kwargs, describe
 from tests.conftest import SHARED_DATA, sonnet_data_flags
 from training.course_data import read_sonnets, write_sonnets
 from training.data import DataFormatError
@@ -105,6 +105,15 @@ def test_every_decoding_completes_prompts(tiny, tokenizer, decoding):
         assert t.startswith(p) and len(t) > len(p) and t.count("\n") < 4
     if decoding in ("greedy", "beam", "contrastive"):  # deterministic: left padding in a batch changes nothing
         assert texts == again
+
+
+def test_contrastive_variant_flags_reach_generate(tokenizer):
+    args = sonnet_generation.get_args(["--decoding", "contrastive", "--contrastive_mean_sim",
+                                       "--contrastive_dynamic_alpha"])
+    kw = decoding_kwargs(args, tokenizer)
+    assert kw["contrastive_mean_sim"] and kw["contrastive_dynamic_alpha"] and kw["penalty_alpha"] == 0.6
+    assert describe(args) == ("contrastive penalty_alpha=0.6 top_k=4 contrastive_mean_sim=True "
+                              "contrastive_dynamic_alpha=True")
 
 
 data_flags = sonnet_data_flags
