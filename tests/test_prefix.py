@@ -172,3 +172,15 @@ def test_prefix_fine_tune_mode_and_restore():
     assert not restore_prefix(tiny(), tiny().state_dict())
     with pytest.raises(ValueError, match="must be >= 1"):
         PrefixConfig(length=0)
+
+
+@torch.no_grad()
+def test_eager_attention_sees_the_prefix_as_sdpa_does():
+    ids, mask = ids_and_mask()
+    outs = []
+    for impl in ("sdpa", "eager"):
+        model = tiny(attn_impl=impl)
+        with_prefix(model)
+        outs.append([model(ids, m)["last_hidden_state"] for m in (mask, None)])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
