@@ -34,7 +34,7 @@ import torch
 from models.generation import LineStop, generate, trim
 from models.generation_config import GenerationConfig
 from models.inference import prepare_for_inference
-from models.loading import CheckpointError, load_pretrained, load_tokenizer
+from models.loading import CheckpointError, load_tokenizer
 from models.mbr import CandidatePool, mbr_pool_generate
 from modules.prefix import restore_prefix
 from training.checkpoints import load_checkpoint, load_model
@@ -115,7 +115,7 @@ def load_any_model(spec: str):
     from models.gpt2 import GPT2Model
 
     if not Path(spec).is_file():
-        return load_pretrained(spec)
+        return GPT2Model.from_pretrained(spec)
     ckpt = load_checkpoint(spec)
     if "config" in ckpt:
         return load_model(spec)
