@@ -85,6 +85,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--num_beams", type=positive_int, default=4)
     g.add_argument("--length_penalty", type=float, default=1.0)
     g.add_argument("--penalty_alpha", type=unit_interval, default=0.6, help="contrastive search degeneration penalty")
+    g.add_argument("--contrastive_mean_sim", action="store_true", help="contrastive: mean, not max, similarity")
+    g.add_argument("--contrastive_dynamic_alpha", action="store_true", help="contrastive: alpha follows uncertainty")
     g.add_argument("--repetition_penalty", type=positive_float, default=1.0)
     g.add_argument("--no_repeat_ngram_size", type=non_negative_int, default=0)
     g.add_argument("--mbr_candidates", type=positive_int, default=8, help="samples per prompt for MBR selection")

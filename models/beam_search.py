@@ -22,7 +22,9 @@ def beam_search(model: DecoderLM, input_ids: torch.Tensor, attention_mask: torch
                 config: GenerationConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Beam search with ``transformers``' bookkeeping: keep the 2*nb best continuations
     of all beams, retire those ending in EOS (or stopped) into a finished set
-    scored by logprob / length**length_penalty, continue with the best nb others."""
+    scored by logprob / length**length_penalty, continue with the best nb others.
+    Returns the best ``config.num_return_sequences`` hypotheses of each prompt, best
+    first: rows b*n .. b*n+n-1 belong to prompt b."""
     nb, length_penalty, early_stopping = config.num_beams, config.length_penalty, config.early_stopping
     eos, stop = config.eos_token_id, config.stop
     B, P = input_ids.shape
@@ -96,5 +98,6 @@ def beam_search(model: DecoderLM, input_ids: torch.Tensor, attention_mask: torch
             break
         runner.reorder(src)
         logits = runner.logits(runner.step(running[:, :, :cur].reshape(B * nb, cur)))
-    out_len = P + int(fin_len[:, 0].max())
-    return finished[:, 0, :out_len]
+    n = config.num_return_sequences
+    out_len = P + int(fin_len[:, :n].max())
+    return finished[:, :n, :out_len].reshape(B * n, out_len)

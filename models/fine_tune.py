@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from modules.lora import DEFAULT_TARGETS, apply_lora, mark_only_lora_trainable
+from modules.prefix import PrefixConfig, prefix_fine_tune
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,9 @@ register(FineTuneMode("full-model", "every parameter trains", 1e-5, _full_model)
 register(FineTuneMode("lora", "low-rank adapters (DoRA with --use_dora) and the head train", 3e-4, _lora,
                       adapter=LoraConfig, flags={"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
                                                  "targets": "lora_targets", "use_dora": "use_dora"}))
+register(FineTuneMode("prefix", "learned key/value prefixes per layer (Li and Liang 2021) and the head train", 5e-4,
+                      prefix_fine_tune, adapter=PrefixConfig,
+                      flags={"length": "prefix_length", "hidden": "prefix_hidden"}))
 
 
 @dataclass(frozen=True)

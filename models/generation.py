@@ -70,12 +70,15 @@ def generate(
 
     The settings are ``GenerationConfig``'s fields, given either as keywords
     (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
-    ``num_beams``, ``length_penalty``, ``early_stopping``, ``no_repeat_ngram_size``,
-    ``penalty_alpha``, ``repetition_penalty``, ``eos_token_id``, ``pad_token_id``,
+    ``num_beams``, ``num_return_sequences``, ``length_penalty``, ``early_stopping``, ``no_repeat_ngram_size``,
+    ``penalty_alpha``, ``contrastive_mean_sim``, ``contrastive_dynamic_alpha``,
+    ``contrastive_alpha_sensitivity``, ``repetition_penalty``, ``eos_token_id``, ``pad_token_id``,
     ``stop``, ``use_cache``) or as one ``config``, not both. Beam search when
     ``num_beams > 1``; contrastive search when ``penalty_alpha > 0`` and ``top_k > 1``;
     otherwise greedy or sampling (drawing from ``generator``). ``stop`` marks rows as
-    done (e.g. ``LineStop(tokenizer, 14)``) in addition to EOS.
+    done (e.g. ``LineStop(tokenizer, 14)``) in addition to EOS. With
+    ``num_return_sequences`` n > 1 the output has B * n rows, those of prompt b at
+    b*n .. b*n+n-1 (beam search: its n best hypotheses, best first; sampling: n draws).
     """
     if config is None:
         unknown = sorted(set(settings) - SETTINGS)
@@ -85,6 +88,10 @@ def generate(
     elif settings:
         raise TypeError(f"pass settings either in config or as keywords, not both (got config and {sorted(settings)})")
     attention_mask = check_prompts(input_ids, attention_mask)
+    n = config.num_return_sequences
+    if n > 1 and config.strategy == "sample":  # beam search returns its n best itself
+        input_ids = input_ids.repeat_interleave(n, 0)
+        attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(n, 0)
     was_training = model.training
     model.train(False)
     try:

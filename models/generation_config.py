@@ -30,10 +30,14 @@ class GenerationConfig:
     top_k: int = 0  # sampling: keep the k most likely tokens (0 = off); contrastive search: candidates
     top_p: float = 1.0
     num_beams: int = 1
+    num_return_sequences: int = 1  # rows per prompt: the n best beams, or n samples
     length_penalty: float = 1.0
     early_stopping: bool | str = False  # beam search: True, False or "never"
     no_repeat_ngram_size: int = 0
     penalty_alpha: float = 0.0  # contrastive search's degeneration penalty (with top_k > 1)
+    contrastive_mean_sim: bool = False  # contrastive search: penalise the mean, not the max, similarity
+    contrastive_dynamic_alpha: bool = False  # contrastive search: alpha follows the model's uncertainty per step
+    contrastive_alpha_sensitivity: float = 8.0  # how far the dynamic alpha moves (q of models.contrastive)
     repetition_penalty: float = 1.0
     eos_token_id: int | None = None
     pad_token_id: int | None = None  # fills finished rows; default: eos_token_id
@@ -41,13 +45,16 @@ class GenerationConfig:
     use_cache: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "top_k", "num_beams", "no_repeat_ngram_size"):
+        for name in ("max_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size"):
             _check_int(name, getattr(self, name))
         for name in ("eos_token_id", "pad_token_id"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name))
                 self._require(getattr(self, name) >= 0, name, "must be a token id >= 0")
-        for name in ("temperature", "top_p", "length_penalty", "penalty_alpha", "repetition_penalty"):
+        for name in ("contrastive_mean_sim", "contrastive_dynamic_alpha"):
+            self._require(isinstance(getattr(self, name), bool), name, "must be True or False")
+        for name in ("temperature", "top_p", "length_penalty", "penalty_alpha", "repetition_penalty",
+                     "contrastive_alpha_sensitivity"):
             _check_number(name, getattr(self, name))
         self._require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         self._require(self.top_k >= 0, "top_k", "must be >= 0 (0 turns top-k filtering off)")
@@ -56,8 +63,18 @@ class GenerationConfig:
         self._require(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
         self._require(not self.do_sample or self.temperature > 0, "temperature", "must be > 0 when sampling")
         self._require(0.0 <= self.penalty_alpha <= 1.0, "penalty_alpha", "must be in [0, 1]")
+        self._require(not self.contrastive_dynamic_alpha or self.penalty_alpha < 1.0, "penalty_alpha",
+                      "must be < 1 with contrastive_dynamic_alpha (it is the alpha at median uncertainty)")
+        self._require(self.contrastive_alpha_sensitivity >= 0, "contrastive_alpha_sensitivity", "must be >= 0")
         self._require(self.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1 turns it off)")
         self._require(self.early_stopping in (True, False, "never"), "early_stopping", "must be True, False or 'never'")
+        self._require(self.num_return_sequences >= 1, "num_return_sequences", "must be >= 1")
+        if self.strategy == "beam":
+            self._require(self.num_return_sequences <= self.num_beams, "num_return_sequences",
+                          f"must be <= num_beams ({self.num_beams}): beam search returns its best beams")
+        elif self.strategy != "sample":
+            self._require(self.num_return_sequences == 1, "num_return_sequences",
+                          f"must be 1 for {self.strategy} decoding, which is deterministic")
         if self.stop is not None and self.pad is None:
             raise ValueError("a stop condition needs pad_token_id (or eos_token_id) to fill the rows it ends")
 

@@ -30,11 +30,18 @@ last w for ``window``, a slice; the window plus the log-spaced keys for
 ``RingKVCache`` (``new_kv_cache`` picks it for ``window``) stores only the last
 w. A pattern that covers the whole sequence
 (``covers_all``) runs the dense code, so it gives the dense numbers bit for bit.
+
+Prefix tuning (``modules.prefix``) sets ``CausalSelfAttention.prefix``: a function of the
+layer index that returns learned (nh, L, hs) keys and values, put before the keys of every
+row and seen by every query. They are not positions (no position embedding, not in the
+cache), so masks gain L leading True columns and nothing else changes. Dense attention only;
+``None`` (the default) costs one attribute test.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +146,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.attn_dropout = config.attention_probs_dropout_prob
         self.resid_dropout = nn.Dropout(config.hidden_dropout_prob)
+        # layer index -> (nh, L, hs) prefix keys and values (modules.prefix); None: no prefix
+        self.prefix: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(
         self,
@@ -155,6 +164,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.append(self.layer_idx, k, v)  # (B, nh, S, hs): the last S positions
+        if self.prefix is not None:
+            k, v, mask = self._prepend_prefix(k, v, mask, T)
         dropout = self.attn_dropout if self.training else 0.0
         if covers_all(self.config, past + T):
             is_causal = mask is None and past == 0 and T > 1
@@ -172,6 +183,23 @@ class CausalSelfAttention(nn.Module):
             y = self._masked_sparse(q, k, v, mask, past, dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def _prepend_prefix(
+        self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, T: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys/values (B, nh, L + S, hs) with the prefix first, and the mask that lets every
+        query see it (an explicit causal mask replaces ``is_causal``, which SDPA aligns top-left)."""
+        if self.config.attn_pattern != "dense":
+            raise NotImplementedError(f"prefix tuning supports dense attention only, not {self.config.attn_pattern!r}")
+        pk, pv = self.prefix(self.layer_idx)  # (nh, L, hs)
+        B, S, L = k.size(0), k.size(2), pk.size(1)
+        k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)  # (B, nh, L + S, hs)
+        v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+        if mask is None and T == 1:  # one query sees every key
+            return k, v, None
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=k.device).tril(S - T)[None, None]  # (1, 1, T, S)
+        return k, v, torch.cat([mask.new_ones(*mask.shape[:-1], L), mask], dim=-1)  # (B or 1, 1, T, L + S)
 
     def _masked_sparse(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, past: int, dropout: float

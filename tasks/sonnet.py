@@ -23,6 +23,7 @@ from models.inference import prepare_for_inference
 from models.loading import CheckpointError, load_tokenizer
 from models.mbr import mbr_generate
 from modules.lora import unwrap_lora
+from modules.prefix import fold_prefix
 from tasks import common
 from tasks.common import build_task_model, loader_settings
 from tasks.lm import attention_overrides, fine_tune_lm, held_out_loss, pretrain_from_args
@@ -56,7 +57,9 @@ def decoding_kwargs(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
     elif args.decoding == "beam":
         kw.update(num_beams=args.num_beams, length_penalty=args.length_penalty)
     elif args.decoding == "contrastive":
-        kw.update(penalty_alpha=args.penalty_alpha, top_k=args.top_k if args.top_k is not None else CONTRASTIVE_K)
+        kw.update(penalty_alpha=args.penalty_alpha, top_k=args.top_k if args.top_k is not None else CONTRASTIVE_K,
+                  contrastive_mean_sim=args.contrastive_mean_sim,
+                  contrastive_dynamic_alpha=args.contrastive_dynamic_alpha)
     return kw
 
 
@@ -67,6 +70,7 @@ def describe(args: argparse.Namespace) -> str:
     shown = {k: getattr(args, k) for k in keys[args.decoding] if getattr(args, k) is not None}
     if args.decoding == "contrastive":
         shown.setdefault("top_k", CONTRASTIVE_K)
+        shown.update({k: True for k in ("contrastive_mean_sim", "contrastive_dynamic_alpha") if getattr(args, k)})
     for k, neutral in (("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0)):
         if getattr(args, k) != neutral:
             shown[k] = getattr(args, k)
@@ -236,6 +240,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                    extra={"args": vars(args)}, **loader_settings(args))
     if not args.generate_only:
         unwrap_lora(model)  # a plain GPT-2: loads without adapter code and decodes faster
+        fold_prefix(model)  # prefix tuning: plain prefixes, no MLP
         path = out_dir / "sonnet-model.pt"
         save_model(model.gpt, path, task="sonnet", dev=best)
         print(f"saved the model to {path}")

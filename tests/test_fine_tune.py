@@ -22,6 +22,7 @@ from models.fine_tune import (
 from models.gpt2 import GPT2Model
 from models.heads import GPT2SentimentClassifier, SonnetGPT
 from modules.lora import LoRALinear
+from modules.prefix import PrefixConfig
 
 
 def classifier_model() -> GPT2SentimentClassifier:
@@ -41,13 +42,15 @@ def test_each_mode_trains_what_it_says(mode):
     elif mode == "lora":
         assert trainable_only and body and all("lora_" in n for n in body)
         assert all(m.r == LoraConfig().r for m in model.modules() if isinstance(m, LoRALinear))
+    elif mode == "prefix":
+        assert trainable_only and body and all(n.startswith("gpt.prefix_encoder.") for n in body)
     else:
         assert trainable_only and not body
 
 
 def test_head_less_models_do_not_offer_head_only_training():
-    assert mode_names(has_head=False) == ("full-model", "lora")
-    assert mode_names() == ("last-linear-layer", "full-model", "lora")
+    assert mode_names(has_head=False) == ("full-model", "lora", "prefix")
+    assert mode_names() == ("last-linear-layer", "full-model", "lora", "prefix")
     model = SonnetGPT(GPT2Model(get_config("tiny")))
     with pytest.raises(ValueError, match="has none"):
         set_fine_tune_mode(model, FineTuneConfig("last-linear-layer"), model.head)
@@ -55,7 +58,7 @@ def test_head_less_models_do_not_offer_head_only_training():
 
 def test_config_is_validated_and_round_trips_as_plain_values():
     with pytest.raises(ValueError, match="must be one of"):
-        FineTuneConfig("prefix")
+        FineTuneConfig("adapters")
     with pytest.raises(ValueError, match="takes no adapter"):
         FineTuneConfig("full-model", LoraConfig())
     with pytest.raises(ValueError, match="positive"):
@@ -91,3 +94,5 @@ def test_adapter_settings_come_from_the_flags_the_registry_names():
     del args.use_dora  # flags saved by a run from before --use_dora existed
     assert fine_tune_config(args).adapter.use_dora is False
     assert fine_tune_config(classifier.get_args(["--fine-tune-mode", "full-model"])) == FineTuneConfig("full-model")
+    args = sonnet_generation.get_args(["--fine-tune-mode", "prefix", "--prefix_length", "4", "--prefix_hidden", "32"])
+    assert fine_tune_config(args) == FineTuneConfig("prefix", PrefixConfig(4, 32)) and args.lr == 5e-4

@@ -62,6 +62,8 @@ SETTINGS = [
     dict(num_beams=3, early_stopping=True),
     dict(num_beams=3, early_stopping="never", length_penalty=1.5),
     dict(num_beams=2, length_penalty=-1.0, no_repeat_ngram_size=3, repetition_penalty=1.2),
+    dict(num_beams=3, num_return_sequences=3),
+    dict(num_beams=4, length_penalty=0.6, num_return_sequences=2),
 ]
 
 

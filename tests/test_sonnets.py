@@ -14,7 +14,7 @@ from config import get_config
 from models.gpt2 import GPT2Model
 from models.heads import SonnetGPT
 from tasks.lm import sonnet_features
-from tasks.sonnet import DECODINGS, complete_prompts, decoding_kwargs
+from tasks.sonnet import DECODINGS, complete_prompts, decoding_kwargs, describe
 from tests.conftest import SHARED_DATA, sonnet_data_flags
 from training.course_data import read_sonnets, write_sonnets
 from training.data import DataFormatError
@@ -107,10 +107,20 @@ def test_every_decoding_completes_prompts(tiny, tokenizer, decoding):
         assert texts == again
 
 
+def test_contrastive_variant_flags_reach_generate(tokenizer):
+    args = sonnet_generation.get_args(["--decoding", "contrastive", "--contrastive_mean_sim",
+                                       "--contrastive_dynamic_alpha"])
+    kw = decoding_kwargs(args, tokenizer)
+    assert kw["contrastive_mean_sim"] and kw["contrastive_dynamic_alpha"] and kw["penalty_alpha"] == 0.6
+    assert describe(args) == ("contrastive penalty_alpha=0.6 top_k=4 contrastive_mean_sim=True "
+                              "contrastive_dynamic_alpha=True")
+
+
 data_flags = sonnet_data_flags
 
 
-@pytest.mark.parametrize("mode,decoding,epochs", [("full-model", "sample", 2), ("lora", "greedy", 1)])
+@pytest.mark.parametrize("mode,decoding,epochs", [("full-model", "sample", 2), ("lora", "greedy", 1),
+                                                  ("prefix", "contrastive", 1)])
 def test_cli_trains_writes_both_files_and_generates_from_the_checkpoint(tmp_path, mode, decoding, epochs):
     common = ["--model_size", "tiny", "--random_init", "--limit", "3", "--max_new_tokens", "6", "--max_length", "48",
               "--batch_size", "3", "--fine-tune-mode", mode, "--decoding", decoding, *data_flags(tmp_path)]
@@ -130,7 +140,7 @@ def test_cli_trains_writes_both_files_and_generates_from_the_checkpoint(tmp_path
     # decoding again from the saved model, without training, gives the same sonnets (same seed)
     again = sonnet_generation.main([*common, "--generate_only", "--checkpoint", str(run / "sonnet-model.pt")])
     assert again["test"] == result["test"] and again["dev_chrf"] == pytest.approx(result["dev_chrf"])
-    if mode == "lora":  # a Trainer checkpoint (adapters only) on the same seeded random body loads too
+    if mode != "full-model":  # a Trainer checkpoint (adapters only) on the same seeded random body loads too
         best = sorted(run.glob("best-epoch*.pt"))[0]
         from_best = sonnet_generation.main([*common, "--generate_only", "--checkpoint", str(best)])
         assert from_best["test"] == result["test"]

@@ -73,6 +73,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", **con
     """A GPT2Model saved with ``save_model``; ``config_overrides`` change fields of its config that
     do not touch the weights (e.g. ``hidden_dropout_prob`` for a model trained further)."""
     from models.gpt2 import GPT2Model
+    from modules.prefix import restore_prefix
 
     ckpt = load_checkpoint(path, map_location)
     if "config" not in ckpt:
@@ -80,6 +81,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", **con
         raise CheckpointError(f"{path} is {kind}, not a model saved by a task script; pass the model file the "
                               "run wrote (e.g. <output_dir>/paraphrase-model.pt or sonnet-model.pt)")
     model = GPT2Model(GPT2Config.from_dict({**ckpt["config"], **config_overrides}))
+    restore_prefix(model, ckpt["model"])  # a prefix-tuned body is saved with its prefix
     model.load_state_dict(ckpt["model"])
     return model
 

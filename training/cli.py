@@ -117,6 +117,9 @@ def add_common_args(
                    help="comma-separated Linear name suffixes to adapt")
     g.add_argument("--use_dora", action="store_true",
                    help="DoRA: adapters that also learn a magnitude per output row (Liu et al. 2024)")
+    g = parser.add_argument_group("prefix tuning")
+    g.add_argument("--prefix_length", type=positive_int, default=10, help="prefix positions per layer")
+    g.add_argument("--prefix_hidden", type=positive_int, default=512, help="hidden width of the prefix MLP")
     return parser
 
 

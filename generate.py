@@ -1,0 +1,191 @@
+"""Complete arbitrary prompts with a saved model and any decoding strategy.
+
+    python generate.py --model runs/sonnet/full-model-gpt2/sonnet-model.pt --prompt "Shall I compare thee"
+    python generate.py --model gpt2 --prompt "Hello" --prompt "Once upon" --num_beams 4 --no_repeat_ngram_size 3
+    python generate.py --model MODEL --prompts_file prompts.txt --penalty_alpha 0.6 --top_k 4 --contrastive_mean_sim
+    python generate.py --model MODEL --prompt "..." --mbr_pool beam:4,sample:8,contrastive:1 --output out.jsonl
+
+``--model`` is a model saved by a task script (``save_model``: ``sonnet-model.pt``...; a
+prefix-tuned body keeps its prefix), a Trainer checkpoint holding every weight (``best.pt`` of
+a full-model run), or a Hugging Face GPT-2 folder or hub id. Every ``GenerationConfig``
+setting is a flag of the same name, checked by ``GenerationConfig`` itself while the command
+line is parsed (a bad value or combination is one error line, exit status 2, before the model
+loads); ``--mbr_pool`` fills a candidate pool per prompt and keeps the chrF consensus
+(``models.mbr``). Decoding runs on the model prepared by
+``models.inference.prepare_for_inference``.
+
+Output: each completion (prompt included), followed by a blank line, on stdout or in
+``--output`` (JSON lines ``{"prompt", "completion"}`` when the name ends in ``.jsonl``); an
+existing ``--output`` is refused unless ``--overwrite``. ``--prompts_file`` holds one prompt
+per line, a newline inside a prompt written as ``\\n``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.generation import LineStop, generate, trim
+from models.generation_config import GenerationConfig
+from models.inference import prepare_for_inference
+from models.loading import CheckpointError, load_tokenizer
+from models.mbr import CandidatePool, mbr_pool_generate
+from modules.prefix import restore_prefix
+from training.checkpoints import load_checkpoint, load_model
+from training.cli import pick_device, run_main, seed_everything
+from training.data import PadCollator, encode
+
+# GenerationConfig fields that are flags of the same name: (field, argparse type or "flag")
+SETTINGS: tuple[tuple[str, Any], ...] = (
+    ("max_new_tokens", int), ("do_sample", "flag"), ("temperature", float), ("top_k", int), ("top_p", float),
+    ("num_beams", int), ("num_return_sequences", int), ("length_penalty", float), ("no_repeat_ngram_size", int),
+    ("penalty_alpha", float), ("contrastive_mean_sim", "flag"), ("contrastive_dynamic_alpha", "flag"),
+    ("contrastive_alpha_sensitivity", float), ("repetition_penalty", float),
+)
+EARLY_STOPPING = {"false": False, "true": True, "never": "never"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", required=True, help="saved model (.pt), Trainer checkpoint, or Hugging Face folder/id")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat the flag for several)")
+    p.add_argument("--prompts_file", type=str, default=None, help="one prompt per line (\\n for a newline)")
+    p.add_argument("--output", type=str, default=None, help="write here instead of stdout (.jsonl: JSON lines)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--tokenizer", type=str, default=None, help="GPT-2 tokenizer folder (vocab.json + merges.txt)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=11711, help="seeds sampling")
+    p.add_argument("--device", type=str, default="auto")
+    g = p.add_argument_group("decoding (GenerationConfig's settings and meanings)")
+    defaults = GenerationConfig(max_new_tokens=64)
+    for name, kind in SETTINGS:
+        if kind == "flag":
+            g.add_argument(f"--{name}", action="store_true")
+        else:
+            g.add_argument(f"--{name}", type=kind, default=getattr(defaults, name))
+    g.add_argument("--early_stopping", choices=sorted(EARLY_STOPPING), default="false", help="beam search")
+    g.add_argument("--no_eos", action="store_true", help="do not stop at the end-of-text token")
+    g.add_argument("--num_lines", type=int, default=0, help="stop a row after this many lines (0: off; sonnets: 14)")
+    g.add_argument("--no_cache", action="store_true", help="recompute every position (slow; for checks)")
+    g.add_argument("--mbr_pool", type=str, default=None,
+                   help="MBR over a candidate pool, e.g. beam:4,sample:8,contrastive:1 (chrF consensus)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check everything that needs no model: the decoding settings (through
+    ``GenerationConfig``), the pool, the prompts and the output file."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = {name: getattr(args, name) for name, _ in SETTINGS}
+    try:
+        args.generation = GenerationConfig(**settings, early_stopping=EARLY_STOPPING[args.early_stopping],
+                                           use_cache=not args.no_cache)
+        args.pool = CandidatePool.parse(args.mbr_pool) if args.mbr_pool is not None else None
+    except ValueError as e:
+        parser.error(f"--{e}" if str(e).split()[0] in settings else str(e))
+    if args.batch_size < 1 or args.num_lines < 0:
+        parser.error("--batch_size must be >= 1 and --num_lines >= 0")
+    if args.pool is not None and args.num_return_sequences != 1:
+        parser.error("--mbr_pool returns one completion per prompt; drop --num_return_sequences")
+    if args.prompts_file is not None:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            parser.error(f"--prompts_file {path} does not exist")
+        args.prompt += [line.replace("\\n", "\n") for line in path.read_text(encoding="utf-8").splitlines() if line]
+    if not args.prompt:
+        parser.error("give at least one --prompt or a --prompts_file")
+    if not Path(args.model).exists() and (args.model.endswith((".pt", ".bin")) or args.model.count("/") > 1):
+        parser.error(f"--model {args.model} does not exist (a saved model, checkpoint, Hugging Face folder or hub id)")
+    if args.output is not None and Path(args.output).exists() and not args.overwrite:
+        parser.error(f"--output {args.output} exists; pass --overwrite to replace it")
+    return args
+
+
+def load_any_model(spec: str):
+    """A GPT2Model from a ``save_model`` file, a Trainer checkpoint with every weight (keys of a
+    task head's ``gpt.`` body), or a Hugging Face folder / hub id."""
+    from config import GPT2Config
+    from models.gpt2 import GPT2Model
+
+    if not Path(spec).is_file():
+        return GPT2Model.from_pretrained(spec)
+    ckpt = load_checkpoint(spec)
+    if "config" in ckpt:
+        return load_model(spec)
+    if "model" not in ckpt or "model_config" not in ckpt:
+        raise CheckpointError(f"{spec}: neither a saved model, a Trainer checkpoint nor a Hugging Face folder")
+    if ckpt.get("trainable_only", False):
+        raise CheckpointError(f"{spec} holds only the trained parameters (LoRA, prefix or a frozen body); pass the "
+                              "model file the run saved (e.g. sonnet-model.pt)")
+    state = {k.removeprefix("gpt."): v for k, v in ckpt["model"].items()}
+    model = GPT2Model(GPT2Config.from_dict(ckpt["model_config"]))
+    restore_prefix(model, state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{spec}: not a plain GPT-2 language model ({str(e).splitlines()[0]})") from e
+    return model
+
+
+@torch.no_grad()
+def complete(model, tokenizer, prompts: list[str], args: argparse.Namespace) -> list[list[str]]:
+    """Per prompt, its completions (``num_return_sequences`` of them; one with ``--mbr_pool``)."""
+    eos = None if args.no_eos else tokenizer.eos_token_id
+    stop = LineStop(tokenizer, args.num_lines) if args.num_lines else None
+    config = dataclasses.replace(args.generation, eos_token_id=eos, pad_token_id=tokenizer.eos_token_id, stop=stop)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(args.seed)
+    fast = prepare_for_inference(model)
+    ids = encode(tokenizer, prompts, max(1, model.config.max_position_embeddings - config.max_new_tokens), "prompts")
+    collate = PadCollator(tokenizer.pad_token_id, padding_side="left")
+    out: list[list[str]] = []
+    for start in range(0, len(ids), args.batch_size):
+        batch = collate([{"input_ids": x} for x in ids[start : start + args.batch_size]])
+        x, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        if args.pool is not None:
+            rows = mbr_pool_generate(fast, x, mask, pool=args.pool, config=config, decode=tokenizer.decode,
+                                     generator=gen)
+            out += [[tokenizer.decode(r)] for r in rows]
+            continue
+        n = config.num_return_sequences
+        rows = generate(fast, x, mask, config=config, generator=gen)
+        n_pad = (mask == 0).sum(-1).tolist()
+        texts = [tokenizer.decode(trim(rows[i], x.size(1), n_pad[i // n], eos)) for i in range(rows.size(0))]
+        out += [texts[i : i + n] for i in range(0, len(texts), n)]
+    return out
+
+
+def write(prompts: list[str], completions: list[list[str]], output: str | None) -> None:
+    if output is not None and output.endswith(".jsonl"):
+        lines = [json.dumps({"prompt": p, "completion": c}) for p, cs in zip(prompts, completions) for c in cs]
+        text = "\n".join(lines) + "\n"
+    else:
+        text = "".join(c + "\n\n" for cs in completions for c in cs)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text, encoding="utf-8")
+        print(f"wrote {sum(map(len, completions))} completions to {output}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> list[list[str]]:
+    args = parse_args(argv)
+    seed_everything(args.seed)
+    device = pick_device(device=args.device)
+    model = load_any_model(args.model).to(device).eval()
+    tokenizer = load_tokenizer(args.tokenizer, verbose=False)
+    completions = complete(model, tokenizer, args.prompt, args)
+    write(args.prompt, completions, args.output)
+    return completions
+
+
+if __name__ == "__main__":
+    run_main(main)
