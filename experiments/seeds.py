@@ -14,6 +14,7 @@ interruption skips the finished seeds and resumes the interrupted one from its `
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, task_argv: list[str]) -> list[dict[str, Any]]:
-    return run_seeds(args.task, parse_list(args.seeds, int), args.out, task_argv)
+    try:
+        return run_seeds(args.task, parse_list(args.seeds, int), args.out, task_argv)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume (finished seeds are kept)", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 __all__ = ["add_args", "main", "run_seeds", "seed_folder", "summarise"]
