@@ -7,7 +7,8 @@
 
 Members may mix fine-tune modes and model sizes: each is rebuilt from its own checkpoint
 (``classifier.py``'s ``best.pt``/``last.pt``, or ``paraphrase_detection.py``'s model file) and reads
-the data with its own tokenisation limit; only the task (and for sentiment the dataset and label
+the data with its own run's tokenisation limit (a paraphrase model file's run flags are read
+from the ``last.pt`` beside it); only the task (and for sentiment the dataset and label
 set) must agree. The ensemble predicts the class of largest mean probability (softmax of a
 classifier's logits; P(no), P(yes) of the cloze scorer). Written to ``--out``: the prediction
 files in the starter's format (``predictions/<prefix>-<dataset>-{dev,test}-out.csv``, or
@@ -77,9 +78,22 @@ def load_members(paths: Sequence[str | Path], device: torch.device) -> list[Memb
             from tasks.paraphrase import load_paraphrase_scorer
 
             model = load_paraphrase_scorer(p, device)
-            members.append(Member(Path(p), "paraphrase", model, load_tokenizer(verbose=False),
-                                  model.gpt.config.max_position_embeddings))
+            args = run_args(Path(p).parent)
+            members.append(Member(Path(p), "paraphrase", model, load_tokenizer(getattr(args, "tokenizer", None),
+                                                                               verbose=False),
+                                  getattr(args, "max_length", 0) or model.gpt.config.max_position_embeddings,
+                                  args=args))
     return members
+
+
+def run_args(folder: Path) -> argparse.Namespace | None:
+    """The flags of the run that wrote a paraphrase model file (its model file holds none; the
+    run's ``last.pt`` beside it does), so the member reads the data as its run did."""
+    last = folder / "last.pt"
+    if not last.exists():
+        return None
+    extra = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("extra") or {}
+    return argparse.Namespace(**extra["args"]) if "args" in extra else None
 
 
 def _classifier_member(path: str | Path, device: torch.device, first: Member | None) -> Member:
@@ -105,7 +119,8 @@ def read_split(first: Member, split: str, path: str | None, limit: int | None = 
         from training.course_data import load_quora_splits
 
         # The paraphrase run's defaults: offline, the same deterministic splits carved from quora-minbert-dev.csv.
-        files = {"train": "data/quora-train.csv", "dev": "data/quora-dev.csv", "test": "data/quora-test-student.csv"}
+        files = {s: getattr(first.args, f"para_{s}", f"data/quora-{s}.csv") for s in ("train", "dev")}
+        files["test"] = getattr(first.args, "para_test", "data/quora-test-student.csv")
         files[split] = path or files[split]
         return load_quora_splits(files["train"], files["dev"], files["test"], limit=limit)[split]
     path = path or getattr(first.args, f"{first.dataset}_{split}", None)
@@ -125,7 +140,7 @@ def probabilities(member: Member, rows: Sequence[Any], batch_size: int, name: st
     """(N, C) class probabilities of ``rows`` in order, with the task's own prediction code."""
     from training.data import PadCollator
 
-    collate = PadCollator(member.tokenizer.pad_token_id)
+    collate = PadCollator(member.tokenizer.pad_token_id, padding_side=getattr(member.args, "padding_side", "right"))
     if member.task == "paraphrase":
         from tasks.paraphrase import predict_p_yes
         from training.course_data import paraphrase_features

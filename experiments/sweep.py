@@ -28,6 +28,7 @@ from experiments.launch import ExperimentError, check_task_flags, run_results, r
 from experiments.space import Param, SpaceError, combine, read_space_file, space_arg
 from experiments.tables import write_tables
 from training import tracking
+from training.validation import positive_int
 
 FINISHED = ("COMPLETE", "PRUNED")
 
@@ -234,7 +235,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="one dimension, e.g. lr=loguniform:1e-5:1e-3, batch_size=choice:8,16, lora_r=int:4:32:4, "
                         "warmup_ratio=uniform:0:0.2 (repeatable)")
     p.add_argument("--space_file", default=None, help="YAML or JSON mapping of name to spec (or to a list of choices)")
-    p.add_argument("--n_trials", type=int, default=20, help="finished (completed or pruned) trials in the study")
+    p.add_argument("--n_trials", type=positive_int, default=20,
+                   help="finished (completed or pruned) trials in the study")
     p.add_argument("--metric", default="accuracy", help="dev metric to optimise (as the run's eval reports it)")
     p.add_argument("--direction", choices=("maximize", "minimize"), default="maximize")
     p.add_argument("--pruner", type=pruner_arg, default="median",
@@ -245,8 +247,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, task_argv: list[str]) -> Any:
-    if args.n_trials < 1:
-        raise ExperimentError(f"--n_trials must be >= 1, got {args.n_trials}")
     if args.task == "classifier" and dataset_flag(task_argv) in (None, "both"):
         raise ExperimentError("a sweep optimises one dataset: add --dataset sst (or cfimdb, cola) after --")
     try:

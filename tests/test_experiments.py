@@ -155,3 +155,29 @@ def test_ensemble_refuses_checkpoints_of_another_dataset(tmp_path):
     with pytest.raises(CheckpointError, match="ensemble checkpoints of one dataset"):
         ensemble.run_ensemble([tmp_path / "sst" / "runs" / "best.pt", tmp_path / "cfimdb" / "runs" / "best.pt"],
                               tmp_path / "out")
+
+
+def test_paraphrase_ensemble_reads_as_its_runs_did_and_averages_p_yes(tmp_path):
+    import paraphrase_detection
+    from tests.test_paraphrase import quora_source
+
+    train, dev = quora_source(tmp_path / "train.tsv", 12), quora_source(tmp_path / "dev.tsv", 6)
+    micro = Path(classifier_cli_args(tmp_path, "lora")[3])
+    models = []
+    for seed in ("1", "2"):
+        run = tmp_path / f"run{seed}"
+        paraphrase_detection.main([
+            "--model_size", str(micro), "--random_init", "--epochs", "1", "--batch_size", "4", "--no_progress",
+            "--max_length", "24", "--padding_side", "left", "--seed", seed, "--output_dir", str(run),
+            "--para_train", str(train), "--para_dev", str(dev), "--para_test", str(dev),
+            "--para_dev_out", str(run / "dev.csv"), "--para_test_out", str(run / "test.csv")])
+        models.append(run / "paraphrase-model.pt")
+    one = ensemble.run_ensemble(models[:1], tmp_path / "one")
+    assert (tmp_path / "one" / "predictions" / "para-dev-output.csv").read_text() == \
+        (tmp_path / "run1" / "dev.csv").read_text()
+    two = ensemble.run_ensemble(models, tmp_path / "two")
+    (second,) = ensemble.load_members(models[1:], torch.device("cpu"))
+    assert second.max_length == 24 and second.args.padding_side == "left"
+    p2 = ensemble.probabilities(second, ensemble.read_split(second, "dev", None), 4)
+    assert torch.allclose(two["probs"]["dev"], (one["probs"]["dev"] + p2) / 2, atol=1e-6)
+    assert not torch.allclose(one["probs"]["dev"], p2)
