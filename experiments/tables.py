@@ -11,11 +11,11 @@ from typing import Any
 
 
 def cell(value: Any, digits: int = 4) -> str:
-    """A markdown cell: floats rounded, None and NaN as a dash."""
+    """A markdown cell: floats rounded (small ones to 3 significant digits), None and NaN as a dash."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
+    if isinstance(value, float):  # small values (learning rates) keep their significant digits
+        return f"{value:.3g}" if 0 < abs(value) < 10 ** -(digits - 1) else f"{value:.{digits}f}"
     return str(value)
 
 
