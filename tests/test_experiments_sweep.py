@@ -137,3 +137,13 @@ def test_a_study_of_other_settings_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(other)
     assert e.value.code == 2 and "was run with other settings (space:" in capsys.readouterr().err
+
+
+def test_task_flags_the_task_refuses_end_the_sweep_with_its_status_and_a_failed_trial(tmp_path, capsys):
+    argv = sweep_argv(tmp_path, "--n_trials", "2", epochs=1) + ["--report_to", "mlflow"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --report_to: must be one of none, tensorboard, wandb" in err
+    assert [t.state.name for t in load(tmp_path).trials] == ["FAIL"]  # not left RUNNING forever
