@@ -64,6 +64,28 @@ def check_task_flags(task: str, argv: Sequence[str], owned: Sequence[str] = ()) 
         raise ExperimentError(f"{', '.join(clash)}: set by the runner for each run; drop them from the task flags")
 
 
+def dataset_flag(argv: Sequence[str]) -> str | None:
+    """The value of ``--dataset`` in a command line (the last one, as argparse takes it)."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == "--dataset" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith("--dataset="):
+            value = a.partition("=")[2]
+    return value
+
+
+def one_run_each(task: str, argv: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """(subfolder, command line) of each run ``argv`` stands for: a classifier on both datasets
+    becomes one run per dataset, each finished, resumed or restarted on its own (one process over
+    both would have to resume a dataset that never reached its first checkpoint)."""
+    if task == "classifier" and dataset_flag(argv) in (None, "both"):
+        from tasks.sentiment import DATASETS
+
+        return [(ds, [*argv, "--dataset", ds]) for ds in DATASETS]
+    return [("", list(argv))]
+
+
 def continuation_flags(folder: Path, argv: Sequence[str]) -> list[str] | None:
     """How a run folder continues: None if its run finished with this command line, ``--resume``
     if it holds a checkpoint, ``--overwrite`` if it holds only the files of a run killed before
@@ -188,5 +210,5 @@ def describe(values: Mapping[str, Any]) -> str:
 
 
 __all__ = ["DONE", "ExperimentError", "TASKS", "TaskScript", "best_epoch", "check_task_flags", "continuation_flags",
-           "describe", "efficiency", "flag_names", "parse_list", "run_results", "run_task", "selection",
-           "split_task_argv"]
+           "dataset_flag", "describe", "efficiency", "flag_names", "one_run_each", "parse_list", "run_results",
+           "run_task", "selection", "split_task_argv"]

@@ -4,7 +4,8 @@
         -- --dataset sst --fine-tune-mode lora --epochs 3
 
 Each seed is one run of the task's script with the flags after ``--`` unchanged and ``--seed S``,
-in its own run folder ``<out>/seed-S`` (predictions in ``<out>/seed-S/predictions``). Then
+in its own run folder ``<out>/seed-S`` (predictions in ``<out>/seed-S/predictions``; a classifier
+on both datasets runs each in ``<out>/seed-S/<dataset>``). Then
 ``<out>/summary.csv`` and ``summary.md`` list every dev metric of the runs' best epochs (and the
 efficiency numbers a run folder holds) with mean, sample standard deviation and each seed's value:
 a gain smaller than the spread across seeds is noise. Rerunning the same command after an
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.launch import ExperimentError, check_task_flags, parse_list, run_results, run_task
+from experiments.launch import ExperimentError, check_task_flags, one_run_each, parse_list, run_results, run_task
 from experiments.tables import mean_std, write_tables
 
 
@@ -49,8 +50,9 @@ def run_seeds(task: str, seeds: Sequence[int], out: str | Path, task_argv: Seque
     results = {}
     for seed in seeds:
         folder = seed_folder(out, seed)
-        if not run_task(task, [*task_argv, "--seed", str(seed)], folder):
-            print(f"seed {seed}: finished earlier in {folder}")
+        for sub, argv in one_run_each(task, task_argv):
+            if not run_task(task, [*argv, "--seed", str(seed)], folder / sub):
+                print(f"seed {seed}: finished earlier in {folder / sub}")
         results[seed] = run_results(folder)
     rows = summarise(results)
     columns = ["metric", "mean ± std", "mean", "std", "n", *(f"seed {s}" for s in seeds)]

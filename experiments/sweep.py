@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.launch import ExperimentError, check_task_flags, run_results, run_task
+from experiments.launch import ExperimentError, check_task_flags, dataset_flag, run_results, run_task
 from experiments.space import Param, SpaceError, combine, read_space_file, space_arg
 from experiments.tables import write_tables
 from training import tracking
@@ -260,16 +260,5 @@ def main(args: argparse.Namespace, task_argv: list[str]) -> Any:
         raise SystemExit(130) from None
 
 
-def dataset_flag(argv: Sequence[str]) -> str | None:
-    """The value of ``--dataset`` in a command line (the last one, as argparse takes it)."""
-    value = None
-    for i, a in enumerate(argv):
-        if a == "--dataset" and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif a.startswith("--dataset="):
-            value = a.partition("=")[2]
-    return value
-
-
-__all__ = ["PruneOnDev", "TaskExit", "add_args", "build_pruner", "dataset_flag", "main", "objective", "open_study",
+__all__ = ["PruneOnDev", "TaskExit", "add_args", "build_pruner", "main", "objective", "open_study",
            "plot", "pruner_arg", "report", "requeue", "run_sweep"]

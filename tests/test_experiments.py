@@ -181,3 +181,23 @@ def test_paraphrase_ensemble_reads_as_its_runs_did_and_averages_p_yes(tmp_path):
     p2 = ensemble.probabilities(second, ensemble.read_split(second, "dev", None), 4)
     assert torch.allclose(two["probs"]["dev"], (one["probs"]["dev"] + p2) / 2, atol=1e-6)
     assert not torch.allclose(one["probs"]["dev"], p2)
+
+
+def test_seeds_of_a_classifier_on_both_datasets_resume_a_dataset_killed_before_its_first_checkpoint(tmp_path, capsys):
+    argv = classifier_cli_args(tmp_path, "last-linear-layer")
+    for flag in ("--output_dir", "--predictions_dir"):
+        i = argv.index(flag)
+        del argv[i:i + 2]
+    out = tmp_path / "exp"
+    with tracking.attach(InterruptAt(2)), pytest.raises(KeyboardInterrupt):  # cfimdb's first epoch
+        seeds.run_seeds("classifier", [5], out, argv)
+    cfimdb = out / "seed-5" / "cfimdb"
+    assert (cfimdb / "metrics.jsonl").exists() and not (cfimdb / "last.pt").exists()
+    capsys.readouterr()
+    rows = {r["metric"]: r for r in seeds.run_seeds("classifier", [5], out, argv)}
+    assert "seed 5: finished earlier" in capsys.readouterr().out
+    assert {"sst/dev/accuracy", "cfimdb/dev/accuracy"} <= set(rows)
+    for ds in ("sst", "cfimdb"):
+        assert (out / "seed-5" / ds / "predictions" / f"last-linear-layer-{ds}-dev-out.csv").exists()
+        epochs = [x for x in (out / "seed-5" / ds / "metrics.jsonl").read_text().splitlines() if '"epoch", ' in x]
+        assert len(epochs) == 1
