@@ -147,3 +147,18 @@ def test_task_flags_the_task_refuses_end_the_sweep_with_its_status_and_a_failed_
     err = capsys.readouterr().err
     assert "argument --report_to: must be one of none, tensorboard, wandb" in err
     assert [t.state.name for t in load(tmp_path).trials] == ["FAIL"]  # not left RUNNING forever
+
+
+def test_a_failed_or_stale_trial_is_queued_again_once_with_its_values_and_folder():
+    from experiments.sweep import requeue
+
+    study = optuna.create_study()
+    trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)})
+    trial.set_user_attr("origin", trial.number)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    failed = study.trials[0]
+    requeue(study, failed)
+    requeue(study, failed)  # a second process (or the heartbeat check) finds it queued already
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert len(waiting) == 1
+    assert waiting[0].system_attrs["fixed_params"] == failed.params and waiting[0].user_attrs["origin"] == 0
