@@ -17,7 +17,9 @@ COMMANDS = {"seeds": seeds, "ensemble": ensemble, "sweep": sweep}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.split("\n")[0],
+    import experiments
+
+    parser = argparse.ArgumentParser(prog="python -m experiments", description=experiments.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
