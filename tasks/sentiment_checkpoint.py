@@ -20,9 +20,9 @@ import torch
 
 from models.fine_tune import FineTuneConfig, set_fine_tune_mode
 from models.heads import GPT2SentimentClassifier
-from models.loading import CheckpointError, build_model, load_tokenizer
+from models.loading import CheckpointError
 from training.checkpoints import load_checkpoint, load_model_state
-from training.cli import fine_tune_config, seed_everything
+from training.cli import build_from_args, fine_tune_config, seed_everything
 
 
 @dataclass
@@ -52,14 +52,14 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu",
         check(extra)
     a = argparse.Namespace(**extra["args"])
     seed_everything(a.seed)  # a frozen random-init body is rebuilt from the run's seed
-    model = GPT2SentimentClassifier(build_model(a.model_size, a.random_init), extra["num_labels"],
-                                    a.hidden_dropout_prob)
+    gpt, tokenizer = build_from_args(argparse.Namespace(**{**vars(a), "compile": False}))  # as the run built it
+    model = GPT2SentimentClassifier(gpt, extra["num_labels"], a.hidden_dropout_prob)
     # Checkpoints written before the config was saved carry only the flags (maybe without --use_dora).
     fine_tune = FineTuneConfig.from_dict(extra["fine_tune"]) if "fine_tune" in extra else fine_tune_config(a)
     set_fine_tune_mode(model, fine_tune, model.head)
     load_model_state(model, ckpt["model"], ckpt.get("trainable_only", False), path)
-    return LoadedClassifier(model.to(device).eval(), load_tokenizer(getattr(a, "tokenizer", None), verbose=False),
-                            a, extra.get("dataset"), int(extra["num_labels"]), Path(path))
+    return LoadedClassifier(model.to(device).eval(), tokenizer, a, extra.get("dataset"), int(extra["num_labels"]),
+                            Path(path))
 
 
 __all__ = ["LoadedClassifier", "load_classifier"]
