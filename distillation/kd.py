@@ -42,40 +42,23 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_teacher(path: str | Path, device: torch.device, dataset: str | None = None):
-    """(GPT2SentimentClassifier, tokenizer, saved args) from a ``classifier.py`` checkpoint.
-    The model is rebuilt the way classifier.py built it (same size, same seed, the saved
-    ``FineTuneConfig``, so adapters are where the weights expect them), then the checkpoint's
-    weights (all of them, or the trainable ones of a frozen/LoRA run) loaded.
-    With ``dataset``, a teacher trained on another task (an SST teacher for CFIMDB would make
-    5-way students of a 2-class task) is refused before anything is built."""
-    from models.fine_tune import FineTuneConfig, set_fine_tune_mode
-    from models.gpt2 import build_model
-    from models.heads import GPT2SentimentClassifier, pooling_of
-    from models.loading import CheckpointError, load_tokenizer
+    """(GPT2SentimentClassifier, tokenizer, saved args) from a ``classifier.py`` checkpoint, rebuilt
+    by ``tasks.sentiment_checkpoint.load_classifier``. With ``dataset``, a teacher trained on
+    another task (an SST teacher for CFIMDB would make 5-way students of a 2-class task) is
+    refused before anything is built."""
+    from models.loading import CheckpointError
     from tasks.sentiment import NUM_LABELS
-    from training.checkpoints import load_checkpoint, load_model_state
-    from training.cli import fine_tune_config, seed_everything
+    from tasks.sentiment_checkpoint import load_classifier
 
-    ckpt = load_checkpoint(path, device)
-    extra = ckpt.get("extra", {})
-    if "args" not in extra or "num_labels" not in extra:
-        raise CheckpointError(f"{path}: not a classifier.py checkpoint (no saved args / num_labels); "
-                              "pass --teacher runs/classifier/<mode>-<dataset>/best.pt")
-    if dataset is not None:
+    def same_task(extra) -> None:
         theirs, n = extra.get("dataset"), extra["num_labels"]
-        if theirs != dataset or n != NUM_LABELS[dataset]:
+        if dataset is not None and (theirs != dataset or n != NUM_LABELS[dataset]):
             raise CheckpointError(f"{path}: the teacher was trained on {theirs} ({n} labels) but --dataset {dataset} "
                                   f"has {NUM_LABELS[dataset]}; pass a teacher trained on {dataset} "
                                   f"or --dataset {theirs}")
-    a = argparse.Namespace(**extra["args"])
-    seed_everything(a.seed)
-    gpt = build_model(a.model_size, a.random_init)
-    model = GPT2SentimentClassifier(gpt, extra["num_labels"], a.hidden_dropout_prob, pooling_of(extra))
-    # Checkpoints written before the config was saved carry only the flags (maybe without --use_dora).
-    fine_tune = FineTuneConfig.from_dict(extra["fine_tune"]) if "fine_tune" in extra else fine_tune_config(a)
-    set_fine_tune_mode(model, fine_tune, model.head)
-    load_model_state(model, ckpt["model"], ckpt.get("trainable_only", False), path)
-    return model.to(device).eval(), load_tokenizer(getattr(a, "tokenizer", None), verbose=False), a
+
+    teacher = load_classifier(path, device, same_task)
+    return teacher.model, teacher.tokenizer, teacher.args
 
 
 def logits_of(model, loader) -> list[list[float]]:

@@ -22,6 +22,7 @@ from modules.lora import DEFAULT_TARGETS
 from training.rng import seed_everything
 from training.run_dir import open_run
 from training.schedule import SCHEDULES
+from training.tracking import report_to
 from training.trainer import TrainConfig
 from training.validation import (
     model_size_or_folder,
@@ -100,6 +101,9 @@ def add_common_args(
                    help="start from a model saved by an earlier run; with --epochs 0 only predict")
     g.add_argument("--no_progress", action="store_true", help="no tqdm bars (logs only)")
     g.add_argument("--no_bf16", action="store_true", help="no bf16 autocast on CUDA")
+    g.add_argument("--report_to", type=report_to, default="none",
+                   help="also log to none, tensorboard (event files in the run folder) or wandb (offline "
+                        "without network; needs pip install wandb)")
 
     g = parser.add_argument_group("speed")
     g.add_argument("--group_by_length", action="store_true",
@@ -219,6 +223,7 @@ def train_config_from_args(args: argparse.Namespace, device: torch.device, **fie
         resume=args.resume,
         overwrite=getattr(args, "overwrite", False),
         resume_allow_changes=getattr(args, "resume_allow_changes", False),
+        report_to=getattr(args, "report_to", "none"),
     )
     values.update(fields)
     return TrainConfig(**values)

@@ -57,6 +57,7 @@ from training.rng import get_rng_state, sampler_rng_state, seed_everything, set_
 from training.run_dir import fit_guard, run_settings
 from training.run_log import plot_curves
 from training.schedule import SCHEDULES, lr_lambda
+from training.tracking import callbacks_for
 from training.trainer_state import CheckpointMixin
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -94,6 +95,7 @@ class TrainConfig:
     overwrite: bool = False  # an output_dir that holds a run is replaced (else refused unless resume)
     resume_allow_changes: bool = False  # resume even if settings that change the result differ
     max_steps: int = 0  # stop (as if interrupted) after this many optimizer steps; 0 = no limit
+    report_to: str = "none"  # none | tensorboard | wandb: a tracker mirroring metrics.jsonl (training.tracking)
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULES:
@@ -168,7 +170,7 @@ class Trainer(CheckpointMixin):
         self.loss_fn = loss_fn
         self.train_loader = train_loader
         self.eval_fn = eval_fn
-        self.callbacks = list(callbacks)
+        self.callbacks = [*callbacks, *callbacks_for(self.config)]  # --report_to's tracker, attached ones
         self.extra = dict(extra or {})
         self.output_dir = Path(self.config.output_dir)
         self.optimizer = optimizer or self._default_optimizer()

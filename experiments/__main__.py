@@ -1,0 +1,47 @@
+"""``python -m experiments seeds|ensemble|sweep ...``; ``--help`` on each says what it does.
+The task's flags (seeds, sweep) follow a lone ``--``. Bad input ends in one ``error:`` line and
+exit status 2, before any training."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from experiments import ensemble, seeds, sweep
+from experiments.launch import ExperimentError, split_task_argv
+from training.cli import run_main
+
+COMMANDS = {"seeds": seeds, "ensemble": ensemble, "sweep": sweep}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import experiments
+
+    parser = argparse.ArgumentParser(prog="python -m experiments", description=experiments.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in COMMANDS.items():
+        doc = module.__doc__ or ""
+        p = sub.add_parser(name, help=doc.split("\n")[0], description=doc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_args(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    """Parse and run one command; ``ExperimentError`` becomes one error line and exit status 2."""
+    own, task_argv = split_task_argv(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(own)
+    if task_argv and args.command == "ensemble":
+        build_parser().error("ensemble takes no task flags after --")
+    try:
+        return COMMANDS[args.command].main(args, task_argv)
+    except ExperimentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    run_main(main)
