@@ -35,7 +35,7 @@ import torch
 
 from models.generation import LineStop, generate, trim
 from models.heads import SonnetGPT, count_parameters, set_fine_tune_mode
-from models.inference import prepare_for_inference
+from models.inference import add_inference_args, inference_from_args, prepare_for_inference
 from models.loading import CheckpointError, load_checkpoint, load_model, save_model
 from models.mbr import mbr_generate
 from modules.lora import unwrap_lora
@@ -105,6 +105,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                     warmup_ratio=0.1, patience=3)
     add_attention_args(parser)
     add_pretrain_args(parser)
+    add_inference_args(parser)  # --quantize
     parser.set_defaults(save_top_k=3)
     args = parser.parse_args(argv)
     check_decoding(parser, args)
@@ -313,6 +314,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         save_model(model.gpt, path, task="sonnet", dev=best)
         print(f"saved the model to {path}")
 
+    model.gpt = inference_from_args(model.gpt, args)  # --quantize; --generate_only keeps one copy of the weights
     result: dict[str, Any] = {"best": best}
     for name, prompts, out in (("dev", dev_prompts, args.dev_sonnet_out), ("test", test_prompts, args.sonnet_out)):
         texts = complete_prompts(model, tokenizer, [s.text for s in prompts], kw, **complete_kw)
