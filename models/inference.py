@@ -166,25 +166,22 @@ def held_bytes(module: nn.Module) -> int:
     layouts' own tensors (oneDNN-packed ones included): the weights' memory, counted once."""
     seen: dict[int, int] = {}
 
-    def add(t: torch.Tensor) -> None:
-        if t.is_mkldnn:  # opaque storage: one block of numel elements
-            seen[id(t)] = t.numel() * t.element_size()
-        else:
-            s = t.untyped_storage()
-            seen[s.data_ptr() or id(s)] = s.nbytes()
+    def add(obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_mkldnn:  # opaque storage: one block of numel elements
+                seen[id(obj)] = obj.numel() * obj.element_size()
+            else:
+                s = obj.untyped_storage()
+                seen[s.data_ptr() or id(s)] = s.nbytes()
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                add(v)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, nn.Module):  # a layout (or one inside a layout)
+            for v in vars(obj).values():
+                add(v)
 
     for m in module.modules():
         for t in itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False)):
             add(t)
-        layout = getattr(m, "layout", None)
-        for v in vars(layout).values() if layout is not None else ():
-            if isinstance(v, torch.Tensor):
-                add(v)
-            elif isinstance(v, dict):
-                for t in v.values():
-                    add(t)
-            elif hasattr(v, "__dict__") and not isinstance(v, nn.Module):  # a layout inside a layout
-                for t in vars(v).values():
-                    if isinstance(t, torch.Tensor):
-                        add(t)
+        add(getattr(m, "layout", None))
     return sum(seen.values())

@@ -130,8 +130,11 @@ def test_inference_only_releases_the_original_weights_and_decodes_the_same(quant
     monkeypatch.setattr(dw, "PACKED_MIN_NUMEL", 0)  # the float layouts would leave small weights alone
     model = model_of()
     ids = torch.randint(0, 300, (2, 5))
-    expected = generate(prepare_for_inference(model, quantize=quantize), ids, max_new_tokens=12)
+    beside = prepare_for_inference(model, quantize=quantize)
+    expected = generate(beside, ids, max_new_tokens=12)
     before = held_bytes(model)
+    if quantize == "none":  # without inference_only the packed copies sit beside the shared originals
+        assert held_bytes(beside) > 1.8 * before
     fast = prepare_for_inference(model, quantize=quantize, inference_only=True)
     linear_and_embedding = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                                if n.endswith("weight") and p.dim() == 2 and not n.startswith("wpe"))
