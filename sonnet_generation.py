@@ -42,6 +42,7 @@ import argparse
 from typing import Any
 
 from models.fine_tune import default_lr, mode_names, modes_help
+from models.inference import add_inference_args
 from tasks.lm import add_attention_args, add_pretrain_args
 from tasks.sonnet import CONTRASTIVE_K, DECODINGS, run
 from tasks.sonnet_dpo import PAIRINGS, RANKINGS
@@ -116,6 +117,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                     warmup_ratio=0.1, patience=3)
     add_attention_args(parser)
     add_pretrain_args(parser)
+    add_inference_args(parser)  # --quantize
     parser.set_defaults(save_top_k=3)
     args = parser.parse_args(argv)
     check_decoding(parser, args)

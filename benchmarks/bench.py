@@ -6,17 +6,21 @@ model and for ``transformers.GPT2LMHeadModel`` holding the very same weights
 (built by ``transformers``, copied into ours through ``models.loading``).
 It prints tokens per second, peak memory, the ratio ours / transformers, on
 CUDA the model FLOPs utilisation, and at batch 1 the memory-bandwidth bound of
-a decoding step. Timings are medians of ``--reps`` repetitions after
+a decoding step. Decoding is timed for each ``--quantize`` representation of our
+model (float32, bf16, weight-only int8 / int4), all beside ``transformers``
+float32 in one interleaved run; ours decodes inference-only (one copy of each weight).
+Timings are medians of ``--reps`` repetitions after
 ``--warmup``, with the two models interleaved so that load from other
 processes hits both alike.
 
 Fairness: same weights, shapes and dtype; ``transformers`` uses its default
 attention implementation (``sdpa``) and ``generate(use_cache=True,
-do_sample=False)``, ours ``generate`` on ``prepare_for_inference(model)``; both sides train with the same optimizer (our
-``optimizer.AdamW``, multi-tensor path) and dropout on (the configs' 0.1).
+do_sample=False)``, ours ``generate`` on ``prepare_for_inference(copy, quantize, inference_only=True)``;
+both sides train with the same optimizer (our ``optimizer.AdamW``, multi-tensor path) and dropout on (the configs' 0.1).
 
     python benchmarks/bench.py --model_size gpt2 --batch_size 8 --seq_len 128
     python benchmarks/bench.py --model_size gpt2 --threads 1 --clock cpu   # steadier on a busy machine
+    python benchmarks/bench.py --model_size gpt2 --skip_train --quantize none bf16 int8 int4
     python benchmarks/bench.py --model_size gpt2-medium --batch_size 16 --seq_len 1024 --dtype bfloat16 --device cuda
 """
 
@@ -40,6 +44,7 @@ import torch  # noqa: E402
 from config import SIZES, GPT2Config  # noqa: E402
 from models.gpt2 import GPT2Model, maybe_compile  # noqa: E402
 from modules.losses import lm_loss  # noqa: E402
+from modules.quant import QUANTIZE_CHOICES  # noqa: E402
 from optimizer import AdamW  # noqa: E402
 
 # Dense bf16 tensor-core peak (TFLOPS, no sparsity) by a substring of the device name; first match wins.
@@ -160,9 +165,10 @@ def train_step(model, side: str, args: argparse.Namespace) -> Callable[[], torch
 
 
 def decode_fn(model, side: str, args: argparse.Namespace, batch_size: int) -> Callable[[], torch.Tensor]:
-    """A closure decoding ``new_tokens`` greedily from a fixed random prompt. Ours decodes
-    through ``prepare_for_inference`` (done once here, as a caller decoding many batches
-    would; its layouts are built during the warm-up call)."""
+    """A closure decoding ``new_tokens`` greedily from a fixed random prompt. ``side`` is
+    ``transformers`` or ``ours/<quantize>``: ours decodes a copy of ``model`` prepared
+    inference-only (``prepare_for_inference(..., quantize, inference_only=True)``: each weight
+    held once, in its decoding layout), prepared once here as a caller decoding many batches would."""
     from models.generation import generate
     from models.inference import prepare_for_inference
 
@@ -171,8 +177,9 @@ def decode_fn(model, side: str, args: argparse.Namespace, batch_size: int) -> Ca
     ids = torch.randint(0, model.config.vocab_size, (batch_size, args.prompt_len), generator=g).to(device)
     mask = torch.ones_like(ids)
     model.eval()
-    if side == "ours":
-        fast = prepare_for_inference(model)
+    if side.startswith("ours"):
+        own = model if args.probe else copy.deepcopy(model)  # the probe's model is its own to consume
+        fast = prepare_for_inference(own, quantize=side.partition("/")[2] or "none", inference_only=True)
         return lambda: generate(fast, ids, max_new_tokens=args.new_tokens)
     return lambda: model.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False,
                                   use_cache=True)
@@ -181,7 +188,9 @@ def decode_fn(model, side: str, args: argparse.Namespace, batch_size: int) -> Ca
 def memory_probe(args: argparse.Namespace) -> None:
     """In a fresh process: peak RSS over a few calls of one side, less the RSS of the bare
     process (CPU memory): weights, gradients, optimizer state, activations / KV cache.
-    Only that side's model is built, so nothing else competes for the peak."""
+    Only that side's model is built, so nothing else competes for the peak. For decoding the
+    peak is reset (``/proc/self/clear_refs``) after the first call, so it is the decoding
+    peak, not that of building, converting or quantising the model (transient on both sides)."""
     import transformers  # noqa: F401  (both sides import the same libraries before the baseline)
 
     from models.generation import generate  # noqa: F401
@@ -190,18 +199,22 @@ def memory_probe(args: argparse.Namespace) -> None:
     kind, side, batch = args.probe.split(":")
     base = rss_mib()
     cfg = build_config(args)
-    model = GPT2Model(cfg) if side == "ours" else build_hf(cfg, torch.device("cpu"))
+    model = GPT2Model(cfg) if side.startswith("ours") else build_hf(cfg, torch.device("cpu"))
     fn = train_step(model, side, args) if kind == "train" else decode_fn(model, side, args, int(batch))
-    for _ in range(3):
+    fn()
+    if kind == "decode":
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := current RSS
+    for _ in range(2):
         fn()
     peak = rss_mib("VmHWM")
     print(json.dumps({"peak_mib": peak - base}))
 
 
-def probe_memory(kind: str, batch: int) -> dict[str, float]:
+def probe_memory(kind: str, batch: int, sides: tuple[str, ...] = ("ours", "transformers")) -> dict[str, float]:
     """Peak memory of each side, each in its own process (CPU has no per-allocation peak counter)."""
     out = {}
-    for side in ("ours", "transformers"):
+    for side in sides:
         res = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--probe", f"{kind}:{side}:{batch}"],
                              capture_output=True, text=True)
         if res.returncode:
@@ -212,7 +225,7 @@ def probe_memory(kind: str, batch: int) -> dict[str, float]:
 
 def peak_memory(fns: dict[str, Callable[[], object]], kind: str, batch: int, device: torch.device):
     if device.type != "cuda":
-        return probe_memory(kind, batch)
+        return probe_memory(kind, batch, tuple(fns))
     mem = {}
     for k, fn in fns.items():
         torch.cuda.reset_peak_memory_stats()
@@ -221,18 +234,32 @@ def peak_memory(fns: dict[str, Callable[[], object]], kind: str, batch: int, dev
     return mem
 
 
-def matvec_bandwidth(device: torch.device, dtype: torch.dtype, reps: int = 20) -> dict[str, float]:
-    """Bytes per second of a large matrix-vector product with each kernel available, the ceiling
-    of batch-1 decoding: the (out, in) layout F.linear uses, the (in, out) layout, and on CPU
-    oneDNN's weight prepacked for one row (much the fastest: the machine's bandwidth is not what
-    F.linear reaches)."""
-    W = torch.randn(16384, 4096, device=device).to(dtype)  # 256 MB in float32, far beyond the caches
-    Wt = W.t().contiguous()
-    x = torch.randn(1, 4096, device=device).to(dtype)
-    kernels = {"F.linear": lambda: torch.nn.functional.linear(x, W), "x @ W^T": lambda: x @ Wt}
-    if device.type == "cpu" and torch.backends.mkldnn.is_available():
-        packed = torch.ops.mkldnn._reorder_linear_weight(W, 1)
-        kernels["oneDNN packed"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+def matvec_bandwidth(device: torch.device, kind: str, reps: int = 20) -> dict[str, float]:
+    """Weight bytes per second of a large matrix-vector product with each kernel available for
+    ``kind`` (float32, bf16, int8, int4), the ceiling of batch-1 decoding. Floats: the (out, in)
+    layout F.linear uses, the (in, out) layout, and on CPU oneDNN's weight prepacked for one row
+    (much the fastest: F.linear does not reach the machine's bandwidth). int8 / int4: the
+    layouts' kernels (``modules.quant``) and, for int8, dequantise-then-F.linear."""
+    from modules.quant import Int4Layout, Int8Layout, dequantize_int8
+
+    W = torch.randn(16384, 4096, device=device)  # 256 MB in float32, far beyond the caches
+    x = torch.randn(1, 4096, device=device)
+    if kind in ("int8", "int4"):
+        layout = Int8Layout(W) if kind == "int8" else Int4Layout(W)
+        nbytes = layout.nbytes()
+        kernels = {f"{kind} kernel": lambda: layout.matmul(x, None)}
+        if kind == "int8":
+            kernels["dequantise + F.linear"] = lambda: torch.nn.functional.linear(
+                x, dequantize_int8(layout.q, layout.scale))
+    else:
+        dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+        W, x = W.to(dtype), x.to(dtype)
+        Wt = W.t().contiguous()
+        nbytes = W.numel() * W.element_size()
+        kernels = {"F.linear": lambda: torch.nn.functional.linear(x, W), "x @ W^T": lambda: x @ Wt}
+        if device.type == "cpu" and torch.backends.mkldnn.is_available():
+            packed = torch.ops.mkldnn._reorder_linear_weight(W, 1)
+            kernels["oneDNN packed"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     out = {}
     for name, fn in kernels.items():
         for _ in range(3):
@@ -244,7 +271,7 @@ def matvec_bandwidth(device: torch.device, dtype: torch.dtype, reps: int = 20) -
             fn()
             sync(device)
             ts.append(CLOCK[0]() - t0)
-        out[name] = W.numel() * W.element_size() / statistics.median(ts)
+        out[name] = nbytes / statistics.median(ts)
     return out
 
 
@@ -270,64 +297,56 @@ def bench_train(ours, hf, args, device) -> None:
 
 
 def bench_decode(ours, hf, args, device) -> None:
+    """``transformers`` float32 and ours in each ``--quantize`` representation, interleaved in one
+    run per batch size: speed, peak memory, and each representation's greedy agreement with
+    ``transformers`` (identical weights: float32 should agree exactly; the others' agreement on
+    these random weights, whose logits are near ties, says nothing of quality: see
+    ``benchmarks/quant_quality.py``)."""
+    from modules.quant import QuantizationUnavailable, check_quantize
+
+    P = args.prompt_len
+    quants = list(dict.fromkeys(args.quantize + (["bf16"] if args.bf16_decode else [])))
+    for q in list(quants):
+        try:
+            check_quantize(q, device, ours.config.hidden_size)
+        except QuantizationUnavailable as e:
+            print(f"--quantize {q}: unavailable here ({e})")
+            quants.remove(q)
     for B in args.decode_batches:
-        fns = {"ours": decode_fn(ours, "ours", args, B), "transformers": decode_fn(hf, "transformers", args, B)}
-        out_o, out_h = fns["ours"](), fns["transformers"]()
+        fns = {f"ours/{q}": decode_fn(ours, f"ours/{q}", args, B) for q in quants}
+        fns["transformers"] = decode_fn(hf, "transformers", args, B)
+        outs = {k: fn() for k, fn in fns.items()}
         med, raw = time_interleaved(fns, device, args.warmup, args.reps)
         mem = peak_memory(fns, "decode", B, device)
         tokens = B * args.new_tokens
-        print(f"\n== greedy decoding: {args.model_size} B={B} prompt={args.prompt_len} new={args.new_tokens} "
-              f"float32 (outputs identical: {torch.equal(out_o, out_h)}) ==")
+        print(f"\n== greedy decoding: {args.model_size} B={B} prompt={P} new={args.new_tokens}; "
+              f"transformers float32 ==")
         for k in fns:
-            print(f"{k:>13}: {med[k] * 1e3:9.1f} ms  {tokens / med[k]:8.1f} tok/s  "
-                  f"{med[k] / args.new_tokens * 1e3:6.2f} ms/token  peak mem {mem[k]:7.0f} MiB"
+            agree = (outs[k][:, P:] == outs["transformers"][:, P:]).float().mean().item()
+            print(f"{k:>13}: {med[k] / args.new_tokens * 1e3:6.2f} ms/token  {tokens / med[k]:8.1f} tok/s  "
+                  f"{med['transformers'] / med[k]:5.2f}x transformers  peak mem {mem[k]:7.0f} MiB "
+                  f"({mem[k] / mem['transformers']:.2f}x)  greedy agreement {agree:.3f}"
                   f"  (reps ms: {' '.join(f'{t * 1e3:.0f}' for t in raw[k])})")
-        print(f"ratio ours/transformers: speed {med['transformers'] / med['ours']:.2f}x, "
-              f"peak memory {mem['ours'] / mem['transformers']:.2f}x")
         if B == 1:
-            print_bound(ours, med["ours"] / args.new_tokens, device, torch.float32)
-        if args.bf16_decode:
-            bench_bf16_decode(ours, args, B, fns["ours"], out_o, device)
+            for q in quants:
+                print_bound(ours, q, med[f"ours/{q}"] / args.new_tokens, device)
 
 
-def print_bound(model: GPT2Model, step_s: float, device: torch.device, dtype: torch.dtype) -> None:
-    nbytes = sum(p.numel() for n, p in model.named_parameters() if n != "wpe.weight") * dtype.itemsize
-    bws = matvec_bandwidth(device, dtype)
+def print_bound(model: GPT2Model, quantize: str, step_s: float, device: torch.device) -> None:
+    """The batch-1 bound of one representation: the bytes an inference-only model holds (less the
+    position table, of which a step reads one row) over the fastest matrix-vector rate measured."""
+    from models.inference import held_bytes, prepare_for_inference
+
+    fast = prepare_for_inference(copy.deepcopy(model), quantize=quantize, inference_only=True)
+    nbytes = held_bytes(fast) - held_bytes(fast.body.wpe)
+    kind = "float32" if quantize == "none" else quantize
+    bws = matvec_bandwidth(device, kind)
     bw = max(bws.values())
     bound = nbytes / bw
-    print(f"bandwidth bound ({str(dtype).removeprefix('torch.')}): {nbytes / 2**20:.0f} MiB of weights / "
+    print(f"bandwidth bound ({kind}): {nbytes / 2**20:.0f} MiB of weights / "
           f"{bw / 1e9:.1f} GB/s matvec = {bound * 1e3:.2f} ms/token; ours {step_s * 1e3:.2f} ms/token "
           f"= {step_s / bound:.2f}x the bound (matvec GB/s: "
           + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bws.items()) + ")")
-
-
-def bench_bf16_decode(ours, args, B: int, fp32_fn, out_fp32: torch.Tensor, device) -> None:
-    """Our decoding with bfloat16 weights and cache, against our float32 decoding."""
-    bf = copy.deepcopy(ours).to(torch.bfloat16)
-    bf_fn = decode_fn(bf, "ours", args, B)
-    med, _ = time_interleaved({"bf16": bf_fn, "fp32": fp32_fn}, device, 1, args.reps)
-    out_bf = bf_fn()
-    P = args.prompt_len
-    agree = (out_bf[:, P:] == out_fp32[:, P:]).float().mean().item()
-    diff = (out_bf[:, P:] != out_fp32[:, P:]).any(0).nonzero()
-    first = "none" if diff.numel() == 0 else str(int(diff[0]))
-    print(f"bf16 decoding (ours): {med['bf16'] / args.new_tokens * 1e3:.2f} ms/token vs float32 "
-          f"{med['fp32'] / args.new_tokens * 1e3:.2f} = {med['fp32'] / med['bf16']:.2f}x faster; greedy token "
-          f"agreement with float32 {agree:.3f} (first divergence at new token {first}); "
-          f"chrF(bf16 text vs float32 text) {chrf(out_bf[:, P:], out_fp32[:, P:]):.1f}")
-    if B == 1:
-        print_bound(bf, med["bf16"] / args.new_tokens, device, torch.bfloat16)
-
-
-def chrf(a: torch.Tensor, b: torch.Tensor) -> float:
-    import sacrebleu
-
-    from models.loading import load_tokenizer
-
-    tok = load_tokenizer(verbose=False)
-    hyp = [tok.decode(r.tolist()) for r in a]
-    ref = [tok.decode(r.tolist()) for r in b]
-    return sacrebleu.corpus_chrf(hyp, [ref]).score
 
 
 def main() -> None:
@@ -351,7 +370,9 @@ def main() -> None:
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in our model")
     p.add_argument("--chunk_size", type=int, default=256, help="rows per chunk of the LM-head loss "
                    "(lm_loss's default)")
-    p.add_argument("--bf16_decode", action="store_true", help="also time our decoding in bfloat16 weights")
+    p.add_argument("--quantize", nargs="+", default=["none", "int8", "int4"], choices=QUANTIZE_CHOICES,
+                   help="our decoding representations, each beside transformers float32 (none: float32)")
+    p.add_argument("--bf16_decode", action="store_true", help="also time our decoding in bfloat16 (--quantize bf16)")
     p.add_argument("--peak_tflops", type=float, default=None, help="GPU peak bf16 TFLOPS for MFU")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)

@@ -14,24 +14,35 @@ prepare once and decode many batches.
     fast = prepare_for_inference(model)
     out = generate(fast, ids, mask, max_new_tokens=64)   # same tokens, faster on CPU
 
-Where the next features plug in: ``layouts`` (a ``modules.decode_weights.LayoutPolicy``)
-chooses a ``WeightLayout`` per weight, so
-int8 / int4 weight-only quantisation is a new layout and a new policy; a layout with
-``replaces_weight`` makes its ``DecodeLinear`` drop the original weight, which gives an
-inference-only model once the caller drops the training model.
+Options: ``layouts`` (a ``modules.decode_weights.LayoutPolicy``) chooses a ``WeightLayout``
+per weight; ``quantize`` names one: ``"bf16"`` (the copy's floating tensors in bfloat16),
+``"int8"`` / ``"int4"`` (weight-only, ``modules.quant``). ``inference_only=True`` consumes
+the model: every weight given a layout is held only in that layout (the float layouts'
+``standalone`` form), the tied embedding too, and the original tensors are released, so
+decoding holds one copy of the weights (less than ``transformers``). Command lines get all
+of this from ``add_inference_args`` and ``inference_from_args``.
+
+    fast = prepare_for_inference(model, quantize="int8", inference_only=True)  # model unusable after
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import itertools
+import sys
 
 import torch
 from torch import nn
 
 from models.gpt2 import GPT2Model
-from modules.decode_weights import DecodeLinear, LayoutPolicy, default_layouts
-from modules.kv_cache import BaseKVCache
+from modules.decode_weights import DecodeLinear, LayoutEmbedding, LayoutPolicy, default_layouts
+from modules.kv_cache import BaseKVCache, new_kv_cache
+from modules.lora import LoRALinear, unwrap_lora
+from modules.quant import QUANTIZE_CHOICES, QuantizationUnavailable, check_quantize, int4_layouts, int8_layouts
+
+POLICIES: dict[str, LayoutPolicy] = {"none": default_layouts, "bf16": default_layouts, "int8": int8_layouts,
+                                     "int4": int4_layouts}
 
 
 class InferenceModel(nn.Module):
@@ -50,7 +61,7 @@ class InferenceModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.body.device
+        return self.body.wpe.weight.device  # wte may be a LayoutEmbedding without a weight
 
     def train(self, mode: bool = True) -> InferenceModel:
         if mode:
@@ -66,24 +77,113 @@ class InferenceModel(nn.Module):
         return self.head(hidden_state)
 
     def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> BaseKVCache:
-        return self.body.new_cache(batch_size, max_length, dtype)
+        return new_kv_cache(self.config, batch_size, max_length, self.device, dtype or self.body.wpe.weight.dtype)
 
 
-def prepare_for_inference(model: GPT2Model, layouts: LayoutPolicy = default_layouts) -> InferenceModel:
-    """An ``InferenceModel`` over ``model``: its module tree copied, its parameters shared,
-    every ``nn.Linear`` that ``layouts`` gives a layout replaced by a ``DecodeLinear``, and
-    the tied LM head likewise. ``model`` itself is left exactly as it was."""
+def _converted(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` in ``dtype`` when it is a floating tensor of another dtype (a Parameter stays one)."""
+    if dtype is None or not t.is_floating_point() or t.dtype == dtype:
+        return t
+    out = t.detach().to(dtype)
+    return nn.Parameter(out, requires_grad=False) if isinstance(t, nn.Parameter) else out
+
+
+def prepare_for_inference(model: GPT2Model, layouts: LayoutPolicy | None = None, *, quantize: str = "none",
+                          inference_only: bool = False) -> InferenceModel:
+    """An ``InferenceModel`` over ``model``: its module tree copied, its parameters shared (or
+    converted, for ``quantize="bf16"``), every ``nn.Linear`` that the layout policy gives a
+    layout replaced by a ``DecodeLinear``, and the tied LM head likewise. The policy is
+    ``layouts`` if given, else the one ``quantize`` names (``POLICIES``). Without
+    ``inference_only``, ``model`` itself is left exactly as it was; with it, ``model`` is
+    consumed (see the module docstring) and must not be used again."""
     if isinstance(model, InferenceModel):
         return model
     if not isinstance(model, GPT2Model):
         raise TypeError(f"prepare_for_inference takes a GPT2Model, got {type(model).__name__}")
-    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    body = copy.deepcopy(model, shared)  # new modules, same parameter tensors
+    if quantize not in POLICIES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+    policy = layouts or POLICIES[quantize]
+    if (quantize != "none" or inference_only) and any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("quantised or inference-only preparation needs plain linears: "
+                         "fold the adapters in first (modules.lora.unwrap_lora)")
+    dtype = torch.bfloat16 if quantize == "bf16" else None
+    originals = list(itertools.chain(model.parameters(), model.buffers()))
+    shared = {id(t): _converted(t, dtype) for t in originals}
+    body = copy.deepcopy(model, shared)  # new modules, same (or converted) tensors
     body.__dict__.pop("forward", None)  # maybe_compile's wrapper would call the original modules
-    for name, m in list(body.named_modules()):
-        layout = layouts("block", m.weight) if isinstance(m, nn.Linear) else None
+    replaced: set[int] = set()  # ids of the body's tensors that only a layout holds now
+
+    def finish(layout, weight):
+        if layout is not None and inference_only:
+            layout = layout.standalone()
+        if layout is not None and layout.replaces_weight:
+            replaced.add(id(weight))
+        return layout
+
+    # The transformer blocks' linears only: other modules hung on the body (a prefix encoder's MLP)
+    # read their weights directly and keep them.
+    for name, m in list(body.h.named_modules()):
+        layout = finish(policy("block", m.weight), m.weight) if isinstance(m, nn.Linear) else None
         if layout is not None:
             parent, _, child = name.rpartition(".")
-            setattr(body.get_submodule(parent), child, DecodeLinear.from_linear(m, layout))
-    head = layouts("head", body.wte.weight)
-    return InferenceModel(body, None if head is None else DecodeLinear(body.wte.weight, None, head))
+            setattr(body.h.get_submodule(parent), child, DecodeLinear.from_linear(m, layout))
+    wte = body.wte.weight
+    head = finish(policy("head", wte), wte)
+    if head is not None and head.replaces_weight:
+        body.wte = LayoutEmbedding(head)  # the head's bytes serve the input embedding too
+    prepared = InferenceModel(body, None if head is None else DecodeLinear(wte, None, head))
+    if inference_only:  # release what the copy no longer uses: replaced weights, and converted originals
+        for t in originals:
+            if shared[id(t)] is not t or id(t) in replaced:
+                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    return prepared
+
+
+def add_inference_args(parser: argparse.ArgumentParser) -> None:
+    """``--quantize``: the weights decoding multiplies by (every command that decodes)."""
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
+                        help="decode with bf16 weights, or weight-only int8 (per-row scales) / int4 "
+                             "(groups of 128, CPU only); none: float32 as trained")
+
+
+def inference_from_args(model: GPT2Model, args: argparse.Namespace) -> InferenceModel:
+    """The model prepared for decoding as ``--quantize`` asks. With ``--generate_only`` the model
+    is consumed (its LoRA adapters folded in, its weights held once in the decoding layouts).
+    An impossible choice (int4 on a GPU) ends in one ``error:`` line and exit status 2."""
+    quantize = getattr(args, "quantize", "none")
+    inference_only = bool(getattr(args, "generate_only", False))
+    device = next(model.parameters()).device
+    try:
+        check_quantize(quantize, device, model.config.hidden_size)
+    except QuantizationUnavailable as e:
+        print(f"error: --quantize {quantize}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if quantize != "none" or inference_only:
+        unwrap_lora(model)
+    return prepare_for_inference(model, quantize=quantize, inference_only=inference_only)
+
+
+def held_bytes(module: nn.Module) -> int:
+    """Bytes of the distinct tensors a module tree holds: parameters, buffers and the decoding
+    layouts' own tensors (oneDNN-packed ones included): the weights' memory, counted once."""
+    seen: dict[int, int] = {}
+
+    def add(obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_mkldnn:  # opaque storage: one block of numel elements
+                seen[id(obj)] = obj.numel() * obj.element_size()
+            else:
+                s = obj.untyped_storage()
+                seen[s.data_ptr() or id(s)] = s.nbytes()
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                add(v)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, nn.Module):  # a layout (or one inside a layout)
+            for v in vars(obj).values():
+                add(v)
+
+    for m in module.modules():
+        for t in itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False)):
+            add(t)
+        add(getattr(m, "layout", None))
+    return sum(seen.values())

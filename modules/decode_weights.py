@@ -18,7 +18,10 @@ Extension points:
 - a layout with ``replaces_weight = True`` serves every product (prefill too), so the
   ``DecodeLinear`` holding it keeps no reference to the original weight: the
   inference-only mode in which the fast layout replaces the weights instead of sitting
-  beside them.
+  beside them. ``standalone()`` gives each float layout's replacing form (one packed or
+  transposed copy, built at once); the int8 / int4 layouts (``modules.quant``) always replace.
+  A replacing head layout with ``lookup`` also serves the input embedding
+  (``LayoutEmbedding``), so the tied vocabulary matrix exists once.
 
 The private oneDNN ops (``torch.ops.mkldnn._reorder_linear_weight`` and
 ``_linear_pointwise``) are used only by ``PackedLayout``, behind ``packing_available``.
@@ -83,6 +86,18 @@ class WeightLayout(ABC):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``F.linear(x, weight, bias)`` through this layout."""
 
+    def standalone(self) -> WeightLayout:
+        """This weight in a layout that replaces it (``replaces_weight``): what an inference-only
+        model keeps instead of the original. Layouts that already replace it return themselves."""
+        if self.replaces_weight:
+            return self
+        raise NotImplementedError(f"{type(self).__name__} has no layout that replaces the weight")
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``weight[ids]`` (the input embedding of a tied head), for layouts that replace the
+        embedding matrix."""
+        raise NotImplementedError(f"{type(self).__name__} cannot serve embedding lookups")
+
 
 class TransposedLayout(WeightLayout):
     """A contiguous (in, out) copy: for one row, ``x @ W^T`` becomes a plain vector-matrix
@@ -98,6 +113,26 @@ class TransposedLayout(WeightLayout):
             self._t = self.source.t().contiguous()  # (in, out)
         y = x @ self._t
         return y if bias is None else y + bias
+
+    def standalone(self) -> WeightLayout:
+        return StandaloneTransposedLayout(self.source)
+
+
+class StandaloneTransposedLayout(TransposedLayout):
+    """The transposed copy built at once and the original dropped: it serves every product and,
+    as a tied head, the embedding lookups (a column gather), so the vocabulary matrix exists once."""
+
+    replaces_weight = True
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__(weight)
+        self._t = weight.detach().t().contiguous()  # (in, out): a copy, even of a transposed view
+        del self.source
+
+    standalone = WeightLayout.standalone  # already replaces the weight
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._t.index_select(1, ids.reshape(-1)).t().reshape(*ids.shape, self._t.size(0))  # (..., d)
 
 
 class PackedLayout(WeightLayout):
@@ -121,6 +156,26 @@ class PackedLayout(WeightLayout):
             bias = bias.to(self.dtype)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed[hint], bias, "none", [], "")
 
+    def standalone(self) -> WeightLayout:
+        return StandalonePackedLayout(self.source)
+
+
+class StandalonePackedLayout(WeightLayout):
+    """One oneDNN copy, packed for one row, built at once; it serves every row count (at 8 rows
+    ~1.3x slower than the 8-row packing, at prefill about as fast) so that an inference-only
+    model holds each weight once."""
+
+    replaces_weight = True
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__(weight)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if bias is not None and bias.dtype != self.dtype:
+            bias = bias.to(self.dtype)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+
 
 class TiedHeadLayout(WeightLayout):
     """The logits through the (V, d) embedding: a transposed copy for one row where that is
@@ -135,6 +190,9 @@ class TiedHeadLayout(WeightLayout):
         if self.transposed is not None and rows_of(x) == 1 and one_row_transposed(self.packed.source):
             return self.transposed.matmul(x, bias)
         return self.packed.matmul(x, bias)
+
+    def standalone(self) -> WeightLayout:
+        return StandaloneTransposedLayout(self.packed.source)  # lookups need plain rows, not oneDNN's blocks
 
 
 # (role, weight) -> the layout for it, or None to keep F.linear. Roles: "block" (a linear of a
@@ -182,3 +240,15 @@ class DecodeLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, layout={type(self.layout).__name__}"
+
+
+class LayoutEmbedding(nn.Module):
+    """The input embedding of an inference-only model whose tied head layout replaced the
+    vocabulary matrix: lookups read the layout's own representation (``WeightLayout.lookup``)."""
+
+    def __init__(self, layout: WeightLayout) -> None:
+        super().__init__()
+        self.layout = layout
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.layout.lookup(ids)  # (..., d)

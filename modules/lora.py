@@ -100,6 +100,9 @@ class LoRALinear(nn.Module):
     def merge(self) -> None:
         if self.merged:
             return
+        if not isinstance(self.base, nn.Linear):  # an int8 base: its weight is computed, not stored
+            raise TypeError(f"cannot merge adapters into a {type(self.base).__name__} base; "
+                            "keep them separate, or train on a float base to merge")
         w = self.base.weight
         if self.use_dora:
             self._merge_norm = self.weight_norm()  # of the unmerged weight, kept so unmerge() inverts exactly
@@ -134,10 +137,12 @@ def apply_lora(
     alpha: float = 16.0,
     dropout: float = 0.0,
     use_dora: bool = False,
+    quantize_base: bool = False,
 ) -> list[str]:
     """Replace, in place, every ``nn.Linear`` whose qualified name ends with one of ``targets``
     (e.g. ``attn.c_attn`` matches ``gpt.h.3.attn.c_attn``) by a LoRALinear (DoRA with
-    ``use_dora``); returns the names.
+    ``use_dora``); returns the names. ``quantize_base``: each base becomes a frozen int8
+    ``modules.quant.Int8Linear`` first (QLoRA's idea with int8), the adapters stay in float.
     Raises if nothing matched, so a typo in ``--lora_targets`` cannot silently train only the head."""
     targets = tuple(targets)
     names = [n for n, m in model.named_modules()
@@ -149,8 +154,12 @@ def apply_lora(
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(getattr(parent, child), r=r, alpha=alpha, dropout=dropout,
-                                          use_dora=use_dora))
+        base = getattr(parent, child)
+        if quantize_base:
+            from modules.quant import Int8Linear
+
+            base = Int8Linear.from_linear(base)
+        setattr(parent, child, LoRALinear(base, r=r, alpha=alpha, dropout=dropout, use_dora=use_dora))
     return names
 
 

@@ -19,7 +19,7 @@ from config import GPT2Config
 from models.generation import LineStop, generate, trim
 from models.gpt2 import GPT2Model
 from models.heads import SonnetGPT
-from models.inference import prepare_for_inference
+from models.inference import inference_from_args, prepare_for_inference
 from models.loading import CheckpointError, load_tokenizer
 from models.mbr import mbr_generate
 from modules.lora import unwrap_lora
@@ -246,16 +246,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"saved the model to {path}")
 
     result: dict[str, Any] = {"best": best}
+    model.eval()
+    with torch.no_grad():  # the float model's held-out loss, before --quantize / --generate_only consume it
+        held = held_out_loss(model, dev_loss)
+    result["dev_loss"], result["dev_perplexity"] = held["loss"], held["perplexity"]
+    model.gpt = inference_from_args(model.gpt, args)  # --quantize; --generate_only keeps one copy of the weights
     for name, prompts, out in (("dev", dev_prompts, args.dev_sonnet_out), ("test", test_prompts, args.sonnet_out)):
         texts = complete_prompts(model, tokenizer, [s.text for s in prompts], kw, **complete_kw)
         write_sonnets(out, list(enumerate(texts)))  # the starter numbers sonnets by position
         print(f"wrote {out}")
         result[name] = texts
     result["dev_chrf"] = chrf(result["dev"], dev_refs)
-    model.eval()
-    with torch.no_grad():
-        held = held_out_loss(model, dev_loss)
-    result["dev_loss"], result["dev_perplexity"] = held["loss"], held["perplexity"]
     print(f"dev chrF {result['dev_chrf']:.2f}, dev sonnet loss {held['loss']:.4f} (perplexity "
           f"{held['perplexity']:.2f}) ({describe(args)})")
     scores = {k: result[k] for k in ("dev_chrf", "dev_loss", "dev_perplexity")}

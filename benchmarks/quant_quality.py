@@ -1,0 +1,143 @@
+"""What quantised decoding costs in quality, on a trained model: for bf16, int8 and int4
+against float32, the greedy token agreement over ``--new_tokens`` new tokens, the held-out
+perplexity change, and the dev chrF change of greedy sonnet completions.
+
+    python benchmarks/quant_quality.py --model /work/artifacts/shakespeare-run/model.pt
+    python benchmarks/quant_quality.py --model path/to/hf_folder --text data/TRUE_sonnets_held_out_dev.txt
+
+``--model`` is a model saved by a task script or ``pretrain.py`` (``{config, model, extra}``)
+or a Hugging Face folder. Only a trained model's numbers mean anything: a random model's
+logits are near ties everywhere, so any rounding flips its greedy tokens.
+
+- Agreement: each dev prompt continued greedily for ``--new_tokens`` tokens (no stop), the
+  fraction of positions where the quantised model's token equals float32's (after a first
+  divergence the texts usually part, so this also reflects how early that comes).
+- Perplexity: ``--text`` tokenized whole, cut into blocks of ``--block_size`` tokens,
+  exp of the mean next-token loss (the prefill path of each representation).
+- chrF: the dev prompts completed greedily into 14-line sonnets (EOS or 14 lines), corpus
+  chrF against the true dev sonnets, as ``sonnet_generation.py`` scores them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from models.generation import LineStop, generate, trim  # noqa: E402
+from models.inference import prepare_for_inference  # noqa: E402
+from models.loading import CheckpointError, load_tokenizer  # noqa: E402
+from modules.quant import QUANTIZE_CHOICES, QuantizationUnavailable, check_quantize  # noqa: E402
+from training.checkpoints import load_model  # noqa: E402
+from training.course_data import read_sonnets  # noqa: E402
+from training.data import PadCollator, encode  # noqa: E402
+from training.metrics import chrf  # noqa: E402
+
+
+def load_any(path: str):
+    """A ``save_model`` file or a Hugging Face folder, in eval mode."""
+    from models.gpt2 import GPT2Model
+
+    p = Path(path)
+    if p.is_dir():
+        return GPT2Model.from_pretrained(p).eval()
+    return load_model(p).eval()
+
+
+@torch.no_grad()
+def continue_prompts(model, tokenizer, prompts: list[str], new_tokens: int, stop: bool,
+                     batch_size: int = 8) -> list[list[int]]:
+    """Greedy continuations (new tokens only): exactly ``new_tokens`` each without ``stop``,
+    else cut at EOS or the 14th line."""
+    collate = PadCollator(tokenizer.pad_token_id, padding_side="left")
+    ids = encode(tokenizer, prompts, model.config.max_position_embeddings - new_tokens, "prompts")
+    kw = dict(max_new_tokens=new_tokens, eos_token_id=tokenizer.eos_token_id if stop else None,
+              pad_token_id=tokenizer.eos_token_id, stop=LineStop(tokenizer, 14) if stop else None)
+    out: list[list[int]] = []
+    for start in range(0, len(ids), batch_size):
+        batch = collate([{"input_ids": x} for x in ids[start : start + batch_size]])
+        x, mask = batch["input_ids"], batch["attention_mask"]
+        rows = generate(model, x, mask, **kw)
+        out.extend(trim(r, x.size(1), 0, kw["eos_token_id"])[x.size(1):] for r in rows)
+    return out
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str, block_size: int, max_blocks: int) -> float:
+    toks = torch.tensor(tokenizer(text)["input_ids"])
+    blocks = toks[: toks.numel() // block_size * block_size].view(-1, block_size)[:max_blocks]  # (N, T)
+    if blocks.numel() == 0:
+        raise SystemExit(f"error: the perplexity text has fewer than {block_size} tokens; pass a longer --text")
+    nll, n = 0.0, 0
+    for row in blocks.split(8):
+        logits = model.hidden_state_to_token(model(row)["last_hidden_state"][:, :-1])  # (b, T-1, V)
+        nll += F.cross_entropy(logits.flatten(0, 1).float(), row[:, 1:].flatten(), reduction="sum").item()
+        n += row[:, 1:].numel()
+    return math.exp(nll / n)
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+    return same / max(1, sum(len(r) for r in b))
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a save_model checkpoint (.pt) or a Hugging Face folder")
+    p.add_argument("--text", default="data/TRUE_sonnets_held_out_dev.txt", help="held-out text for perplexity")
+    p.add_argument("--prompts", default="data/sonnets_held_out_dev.txt", help="dev prompts (sonnet format)")
+    p.add_argument("--references", default="data/TRUE_sonnets_held_out_dev.txt", help="true dev sonnets")
+    p.add_argument("--quantize", nargs="+", default=["bf16", "int8", "int4"], choices=QUANTIZE_CHOICES[1:])
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--chrf_tokens", type=int, default=160, help="token budget of each completed sonnet")
+    p.add_argument("--block_size", type=int, default=128)
+    p.add_argument("--max_blocks", type=int, default=64)
+    p.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0: all)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model = load_any(args.model)
+        for q in args.quantize:
+            check_quantize(q, "cpu", model.config.hidden_size)
+        tok = load_tokenizer(args.tokenizer, verbose=False)
+        prompts = [s.text for s in read_sonnets(args.prompts, args.limit)]
+        refs = [s.text for s in read_sonnets(args.references, args.limit)]
+        text = Path(args.text).read_text()
+    except (CheckpointError, QuantizationUnavailable, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    def measure(m) -> tuple[list[list[int]], float, float]:
+        greedy = continue_prompts(m, tok, prompts, args.new_tokens, stop=False)
+        done = continue_prompts(m, tok, prompts, args.chrf_tokens, stop=True)
+        texts = [tok.decode(tok.encode(pr) + d).strip() for pr, d in zip(prompts, done)]
+        return greedy, perplexity(m, tok, text, args.block_size, args.max_blocks), chrf(texts, refs)
+
+    ref_greedy, ref_ppl, ref_chrf = measure(model)
+    print(f"model {args.model}: {len(prompts)} prompts, perplexity on {args.text}, greedy over {args.new_tokens} "
+          f"new tokens\n{'':>8} {'agreement':>10} {'perplexity':>11} {'change':>8} {'chrF':>7} {'change':>7}")
+    print(f"{'float32':>8} {1:10.3f} {ref_ppl:11.3f} {'':>8} {ref_chrf:7.2f}")
+    results = {"float32": {"agreement": 1.0, "perplexity": ref_ppl, "chrf": ref_chrf}}
+    for q in args.quantize:
+        greedy, ppl, ch = measure(prepare_for_inference(model, quantize=q))
+        results[q] = {"agreement": agreement(greedy, ref_greedy), "perplexity": ppl, "chrf": ch}
+        print(f"{q:>8} {results[q]['agreement']:10.3f} {ppl:11.3f} {100 * (ppl / ref_ppl - 1):+7.2f}% "
+              f"{ch:7.2f} {ch - ref_chrf:+7.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "results": results}, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Weight-only quantisation (``modules.quant``) and inference-only preparation
+(``models.inference``): quantisation round trips, layout products close to float, a quantised
+model's logits close to the float model's, the original weights released in inference-only
+mode with the same tokens decoded, and ``--quantize`` validated before any work."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import modules.decode_weights as dw
+from config import GPT2Config
+from models.generation import generate
+from models.gpt2 import GPT2Model
+from models.inference import add_inference_args, held_bytes, inference_from_args, prepare_for_inference
+from modules.quant import (
+    Int4Layout,
+    Int8Layout,
+    QuantizationUnavailable,
+    dequantize_int4,
+    dequantize_int8,
+    quantize_int4,
+    quantize_int8,
+)
+
+needs_onednn = pytest.mark.skipif(not dw._HAS_ONEDNN, reason="this PyTorch build has no oneDNN")
+
+
+def model_of(width: int = 128, seed: int = 0) -> GPT2Model:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=300, max_position_embeddings=64, hidden_size=width, num_hidden_layers=2,
+                     num_attention_heads=4, initializer_range=0.2)
+    return GPT2Model(cfg).eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_int8_round_trip_is_within_half_a_step() -> None:
+    w = torch.randn(64, 256) * torch.rand(64, 1) * 3  # rows of different ranges
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (64,)
+    err = (dequantize_int8(q, scale) - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-6).all()
+    assert (q.abs().amax(1) == 127).all()  # each row's extreme hits the end of the range
+
+
+def test_int4_round_trip_is_within_half_a_step() -> None:
+    w = torch.randn(32, 256)
+    q, sz = quantize_int4(w, 128)
+    assert q.min() >= 0 and q.max() <= 15 and sz.shape == (2, 32, 2)
+    step = sz[..., 0].t().repeat_interleave(128, dim=1)  # (out, in): each weight's group scale
+    assert ((dequantize_int4(q, sz, 128) - w).abs() <= step / 2 + 1e-5).all()
+    with pytest.raises(QuantizationUnavailable, match="divisible by 128"):
+        quantize_int4(torch.randn(4, 96), 128)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 100])  # the kernel (decoding) and dequantise (prefill) paths
+def test_int8_layout_product_is_close_to_float(rows: int) -> None:
+    torch.manual_seed(0)
+    w, b, x = torch.randn(384, 256), torch.randn(384), torch.randn(rows, 256)
+    layout = Int8Layout(w)
+    y = layout.matmul(x, b)
+    assert y.dtype == torch.float32 and y.shape == (rows, 384)
+    assert rel_err(y, F.linear(x, dequantize_int8(layout.q, layout.scale), b)) < 5e-3  # bf16 activations only
+    assert rel_err(y, F.linear(x, w, b)) < 1.5e-2
+    ids = torch.tensor([[3, 5]])
+    torch.testing.assert_close(layout.lookup(ids), dequantize_int8(layout.q, layout.scale)[ids])
+
+
+@pytest.mark.parametrize("rows", [1, 8, 100])
+def test_int4_layout_product_is_close_to_its_dequantised_weight(rows: int) -> None:
+    torch.manual_seed(0)
+    w, x = torch.randn(256, 384), torch.randn(2, rows, 384)
+    y = Int4Layout(w).matmul(x, None)
+    q, sz = quantize_int4(w)
+    assert y.shape == (2, rows, 256)
+    assert rel_err(y, F.linear(x, dequantize_int4(q, sz))) < 5e-3
+    assert rel_err(y, F.linear(x, w)) < 0.15  # 4 bits per weight: ~10% of each weight
+
+
+def rounded_copy(model: GPT2Model, quantize: str) -> GPT2Model:
+    """A float model holding the weights as ``quantize`` rounds them: what the layouts should compute."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if name.startswith("h.") and name.endswith("weight") and p.dim() == 2:
+                four = quantize == "int4"
+                rounded = dequantize_int4(*quantize_int4(p)) if four else dequantize_int8(*quantize_int8(p))
+                p.copy_(rounded)
+        out.wte.weight.copy_(dequantize_int8(*quantize_int8(out.wte.weight)))
+    return out
+
+
+@pytest.mark.parametrize("quantize,bound,bound_rounded", [("bf16", 0.02, 0.02), ("int8", 0.03, 0.02),
+                                                          ("int4", 0.45, 0.02)])
+def test_quantised_model_logits_are_close_to_float(quantize: str, bound: float, bound_rounded: float) -> None:
+    """On a random model only the logits are compared (its greedy tokens are near ties). Its
+    Gaussian weights are int4's worst case (~30% logit error at this width); against a float
+    model holding the rounded weights only the kernels' bf16 activations differ."""
+    model = model_of()
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        ref = model.hidden_state_to_token(model(ids)["last_hidden_state"])
+        rounded = model if quantize == "bf16" else rounded_copy(model, quantize)
+        ref_rounded = rounded.hidden_state_to_token(rounded(ids)["last_hidden_state"])
+        fast = prepare_for_inference(model, quantize=quantize)
+        cache = fast.new_cache(2, 12)
+        pre = fast.hidden_state_to_token(fast(ids[:, :8], cache=cache)["last_hidden_state"])  # prefill
+        steps = [fast.hidden_state_to_token(fast(ids[:, i : i + 1], cache=cache)["last_hidden_state"])
+                 for i in range(8, 12)]  # one-row decoding steps
+    got = torch.cat([pre, *steps], 1)
+    assert 0 < rel_err(got, ref) < bound and rel_err(got, ref_rounded) < bound_rounded
+
+
+def test_int4_reports_what_it_cannot_do() -> None:
+    with pytest.raises(QuantizationUnavailable, match="divisible by 128"):
+        prepare_for_inference(model_of(width=64), quantize="int4")
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        prepare_for_inference(model_of(), quantize="int3")
+
+
+@pytest.mark.parametrize("quantize", [pytest.param("none", marks=needs_onednn),
+                                      pytest.param("bf16", marks=needs_onednn), "int8", "int4"])
+def test_inference_only_releases_the_original_weights_and_decodes_the_same(quantize: str, monkeypatch) -> None:
+    monkeypatch.setattr(dw, "PACKED_MIN_NUMEL", 0)  # the float layouts would leave small weights alone
+    model = model_of()
+    ids = torch.randint(0, 300, (2, 5))
+    beside = prepare_for_inference(model, quantize=quantize)
+    expected = generate(beside, ids, max_new_tokens=12)
+    before = held_bytes(model)
+    if quantize == "none":  # without inference_only the packed copies sit beside the shared originals
+        assert held_bytes(beside) > 1.8 * before
+    fast = prepare_for_inference(model, quantize=quantize, inference_only=True)
+    linear_and_embedding = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                               if n.endswith("weight") and p.dim() == 2 and not n.startswith("wpe"))
+    assert linear_and_embedding == 0 and held_bytes(model) < 0.05 * before  # released, not just unreferenced
+    assert held_bytes(fast) <= before  # one copy of each weight (bf16 / int8 / int4 far less)
+    assert not any(isinstance(m, torch.nn.Embedding) and m.weight.numel() > 64 * 128
+                   for m in fast.modules() if m is not fast.body.wpe)
+    assert torch.equal(generate(fast, ids, max_new_tokens=12), expected)
+
+
+def parse(argv: list[str]):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--generate_only", action="store_true")
+    add_inference_args(p)
+    return p.parse_args(argv)
+
+
+def test_quantize_flag_is_validated(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse(["--quantize", "int3"])
+    assert e.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # no int4 kernel fits a width of 64: refused before decoding
+        inference_from_args(model_of(width=64), parse(["--quantize", "int4"]))
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --quantize int4: ")
+    model = model_of()
+    fast = inference_from_args(model, parse(["--quantize", "int8", "--generate_only"]))
+    assert isinstance(fast.head.layout, Int8Layout) and model.wte.weight.numel() == 0
+
+
+def test_sonnet_generation_takes_the_flag() -> None:
+    from sonnet_generation import get_args
+
+    assert get_args(["--quantize", "int8"]).quantize == "int8"
+    with pytest.raises(SystemExit) as e:
+        get_args(["--quantize", "fp8"])
+    assert e.value.code == 2
+
+
+def test_inference_only_folds_lora_adapters_in() -> None:
+    from modules.lora import apply_lora
+
+    model = model_of()
+    apply_lora(model, r=2)
+    with pytest.raises(ValueError, match="unwrap_lora"):
+        prepare_for_inference(copy.deepcopy(model), quantize="int8")
+    fast = inference_from_args(model, parse(["--quantize", "int8"]))
+    generate(fast, torch.randint(0, 300, (1, 4)), max_new_tokens=3)
