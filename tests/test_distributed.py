@@ -178,14 +178,18 @@ def test_fsdp_matches_ddp_and_resumes(tmp_path):
 
 
 def test_classifier_under_torchrun_matches_one_process(tmp_path):
-    """``torchrun --nproc_per_node 2 classifier.py`` (batch 4 per rank) evaluates and predicts as
-    ``classifier.py`` with batch 8: same dev metrics each epoch, identical prediction files."""
+    """``torchrun --nproc_per_node 2 classifier.py`` (batch 4 per rank), with DDP and with FSDP
+    (per-block shards, a vocabulary that does not split evenly, rank-0 evaluation of a sharded
+    model), evaluates and predicts as ``classifier.py`` with batch 8: same dev metrics each epoch,
+    identical prediction files."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = {}
-    for name, launcher, batch in (("one", [sys.executable], "8"), ("two", [*TORCHRUN, str(free_port())], "4")):
+    runs = (("one", [sys.executable], "8", []), ("two", [*TORCHRUN, str(free_port())], "4", []),
+            ("fsdp", [*TORCHRUN, str(free_port())], "4", ["--fsdp"]))
+    for name, launcher, batch, extra in runs:
         (tmp_path / name).mkdir()
         args = classifier_cli_args(tmp_path / name, "full-model", "--dataset", "sst", "--limit", "16",
-                                   "--epochs", "2", "--hidden_dropout_prob", "0", "--batch_size", batch)
+                                   "--epochs", "2", "--hidden_dropout_prob", "0", "--batch_size", batch, *extra)
         (tmp_path / name / "micro" / "config.json").write_text(
             json.dumps({**MICRO, "resid_pdrop": 0, "embd_pdrop": 0, "attn_pdrop": 0}))
         out = subprocess.run([*launcher, str(ROOT / "classifier.py"), *args], cwd=ROOT, env=env, capture_output=True,
@@ -193,11 +197,14 @@ def test_classifier_under_torchrun_matches_one_process(tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         logs[name] = [json.loads(x)["dev"] for x in (tmp_path / name / "runs" / "metrics.jsonl").read_text()
                       .splitlines() if json.loads(x)["type"] == "epoch"]
-    assert "global batch 8 = 2 processes x batch 4 x 1 accumulated (DDP)" in out.stdout
-    assert logs["two"] == logs["one"] and len(logs["one"]) == 2
+        if name != "one":
+            assert f"global batch 8 = 2 processes x batch 4 x 1 accumulated ({name.upper().replace('TWO', 'DDP')})" \
+                in out.stdout
+    assert logs["two"] == logs["one"] == logs["fsdp"] and len(logs["one"]) == 2
     for split in ("dev", "test"):
         name = f"full-model-sst-{split}-out.csv"
-        assert (tmp_path / "two" / "pred" / name).read_text() == (tmp_path / "one" / "pred" / name).read_text()
+        for run in ("two", "fsdp"):
+            assert (tmp_path / run / "pred" / name).read_text() == (tmp_path / "one" / "pred" / name).read_text()
 
 
 FAILING = """

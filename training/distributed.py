@@ -268,8 +268,12 @@ def unshard(wrapped: nn.Module | None) -> None:
 
 
 def reshard(wrapped: nn.Module | None) -> None:
-    """Back to training: shards only, freed after each block's forward. Local."""
+    """Back to training: shards only, freed after each block's forward. Local. Forgets the forward
+    order FSDP recorded for its backward prefetching: rank 0's evaluation passes, which the
+    other ranks did not run, would otherwise make its next backward gather other blocks than
+    theirs (a deadlock)."""
     if is_fsdp(wrapped):
+        wrapped.reset_iter_state()
         for m in _fsdp_modules(wrapped):
             m.reshard()
             m.set_reshard_after_forward(True)
