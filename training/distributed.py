@@ -279,6 +279,16 @@ def reshard(wrapped: nn.Module | None) -> None:
             m.set_reshard_after_forward(True)
 
 
+def on_main_unsharded(wrapped: nn.Module | None, fn: Callable[[], T]) -> T:
+    """``on_main(fn)`` with an FSDP model's full weights on every rank meanwhile (rank 0 alone
+    runs it; the others wait), sharded again after."""
+    unshard(wrapped)
+    try:
+        return on_main(fn)
+    finally:
+        reshard(wrapped)
+
+
 def _options(**kw: Any):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -325,6 +335,6 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
 __all__ = [
     "Call", "ShardedSampler", "active", "barrier", "broadcast_object", "full_optimizer_state", "full_state_dict",
     "gather_objects", "has_dtensors", "is_fsdp", "is_main", "launched", "load_full_optimizer_state",
-    "load_full_state_dict", "mean_over_ranks", "on_main", "rank", "reshard", "setup",
+    "load_full_state_dict", "mean_over_ranks", "on_main", "on_main_unsharded", "rank", "reshard", "setup",
     "sum_over_ranks", "sync_gradients", "teardown", "unshard", "wrap", "world_size",
 ]

@@ -26,6 +26,11 @@ state at the start of the current epoch. With ``save_every_steps`` a run can sto
 mid-epoch: on resume the epoch's shuffle is replayed from that saved state and the
 batches already seen are skipped, so the final weights equal an uninterrupted run.
 
+Under ``torchrun`` (``training.distributed``) the same loop trains N processes as one process
+of N times the batch: the model under DDP (or FSDP2 with ``fsdp``), each rank a slice of every
+global batch, accumulated micro-batches weighted by their counts over all ranks, one gradient
+all-reduce per optimizer step, the dev set evaluated once by rank 0, and files written by rank 0.
+
 The parts the loop is built from live beside it: ``training.rng`` (seeding, RNG state),
 ``training.schedule`` (learning-rate schedules), ``training.checkpoints`` (checkpoint files,
 weights saved, top-k kept), ``training.trainer_state`` (what a run writes and resumes from:
@@ -376,11 +381,7 @@ class Trainer(CheckpointMixin):
                 finally:
                     self.model.train()
 
-        distributed.unshard(self.wrapped)
-        try:
-            return distributed.on_main(run)
-        finally:
-            distributed.reshard(self.wrapped)
+        return distributed.on_main_unsharded(self.wrapped, run)
 
     def ready_for_inference(self) -> None:
         """After ``fit`` (and ``load_best``): an FSDP model holds its full weights on every rank,
