@@ -99,7 +99,8 @@ def fit_task(
     ranks = distributed.world_size()
     print(f"global batch {ranks * batch_size * config.grad_accum} = {ranks} process{'es' if ranks > 1 else ''} "
           f"x batch {batch_size} x {config.grad_accum} accumulated"
-          + (f" ({'FSDP' if config.fsdp else 'DDP'})" if ranks > 1 else ""))
+          + (f" ({'FSDP' if config.fsdp else 'DDP'})" if ranks > 1 else "")
+          + (" (--fsdp has no effect in one process: launch with torchrun)" if config.fsdp and ranks == 1 else ""))
     trainer = Trainer(model, loss_fn, loader, eval_fn, config, extra=extra, count_fn=count_fn,
                       callbacks=[*callbacks, EfficiencyRecorder()])
     return fit_and_load_best(trainer), trainer

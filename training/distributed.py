@@ -21,6 +21,13 @@ What the engine takes from here:
   transformer block) with ``fsdp=True``; ``sync_gradients`` is ``no_sync`` for both.
 - ``full_state_dict`` / ``load_full_state_dict`` and the optimizer's: FSDP checkpoints are
   gathered into the usual single file, and read back from it.
+
+Evaluation runs on rank 0 alone, over the whole dev set, while the others wait
+(``on_main_unsharded``), rather than sharded over the ranks and gathered: a task's ``eval_fn``
+is any function of the model (accuracy over a loader, chrF of generated sonnets, held-out
+loss), so only running it as one process would gives the one-process metrics for every task
+without each task learning to shard and gather; the price is that the other ranks idle for
+the length of one evaluation (and the process-group timeout must exceed it).
 """
 
 from __future__ import annotations
