@@ -302,12 +302,6 @@ def _options(**kw: Any):
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-def has_dtensors(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def full_state_dict(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """The whole (or only the trainable) weights of an FSDP-sharded ``model`` as plain CPU tensors
     on rank 0 (an empty dict elsewhere). Collective: every rank calls it."""
@@ -341,7 +335,7 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
 
 __all__ = [
     "Call", "ShardedSampler", "active", "barrier", "broadcast_object", "full_optimizer_state", "full_state_dict",
-    "gather_objects", "has_dtensors", "is_fsdp", "is_main", "launched", "load_full_optimizer_state",
+    "gather_objects", "is_fsdp", "is_main", "launched", "load_full_optimizer_state",
     "load_full_state_dict", "mean_over_ranks", "on_main", "on_main_unsharded", "rank", "reshard", "setup",
     "sum_over_ranks", "sync_gradients", "teardown", "unshard", "wrap", "world_size",
 ]
