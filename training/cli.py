@@ -185,7 +185,8 @@ def open_run(args: argparse.Namespace, default_parent: str | Path, **kw: Any) ->
     """``training.run_dir.open_run`` for a task script, first joining torchrun's process group
     when there is one (``training.distributed.setup``): rank 0 claims the run folder and the
     other ranks get the same one."""
-    distributed.setup(pick_device(args.use_gpu, args.device))
+    if distributed.launched():  # one process: nothing happens before open_run, as always
+        distributed.setup(pick_device(args.use_gpu, args.device))
     return open_run_on_main(args, default_parent, **kw)
 
 
