@@ -11,6 +11,10 @@ a multi-tensor path (``torch._foreach_*``, the default), which on CUDA launches 
 handful of kernels for all parameters of a group instead of several per
 parameter, and on CPU walks the parameters in cache-sized blocks (gpt2, one
 thread: 190 ms per step against 270 ms for the loop and 440 ms for whole tensors).
+
+Parameters sharded by FSDP (``DTensor``) are updated through their local shards: the update is
+elementwise, so each rank updating its own slice is the whole update, with no communication
+(and no reshaping of unevenly sharded tensors, which DTensor refuses).
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch.optim import Optimizer
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support
+    DTensor = None
 
 
 class AdamW(Optimizer):
@@ -76,6 +85,12 @@ class AdamW(Optimizer):
                 (self._update_foreach if foreach else self._update_loop)(group, ps, t)
         return loss
 
+    def _tensors(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
+        """Parameters, gradients and both moments, as local shards where they are DTensors."""
+        return tuple([_local(x) for x in xs] for xs in (
+            params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
+            [self.state[p]["exp_avg_sq"] for p in params]))
+
     @staticmethod
     def _step_size(group: dict, t: int) -> float:
         beta1, beta2 = group["betas"]
@@ -86,10 +101,7 @@ class AdamW(Optimizer):
     def _update_loop(self, group: dict, params: list[torch.Tensor], t: int) -> None:
         beta1, beta2 = group["betas"]
         step_size = self._step_size(group, t)
-        for p in params:
-            state = self.state[p]
-            m, v = state["exp_avg"], state["exp_avg_sq"]
-            grad = p.grad
+        for p, grad, m, v in zip(*self._tensors(params)):
             m.mul_(beta1).add_(grad, alpha=1.0 - beta1)  # first moment
             v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)  # second moment
             p.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
@@ -106,8 +118,7 @@ class AdamW(Optimizer):
         beta1, beta2 = group["betas"]
         step_size = self._step_size(group, t)
         block = FOREACH_BLOCK if params[0].device.type == "cpu" else None  # CUDA: one launch per op
-        for ps, gs, ms, vs in _blocks(params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
-                                      [self.state[p]["exp_avg_sq"] for p in params], size=block):
+        for ps, gs, ms, vs in _blocks(*self._tensors(params), size=block):
             torch._foreach_mul_(ms, beta1)
             torch._foreach_add_(ms, gs, alpha=1.0 - beta1)
             torch._foreach_mul_(vs, beta2)
@@ -117,6 +128,11 @@ class AdamW(Optimizer):
             torch._foreach_addcdiv_(ps, ms, denom, value=-step_size)
             if group["weight_decay"] > 0.0:
                 torch._foreach_add_(ps, ps, alpha=-group["lr"] * group["weight_decay"])
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP parameter, gradient or moment (a view: updates land in it)."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
 
 # Elements per slice list of the multi-tensor update: 5 float32 arrays of 256K elements (5 MB)

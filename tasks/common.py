@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from models.fine_tune import FineTuneConfig, count_parameters, set_fine_tune_mode
+from training import distributed
 from training.cli import add_common_args, build_from_args, fine_tune_config, pick_device, seed_everything
 from training.data import make_loader
 from training.efficiency import EfficiencyRecorder
@@ -34,9 +35,11 @@ from training.trainer import Callback, CountFn, EvalFn, LossFn, TrainConfig, Tra
 
 
 def start(args: argparse.Namespace) -> torch.device:
-    """Seed everything from ``--seed`` and pick the device from ``--use_gpu``/``--device``."""
+    """Seed everything from ``--seed`` and pick the device from ``--use_gpu``/``--device``; under
+    torchrun, join the process group and take this rank's device (every rank has the same seed:
+    the ranks build the same model, and the data order is rank 0's)."""
     seed_everything(args.seed)
-    return pick_device(args.use_gpu, args.device)
+    return distributed.setup(pick_device(args.use_gpu, args.device))
 
 
 def prepare_model(model: nn.Module, config: FineTuneConfig) -> bool:
@@ -67,6 +70,7 @@ def fit_and_load_best(trainer: Trainer) -> dict[str, Any]:
     if trainer.best_checkpoint is not None and not trainer.interrupted:
         trainer.load_best()
         print(f"best epoch {best.get('epoch')} from {trainer.best_checkpoint}")
+    trainer.ready_for_inference()
     return best
 
 
@@ -92,6 +96,11 @@ def fit_task(
     ``efficiency.json`` in the run folder). Returns (best dev metrics, trainer)."""
     loader = make_loader(train_features, collate, batch_size, shuffle=True, num_workers=num_workers,
                          group_by_length=group_by_length)
+    ranks = distributed.world_size()
+    print(f"global batch {ranks * batch_size * config.grad_accum} = {ranks} process{'es' if ranks > 1 else ''} "
+          f"x batch {batch_size} x {config.grad_accum} accumulated"
+          + (f" ({'FSDP' if config.fsdp else 'DDP'})" if ranks > 1 else "")
+          + (" (--fsdp has no effect in one process: launch with torchrun)" if config.fsdp and ranks == 1 else ""))
     trainer = Trainer(model, loss_fn, loader, eval_fn, config, extra=extra, count_fn=count_fn,
                       callbacks=[*callbacks, EfficiencyRecorder()])
     return fit_and_load_best(trainer), trainer

@@ -29,6 +29,7 @@ from models.heads import ClozeParaphraseScorer
 from models.loading import load_tokenizer
 from modules.lora import unwrap_lora
 from tasks.common import add_classification_args, build_task_model, fit_task, loader_settings, prepare_model, start
+from training import distributed
 from training.checkpoints import load_model, save_model
 from training.cli import default_output_dir, fine_tune_config, open_run, train_config_from_args
 from training.course_data import ParaphrasePair, load_quora_splits, paraphrase_features, write_id_predictions
@@ -188,8 +189,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     metrics = evaluate(p_dev, data["dev"])
     metrics["majority_baseline"] = majority_baseline([p.label for p in data["train"]], [p.label for p in data["dev"]])
     for split, path, p in (("dev", args.para_dev_out, p_dev), ("test", args.para_test_out, p_test)):
-        write_paraphrase_predictions(path, [x.id for x in data[split]], ClozeParaphraseScorer.answer_token(
-            [int(v > 0.5) for v in p]))
+        if distributed.is_main():  # under torchrun: one writer
+            write_paraphrase_predictions(path, [x.id for x in data[split]], ClozeParaphraseScorer.answer_token(
+                [int(v > 0.5) for v in p]))
         print(f"wrote {path}")
     print(f"dev accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
           f"(majority-class baseline accuracy {metrics['majority_baseline']:.3f})")

@@ -22,6 +22,7 @@ import torch
 
 from models.heads import GPT2SentimentClassifier, pooling_of
 from tasks.common import fit_task, loader_settings, prepare_model, start
+from training import distributed
 from training.checkpoints import load_weights_into
 from training.cli import build_from_args, default_output_dir, fine_tune_config, open_run, train_config_from_args
 from training.cola import COLA_LABELS, read_cola
@@ -123,7 +124,8 @@ def run(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     metrics = classification_metrics(dev_labels, preds["dev"])
     metrics["majority_baseline"] = majority_baseline([e.label for e in data["train"]], dev_labels)
     for split, path in pred_paths.items():
-        write_id_predictions(path, PREDICTION_COLUMN[dataset], [e.id for e in data[split]], preds[split])
+        if distributed.is_main():  # under torchrun: one writer
+            write_id_predictions(path, PREDICTION_COLUMN[dataset], [e.id for e in data[split]], preds[split])
         print(f"wrote {path}")
     mcc = f", Matthews corr. {metrics['matthews_corr']:.3f}" if dataset == "cola" else ""
     print(f"{dataset} dev accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}{mcc} "

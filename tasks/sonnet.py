@@ -36,6 +36,7 @@ from tasks.sonnet_eval import (
     split_train,
     write_form_report,
 )
+from training import distributed
 from training.checkpoints import load_checkpoint, load_model, load_model_state, save_model
 from training.cli import default_output_dir, fine_tune_config, open_run, train_config_from_args
 from training.course_data import read_sonnets, write_sonnets
@@ -253,14 +254,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model.gpt = inference_from_args(model.gpt, args)  # --quantize; --generate_only keeps one copy of the weights
     for name, prompts, out in (("dev", dev_prompts, args.dev_sonnet_out), ("test", test_prompts, args.sonnet_out)):
         texts = complete_prompts(model, tokenizer, [s.text for s in prompts], kw, **complete_kw)
-        write_sonnets(out, list(enumerate(texts)))  # the starter numbers sonnets by position
+        if distributed.is_main():  # under torchrun: one writer
+            write_sonnets(out, list(enumerate(texts)))  # the starter numbers sonnets by position
         print(f"wrote {out}")
         result[name] = texts
     result["dev_chrf"] = chrf(result["dev"], dev_refs)
     print(f"dev chrF {result['dev_chrf']:.2f}, dev sonnet loss {held['loss']:.4f} (perplexity "
           f"{held['perplexity']:.2f}) ({describe(args)})")
     scores = {k: result[k] for k in ("dev_chrf", "dev_loss", "dev_perplexity")}
-    result["form"] = write_form_report(out_dir, {"dev": result["dev"], "test": result["test"]},
+    form_dir = out_dir if distributed.is_main() else None  # under torchrun: one writer
+    result["form"] = write_form_report(form_dir, {"dev": result["dev"], "test": result["test"]},
                                        {**scores, "decoding": describe(args)})
     print(f"\n{result['test'][0]}")
     return result

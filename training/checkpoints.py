@@ -55,8 +55,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def save_model(model, path: str | Path, **extra: Any) -> None:
-    """A GPT2Model (or any module with ``.config``) as {config, model weights, extra}."""
-    atomic_save({"config": model.config.to_dict(), "model": model.state_dict(), "extra": extra}, path)
+    """A GPT2Model (or any module with ``.config``) as {config, model weights, extra}. Under
+    torchrun every rank calls it (FSDP-sharded weights are gathered) and rank 0 writes."""
+    from training import distributed
+
+    state = model.state_dict()
+    if any(isinstance(v, torch.distributed.tensor.DTensor) for v in state.values()):
+        state = {k: v.full_tensor().cpu() if isinstance(v, torch.distributed.tensor.DTensor) else v
+                 for k, v in state.items()}
+    if distributed.is_main():
+        atomic_save({"config": model.config.to_dict(), "model": state, "extra": extra}, path)
 
 
 def check_config(saved: dict[str, Any], config: GPT2Config, path: str | Path) -> None:

@@ -19,8 +19,9 @@ import torch
 
 from models.fine_tune import MODES, FineTuneConfig
 from modules.lora import DEFAULT_TARGETS
+from training import distributed
 from training.rng import seed_everything
-from training.run_dir import open_run
+from training.run_dir import open_run_on_main
 from training.schedule import SCHEDULES
 from training.tracking import report_to
 from training.trainer import TrainConfig
@@ -112,6 +113,9 @@ def add_common_args(
                    help="torch.compile the GPT-2 body (falls back to eager with a warning where it fails)")
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass (less memory, ~30%% slower)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2) "
+                        "instead of replicating the model (DDP); for full fine-tuning of gpt2-large/-xl")
 
     g = parser.add_argument_group("LoRA")
     g.add_argument("--lora_r", type=positive_int, default=8)
@@ -177,6 +181,15 @@ def build_from_args(args: argparse.Namespace, **config_overrides: Any):
     return model, tokenizer
 
 
+def open_run(args: argparse.Namespace, default_parent: str | Path, **kw: Any) -> Path | None:
+    """``training.run_dir.open_run`` for a task script, first joining torchrun's process group
+    when there is one (``training.distributed.setup``): rank 0 claims the run folder and the
+    other ranks get the same one."""
+    if distributed.launched():  # one process: nothing happens before open_run, as always
+        distributed.setup(pick_device(args.use_gpu, args.device))
+    return open_run_on_main(args, default_parent, **kw)
+
+
 def run_main(main: Callable[[], Any]) -> None:
     """Run a task's ``main()`` as a command: bad input (a malformed or missing file, weights
     that do not fit) ends in one ``error: file:line: problem`` line and exit status 2, not
@@ -224,6 +237,7 @@ def train_config_from_args(args: argparse.Namespace, device: torch.device, **fie
         overwrite=getattr(args, "overwrite", False),
         resume_allow_changes=getattr(args, "resume_allow_changes", False),
         report_to=getattr(args, "report_to", "none"),
+        fsdp=getattr(args, "fsdp", False),
     )
     values.update(fields)
     return TrainConfig(**values)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from training import distributed
 from training.sampler import LengthGroupedSampler
 
 
@@ -241,14 +242,32 @@ def make_loader(
     """The DataLoader every task uses. Shuffling draws from the global torch RNG (or, with
     ``group_by_length``, from the sampler's generator, seeded from it); the Trainer saves and
     restores both, so resumed runs see the same batches. ``group_by_length`` (with ``shuffle``)
-    batches neighbours in length from a shuffled order (``training.sampler``): less padding."""
+    batches neighbours in length from a shuffled order (``training.sampler``): less padding.
+    Under torchrun a shuffled loader yields this rank's share of the batches one process of
+    batch ``world x batch_size`` would see (``training.distributed.ShardedSampler``)."""
     dataset = ListDataset(examples)
+    if shuffle and distributed.active():  # under torchrun: this rank's share of each global batch
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
+            sampler=distributed.ShardedSampler(_shuffled(examples, batch_size * distributed.world_size(),
+                                                         dataset, group_by_length), batch_size))
     if shuffle and group_by_length:
         sampler = LengthGroupedSampler([len(e["input_ids"]) for e in examples], batch_size)
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                            collate_fn=collate, num_workers=num_workers)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
                                        collate_fn=collate, num_workers=num_workers)
+
+
+def _shuffled(examples: Sequence[Mapping[str, Any]], global_batch: int, dataset: Dataset,
+              group_by_length: bool) -> torch.utils.data.Sampler[int]:
+    """The order one process with batch ``global_batch`` would draw: a RandomSampler, or a
+    LengthGroupedSampler whose generator seed is rank 0's (drawn as the sampler draws it)."""
+    if not group_by_length:
+        return torch.utils.data.RandomSampler(dataset)
+    seed = distributed.broadcast_object(int(torch.randint(0, 2**62, (1,)).item()))
+    return LengthGroupedSampler([len(e["input_ids"]) for e in examples], global_batch,
+                                generator=torch.Generator().manual_seed(seed))
 
 
 def make_eval_loader(

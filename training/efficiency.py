@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from models.fine_tune import count_parameters
+from training import distributed
 from training.trainer import Callback, Trainer
 
 EFFICIENCY_FILE = "efficiency.json"
@@ -90,7 +91,8 @@ class EfficiencyRecorder(Callback):
             "device": str(trainer.device),
         }
         path = trainer.output_dir / EFFICIENCY_FILE
-        path.write_text(json.dumps(self.record, indent=2) + "\n")
+        if distributed.is_main():  # under torchrun: one writer
+            path.write_text(json.dumps(self.record, indent=2) + "\n")
         if self.print_table:
             print(f"efficiency ({path}):\n{efficiency_table([self.record])}")
 

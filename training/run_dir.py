@@ -47,7 +47,7 @@ IGNORED_SETTINGS = frozenset({
     "max_steps", "save_every_steps", "save_top_k", "patience", "epochs", "device", "use_gpu", "num_workers",
     "no_bf16", "predictions_dir", "filepath", "load", "checkpoint", "generate_only", "tokenizer", "compile",
     "no_cache", "gen_batch_size", "eval_batch_size", "gradient_checkpointing", "pretrain_epochs",
-    "report_to",
+    "report_to", "fsdp",
 })
 # Resumed from the saved optimizer, so a changed value would not take effect.
 OPTIMIZER_SETTINGS = ("lr", "weight_decay", "betas", "eps")
@@ -314,6 +314,14 @@ def open_run(args: Any, default_parent: str | Path, *, subdir: str | None = None
     return claim(folder, resume=args.resume, overwrite=overwrite)
 
 
+def open_run_on_main(args: Any, default_parent: str | Path, **kw: Any) -> Path | None:
+    """``open_run`` by rank 0 alone under torchrun (it makes, locks and owns the folder); the
+    other ranks get the same folder, or the same error (``training.distributed.on_main``)."""
+    from training import distributed
+
+    return distributed.on_main(lambda: open_run(args, default_parent, **kw))
+
+
 # ----------------------------------------------------------------- resume
 
 
@@ -401,16 +409,28 @@ def fit_guard(output_dir: str | Path, config: Any, current: Mapping[str, Any]) -
     """What ``Trainer.fit`` runs inside: the folder claimed (``config.resume``/``overwrite``) for
     the fit and released after, and on resume the saved settings checked (``check_resume``).
     A resumed stage that has no ``last.pt`` of its own (its run has one in a subfolder, of an
-    earlier stage) starts afresh with a note."""
-    folder = claim(output_dir, resume=config.resume, overwrite=getattr(config, "overwrite", False))
+    earlier stage) starts afresh with a note. Under torchrun only rank 0 claims and checks;
+    the other ranks wait for its verdict."""
+    from training import distributed
+
+    def claim_and_check() -> Path:
+        folder = claim(output_dir, resume=config.resume, overwrite=getattr(config, "overwrite", False))
+        try:
+            if config.resume:
+                last = folder / "last.pt"
+                if last.exists():
+                    check_resume(last, current, getattr(config, "resume_allow_changes", False))
+                else:
+                    print(f"note: {folder} has no last.pt of its own (an earlier stage's is in a subfolder): "
+                          "this stage starts afresh")
+        except BaseException:
+            release(folder)
+            raise
+        return folder
+
+    folder = distributed.on_main(claim_and_check)  # under torchrun rank 0 owns the folder
     try:
-        if config.resume:
-            last = folder / "last.pt"
-            if last.exists():
-                check_resume(last, current, getattr(config, "resume_allow_changes", False))
-            else:
-                print(f"note: {folder} has no last.pt of its own (an earlier stage's is in a subfolder): "
-                      "this stage starts afresh")
         yield
     finally:
-        release(folder)
+        if distributed.is_main():
+            release(folder)

@@ -65,7 +65,9 @@ def callbacks_for(config: Any) -> list[Any]:
     own = {"none": [], "tensorboard": [TensorBoardCallback()], "wandb": [WandbCallback()]}
     if kind not in own:
         raise ValueError(f"report_to must be one of {REPORT_TO}, got {kind!r}")
-    return [*own[kind], *_ATTACHED.get()]
+    from training import distributed
+
+    return [*(own[kind] if distributed.is_main() else []), *_ATTACHED.get()]  # under torchrun: rank 0 reports
 
 
 def scalars(record: Mapping[str, Any]) -> dict[str, float]:

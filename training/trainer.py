@@ -26,6 +26,11 @@ state at the start of the current epoch. With ``save_every_steps`` a run can sto
 mid-epoch: on resume the epoch's shuffle is replayed from that saved state and the
 batches already seen are skipped, so the final weights equal an uninterrupted run.
 
+Under ``torchrun`` (``training.distributed``) the same loop trains N processes as one process
+of N times the batch: the model under DDP (or FSDP2 with ``fsdp``), each rank a slice of every
+global batch, accumulated micro-batches weighted by their counts over all ranks, one gradient
+all-reduce per optimizer step, the dev set evaluated once by rank 0, and files written by rank 0.
+
 The parts the loop is built from live beside it: ``training.rng`` (seeding, RNG state),
 ``training.schedule`` (learning-rate schedules), ``training.checkpoints`` (checkpoint files,
 weights saved, top-k kept), ``training.trainer_state`` (what a run writes and resumes from:
@@ -49,6 +54,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from optimizer import AdamW
+from training import distributed
 from training.checkpoints import load_checkpoint, model_config_of, rank_top_k
 from training.data import count_examples, count_lm_targets
 from training.device import autocast_context, move_to_device
@@ -96,6 +102,7 @@ class TrainConfig:
     resume_allow_changes: bool = False  # resume even if settings that change the result differ
     max_steps: int = 0  # stop (as if interrupted) after this many optimizer steps; 0 = no limit
     report_to: str = "none"  # none | tensorboard | wandb: a tracker mirroring metrics.jsonl (training.tracking)
+    fsdp: bool = False  # under torchrun: shard with FSDP2 instead of replicating with DDP
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULES:
@@ -167,6 +174,9 @@ class Trainer(CheckpointMixin):
         self.count_fn = count_fn or count_examples
         self.device = torch.device(self.config.device)
         self.model = model.to(self.device)
+        # Under torchrun: the model under DDP or FSDP (None for one process). ``self.model`` stays the
+        # task's own module: eval_fn, checkpoints and callers see it, the loss runs through the wrapper.
+        self.wrapped = distributed.wrap(self.model, self.device, self.config.fsdp)
         self.loss_fn = loss_fn
         self.train_loader = train_loader
         self.eval_fn = eval_fn
@@ -288,7 +298,7 @@ class Trainer(CheckpointMixin):
         cfg = self.config
         n_batches = len(self.train_loader)  # type: ignore[arg-type]
         bar = None
-        if cfg.progress:
+        if cfg.progress and distributed.is_main():
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
@@ -303,12 +313,14 @@ class Trainer(CheckpointMixin):
         for i, first in batches:  # i: the first batch of an accumulation group
             group = [first, *(b for _, b in itertools.islice(batches, min(cfg.grad_accum, n_batches - i) - 1))]
             counts = [float(self.count_fn(b)) for b in group]  # on the host, before the batches move
-            total = sum(counts)
-            for batch, count in zip(group, counts):
+            total = self._group_total(counts)
+            ranks = distributed.world_size()  # DDP/FSDP average gradients over ranks: undone by the weight
+            for j, (batch, count) in enumerate(zip(group, counts)):
                 batch = move_to_device(batch, self.device)
-                with self.autocast():
-                    loss = self.loss_fn(self.model, batch)
-                (loss * (count / total if total > 0 else 1.0 / len(group))).backward()
+                with distributed.sync_gradients(self.wrapped, j == len(group) - 1):  # one all-reduce per group
+                    with self.autocast():
+                        loss = self._loss(batch)
+                    (loss * (count * ranks / total if total > 0 else 1.0 / len(group))).backward()
                 loss_sum += loss.detach().float()
                 window_loss += loss.detach().float()
                 n_loss += 1
@@ -317,8 +329,8 @@ class Trainer(CheckpointMixin):
             self._optimizer_step()
             logged = None
             if self.global_step % cfg.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
-                logged = (window_loss / window_n).item()
-                rate = window_examples / max(1e-9, time.perf_counter() - t0)
+                logged = distributed.mean_over_ranks(window_loss / window_n).item()
+                rate = window_examples * distributed.world_size() / max(1e-9, time.perf_counter() - t0)
                 self._log({"type": "step", "epoch": self.epoch + 1, "step": self.global_step, "loss": logged,
                            "lr": self.scheduler.get_last_lr()[0], "examples_per_s": rate})
                 if bar is not None:
@@ -330,17 +342,51 @@ class Trainer(CheckpointMixin):
             for cb in self.callbacks:
                 cb.on_step_end(self, self.global_step, logged)
             if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0:
-                self._partial_loss = (loss_sum.item(), n_loss)
+                self._partial_loss = (distributed.mean_over_ranks(loss_sum).item(), n_loss)
                 self._save_last()
             if cfg.max_steps and self.global_step >= cfg.max_steps:
                 self.interrupted = True
                 if self.step_in_epoch < self.steps_per_epoch:
-                    self._partial_loss = (loss_sum.item(), n_loss)
+                    self._partial_loss = (distributed.mean_over_ranks(loss_sum).item(), n_loss)
                     self._save_last()
                     break
         if bar is not None:
             bar.close()
-        return (loss_sum / n_loss).item() if n_loss else None
+        return (distributed.mean_over_ranks(loss_sum) / n_loss).item() if n_loss else None
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        if self.wrapped is None:
+            return self.loss_fn(self.model, batch)
+        return self.wrapped(self.loss_fn, batch)  # through DDP's/FSDP's forward, whatever loss_fn calls
+
+    def _group_total(self, counts: list[float]) -> float:
+        """What an accumulation group's losses average over: its count on every rank together, so
+        N ranks weigh their micro-batches as one process of N times the batch does."""
+        if self.wrapped is None:
+            return sum(counts)
+        return float(distributed.sum_over_ranks(torch.tensor(sum(counts), dtype=torch.float64)))
+
+    def _evaluate(self) -> dict[str, float]:
+        """``eval_fn`` on rank 0 only, over the whole dev set, with the task's own module (DDP
+        replicates it; FSDP's full weights are gathered for it first); the other ranks wait for
+        its metrics, so every rank makes the same best/early-stopping decisions."""
+        if self.eval_fn is None:
+            return {}
+
+        def run() -> dict[str, float]:
+            with torch.no_grad(), self.autocast():
+                self.model.eval()
+                try:
+                    return {k: float(v) for k, v in self.eval_fn(self.model).items()}
+                finally:
+                    self.model.train()
+
+        return distributed.on_main_unsharded(self.wrapped, run)
+
+    def ready_for_inference(self) -> None:
+        """After ``fit`` (and ``load_best``): an FSDP model holds its full weights on every rank,
+        so the task can predict with it as with any model. Nothing to do otherwise."""
+        distributed.unshard(self.wrapped)
 
     def _optimizer_step(self) -> None:
         if self.config.max_grad_norm > 0:
@@ -356,12 +402,8 @@ class Trainer(CheckpointMixin):
         cfg = self.config
         self.epoch += 1
         self.step_in_epoch = 0
-        metrics: dict[str, Any] = {}
+        metrics: dict[str, Any] = self._evaluate()
         if self.eval_fn is not None:
-            with torch.no_grad(), self.autocast():
-                self.model.eval()
-                metrics = {k: float(v) for k, v in self.eval_fn(self.model).items()}
-                self.model.train()
             if cfg.metric not in metrics:
                 raise KeyError(f"eval_fn returned {sorted(metrics)}, not the metric to select on {cfg.metric!r}")
         record = {"epoch": self.epoch, "step": self.global_step, "train_loss": train_loss, "dev": metrics}
@@ -387,7 +429,7 @@ class Trainer(CheckpointMixin):
         for cb in self.callbacks:
             cb.on_epoch_end(self, self.epoch, metrics)
         self._save_last()
-        if cfg.plot:
+        if cfg.plot and distributed.is_main():
             plot_curves(self.history, cfg.metric, self.output_dir / "curves.png")
 
 
