@@ -31,7 +31,8 @@ of N times the batch: the model under DDP (or FSDP2 with ``fsdp``), each rank a 
 global batch, accumulated micro-batches weighted by their counts over all ranks, one gradient
 all-reduce per optimizer step, the dev set evaluated once by rank 0, and files written by rank 0.
 
-The parts the loop is built from live beside it: ``training.rng`` (seeding, RNG state),
+The parts the loop is built from live beside it: ``training.train_config`` (``TrainConfig``,
+``Callback``), ``training.rng`` (seeding, RNG state),
 ``training.schedule`` (learning-rate schedules), ``training.checkpoints`` (checkpoint files,
 weights saved, top-k kept), ``training.trainer_state`` (what a run writes and resumes from:
 ``last.pt``, best checkpoints, the metrics log), ``training.device`` (batch placement,
@@ -44,8 +45,7 @@ import contextlib
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,73 +62,10 @@ from training.predict import predict
 from training.rng import get_rng_state, sampler_rng_state, seed_everything, set_rng_state, set_sampler_rng_state
 from training.run_dir import fit_guard, run_settings
 from training.run_log import plot_curves
-from training.schedule import SCHEDULES, lr_lambda
+from training.schedule import lr_lambda
 from training.tracking import callbacks_for
+from training.train_config import Callback, CountFn, EvalFn, LossFn, TrainConfig
 from training.trainer_state import CheckpointMixin
-
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
-EvalFn = Callable[[nn.Module], Mapping[str, float]]
-CountFn = Callable[[Any], "int | float | torch.Tensor"]
-
-
-@dataclass
-class TrainConfig:
-    """Everything the loop needs to know; saved in every checkpoint."""
-
-    epochs: int = 10
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-6
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_grad_norm: float = 1.0  # <= 0 disables clipping
-    scheduler: str = "constant"  # constant | linear | cosine (after warm-up)
-    warmup_ratio: float = 0.0  # fraction of all optimizer steps spent warming up linearly from 0
-    patience: int = 0  # stop after this many epochs without dev improvement; 0 = never
-    metric: str = "accuracy"  # dev metric that picks the best checkpoint
-    mode: str = "max"  # "max" or "min" for ``metric``
-    save_top_k: int = 1  # best checkpoints kept; 0 keeps none
-    save_every_steps: int = 0  # also write last.pt every N optimizer steps (mid-epoch resume)
-    save_trainable_only: bool = False  # checkpoints hold only requires_grad parameters (LoRA, frozen body)
-    output_dir: str = "runs/default"
-    seed: int = 11711  # re-seeded at the start of a fresh fit so data order does not depend on model building
-    device: str = "cpu"
-    bf16: bool = True  # bf16 autocast, used only on CUDA
-    log_every: int = 20  # optimizer steps between loss syncs (.item()) and log lines
-    progress: bool = True  # tqdm bars
-    plot: bool = True  # redraw curves.png after each epoch
-    resume: bool = False  # continue from output_dir/last.pt (an error if there is none: training.run_dir)
-    overwrite: bool = False  # an output_dir that holds a run is replaced (else refused unless resume)
-    resume_allow_changes: bool = False  # resume even if settings that change the result differ
-    max_steps: int = 0  # stop (as if interrupted) after this many optimizer steps; 0 = no limit
-    report_to: str = "none"  # none | tensorboard | wandb: a tracker mirroring metrics.jsonl (training.tracking)
-    fsdp: bool = False  # under torchrun: shard with FSDP2 instead of replicating with DDP
-
-    def __post_init__(self) -> None:
-        if self.scheduler not in SCHEDULES:
-            raise ValueError(f"scheduler must be one of {SCHEDULES}, got {self.scheduler!r}")
-        if self.mode not in ("max", "min"):
-            raise ValueError(f"mode must be 'max' or 'min', got {self.mode!r}")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        self.betas = tuple(self.betas)
-
-
-class Callback:
-    """Hooks the Trainer calls; override what you need. Setting ``trainer.stop = True`` ends
-    training after the current epoch (checkpoints and logs are still written)."""
-
-    def on_train_begin(self, trainer: Trainer) -> None: ...
-
-    def on_step_end(self, trainer: Trainer, step: int, loss: float | None) -> None:
-        """After each optimizer step; ``loss`` is set only at logging steps (avoids a sync per step)."""
-
-    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None: ...
-
-    def on_train_end(self, trainer: Trainer, best: dict[str, Any]) -> None: ...
-
 
 # ------------------------------------------------------------------ trainer
 
@@ -433,4 +370,5 @@ class Trainer(CheckpointMixin):
             plot_curves(self.history, cfg.metric, self.output_dir / "curves.png")
 
 
-__all__ = ["Callback", "TrainConfig", "Trainer", "count_examples", "count_lm_targets", "predict"]
+__all__ = ["Callback", "CountFn", "EvalFn", "LossFn", "TrainConfig", "Trainer", "count_examples", "count_lm_targets",
+           "predict"]
