@@ -95,6 +95,10 @@ def runs_worker(rank: int, world: int, port: int, tmp: Path, jobs: list[tuple[st
     join(rank, world, port)
     for name, kw in jobs:
         save_on_main(fit(tmp / name, **kw), tmp / f"{name}.pt")
+    # Leave the group together: a process that exits while Gloo's threads still run aborts
+    # ("terminate called without an active exception", SIGABRT) now and then.
+    distributed.barrier()
+    distributed.teardown()
 
 
 class Kill(Callback):

@@ -198,6 +198,7 @@ def run_main(main: Callable[[], Any]) -> None:
     import sys
 
     from models.loading import CheckpointError
+    from training import distributed
     from training.data import DataFormatError
     from training.run_dir import RunDirError
 
@@ -206,6 +207,10 @@ def run_main(main: Callable[[], Any]) -> None:
     except (CheckpointError, DataFormatError, FileNotFoundError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    # Under torchrun, leave the process group together: exiting while Gloo's threads still run
+    # can abort the process after a successful run.
+    distributed.barrier()
+    distributed.teardown()
 
 
 def default_output_dir(task: str, *parts: str) -> str:
