@@ -4,10 +4,12 @@
 - ``contrastive``: SimCSE-style InfoNCE (Gao et al. 2021), unsupervised or on paraphrase pairs;
 - ``smart``: SMART (Jiang et al. 2020), adversarial smoothness on the embeddings and a Bregman
   proximal point term against a momentum teacher;
-- ``pooling``: ``last`` or ``mean`` sentence representations, correct under either padding;
+- ``pool`` (from ``models.pooling``, beside the head that also uses it): ``last`` or ``mean``
+  sentence representations, correct under either padding;
 - ``combined``: the shared flags (``add_objective_args``) and the wrapper (``build_objective``).
 """
 
+from models.pooling import POOLINGS, pool
 from training.objectives.combined import (
     Objective,
     ObjectiveSettings,
@@ -22,7 +24,6 @@ from training.objectives.contrastive import (
     supervised_pair_loss,
     unsupervised_contrastive_loss,
 )
-from training.objectives.pooling import POOLINGS, pool
 from training.objectives.rdrop import rdrop_loss, symmetric_kl, two_passes
 from training.objectives.smart import (
     MomentumTeacher,

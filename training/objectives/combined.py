@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.pooling import POOLINGS, pool
 from training.objectives.contrastive import pair_views_loss, unsupervised_contrastive_loss
-from training.objectives.pooling import POOLINGS, pool
 from training.objectives.rdrop import rdrop_loss
 from training.objectives.smart import (
     MomentumTeacher,

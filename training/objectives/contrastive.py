@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.pooling import pool
 from training.data import PadCollator
-from training.objectives.pooling import pool
 
 PAIR_KEYS = ("sentence1_input_ids", "sentence2_input_ids")
 
