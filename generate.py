@@ -34,10 +34,9 @@ import torch
 from models.generation import LineStop, generate, trim
 from models.generation_config import GenerationConfig
 from models.inference import prepare_for_inference
-from models.loading import CheckpointError, load_tokenizer
+from models.loading import load_tokenizer
 from models.mbr import CandidatePool, mbr_pool_generate
-from modules.prefix import restore_prefix
-from training.checkpoints import load_checkpoint, load_model
+from training.checkpoints import load_any_model
 from training.cli import pick_device, run_main, seed_everything
 from training.data import PadCollator, encode
 
@@ -106,32 +105,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.output is not None and Path(args.output).exists() and not args.overwrite:
         parser.error(f"--output {args.output} exists; pass --overwrite to replace it")
     return args
-
-
-def load_any_model(spec: str):
-    """A GPT2Model from a ``save_model`` file, a Trainer checkpoint with every weight (keys of a
-    task head's ``gpt.`` body), or a Hugging Face folder / hub id."""
-    from config import GPT2Config
-    from models.gpt2 import GPT2Model
-
-    if not Path(spec).is_file():
-        return GPT2Model.from_pretrained(spec)
-    ckpt = load_checkpoint(spec)
-    if "config" in ckpt:
-        return load_model(spec)
-    if "model" not in ckpt or "model_config" not in ckpt:
-        raise CheckpointError(f"{spec}: neither a saved model, a Trainer checkpoint nor a Hugging Face folder")
-    if ckpt.get("trainable_only", False):
-        raise CheckpointError(f"{spec} holds only the trained parameters (LoRA, prefix or a frozen body); pass the "
-                              "model file the run saved (e.g. sonnet-model.pt)")
-    state = {k.removeprefix("gpt."): v for k, v in ckpt["model"].items()}
-    model = GPT2Model(GPT2Config.from_dict(ckpt["model_config"]))
-    restore_prefix(model, state)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{spec}: not a plain GPT-2 language model ({str(e).splitlines()[0]})") from e
-    return model
 
 
 @torch.no_grad()

@@ -35,20 +35,10 @@ from models.generation import LineStop, generate, trim  # noqa: E402
 from models.inference import prepare_for_inference  # noqa: E402
 from models.loading import CheckpointError, load_tokenizer  # noqa: E402
 from modules.quant import QUANTIZE_CHOICES, QuantizationUnavailable, check_quantize  # noqa: E402
-from training.checkpoints import load_model  # noqa: E402
+from training.checkpoints import load_any_model  # noqa: E402
 from training.course_data import read_sonnets  # noqa: E402
 from training.data import PadCollator, encode  # noqa: E402
 from training.metrics import chrf  # noqa: E402
-
-
-def load_any(path: str):
-    """A ``save_model`` file or a Hugging Face folder, in eval mode."""
-    from models.gpt2 import GPT2Model
-
-    p = Path(path)
-    if p.is_dir():
-        return GPT2Model.from_pretrained(p).eval()
-    return load_model(p).eval()
 
 
 @torch.no_grad()
@@ -107,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model = load_any(args.model)
+        model = load_any_model(args.model).eval()
         for q in args.quantize:
             check_quantize(q, "cpu", model.config.hidden_size)
         tok = load_tokenizer(args.tokenizer, verbose=False)

@@ -184,7 +184,33 @@ def load_weights_into(model: nn.Module, path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def load_any_model(spec: str):
+    """A GPT2Model from a ``save_model`` file, a Trainer checkpoint with every weight (keys of a
+    task head's ``gpt.`` body), or a Hugging Face folder / hub id."""
+    from models.gpt2 import GPT2Model
+    from modules.prefix import restore_prefix
+
+    if not Path(spec).is_file():
+        return GPT2Model.from_pretrained(spec)
+    ckpt = load_checkpoint(spec)
+    if "config" in ckpt:
+        return load_model(spec)
+    if "model" not in ckpt or "model_config" not in ckpt:
+        raise CheckpointError(f"{spec}: neither a saved model, a Trainer checkpoint nor a Hugging Face folder")
+    if ckpt.get("trainable_only", False):
+        raise CheckpointError(f"{spec} holds only the trained parameters (LoRA, prefix or a frozen body); pass the "
+                              "model file the run saved (e.g. sonnet-model.pt)")
+    state = {k.removeprefix("gpt."): v for k, v in ckpt["model"].items()}
+    model = GPT2Model(GPT2Config.from_dict(ckpt["model_config"]))
+    restore_prefix(model, state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{spec}: not a plain GPT-2 language model ({str(e).splitlines()[0]})") from e
+    return model
+
+
 __all__ = [
-    "TopK", "atomic_save", "check_config", "keep_top_k", "load_checkpoint", "load_model", "load_model_state",
-    "load_weights_into", "model_config_of", "rank_top_k", "save_model", "trainable_state_dict",
+    "TopK", "atomic_save", "check_config", "keep_top_k", "load_any_model", "load_checkpoint", "load_model",
+    "load_model_state", "load_weights_into", "model_config_of", "rank_top_k", "save_model", "trainable_state_dict",
 ]
