@@ -28,8 +28,9 @@ saved model (``pretrain.py``'s ``model.pt``); with ``--random_init`` too, from t
 with fresh weights. ``--dpo`` preference-tunes a fine-tuned ``--checkpoint`` (``tasks.sonnet_dpo``).
 
 Decoding (``--decoding``): greedy, sample (temperature, top-k, top-p), beam, contrastive
-(``--penalty_alpha``, ``--top_k``) or mbr (``--mbr_candidates`` samples, keep the one
-with the highest mean chrF against the others); every sonnet stops at EOS or at
+(``--penalty_alpha``, ``--top_k``) or mbr (``--mbr_candidates`` samples, or any pool
+such as ``--mbr_pool beam:4,sample:8,contrastive``; keep the candidate with the highest mean
+chrF against the others); every sonnet stops at EOS or at
 ``--num_lines`` lines. The defaults are nucleus sampling with top-p 0.9 and
 temperature 1.2, the starter's settings and the best reported for this task.
 
@@ -43,6 +44,7 @@ from typing import Any
 
 from models.fine_tune import default_lr, mode_names, modes_help
 from models.inference import add_inference_args
+from models.mbr import CandidatePool
 from tasks.lm import add_attention_args, add_pretrain_args
 from tasks.sonnet import CONTRASTIVE_K, DECODINGS, run
 from tasks.sonnet_dpo import PAIRINGS, RANKINGS
@@ -91,6 +93,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--repetition_penalty", type=positive_float, default=1.0)
     g.add_argument("--no_repeat_ngram_size", type=non_negative_int, default=0)
     g.add_argument("--mbr_candidates", type=positive_int, default=8, help="samples per prompt for MBR selection")
+    g.add_argument("--mbr_pool", type=str, default=None, metavar="SPEC",
+                   help="mbr: the candidate pool instead of --mbr_candidates samples, e.g. "
+                        "beam:4,sample:8,contrastive (strategies greedy, beam, sample, contrastive)")
     g.add_argument("--max_new_tokens", type=positive_int, default=192, help="cap on generated tokens per sonnet")
     g.add_argument("--num_lines", type=positive_int, default=14, help="stop a sonnet when it has this many lines")
     g.add_argument("--gen_batch_size", type=positive_int, default=12, help="prompts decoded together")
@@ -121,6 +126,13 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(save_top_k=3)
     args = parser.parse_args(argv)
     check_decoding(parser, args)
+    if args.mbr_pool is not None:
+        if args.decoding != "mbr":
+            parser.error("--mbr_pool selects among candidates by MBR: add --decoding mbr")
+        try:
+            CandidatePool.parse(args.mbr_pool)
+        except ValueError as e:
+            parser.error(f"--mbr_pool: {e}")
     if args.lr is None:
         args.lr = default_lr(args.fine_tune_mode)
     args.checkpoint = args.checkpoint or args.load  # the shared --load names the same thing here

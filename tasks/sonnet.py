@@ -17,11 +17,12 @@ from torch import nn
 
 from config import GPT2Config
 from models.generation import LineStop, generate, trim
+from models.generation_config import GenerationConfig
 from models.gpt2 import GPT2Model
 from models.heads import SonnetGPT
 from models.inference import inference_from_args, prepare_for_inference
 from models.loading import CheckpointError, load_tokenizer
-from models.mbr import mbr_generate
+from models.mbr import CandidatePool, mbr_pool_generate
 from modules.lora import unwrap_lora
 from modules.prefix import fold_prefix
 from tasks import common
@@ -55,6 +56,10 @@ def decoding_kwargs(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
                               stop=LineStop(tokenizer, args.num_lines), use_cache=not args.no_cache)
     if args.decoding in ("sample", "mbr"):
         kw.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0)
+    if args.decoding == "mbr":  # what beam and contrastive members of an --mbr_pool use
+        kw.update(length_penalty=args.length_penalty, penalty_alpha=args.penalty_alpha,
+                  contrastive_mean_sim=args.contrastive_mean_sim,
+                  contrastive_dynamic_alpha=args.contrastive_dynamic_alpha)
     elif args.decoding == "beam":
         kw.update(num_beams=args.num_beams, length_penalty=args.length_penalty)
     elif args.decoding == "contrastive":
@@ -64,11 +69,20 @@ def decoding_kwargs(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
     return kw
 
 
+def candidate_pool(args: argparse.Namespace) -> CandidatePool:
+    """The MBR candidate pool: ``--mbr_pool`` (e.g. ``beam:4,sample:8,contrastive``), else
+    ``--mbr_candidates`` samples."""
+    if getattr(args, "mbr_pool", None):
+        return CandidatePool.parse(args.mbr_pool)
+    return CandidatePool((("sample", args.mbr_candidates),))
+
+
 def describe(args: argparse.Namespace) -> str:
     """The decoding strategy and the settings that apply to it, for logs."""
-    keys = {"sample": ("temperature", "top_p", "top_k"), "mbr": ("temperature", "top_p", "top_k", "mbr_candidates"),
+    keys = {"sample": ("temperature", "top_p", "top_k"), "mbr": ("temperature", "top_p", "top_k"),
             "beam": ("num_beams", "length_penalty"), "contrastive": ("penalty_alpha", "top_k"), "greedy": ()}
-    shown = {k: getattr(args, k) for k in keys[args.decoding] if getattr(args, k) is not None}
+    shown = {"mbr_pool": str(candidate_pool(args))} if args.decoding == "mbr" else {}
+    shown.update({k: getattr(args, k) for k in keys[args.decoding] if getattr(args, k) is not None})
     if args.decoding == "contrastive":
         shown.setdefault("top_k", CONTRASTIVE_K)
         shown.update({k: True for k in ("contrastive_mean_sim", "contrastive_dynamic_alpha") if getattr(args, k)})
@@ -87,13 +101,14 @@ def complete_prompts(
     *,
     batch_size: int = 12,
     seed: int = 11711,
-    mbr_candidates: int = 0,
+    mbr_pool: CandidatePool | None = None,
 ) -> list[str]:
     """Each prompt continued into a full sonnet (prompt included), decoded to text.
 
     Sampling draws from a generator seeded with ``seed``, so every call (each epoch's dev
-    evaluation) sees the same random stream. ``mbr_candidates`` > 0 selects among that many
-    samples by mean chrF against the others."""
+    evaluation) sees the same random stream. With ``mbr_pool`` each prompt gets the pool's
+    candidates (samples, beams, contrastive...) and keeps the one with the highest mean chrF
+    against the others."""
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
     collate = PadCollator(tokenizer.pad_token_id, padding_side="left")
@@ -105,9 +120,9 @@ def complete_prompts(
     for start in range(0, len(ids), batch_size):
         batch = collate([{"input_ids": x} for x in ids[start : start + batch_size]])
         x, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        if mbr_candidates:
-            rows = mbr_generate(gpt, x, mask, num_candidates=mbr_candidates, decode=tokenizer.decode,
-                                utility=lambda a, b: chrf([a], [b]), generator=gen, **generate_kwargs)
+        if mbr_pool is not None:
+            rows = mbr_pool_generate(gpt, x, mask, pool=mbr_pool, config=GenerationConfig(**generate_kwargs),
+                                     decode=tokenizer.decode, utility=lambda a, b: chrf([a], [b]), generator=gen)
         else:
             out = generate(gpt, x, mask, generator=gen, **generate_kwargs)
             n_pad = (mask == 0).sum(-1).tolist()
@@ -202,8 +217,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model, tokenizer, trainable_only = model_for_training(args)
     model.to(device)
     kw = decoding_kwargs(args, tokenizer)
-    mbr = args.mbr_candidates if args.decoding == "mbr" else 0
-    complete_kw = dict(batch_size=args.gen_batch_size, seed=args.seed, mbr_candidates=mbr)
+    complete_kw = dict(batch_size=args.gen_batch_size, seed=args.seed,
+                       mbr_pool=candidate_pool(args) if args.decoding == "mbr" else None)
     dev_texts = [s.text for s in dev_prompts]
     print(f"{len(train)} training sonnets{f' ({len(valid)} more validate)' if valid else ''}, {len(dev_prompts)} "
           f"dev and {len(test_prompts)} test prompts; decoding: {describe(args)}")
@@ -234,7 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             best = dpo_fine_tune(
                 model, tokenizer, train,
                 lambda prompts: complete_prompts(model, tokenizer, prompts, sample_kw, **{**complete_kw,
-                                                                                          "mbr_candidates": 0}),
+                                                                                          "mbr_pool": None}),
                 eval_fn, cfg, dpo_settings(args), source=args.sonnet_path, extra={"args": vars(args)})
         else:
             best, _ = fine_tune_lm(model, tokenizer, train, eval_fn, cfg, max_length=args.max_length,
@@ -275,5 +290,6 @@ def dpo_settings(args: argparse.Namespace) -> dict[str, Any]:
                 beta=args.dpo_beta, batch_size=args.batch_size, max_length=args.max_length)
 
 
-__all__ = ["CONTRASTIVE_K", "DECODINGS", "build_sonnet_model", "complete_prompts", "decoding_kwargs", "describe",
+__all__ = ["CONTRASTIVE_K", "DECODINGS", "build_sonnet_model", "candidate_pool", "complete_prompts",
+           "decoding_kwargs", "describe",
            "dev_chrf", "dpo_settings", "load_sonnet_model", "model_for_training", "run"]

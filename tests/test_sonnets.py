@@ -11,13 +11,15 @@ from sacrebleu.metrics import CHRF
 
 import sonnet_generation
 from config import get_config
+from models.generation_config import GenerationConfig
 from models.gpt2 import GPT2Model
 from models.heads import SonnetGPT
+from models.mbr import pool_candidates
 from tasks.lm import sonnet_features
-from tasks.sonnet import DECODINGS, complete_prompts, decoding_kwargs, describe
+from tasks.sonnet import DECODINGS, candidate_pool, complete_prompts, decoding_kwargs, describe
 from tests.conftest import SHARED_DATA, sonnet_data_flags
 from training.course_data import read_sonnets, write_sonnets
-from training.data import DataFormatError
+from training.data import DataFormatError, PadCollator
 from training.metrics import chrf
 
 FILES = {"sonnets.txt": 131, "sonnets_held_out_dev.txt": 12, "TRUE_sonnets_held_out_dev.txt": 12,
@@ -98,13 +100,40 @@ def test_every_decoding_completes_prompts(tiny, tokenizer, decoding):
                                        "--mbr_candidates", "3", "--num_lines", "4"])
     kw = decoding_kwargs(args, tokenizer)
     prompts = ["From fairest creatures we desire increase,\nThat thereby beauty's rose", "When I do count"]
-    mbr = args.mbr_candidates if decoding == "mbr" else 0
-    texts = complete_prompts(tiny, tokenizer, prompts, kw, batch_size=2, mbr_candidates=mbr)
-    again = complete_prompts(tiny, tokenizer, prompts, kw, batch_size=1, mbr_candidates=mbr)
+    pool = candidate_pool(args) if decoding == "mbr" else None
+    texts = complete_prompts(tiny, tokenizer, prompts, kw, batch_size=2, mbr_pool=pool)
+    again = complete_prompts(tiny, tokenizer, prompts, kw, batch_size=1, mbr_pool=pool)
     for p, t in zip(prompts, texts):
         assert t.startswith(p) and len(t) > len(p) and t.count("\n") < 4
     if decoding in ("greedy", "beam", "contrastive"):  # deterministic: left padding in a batch changes nothing
         assert texts == again
+
+
+def test_mbr_pool_of_strategies_picks_one_of_its_candidates(tiny, tokenizer):
+    args = sonnet_generation.get_args(["--decoding", "mbr", "--mbr_pool", "beam:2,sample:2,contrastive",
+                                       "--max_new_tokens", "6", "--num_lines", "4"])
+    pool = candidate_pool(args)
+    assert str(pool) == "beam:2,sample:2,contrastive:1" and describe(args).startswith("mbr mbr_pool=beam:2,")
+    kw = decoding_kwargs(args, tokenizer)
+    prompts = ["When I do count the clock", "Shall I compare thee"]
+    texts = complete_prompts(tiny, tokenizer, prompts, kw, batch_size=2, mbr_pool=pool, seed=5)
+    batch = PadCollator(tokenizer.pad_token_id, padding_side="left")(
+        [{"input_ids": tokenizer.encode(p)} for p in prompts])
+    groups = pool_candidates(tiny.gpt, batch["input_ids"], batch["attention_mask"], pool, GenerationConfig(**kw),
+                             torch.Generator().manual_seed(5))
+    for text, group in zip(texts, groups):
+        assert len(group) == 5 and text in [tokenizer.decode(c).strip() for c in group]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mbr_pool", "beam:2"], "add --decoding mbr"),
+    (["--decoding", "mbr", "--mbr_pool", "beam:2,nucleus:3"], "unknown strategy 'nucleus'"),
+    (["--decoding", "mbr", "--mbr_pool", "greedy:2"], "count must be 1"),
+])
+def test_bad_mbr_pool_is_a_usage_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        sonnet_generation.get_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_contrastive_variant_flags_reach_generate(tokenizer):
