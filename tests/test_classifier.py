@@ -155,3 +155,35 @@ def test_command_line_reports_bad_input_without_a_traceback(tmp_path, case):
     assert proc.returncode == 2
     assert re.search(want, proc.stderr.strip().splitlines()[-1])
     assert "Traceback" not in proc.stderr
+
+
+def test_model_size_takes_a_saved_model_file(tmp_path, classifier_cli, capsys):
+    """pretrain.py's model.pt (or a task's *-model.pt) starts any task: its weights, or with
+    --random_init its architecture with fresh weights; a file that is no saved model exits 2."""
+    from training.checkpoints import save_model
+    from training.cli import build_from_args
+
+    torch.manual_seed(3)
+    body = GPT2Model(GPT2Config(max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=2))
+    save_model(body, tmp_path / "model.pt", task="pretrain")
+    args = classifier.get_args(["--model_size", str(tmp_path / "model.pt")])
+    loaded, _ = build_from_args(args)
+    for (k, a), b in zip(body.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    fresh, _ = build_from_args(classifier.get_args(["--model_size", str(tmp_path / "model.pt"), "--random_init"]))
+    assert fresh.config.hidden_size == 32 and not torch.equal(fresh.wte.weight, body.wte.weight)
+
+    argv = [a for a in classifier_cli("full-model", "--dataset", "sst") if a != "--random_init"]
+    argv[argv.index("--model_size") + 1] = str(tmp_path / "model.pt")
+    assert classifier.main(argv)["sst"]["accuracy"] >= 0
+
+    import subprocess
+    import sys
+
+    (tmp_path / "notes.pt").write_bytes(b"not a checkpoint")
+    root = Path(classifier.__file__).resolve().parent
+    proc = subprocess.run([sys.executable, str(root / "classifier.py"), "--model_size", str(tmp_path / "notes.pt"),
+                           "--dataset", "sst", "--limit", "4", "--output_dir", str(tmp_path / "bad")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "notes.pt" in proc.stderr and "Traceback" not in proc.stderr

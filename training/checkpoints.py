@@ -77,9 +77,11 @@ def check_config(saved: dict[str, Any], config: GPT2Config, path: str | Path) ->
         raise CheckpointError(f"{path} was saved from another model config ({detail})")
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu", **config_overrides: Any):
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", random_init: bool = False,
+               **config_overrides: Any):
     """A GPT2Model saved with ``save_model``; ``config_overrides`` change fields of its config that
-    do not touch the weights (e.g. ``hidden_dropout_prob`` for a model trained further)."""
+    do not touch the weights (e.g. ``hidden_dropout_prob`` for a model trained further).
+    ``random_init``: its architecture with fresh weights."""
     from models.gpt2 import GPT2Model
     from modules.prefix import restore_prefix
 
@@ -89,6 +91,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", **con
         raise CheckpointError(f"{path} is {kind}, not a model saved by a task script; pass the model file the "
                               "run wrote (e.g. <output_dir>/paraphrase-model.pt or sonnet-model.pt)")
     model = GPT2Model(GPT2Config.from_dict({**ckpt["config"], **config_overrides}))
+    if random_init:
+        return model
     restore_prefix(model, ckpt["model"])  # a prefix-tuned body is saved with its prefix
     model.load_state_dict(ckpt["model"])
     return model

@@ -67,7 +67,8 @@ def add_common_args(
                                                                           " (default depends on the mode)"))
     g.add_argument("--hidden_dropout_prob", type=unit_fraction, default=hidden_dropout_prob)
     g.add_argument("--model_size", type=model_size_or_folder, default=model_size,
-                   help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny, or a local Hugging Face folder")
+                   help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny, a local Hugging Face folder, or a model "
+                        "file a run saved (pretrain.py's model.pt, a task's *-model.pt)")
 
     g = parser.add_argument_group("model and data")
     g.add_argument("--random_init", action="store_true", help="random weights instead of pretrained ones")
@@ -166,7 +167,8 @@ def fine_tune_config(args: argparse.Namespace) -> FineTuneConfig:
 
 
 def build_from_args(args: argparse.Namespace, **config_overrides: Any):
-    """(GPT2Model, tokenizer) from ``--model_size``, ``--random_init`` and ``--tokenizer``, with
+    """(GPT2Model, tokenizer) from ``--model_size`` (a size, a Hugging Face folder or a model file a
+    run saved), ``--random_init`` and ``--tokenizer``, with
     ``--gradient_checkpointing`` and ``--compile`` applied when the parser has them.
     ``config_overrides`` (e.g. ``hidden_dropout_prob=...``) change the body's config; the course
     classifier keeps GPT-2's own dropout in the body and uses ``--hidden_dropout_prob`` in its head."""
@@ -175,7 +177,12 @@ def build_from_args(args: argparse.Namespace, **config_overrides: Any):
 
     if getattr(args, "gradient_checkpointing", False):
         config_overrides.setdefault("gradient_checkpointing", True)
-    model = build_model(args.model_size, args.random_init, **config_overrides)  # run_main reports its errors
+    if Path(args.model_size).is_file():  # a model an earlier run saved (pretrain.py's model.pt)
+        from training.checkpoints import load_model
+
+        model = load_model(args.model_size, random_init=args.random_init, **config_overrides)
+    else:
+        model = build_model(args.model_size, args.random_init, **config_overrides)  # run_main reports its errors
     maybe_compile(model, getattr(args, "compile", False))
     tokenizer = load_tokenizer(args.tokenizer)
     return model, tokenizer

@@ -80,13 +80,14 @@ unit_fraction = float_in(0.0, 1.0, high_open=True)  # dropout, warm-up and held-
 
 
 def model_size_or_folder(text: str) -> str:
-    """``--model_size``: a named size or a local Hugging Face folder."""
+    """``--model_size``: a named size, a local Hugging Face folder, or a model file a run saved
+    (``pretrain.py``'s ``model.pt``, a task's ``*-model.pt``)."""
     from config import SIZES
 
-    if text in SIZES or Path(text).is_dir():
+    if text in SIZES or Path(text).is_dir() or Path(text).is_file():
         return text
-    raise argparse.ArgumentTypeError(f"{text!r} is neither a model size ({', '.join(SIZES)}) "
-                                     "nor an existing local folder")
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a model size ({', '.join(SIZES)}), an existing local "
+                                     "folder nor a saved model file")
 
 
 def name_list(text: str) -> str:
