@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -24,3 +26,18 @@ def test_own_checkpoint_roundtrip_and_config_mismatch(tmp_path):
         check_config(model.config.to_dict(), other, tmp_path / "m.pt")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "missing.pt")
+
+
+def test_save_model_works_in_a_fresh_process(tmp_path):
+    """save_model right after ``import torch`` (no torch.distributed submodule loaded by
+    anything else first), as a user script calling load_any_model then save_model does."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom config import get_config\nfrom models.gpt2 import GPT2Model\n"
+            "from training.checkpoints import save_model, load_model\n"
+            f"save_model(GPT2Model(get_config('tiny')), {str(tmp_path / 'm.pt')!r})\n"
+            f"print(load_model({str(tmp_path / 'm.pt')!r}).config.num_hidden_layers)\n")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -57,12 +57,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def save_model(model, path: str | Path, **extra: Any) -> None:
     """A GPT2Model (or any module with ``.config``) as {config, model weights, extra}. Under
     torchrun every rank calls it (FSDP-sharded weights are gathered) and rank 0 writes."""
+    from torch.distributed.tensor import DTensor  # not loaded by ``import torch`` alone
+
     from training import distributed
 
     state = model.state_dict()
-    if any(isinstance(v, torch.distributed.tensor.DTensor) for v in state.values()):
-        state = {k: v.full_tensor().cpu() if isinstance(v, torch.distributed.tensor.DTensor) else v
-                 for k, v in state.items()}
+    if any(isinstance(v, DTensor) for v in state.values()):
+        state = {k: v.full_tensor().cpu() if isinstance(v, DTensor) else v for k, v in state.items()}
     if distributed.is_main():
         atomic_save({"config": model.config.to_dict(), "model": state, "extra": extra}, path)
 
