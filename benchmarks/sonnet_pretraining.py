@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sonnet_generation  # noqa: E402
+from experiments.tables import mean_std  # noqa: E402
 
 STARTS = ("pretrained", "random")
 # (label, key in a run's summary, format): the table's columns
@@ -57,11 +57,6 @@ def summary(result: dict[str, Any]) -> dict[str, float]:
     """The numbers of one run that the table reports."""
     return {"dev_chrf": result["dev_chrf"], "dev_loss": result["dev_loss"], "dev_perplexity": result["dev_perplexity"],
             **result["form"]["dev"]}
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def table(runs: dict[str, list[dict[str, float]]]) -> str:
