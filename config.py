@@ -109,8 +109,10 @@ SIZES: dict[str, tuple[int, int, int]] = {
 
 
 def get_config(name: str, **overrides: Any) -> GPT2Config:
-    """A named size with optional field overrides, e.g. ``get_config("tiny", hidden_dropout_prob=0.0)``."""
+    """A named size with optional field overrides, e.g. ``get_config("tiny", hidden_dropout_prob=0.0)``
+    or ``get_config("tiny", num_hidden_layers=1)`` (a size field overridden too)."""
     if name not in SIZES:
         raise ValueError(f"unknown model size {name!r}; choose one of {sorted(SIZES)} or give a local folder")
     d, n_layer, n_head = SIZES[name]
-    return GPT2Config(hidden_size=d, num_hidden_layers=n_layer, num_attention_heads=n_head, **overrides)
+    fields = dict(hidden_size=d, num_hidden_layers=n_layer, num_attention_heads=n_head)
+    return GPT2Config(**{**fields, **overrides})

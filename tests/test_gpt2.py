@@ -193,3 +193,11 @@ def test_too_long_input_is_a_clear_error():
                                  max_position_embeddings=8, vocab_size=50))
     with pytest.raises(ValueError, match="longer than the model's context"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_get_config_overrides_a_size_field_too():
+    from config import get_config
+
+    c = get_config("tiny", num_hidden_layers=1, hidden_size=64, num_attention_heads=2, hidden_dropout_prob=0.0)
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.hidden_dropout_prob) == (1, 64, 2, 0.0)
+    assert get_config("gpt2").hidden_size == 768
