@@ -4,6 +4,7 @@
     python generate.py --model gpt2 --prompt "Hello" --prompt "Once upon" --num_beams 4 --no_repeat_ngram_size 3
     python generate.py --model MODEL --prompts_file prompts.txt --penalty_alpha 0.6 --top_k 4 --contrastive_mean_sim
     python generate.py --model MODEL --prompt "..." --mbr_pool beam:4,sample:8,contrastive:1 --output out.jsonl
+    python generate.py --model gpt2 --prompt "Hello" --quantize int8      # weight-only int8 decoding
 
 ``--model`` is a model saved by a task script (``save_model``: ``sonnet-model.pt``...; a
 prefix-tuned body keeps its prefix), a Trainer checkpoint holding every weight (``best.pt`` of
@@ -11,8 +12,9 @@ a full-model run), or a Hugging Face GPT-2 folder or hub id. Every ``GenerationC
 setting is a flag of the same name, checked by ``GenerationConfig`` itself while the command
 line is parsed (a bad value or combination is one error line, exit status 2, before the model
 loads); ``--mbr_pool`` fills a candidate pool per prompt and keeps the chrF consensus
-(``models.mbr``). Decoding runs on the model prepared by
-``models.inference.prepare_for_inference``.
+(``models.mbr``). Decoding runs on the model prepared inference-only by
+``models.inference.prepare_for_inference`` (each weight held once, in its decoding layout);
+``--quantize bf16|int8|int4`` decodes with bf16 or weight-only int8 / int4 weights.
 
 Output: each completion (prompt included), followed by a blank line, on stdout or in
 ``--output`` (JSON lines ``{"prompt", "completion"}`` when the name ends in ``.jsonl``); an
@@ -33,7 +35,7 @@ import torch
 
 from models.generation import LineStop, generate, trim
 from models.generation_config import GenerationConfig
-from models.inference import prepare_for_inference
+from models.inference import add_inference_args, inference_from_args
 from models.loading import load_tokenizer
 from models.mbr import CandidatePool, mbr_pool_generate
 from training.checkpoints import load_any_model
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seed", type=int, default=11711, help="seeds sampling")
     p.add_argument("--device", type=str, default="auto")
+    add_inference_args(p)  # --quantize
     g = p.add_argument_group("decoding (GenerationConfig's settings and meanings)")
     defaults = GenerationConfig(max_new_tokens=64)
     for name, kind in SETTINGS:
@@ -109,13 +112,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @torch.no_grad()
 def complete(model, tokenizer, prompts: list[str], args: argparse.Namespace) -> list[list[str]]:
-    """Per prompt, its completions (``num_return_sequences`` of them; one with ``--mbr_pool``)."""
+    """Per prompt, its completions (``num_return_sequences`` of them; one with ``--mbr_pool``).
+    ``model`` is consumed (prepared inference-only)."""
     eos = None if args.no_eos else tokenizer.eos_token_id
     stop = LineStop(tokenizer, args.num_lines) if args.num_lines else None
     config = dataclasses.replace(args.generation, eos_token_id=eos, pad_token_id=tokenizer.eos_token_id, stop=stop)
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(args.seed)
-    fast = prepare_for_inference(model)
+    # the model is consumed: its weights held once, in the layout for steps of this many rows
+    rows = 8 if args.pool is not None else min(len(prompts), args.batch_size) * max(config.num_beams,
+                                                                                   config.num_return_sequences)
+    fast = inference_from_args(model, args, inference_only=True, decode_rows=rows)
     ids = encode(tokenizer, prompts, max(1, model.config.max_position_embeddings - config.max_new_tokens), "prompts")
     collate = PadCollator(tokenizer.pad_token_id, padding_side="left")
     out: list[list[str]] = []

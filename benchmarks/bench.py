@@ -179,7 +179,8 @@ def decode_fn(model, side: str, args: argparse.Namespace, batch_size: int) -> Ca
     model.eval()
     if side.startswith("ours"):
         own = model if args.probe else copy.deepcopy(model)  # the probe's model is its own to consume
-        fast = prepare_for_inference(own, quantize=side.partition("/")[2] or "none", inference_only=True)
+        fast = prepare_for_inference(own, quantize=side.partition("/")[2] or "none", inference_only=True,
+                                     decode_rows=batch_size)
         return lambda: generate(fast, ids, max_new_tokens=args.new_tokens)
     return lambda: model.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False,
                                   use_cache=True)

@@ -89,13 +89,15 @@ def _converted(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def prepare_for_inference(model: GPT2Model, layouts: LayoutPolicy | None = None, *, quantize: str = "none",
-                          inference_only: bool = False) -> InferenceModel:
+                          inference_only: bool = False, decode_rows: int = 1) -> InferenceModel:
     """An ``InferenceModel`` over ``model``: its module tree copied, its parameters shared (or
     converted, for ``quantize="bf16"``), every ``nn.Linear`` that the layout policy gives a
     layout replaced by a ``DecodeLinear``, and the tied LM head likewise. The policy is
     ``layouts`` if given, else the one ``quantize`` names (``POLICIES``). Without
     ``inference_only``, ``model`` itself is left exactly as it was; with it, ``model`` is
-    consumed (see the module docstring) and must not be used again."""
+    consumed (see the module docstring) and must not be used again; its single copy of each
+    weight is laid out for decoding steps of ``decode_rows`` rows (prompts x beams or samples
+    per step: 1, or more for batches)."""
     if isinstance(model, InferenceModel):
         return model
     if not isinstance(model, GPT2Model):
@@ -115,7 +117,7 @@ def prepare_for_inference(model: GPT2Model, layouts: LayoutPolicy | None = None,
 
     def finish(layout, weight):
         if layout is not None and inference_only:
-            layout = layout.standalone()
+            layout = layout.standalone(decode_rows)
         if layout is not None and layout.replaces_weight:
             replaced.add(id(weight))
         return layout
@@ -146,12 +148,15 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
                              "(groups of 128, CPU only); none: float32 as trained")
 
 
-def inference_from_args(model: GPT2Model, args: argparse.Namespace) -> InferenceModel:
-    """The model prepared for decoding as ``--quantize`` asks. With ``--generate_only`` the model
-    is consumed (its LoRA adapters folded in, its weights held once in the decoding layouts).
-    An impossible choice (int4 on a GPU) ends in one ``error:`` line and exit status 2."""
+def inference_from_args(model: GPT2Model, args: argparse.Namespace, *, inference_only: bool | None = None,
+                        decode_rows: int = 1) -> InferenceModel:
+    """The model prepared for decoding as ``--quantize`` asks. With ``inference_only`` (default:
+    ``--generate_only``) the model is consumed (its LoRA adapters folded in, its weights held
+    once in the decoding layouts, laid out for steps of ``decode_rows`` rows). An impossible
+    choice (int4 on a GPU) ends in one ``error:`` line and exit status 2."""
     quantize = getattr(args, "quantize", "none")
-    inference_only = bool(getattr(args, "generate_only", False))
+    if inference_only is None:
+        inference_only = bool(getattr(args, "generate_only", False))
     device = next(model.parameters()).device
     try:
         check_quantize(quantize, device, model.config.hidden_size)
@@ -160,7 +165,7 @@ def inference_from_args(model: GPT2Model, args: argparse.Namespace) -> Inference
         raise SystemExit(2) from None
     if quantize != "none" or inference_only:
         unwrap_lora(model)
-    return prepare_for_inference(model, quantize=quantize, inference_only=inference_only)
+    return prepare_for_inference(model, quantize=quantize, inference_only=inference_only, decode_rows=decode_rows)
 
 
 def held_bytes(module: nn.Module) -> int:

@@ -86,9 +86,10 @@ class WeightLayout(ABC):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``F.linear(x, weight, bias)`` through this layout."""
 
-    def standalone(self) -> WeightLayout:
+    def standalone(self, rows: int = 1) -> WeightLayout:
         """This weight in a layout that replaces it (``replaces_weight``): what an inference-only
-        model keeps instead of the original. Layouts that already replace it return themselves."""
+        model keeps instead of the original, suited to decoding steps of ``rows`` rows (batch
+        times beams). Layouts that already replace it return themselves."""
         if self.replaces_weight:
             return self
         raise NotImplementedError(f"{type(self).__name__} has no layout that replaces the weight")
@@ -114,7 +115,7 @@ class TransposedLayout(WeightLayout):
         y = x @ self._t
         return y if bias is None else y + bias
 
-    def standalone(self) -> WeightLayout:
+    def standalone(self, rows: int = 1) -> WeightLayout:
         return StandaloneTransposedLayout(self.source)
 
 
@@ -156,20 +157,22 @@ class PackedLayout(WeightLayout):
             bias = bias.to(self.dtype)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed[hint], bias, "none", [], "")
 
-    def standalone(self) -> WeightLayout:
-        return StandalonePackedLayout(self.source)
+    def standalone(self, rows: int = 1) -> WeightLayout:
+        return StandalonePackedLayout(self.source, hint=1 if rows == 1 else 8)
 
 
 class StandalonePackedLayout(WeightLayout):
-    """One oneDNN copy, packed for one row, built at once; it serves every row count (at 8 rows
-    ~1.3x slower than the 8-row packing, at prefill about as fast) so that an inference-only
-    model holds each weight once."""
+    """One oneDNN copy, built at once, packed for the row count decoding will use (``hint`` 1
+    for batch-1 steps, 8 for batches); it serves every row count, so that an inference-only
+    model holds each weight once (the one-row packing at 8 rows is ~1.3x slower than the
+    8-row one, and at prefill about as fast)."""
 
     replaces_weight = True
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, hint: int = 1) -> None:
         super().__init__(weight)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        self.hint = hint
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), hint)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if bias is not None and bias.dtype != self.dtype:
@@ -191,7 +194,7 @@ class TiedHeadLayout(WeightLayout):
             return self.transposed.matmul(x, bias)
         return self.packed.matmul(x, bias)
 
-    def standalone(self) -> WeightLayout:
+    def standalone(self, rows: int = 1) -> WeightLayout:
         return StandaloneTransposedLayout(self.packed.source)  # lookups need plain rows, not oneDNN's blocks
 
 

@@ -266,7 +266,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with torch.no_grad():  # the float model's held-out loss, before --quantize / --generate_only consume it
         held = held_out_loss(model, dev_loss)
     result["dev_loss"], result["dev_perplexity"] = held["loss"], held["perplexity"]
-    model.gpt = inference_from_args(model.gpt, args)  # --quantize; --generate_only keeps one copy of the weights
+    # --quantize; --generate_only keeps one copy of the weights, laid out for batches of prompts
+    model.gpt = inference_from_args(model.gpt, args, decode_rows=args.gen_batch_size)
     for name, prompts, out in (("dev", dev_prompts, args.dev_sonnet_out), ("test", test_prompts, args.sonnet_out)):
         texts = complete_prompts(model, tokenizer, [s.text for s in prompts], kw, **complete_kw)
         if distributed.is_main():  # under torchrun: one writer

@@ -126,3 +126,22 @@ def test_a_prefix_tuned_model_keeps_its_prefix(saved, tokenizer, tmp_path, fold)
     out = cli.main(["--model", str(tmp_path / "prefix.pt"), "--prompt", "Shall I", "--max_new_tokens", "6"])
     assert out == [[expected(tuned, tokenizer, "Shall I", max_new_tokens=6)]]
     assert out != [[expected(model, tokenizer, "Shall I", max_new_tokens=6)]]  # the prefix mattered
+
+
+@pytest.mark.parametrize("quantize", ["bf16", "int8", "int4"])
+def test_quantize_decodes_with_quantised_weights(saved, tokenizer, quantize):
+    """--quantize decodes exactly as the model prepared with that quantisation."""
+    from models.inference import prepare_for_inference
+
+    model, path = saved
+    out = cli.main(["--model", str(path), "--prompt", "Hello there", "--max_new_tokens", "8", "--quantize", quantize])
+    prepared = prepare_for_inference(model, quantize=quantize)
+    assert out == [[expected(prepared, tokenizer, "Hello there", max_new_tokens=8)]]
+
+
+def test_int4_where_no_kernel_fits_is_one_error_line(tokenizer, tmp_path, capsys):
+    path = tmp_path / "narrow.pt"
+    save_model(GPT2Model(get_config("tiny", hidden_size=64, num_attention_heads=2)), path, task="test")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--model", str(path), "--prompt", "Hello", "--quantize", "int4"])
+    assert e.value.code == 2 and "--quantize int4: " in capsys.readouterr().err

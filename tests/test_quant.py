@@ -126,7 +126,9 @@ def test_int4_reports_what_it_cannot_do() -> None:
 
 @pytest.mark.parametrize("quantize", [pytest.param("none", marks=needs_onednn),
                                       pytest.param("bf16", marks=needs_onednn), "int8", "int4"])
-def test_inference_only_releases_the_original_weights_and_decodes_the_same(quantize: str, monkeypatch) -> None:
+@pytest.mark.parametrize("decode_rows", [1, 2])
+def test_inference_only_releases_the_original_weights_and_decodes_the_same(quantize: str, decode_rows: int,
+                                                                           monkeypatch) -> None:
     monkeypatch.setattr(dw, "PACKED_MIN_NUMEL", 0)  # the float layouts would leave small weights alone
     model = model_of()
     ids = torch.randint(0, 300, (2, 5))
@@ -135,7 +137,10 @@ def test_inference_only_releases_the_original_weights_and_decodes_the_same(quant
     before = held_bytes(model)
     if quantize == "none":  # without inference_only the packed copies sit beside the shared originals
         assert held_bytes(beside) > 1.8 * before
-    fast = prepare_for_inference(model, quantize=quantize, inference_only=True)
+    fast = prepare_for_inference(model, quantize=quantize, inference_only=True, decode_rows=decode_rows)
+    packed = [m.layout for m in fast.modules() if isinstance(getattr(m, "layout", None), dw.StandalonePackedLayout)]
+    assert len(packed) == (4 * len(model.h) if quantize in ("none", "bf16") else 0)
+    assert {p.hint for p in packed} <= {1 if decode_rows == 1 else 8}  # packed for the batch it will decode
     linear_and_embedding = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                                if n.endswith("weight") and p.dim() == 2 and not n.startswith("wpe"))
     assert linear_and_embedding == 0 and held_bytes(model) < 0.05 * before  # released, not just unreferenced
