@@ -15,7 +15,7 @@ prepare once and decode many batches.
     out = generate(fast, ids, mask, max_new_tokens=64)   # same tokens, faster on CPU
 
 Options: ``layouts`` (a ``modules.decode_weights.LayoutPolicy``) chooses a ``WeightLayout``
-per weight; ``quantize`` names one: ``"bf16"`` (the copy's floating tensors in bfloat16),
+per weight; ``quantize`` names one: ``"bf16"`` (bfloat16 copies of the linears and the tied head, float32 around them),
 ``"int8"`` / ``"int4"`` (weight-only, ``modules.quant``). ``inference_only=True`` consumes
 the model: every weight given a layout is held only in that layout (the float layouts'
 ``standalone`` form), the tied embedding too, and the original tensors are released, so
@@ -39,9 +39,16 @@ from models.gpt2 import GPT2Model
 from modules.decode_weights import DecodeLinear, LayoutEmbedding, LayoutPolicy, default_layouts
 from modules.kv_cache import BaseKVCache, new_kv_cache
 from modules.lora import LoRALinear, unwrap_lora
-from modules.quant import QUANTIZE_CHOICES, QuantizationUnavailable, check_quantize, int4_layouts, int8_layouts
+from modules.quant import (
+    QUANTIZE_CHOICES,
+    QuantizationUnavailable,
+    bf16_layouts,
+    check_quantize,
+    int4_layouts,
+    int8_layouts,
+)
 
-POLICIES: dict[str, LayoutPolicy] = {"none": default_layouts, "bf16": default_layouts, "int8": int8_layouts,
+POLICIES: dict[str, LayoutPolicy] = {"none": default_layouts, "bf16": bf16_layouts, "int8": int8_layouts,
                                      "int4": int4_layouts}
 
 
@@ -80,14 +87,6 @@ class InferenceModel(nn.Module):
         return new_kv_cache(self.config, batch_size, max_length, self.device, dtype or self.body.wpe.weight.dtype)
 
 
-def _converted(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """``t`` in ``dtype`` when it is a floating tensor of another dtype (a Parameter stays one)."""
-    if dtype is None or not t.is_floating_point() or t.dtype == dtype:
-        return t
-    out = t.detach().to(dtype)
-    return nn.Parameter(out, requires_grad=False) if isinstance(t, nn.Parameter) else out
-
-
 def prepare_for_inference(model: GPT2Model, layouts: LayoutPolicy | None = None, *, quantize: str = "none",
                           inference_only: bool = False, decode_rows: int = 1) -> InferenceModel:
     """An ``InferenceModel`` over ``model``: its module tree copied, its parameters shared (or
@@ -108,10 +107,8 @@ def prepare_for_inference(model: GPT2Model, layouts: LayoutPolicy | None = None,
     if (quantize != "none" or inference_only) and any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("quantised or inference-only preparation needs plain linears: "
                          "fold the adapters in first (modules.lora.unwrap_lora)")
-    dtype = torch.bfloat16 if quantize == "bf16" else None
     originals = list(itertools.chain(model.parameters(), model.buffers()))
-    shared = {id(t): _converted(t, dtype) for t in originals}
-    body = copy.deepcopy(model, shared)  # new modules, same (or converted) tensors
+    body = copy.deepcopy(model, {id(t): t for t in originals})  # new modules, the same tensors
     body.__dict__.pop("forward", None)  # maybe_compile's wrapper would call the original modules
     replaced: set[int] = set()  # ids of the body's tensors that only a layout holds now
 
@@ -134,9 +131,9 @@ def prepare_for_inference(model: GPT2Model, layouts: LayoutPolicy | None = None,
     if head is not None and head.replaces_weight:
         body.wte = LayoutEmbedding(head)  # the head's bytes serve the input embedding too
     prepared = InferenceModel(body, None if head is None else DecodeLinear(wte, None, head))
-    if inference_only:  # release what the copy no longer uses: replaced weights, and converted originals
+    if inference_only:  # release what the copy no longer uses: the weights a layout replaced
         for t in originals:
-            if shared[id(t)] is not t or id(t) in replaced:
+            if id(t) in replaced:
                 t.data = torch.empty(0, dtype=t.dtype, device=t.device)
     return prepared
 
@@ -144,7 +141,7 @@ def prepare_for_inference(model: GPT2Model, layouts: LayoutPolicy | None = None,
 def add_inference_args(parser: argparse.ArgumentParser) -> None:
     """``--quantize``: the weights decoding multiplies by (every command that decodes)."""
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
-                        help="decode with bf16 weights, or weight-only int8 (per-row scales) / int4 "
+                        help="decode with weight-only bf16, int8 (per-row scales) or int4 "
                              "(groups of 128, CPU only); none: float32 as trained")
 
 

@@ -180,6 +180,23 @@ class StandalonePackedLayout(WeightLayout):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 
 
+class PlainLayout(WeightLayout):
+    """The weight as it is given (e.g. a bfloat16 copy), through ``F.linear``: for weights too
+    small to gain from packing, and devices without oneDNN. Serves lookups as an embedding."""
+
+    replaces_weight = True
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__(weight)
+        self.weight = weight.detach()
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, self.weight, bias)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
 class TiedHeadLayout(WeightLayout):
     """The logits through the (V, d) embedding: a transposed copy for one row where that is
     faster (``one_row_transposed``), the packed layout otherwise."""

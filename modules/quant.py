@@ -27,7 +27,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from modules.decode_weights import DECODE_ROWS, WeightLayout, rows_of
+import modules.decode_weights as dw
+from modules.decode_weights import (
+    DECODE_ROWS,
+    PackedLayout,
+    PlainLayout,
+    StandaloneTransposedLayout,
+    WeightLayout,
+    packing_available,
+    rows_of,
+)
 
 INT4_GROUP = 128
 QUANTIZE_CHOICES = ("none", "bf16", "int8", "int4")
@@ -144,6 +153,50 @@ class Int4Layout(WeightLayout):
 
     def nbytes(self) -> int:
         return self.packed.numel() + self.scale_zero.numel() * self.scale_zero.element_size()
+
+
+class Bf16Layout(WeightLayout):
+    """A bfloat16 copy of the weight (half of float32's bytes) with everything around the product
+    in float32: the activations are rounded to bfloat16 for the product only and the result and
+    bias are float32, so the residual stream, LayerNorm, attention and softmax keep float32
+    precision (a whole-model bfloat16 cast rounds the residual stream at every layer, which flips
+    far more greedy tokens). The copy is oneDNN-packed where that pays (``PackedLayout``; its
+    ``standalone`` packs once for the decoding rows), plain otherwise; as the tied head it is a
+    transposed copy that also serves the input lookups. The float weight is not kept."""
+
+    replaces_weight = True
+
+    def __init__(self, weight: torch.Tensor, role: str = "block", inner: WeightLayout | None = None) -> None:
+        super().__init__(weight)
+        if inner is None:
+            w = weight.detach().to(torch.bfloat16)
+            if role == "head":
+                inner = StandaloneTransposedLayout(w)
+            elif packing_available(w) and w.numel() >= dw.PACKED_MIN_NUMEL:
+                inner = PackedLayout(w)
+            else:
+                inner = PlainLayout(w)
+        self.inner = inner
+
+    def accepts(self, x: torch.Tensor) -> bool:
+        return x.is_floating_point()
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = self.inner.matmul(x.to(self.inner.dtype), None).to(x.dtype)
+        return y if bias is None else y + bias.to(y.dtype)
+
+    def standalone(self, rows: int = 1) -> WeightLayout:
+        if self.inner.replaces_weight:
+            return self
+        return Bf16Layout(torch.empty(0, dtype=self.dtype), inner=self.inner.standalone(rows))
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.lookup(ids).to(self.dtype)
+
+
+def bf16_layouts(role: str, weight: torch.Tensor) -> WeightLayout:
+    """Every block linear and the tied head as a bfloat16 copy, float32 around the products."""
+    return Bf16Layout(weight, role)
 
 
 def int8_layouts(role: str, weight: torch.Tensor) -> WeightLayout:
