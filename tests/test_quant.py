@@ -169,7 +169,7 @@ def test_quantize_flag_is_validated(capsys) -> None:
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --quantize int4: ")
     model = model_of()
     fast = inference_from_args(model, parse(["--quantize", "int8", "--generate_only"]))
-    assert isinstance(fast.head.layout, Int8Layout) and model.wte.weight.numel() == 0
+    assert isinstance(fast.head.layout.inner, Int8Layout) and model.wte.weight.numel() == 0
 
 
 def test_sonnet_generation_takes_the_flag() -> None:
@@ -207,3 +207,27 @@ def test_bf16_rounds_only_the_weights_and_the_products_inputs() -> None:
     assert hidden.dtype == torch.float32 and got.dtype == torch.float32
     assert all(p.dtype == torch.float32 for n, p in fast.named_parameters() if "ln" in n)
     assert rel_err(got, ref) < 0.8 * rel_err(whole, ref)  # 0.0149 against 0.0206 here
+
+
+@pytest.mark.parametrize("quantize", ["bf16", "int8"])
+def test_low_precision_head_refines_its_top_logits_in_float32(quantize: str) -> None:
+    """The head's kernel returns bfloat16 logits (ties and swaps near the top); the top
+    REFINED_LOGITS of each row are the float32 dot products with the head's own rounded rows,
+    so greedy decoding picks what float32 arithmetic on those weights picks."""
+    from modules.quant import REFINED_LOGITS, RefinedHead
+
+    torch.manual_seed(0)
+    w = torch.randn(5000, 256) * 0.5
+    x = torch.randn(3, 1, 256)
+    fast = prepare_for_inference(model_of(width=256), quantize=quantize)
+    assert isinstance(fast.head.layout, RefinedHead)
+    layout = type(fast.head.layout)(fast.head.layout.inner.__class__(w, "head") if quantize == "bf16"
+                                    else Int8Layout(w))
+    rounded = layout.lookup(torch.arange(5000))  # (V, d) float32: the weights as the head holds them
+    exact = x @ rounded.t()
+    y = layout.matmul(x, None)
+    unrefined = layout.inner.matmul(x, None)
+    top = unrefined.topk(REFINED_LOGITS, dim=-1).indices  # the candidates the head refines
+    torch.testing.assert_close(y.gather(-1, top), exact.gather(-1, top), rtol=1e-5, atol=1e-5)
+    assert torch.equal(y.argmax(-1), exact.argmax(-1))
+    assert not torch.equal(unrefined.gather(-1, top), exact.gather(-1, top))  # bfloat16 logits alone differ
