@@ -2,7 +2,7 @@
 against float32, the greedy token agreement over ``--new_tokens`` new tokens, the held-out
 perplexity change, and the dev chrF change of greedy sonnet completions.
 
-    python benchmarks/quant_quality.py --model /work/artifacts/shakespeare-run/model.pt
+    python benchmarks/quant_quality.py --model runs/sonnet/full-model-<run>/sonnet-model.pt
     python benchmarks/quant_quality.py --model path/to/hf_folder --text data/TRUE_sonnets_held_out_dev.txt
 
 ``--model`` is a model saved by a task script or ``pretrain.py`` (``{config, model, extra}``)
@@ -12,6 +12,9 @@ logits are near ties everywhere, so any rounding flips its greedy tokens.
 - Agreement: each dev prompt continued greedily for ``--new_tokens`` tokens (no stop), the
   fraction of positions where the quantised model's token equals float32's (after a first
   divergence the texts usually part, so this also reflects how early that comes).
+- Forced agreement: along float32's greedy continuations (teacher forcing), the fraction of
+  positions where the quantised model's next-token argmax equals float32's: the same question
+  without the cascade, so it varies far less with where a first flip happens.
 - Perplexity: ``--text`` tokenized whole, cut into blocks of ``--block_size`` tokens,
   exp of the mean next-token loss (the prefill path of each representation).
 - chrF: the dev prompts completed greedily into 14-line sonnets (EOS or 14 lines), corpus
@@ -73,6 +76,20 @@ def perplexity(model, tokenizer, text: str, block_size: int, max_blocks: int) ->
     return math.exp(nll / n)
 
 
+@torch.no_grad()
+def forced_argmax(model, tokenizer, prompts: list[str], continuations: list[list[int]]) -> list[list[int]]:
+    """Each position's argmax along a fixed path (prompt + ``continuations``, teacher forcing):
+    what the model would pick next given the same context, so one early flip does not decide
+    the rest as it does in free-running greedy decoding."""
+    out = []
+    for prompt, cont in zip(prompts, continuations):
+        ids = tokenizer.encode(prompt)
+        seq = torch.tensor([ids + cont[:-1]])
+        logits = model.hidden_state_to_token(model(seq)["last_hidden_state"][:, len(ids) - 1:])
+        out.append(logits.argmax(-1)[0].tolist())
+    return out
+
+
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
     return same / max(1, sum(len(r) for r in b))
@@ -115,14 +132,19 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         return greedy, perplexity(m, tok, text, args.block_size, args.max_blocks), chrf(texts, refs)
 
     ref_greedy, ref_ppl, ref_chrf = measure(model)
+    ref_forced = forced_argmax(model, tok, prompts, ref_greedy)
     print(f"model {args.model}: {len(prompts)} prompts, perplexity on {args.text}, greedy over {args.new_tokens} "
-          f"new tokens\n{'':>8} {'agreement':>10} {'perplexity':>11} {'change':>8} {'chrF':>7} {'change':>7}")
-    print(f"{'float32':>8} {1:10.3f} {ref_ppl:11.3f} {'':>8} {ref_chrf:7.2f}")
-    results = {"float32": {"agreement": 1.0, "perplexity": ref_ppl, "chrf": ref_chrf}}
+          f"new tokens\n{'':>8} {'agreement':>10} {'forced':>7} {'perplexity':>11} {'change':>8} {'chrF':>7} "
+          f"{'change':>7}")
+    print(f"{'float32':>8} {1:10.3f} {1:7.3f} {ref_ppl:11.3f} {'':>8} {ref_chrf:7.2f}")
+    results = {"float32": {"agreement": 1.0, "forced_agreement": 1.0, "perplexity": ref_ppl, "chrf": ref_chrf}}
     for q in args.quantize:
-        greedy, ppl, ch = measure(prepare_for_inference(model, quantize=q))
-        results[q] = {"agreement": agreement(greedy, ref_greedy), "perplexity": ppl, "chrf": ch}
-        print(f"{q:>8} {results[q]['agreement']:10.3f} {ppl:11.3f} {100 * (ppl / ref_ppl - 1):+7.2f}% "
+        fast = prepare_for_inference(model, quantize=q)
+        greedy, ppl, ch = measure(fast)
+        forced = agreement(forced_argmax(fast, tok, prompts, ref_greedy), ref_forced)
+        results[q] = {"agreement": agreement(greedy, ref_greedy), "forced_agreement": forced, "perplexity": ppl,
+                      "chrf": ch}
+        print(f"{q:>8} {results[q]['agreement']:10.3f} {forced:7.3f} {ppl:11.3f} {100 * (ppl / ref_ppl - 1):+7.2f}% "
               f"{ch:7.2f} {ch - ref_chrf:+7.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "results": results}, indent=1))

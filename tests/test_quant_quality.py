@@ -36,8 +36,9 @@ def test_quality_script_measures_every_representation(tmp_path) -> None:
                                 "--json", str(tmp_path / "q.json")])
     assert set(res) == {"float32", "bf16", "int8", "int4"}
     for r in res.values():
-        assert 0 <= r["agreement"] <= 1 and math.isfinite(r["perplexity"]) and r["perplexity"] > 1 and r["chrf"] >= 0
-    assert (tmp_path / "q.json").exists()
+        assert 0 <= r["agreement"] <= 1 and 0 <= r["forced_agreement"] <= 1
+        assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1 and r["chrf"] >= 0
+    assert res["float32"]["forced_agreement"] == 1.0 and (tmp_path / "q.json").exists()
 
 
 def test_quality_script_refuses_a_missing_model(tmp_path, capsys) -> None:
