@@ -10,6 +10,8 @@ VENV=${VENV:-.venv}
 DATA_URL=${DATA_URL:-https://raw.githubusercontent.com/cfifty/public_cs224n_gpt/main/data}
 # CoLA (GLUE acceptability), tokenized and lower-cased, "sentence<TAB>label" without a header.
 COLA_URL=${COLA_URL:-https://raw.githubusercontent.com/felipefreitas93/NLPdatasets/HEAD/CoLA}
+# Tiny Shakespeare (1.1 MB of the plays, public domain), a corpus to pretrain a small GPT-2 on.
+SHAKESPEARE_URL=${SHAKESPEARE_URL:-https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt}
 SHARED=../shared/data
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -67,6 +69,7 @@ for f in "${FILES[@]}"; do
 done
 fetch cola-train.tsv "$COLA_URL/train.tsv"
 fetch cola-dev.tsv "$COLA_URL/dev.tsv"
+fetch tinyshakespeare.txt "$SHAKESPEARE_URL"
 # Offline stand-in for the Quora splits (paraphrase_detection.py carves train/dev/test from it).
 if [ ! -s data/quora-train.csv ] && [ -f "$SHARED/quora-minbert-dev.csv" ] && [ ! -s data/quora-minbert-dev.csv ]; then
   cp "$SHARED/quora-minbert-dev.csv" data/ && echo "    copied data/quora-minbert-dev.csv (offline Quora stand-in)"
