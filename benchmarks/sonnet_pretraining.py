@@ -66,7 +66,7 @@ def table(runs: dict[str, list[dict[str, float]]]) -> str:
         cells = []
         for _, key, fmt in COLUMNS:
             m, s = mean_std([r[key] for r in rows])
-            cells.append(f"{m:{fmt}} ± {s:{fmt}}")
+            cells.append(f"{m:{fmt}} ± {s:{fmt}}" if len(rows) > 1 else f"{m:{fmt}}")  # one run: no spread
         out.append(f"| {start} | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
