@@ -31,12 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from config import ATTENTION_PATTERNS, get_config  # noqa: E402
-from generate import load_any_model  # noqa: E402
 from models.generation import LineStop, generate, trim  # noqa: E402
 from models.gpt2 import GPT2Model  # noqa: E402
 from models.heads import SonnetGPT  # noqa: E402
 from models.loading import load_tokenizer  # noqa: E402
 from optimizer import AdamW  # noqa: E402
+from training.checkpoints import load_any_model  # noqa: E402
 from training.course_data import read_sonnets  # noqa: E402
 from training.data import PadCollator, count_lm_targets, encode  # noqa: E402
 from training.metrics import chrf  # noqa: E402
