@@ -89,8 +89,8 @@ class InferenceModel(nn.Module):
 
 def prepare_for_inference(model: GPT2Model, layouts: LayoutPolicy | None = None, *, quantize: str = "none",
                           inference_only: bool = False, decode_rows: int = 1) -> InferenceModel:
-    """An ``InferenceModel`` over ``model``: its module tree copied, its parameters shared (or
-    converted, for ``quantize="bf16"``), every ``nn.Linear`` that the layout policy gives a
+    """An ``InferenceModel`` over ``model``: its module tree copied, its parameters shared,
+    every ``nn.Linear`` of its blocks that the layout policy gives a
     layout replaced by a ``DecodeLinear``, and the tied LM head likewise. The policy is
     ``layouts`` if given, else the one ``quantize`` names (``POLICIES``). Without
     ``inference_only``, ``model`` itself is left exactly as it was; with it, ``model`` is

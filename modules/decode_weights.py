@@ -136,6 +136,18 @@ class StandaloneTransposedLayout(TransposedLayout):
         return self._t.index_select(1, ids.reshape(-1)).t().reshape(*ids.shape, self._t.size(0))  # (..., d)
 
 
+def packing_hint(rows: int) -> int:
+    """The row count oneDNN packs a weight for: 1 for one-row products, 8 for more."""
+    return 1 if rows == 1 else 8
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``F.linear`` through a oneDNN-packed weight of ``dtype`` (the bias cast to it)."""
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 class PackedLayout(WeightLayout):
     """oneDNN-prepacked copies, one per row regime: one row gets the layout packed for a
     matrix-vector product, which streams a large matrix far faster (gpt2's (V, d)
@@ -150,15 +162,13 @@ class PackedLayout(WeightLayout):
         self._packed: dict[int, torch.Tensor] = {}
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        hint = 1 if rows_of(x) == 1 else 8
+        hint = packing_hint(rows_of(x))
         if hint not in self._packed:
             self._packed[hint] = torch.ops.mkldnn._reorder_linear_weight(self.source, hint)
-        if bias is not None and bias.dtype != self.dtype:
-            bias = bias.to(self.dtype)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed[hint], bias, "none", [], "")
+        return packed_linear(x, self._packed[hint], bias, self.dtype)
 
     def standalone(self, rows: int = 1) -> WeightLayout:
-        return StandalonePackedLayout(self.source, hint=1 if rows == 1 else 8)
+        return StandalonePackedLayout(self.source, hint=packing_hint(rows))
 
 
 class StandalonePackedLayout(WeightLayout):
@@ -175,9 +185,7 @@ class StandalonePackedLayout(WeightLayout):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), hint)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if bias is not None and bias.dtype != self.dtype:
-            bias = bias.to(self.dtype)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+        return packed_linear(x, self.packed, bias, self.dtype)
 
 
 class PlainLayout(WeightLayout):
