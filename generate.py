@@ -35,7 +35,7 @@ import torch
 
 from models.generation import LineStop, generate, trim
 from models.generation_config import GenerationConfig
-from models.inference import add_inference_args, inference_from_args
+from models.inference import add_inference_args, decoding_rows, inference_from_args
 from models.loading import load_tokenizer
 from models.mbr import CandidatePool, mbr_pool_generate
 from training.checkpoints import load_any_model
@@ -120,8 +120,8 @@ def complete(model, tokenizer, prompts: list[str], args: argparse.Namespace) -> 
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(args.seed)
     # the model is consumed: its weights held once, in the layout for steps of this many rows
-    rows = 8 if args.pool is not None else min(len(prompts), args.batch_size) * max(config.num_beams,
-                                                                                   config.num_return_sequences)
+    rows = decoding_rows(min(len(prompts), args.batch_size), config.num_beams, config.num_return_sequences,
+                         pooled=args.pool is not None)
     fast = inference_from_args(model, args, inference_only=True, decode_rows=rows)
     ids = encode(tokenizer, prompts, max(1, model.config.max_position_embeddings - config.max_new_tokens), "prompts")
     collate = PadCollator(tokenizer.pad_token_id, padding_side="left")

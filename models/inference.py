@@ -138,6 +138,12 @@ def prepare_for_inference(model: GPT2Model, layouts: LayoutPolicy | None = None,
     return prepared
 
 
+def decoding_rows(prompts: int, num_beams: int = 1, num_return_sequences: int = 1, pooled: bool = False) -> int:
+    """Rows of one decoding step, what ``decode_rows`` asks for: prompts times beams (or
+    returned samples); an MBR pool decodes several candidates of each prompt at once."""
+    return prompts * max(num_beams, num_return_sequences, 8 if pooled else 1)
+
+
 def add_inference_args(parser: argparse.ArgumentParser) -> None:
     """``--quantize``: the weights decoding multiplies by (every command that decodes)."""
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",

@@ -20,7 +20,7 @@ from models.generation import LineStop, generate, trim
 from models.generation_config import GenerationConfig
 from models.gpt2 import GPT2Model
 from models.heads import SonnetGPT
-from models.inference import inference_from_args, prepare_for_inference
+from models.inference import decoding_rows, inference_from_args, prepare_for_inference
 from models.loading import CheckpointError, load_tokenizer
 from models.mbr import CandidatePool, mbr_pool_generate
 from modules.lora import unwrap_lora
@@ -122,7 +122,7 @@ def complete_prompts(
         x, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         if mbr_pool is not None:
             rows = mbr_pool_generate(gpt, x, mask, pool=mbr_pool, config=GenerationConfig(**generate_kwargs),
-                                     decode=tokenizer.decode, utility=lambda a, b: chrf([a], [b]), generator=gen)
+                                     decode=tokenizer.decode, generator=gen)  # utility: sentence chrF
         else:
             out = generate(gpt, x, mask, generator=gen, **generate_kwargs)
             n_pad = (mask == 0).sum(-1).tolist()
@@ -266,8 +266,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with torch.no_grad():  # the float model's held-out loss, before --quantize / --generate_only consume it
         held = held_out_loss(model, dev_loss)
     result["dev_loss"], result["dev_perplexity"] = held["loss"], held["perplexity"]
-    # --quantize; --generate_only keeps one copy of the weights, laid out for batches of prompts
-    model.gpt = inference_from_args(model.gpt, args, decode_rows=args.gen_batch_size)
+    # --quantize; --generate_only keeps one copy of the weights, laid out for the rows of a decoding step
+    rows = decoding_rows(args.gen_batch_size, kw.get("num_beams", 1), pooled=args.decoding == "mbr")
+    model.gpt = inference_from_args(model.gpt, args, decode_rows=rows)
     for name, prompts, out in (("dev", dev_prompts, args.dev_sonnet_out), ("test", test_prompts, args.sonnet_out)):
         texts = complete_prompts(model, tokenizer, [s.text for s in prompts], kw, **complete_kw)
         if distributed.is_main():  # under torchrun: one writer

@@ -200,3 +200,12 @@ def test_small_weights_and_compiled_models(monkeypatch) -> None:
     assert all(m.layout._packed for m in block_linears(fast.body))
     with pytest.raises(TypeError, match="GPT2Model"):
         prepare_for_inference(torch.nn.Linear(2, 2))
+
+
+def test_decoding_rows_counts_beams_samples_and_pools():
+    """The rows an inference-only model is packed for: one only for a single prompt decoded alone."""
+    from models.inference import decoding_rows
+
+    assert decoding_rows(1) == 1 and decoding_rows(12) == 12
+    assert decoding_rows(1, num_beams=4) == 4 and decoding_rows(2, num_return_sequences=3) == 6
+    assert decoding_rows(1, pooled=True) > 1
