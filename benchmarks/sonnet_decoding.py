@@ -25,7 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sonnet_generation  # noqa: E402
-from experiments.tables import mean_std  # noqa: E402
+from experiments.tables import mean_std, mean_std_table  # noqa: E402
 from tasks.sonnet import candidate_pool, complete_prompts, decoding_kwargs, load_sonnet_model  # noqa: E402
 from training.course_data import read_sonnets  # noqa: E402
 from training.metrics import chrf  # noqa: E402
@@ -64,14 +64,8 @@ def evaluate(model: Any, tokenizer: Any, flags: list[str], prompts: list[str], r
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    out = ["| decoding | runs | " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 2)]
-    for row in rows:
-        cells = []
-        for _, key, fmt in COLUMNS:
-            m, s = mean_std([r[key] for r in row["runs"]])
-            cells.append(f"{m:{fmt}}" + (f" ± {s:{fmt}}" if len(row["runs"]) > 1 and key != "seconds" else ""))
-        out.append(f"| {row['name']} | {len(row['runs'])} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    return mean_std_table({r["name"]: r["runs"] for r in rows}, COLUMNS, heads=("decoding", "runs"),
+                          no_spread=("seconds",))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

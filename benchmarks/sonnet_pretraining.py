@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sonnet_generation  # noqa: E402
-from experiments.tables import mean_std  # noqa: E402
+from experiments.tables import mean_std_table  # noqa: E402
 
 STARTS = ("pretrained", "random")
 # (label, key in a run's summary, format): the table's columns
@@ -61,14 +61,7 @@ def summary(result: dict[str, Any]) -> dict[str, float]:
 
 def table(runs: dict[str, list[dict[str, float]]]) -> str:
     """A Markdown table, one row per start, mean ± std over its runs."""
-    out = ["| start | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 2)]
-    for start, rows in runs.items():
-        cells = []
-        for _, key, fmt in COLUMNS:
-            m, s = mean_std([r[key] for r in rows])
-            cells.append(f"{m:{fmt}} ± {s:{fmt}}" if len(rows) > 1 else f"{m:{fmt}}")  # one run: no spread
-        out.append(f"| {start} | {len(rows)} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    return mean_std_table(runs, COLUMNS, heads=("start", "seeds"))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -44,4 +44,20 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, statistics.stdev(values) if len(values) > 1 else float("nan")
 
 
-__all__ = ["cell", "mean_std", "write_tables"]
+def mean_std_table(groups: Mapping[str, Sequence[Mapping[str, float]]], columns: Sequence[tuple[str, str, str]],
+                   heads: tuple[str, str] = ("name", "runs"), no_spread: Sequence[str] = ()) -> str:
+    """A markdown table, one row per group of runs: its name, its number of runs, then for each
+    ``(label, key, format)`` column the runs' mean ± sample standard deviation (the mean alone for a
+    single run, or for a key in ``no_spread``)."""
+    out = [f"| {heads[0]} | {heads[1]} | " + " | ".join(c[0] for c in columns) + " |",
+           "|" + " --- |" * (len(columns) + 2)]
+    for name, runs in groups.items():
+        cells = []
+        for _, key, fmt in columns:
+            m, s = mean_std([r[key] for r in runs])
+            cells.append(f"{m:{fmt}} ± {s:{fmt}}" if len(runs) > 1 and key not in no_spread else f"{m:{fmt}}")
+        out.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+__all__ = ["cell", "mean_std", "mean_std_table", "write_tables"]

@@ -123,7 +123,8 @@ def test_training_starts_from_a_saved_model_or_its_architecture(tmp_path):
 
 def test_pretraining_benchmark_runs_both_starts_and_tabulates(tmp_path):
     from benchmarks.sonnet_pretraining import main as bench
-    from benchmarks.sonnet_pretraining import mean_std, table
+    from benchmarks.sonnet_pretraining import table
+    from experiments.tables import mean_std
 
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5)) and math.isnan(mean_std([5.0])[1])
     row = {"dev_chrf": 1.0, "dev_perplexity": 2.0, "mean_lines": 3.0, "mean_syllable_error": 4.0,
