@@ -121,7 +121,8 @@ def resolve_weights_dir(name_or_dir: str | Path) -> Path:
     if name not in HUB_IDS:
         raise CheckpointError(f"{name!r} is neither a local folder nor a GPT-2 hub id {HUB_IDS}. {OFFLINE_HINT}")
     config_file = cached_hub_file(name, "config.json")
-    if config_file is not None and any(cached_hub_file(name, w) for w in WEIGHT_FILES):
+    cached_weights = any(cached_hub_file(name, w) for w in WEIGHT_FILES)
+    if config_file is not None and cached_weights:
         return config_file.parent
     if hub_reachable():
         config_file = hub_file(name, "config.json")
@@ -133,7 +134,7 @@ def resolve_weights_dir(name_or_dir: str | Path) -> Path:
         raise CheckpointError(f"cannot download {name!r}: the Hugging Face hub is unreachable and the cache "
                               f"{hub_cache_dir()} holds no copy of it. {OFFLINE_HINT}")
     missing = [] if config_file is not None else ["config.json"]
-    if config_file is None or not any(cached_hub_file(name, w) for w in WEIGHT_FILES):
+    if not cached_weights:
         missing.append(" or ".join(WEIGHT_FILES))
     broken = [f"{f.name} is a broken link to {os.readlink(f)}" for f in sorted(snapshot.glob("*"))
               if f.is_symlink() and not f.exists()]

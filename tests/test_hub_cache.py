@@ -178,6 +178,17 @@ def test_partial_and_corrupt_caches_name_the_snapshot_and_the_file(tmp_path, use
         GPT2Model.from_pretrained("gpt2")
 
 
+def test_a_cache_without_config_names_only_what_it_lacks(tmp_path, use_hub_cache, monkeypatch):
+    home = tmp_path / "home"
+    snapshot = write_hub_cache(home)
+    (snapshot / "config.json").unlink()  # the weights are there
+    use_hub_cache(home, offline=True)
+    monkeypatch.setenv("HF_ENDPOINT", NO_NETWORK)
+    with pytest.raises(CheckpointError, match=rf"{snapshot}: the cached copy of 'gpt2' is incomplete: it lacks "
+                                              r"config.json, and the hub is unreachable"):
+        GPT2Model.from_pretrained("gpt2")
+
+
 def test_sanity_check_compares_with_the_cached_pretrained_gpt2(hub_cache, use_hub_cache, capsys, monkeypatch):
     import sanity_check
 
