@@ -43,6 +43,7 @@ import torch  # noqa: E402
 
 from config import SIZES, GPT2Config  # noqa: E402
 from models.gpt2 import GPT2Model, maybe_compile  # noqa: E402
+from modules import cpu_kernels  # noqa: E402
 from modules.losses import lm_loss  # noqa: E402
 from modules.quant import QUANTIZE_CHOICES  # noqa: E402
 from optimizer import AdamW  # noqa: E402
@@ -240,7 +241,8 @@ def matvec_bandwidth(device: torch.device, kind: str, reps: int = 20) -> dict[st
     ``kind`` (float32, bf16, int8, int4), the ceiling of batch-1 decoding. Floats: the (out, in)
     layout F.linear uses, the (in, out) layout, and on CPU oneDNN's weight prepacked for one row
     (much the fastest: F.linear does not reach the machine's bandwidth). int8 / int4: the
-    layouts' kernels (``modules.quant``) and, for int8, dequantise-then-F.linear."""
+    layouts' kernels (``modules.quant``: the project's own kernel where it builds), PyTorch's
+    int8 kernel, and dequantise-then-F.linear; bf16 adds the project's kernel."""
     from modules.quant import Int4Layout, Int8Layout, dequantize_int8
 
     W = torch.randn(16384, 4096, device=device)  # 256 MB in float32, far beyond the caches
@@ -248,12 +250,16 @@ def matvec_bandwidth(device: torch.device, kind: str, reps: int = 20) -> dict[st
     if kind in ("int8", "int4"):
         layout = Int8Layout(W) if kind == "int8" else Int4Layout(W)
         nbytes = layout.nbytes()
-        kernels = {f"{kind} kernel": lambda: layout.matmul(x, None)}
+        kernels = {f"{kind} layout": lambda: layout.matmul(x, None)}
         if kind == "int8":
             kernels["dequantise + F.linear"] = lambda: torch.nn.functional.linear(
                 x, dequantize_int8(layout.q, layout.scale))
+            if device.type == "cpu":
+                xb, sb = x.to(torch.bfloat16), layout.scale.to(torch.bfloat16)
+                kernels["aten int8pack"] = lambda: torch.ops.aten._weight_int8pack_mm(xb, layout.q, sb)
     else:
         dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+        x0 = x  # float32 activations: what the project kernel takes
         W, x = W.to(dtype), x.to(dtype)
         Wt = W.t().contiguous()
         nbytes = W.numel() * W.element_size()
@@ -261,6 +267,8 @@ def matvec_bandwidth(device: torch.device, kind: str, reps: int = 20) -> dict[st
         if device.type == "cpu" and torch.backends.mkldnn.is_available():
             packed = torch.ops.mkldnn._reorder_linear_weight(W, 1)
             kernels["oneDNN packed"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        if kind == "bf16" and cpu_kernels.serves(x0, W):
+            kernels["project kernel"] = lambda: cpu_kernels.lowbit_linear(x0, W)
     out = {}
     for name, fn in kernels.items():
         for _ in range(3):

@@ -86,6 +86,12 @@ class WeightLayout(ABC):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``F.linear(x, weight, bias)`` through this layout."""
 
+    def float32_products(self, x: torch.Tensor) -> bool:
+        """Whether ``matmul(x, ...)`` is already a float32 product of float32 ``x`` with this
+        layout's own (possibly rounded) weights, so a ``modules.quant.RefinedHead`` around it
+        has nothing to refine."""
+        return False
+
     def standalone(self, rows: int = 1) -> WeightLayout:
         """This weight in a layout that replaces it (``replaces_weight``): what an inference-only
         model keeps instead of the original, suited to decoding steps of ``rows`` rows (batch

@@ -7,15 +7,19 @@ the weights' bytes over the memory bandwidth; int8 halves bf16's bytes and int4 
 int8's, while activations stay in floating point, so the error is the weights' rounding
 alone (per-row int8: ~0.4% relative, well under the model's own noise).
 
-Kernels (measured on the 2-core AVX-512 CPU, one thread, gpt2's 48 block matrices at one
-row): PyTorch's own ``aten._weight_int8pack_mm`` with bfloat16 activations 11.7 ms per pass,
-against 19.8 ms for float32 oneDNN and 23.1 ms (0.23 ms per 2304x768 matrix against 0.095)
-for dequantise-then-``F.linear``; with float32 activations the same op falls back to a
-reference loop (1.2 GB/s), so the layouts round the activations to bfloat16 for the product
-and return the input dtype. ``aten._weight_int4pack_mm_for_cpu`` likewise: 4.8 ms per pass
-in bfloat16, 148 ms in float32. ``torchao`` wraps these same ops on CPU; it is not a
-dependency. On CUDA the int8 layout dequantises then multiplies (simple, untested here);
-int4 has no CUDA path here and says so.
+Kernels (2-core AVX-512 CPU, 2 threads, gpt2's 48 block matrices at one row, each read from
+DRAM): the project's own kernel (``modules.cpu_kernels``: float32 activations, int8 or bfloat16
+weights converted in registers, float32 accumulation) takes 3.0-3.8 ms per pass in int8 and
+7.7 ms in bfloat16, against 6.4-7.1 ms for PyTorch's ``aten._weight_int8pack_mm`` (which also
+rounds the activations to bfloat16) and ~10 ms for oneDNN's packed bfloat16. It serves up to 8
+rows in int8 (at 8 rows 14.9 ms against 19.5) and up to ``KERNEL_BF16_ROWS`` in bfloat16, where
+oneDNN's bfloat16 dot products win from 4 rows. Where it cannot build or run
+(``cpu_kernels.unavailable()``), PyTorch's kernels serve: ``aten._weight_int8pack_mm`` with
+bfloat16 activations (in float32 it falls back to a 1.2 GB/s reference loop), and
+dequantise-then-``F.linear`` for prefill (0.23 ms per 2304x768 matrix at one row against
+0.095). ``aten._weight_int4pack_mm_for_cpu`` serves int4 (4.8 ms per pass in bfloat16, 148 ms
+in float32). ``torchao`` wraps these same ops on CPU; it is not a dependency. On CUDA the int8
+layout dequantises then multiplies (simple, untested here); int4 has no CUDA path here and says so.
 
 The tied embedding is quantised once as the LM head (int8 for both int8 and int4, as is usual:
 the head is the most sensitive matrix) and serves the input embedding lookups from the same
@@ -28,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import modules.decode_weights as dw
+from modules import cpu_kernels
 from modules.decode_weights import (
     DECODE_ROWS,
     PackedLayout,
@@ -40,7 +45,11 @@ from modules.decode_weights import (
 
 INT4_GROUP = 128
 QUANTIZE_CHOICES = ("none", "bf16", "int8", "int4")
-_KERNEL_DTYPE = torch.bfloat16  # the activations' dtype inside the CPU int8/int4 kernels (see the docstring)
+_KERNEL_DTYPE = torch.bfloat16  # the activations' dtype inside PyTorch's CPU int8/int4 kernels (see the docstring)
+# Rows up to which the project's kernel multiplies bfloat16 weights: its float32 FMAs fall behind
+# oneDNN's bfloat16 dot products (which round the activations) from 4 rows (gpt2's 48 block
+# matrices, 2 threads: 7.7 / 8.0 / 12.5 / 22.7 ms at 1 / 2 / 4 / 8 rows against ~10 for oneDNN).
+KERNEL_BF16_ROWS = 2
 
 
 class QuantizationUnavailable(ValueError):
@@ -89,9 +98,10 @@ def _kernel_call(x: torch.Tensor, op, *args) -> torch.Tensor:
 
 
 class Int8Layout(WeightLayout):
-    """int8 weight, float32 per-row scales; the original weight is not kept. Up to DECODE_ROWS
-    rows on CPU go through ``aten._weight_int8pack_mm``; more rows (prefill) and other devices
-    dequantise then multiply, where the product's cost dwarfs the conversion."""
+    """int8 weight, float32 per-row scales; the original weight is not kept. On CPU, up to
+    ``cpu_kernels.MAX_ROWS`` float32 rows go through the project's kernel (exact float32
+    products), then up to DECODE_ROWS through ``aten._weight_int8pack_mm``; more rows (prefill)
+    and other devices dequantise then multiply, where the product's cost dwarfs the conversion."""
 
     replaces_weight = True
 
@@ -103,7 +113,12 @@ class Int8Layout(WeightLayout):
     def accepts(self, x: torch.Tensor) -> bool:
         return x.is_floating_point()
 
+    def float32_products(self, x: torch.Tensor) -> bool:
+        return cpu_kernels.serves(x, self.q)
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if cpu_kernels.serves(x, self.q):
+            return cpu_kernels.lowbit_linear(x, self.q, self.scale, bias)
         if x.device.type == "cpu" and rows_of(x) <= DECODE_ROWS:
             y = _kernel_call(x, torch.ops.aten._weight_int8pack_mm, self.q, self._kernel_scale)
         else:
@@ -157,12 +172,17 @@ class Int4Layout(WeightLayout):
 
 class Bf16Layout(WeightLayout):
     """A bfloat16 copy of the weight (half of float32's bytes) with everything around the product
-    in float32: the activations are rounded to bfloat16 for the product only and the result and
-    bias are float32, so the residual stream, LayerNorm, attention and softmax keep float32
-    precision (a whole-model bfloat16 cast rounds the residual stream at every layer, which flips
-    far more greedy tokens). The copy is oneDNN-packed where that pays (``PackedLayout``; its
-    ``standalone`` packs once for the decoding rows), plain otherwise; as the tied head it is a
-    transposed copy that also serves the input lookups. The float weight is not kept."""
+    in float32, so the residual stream, LayerNorm, attention and softmax keep float32 precision
+    (a whole-model bfloat16 cast rounds the residual stream at every layer, which flips far more
+    greedy tokens).
+
+    Up to ``KERNEL_BF16_ROWS`` rows on CPU, the project's kernel (``modules.cpu_kernels``)
+    multiplies float32 activations by the bfloat16 rows directly, accumulating in float32. Other
+    products round the activations to bfloat16 for a oneDNN-packed copy where that pays
+    (``PackedLayout``; its ``standalone`` keeps the (out, in) rows for the kernel when decoding
+    uses few rows, else packs once for them), a plain copy otherwise; without the kernel the tied
+    head is a transposed copy. As the head, the copy also serves the input lookups. The float
+    weight is not kept."""
 
     replaces_weight = True
 
@@ -171,27 +191,46 @@ class Bf16Layout(WeightLayout):
         if inner is None:
             w = weight.detach().to(torch.bfloat16)
             if role == "head":
-                inner = StandaloneTransposedLayout(w)
+                inner = PlainLayout(w) if _kernel_here(w) else StandaloneTransposedLayout(w)
             elif packing_available(w) and w.numel() >= dw.PACKED_MIN_NUMEL:
                 inner = PackedLayout(w)
             else:
                 inner = PlainLayout(w)
         self.inner = inner
 
+    def _rows(self) -> torch.Tensor | None:
+        """The (out, in) bfloat16 matrix the kernel reads, if the inner layout keeps one."""
+        if isinstance(self.inner, PlainLayout):
+            return self.inner.weight
+        return self.inner.source if isinstance(self.inner, PackedLayout) else None
+
+    def float32_products(self, x: torch.Tensor) -> bool:
+        w = self._rows()
+        return w is not None and rows_of(x) <= KERNEL_BF16_ROWS and cpu_kernels.serves(x, w)
+
     def accepts(self, x: torch.Tensor) -> bool:
         return x.is_floating_point()
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.float32_products(x):
+            return cpu_kernels.lowbit_linear(x, self._rows(), None, bias)
         y = self.inner.matmul(x.to(self.inner.dtype), None).to(x.dtype)
         return y if bias is None else y + bias.to(y.dtype)
 
     def standalone(self, rows: int = 1) -> WeightLayout:
         if self.inner.replaces_weight:
             return self
+        w = self._rows()
+        if w is not None and rows <= KERNEL_BF16_ROWS and _kernel_here(w):
+            return Bf16Layout(torch.empty(0, dtype=self.dtype), inner=PlainLayout(w))
         return Bf16Layout(torch.empty(0, dtype=self.dtype), inner=self.inner.standalone(rows))
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return self.inner.lookup(ids).to(self.dtype)
+
+
+def _kernel_here(w: torch.Tensor) -> bool:
+    return w.device.type == "cpu" and cpu_kernels.unavailable() is None
 
 
 REFINED_LOGITS = 16  # top logits per row recomputed in float32 by a low-precision head
@@ -217,8 +256,13 @@ class RefinedHead(WeightLayout):
     def accepts(self, x: torch.Tensor) -> bool:
         return self.inner.accepts(x)
 
+    def float32_products(self, x: torch.Tensor) -> bool:
+        return self.inner.float32_products(x)
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = self.inner.matmul(x, bias)
+        if self.inner.float32_products(x):
+            return y  # already float32 products of the rounded rows: nothing to refine
         idx = y.topk(min(self.k, y.size(-1)), dim=-1).indices  # (..., k)
         exact = (self.inner.lookup(idx).float() @ x.float().unsqueeze(-1)).squeeze(-1)  # (..., k)
         if bias is not None:

@@ -16,7 +16,9 @@ from config import GPT2Config
 from models.generation import generate
 from models.gpt2 import GPT2Model
 from models.inference import add_inference_args, held_bytes, inference_from_args, prepare_for_inference
+from modules import cpu_kernels
 from modules.quant import (
+    KERNEL_BF16_ROWS,
     Int4Layout,
     Int8Layout,
     QuantizationUnavailable,
@@ -126,7 +128,7 @@ def test_int4_reports_what_it_cannot_do() -> None:
 
 @pytest.mark.parametrize("quantize", [pytest.param("none", marks=needs_onednn),
                                       pytest.param("bf16", marks=needs_onednn), "int8", "int4"])
-@pytest.mark.parametrize("decode_rows", [1, 2])
+@pytest.mark.parametrize("decode_rows", [1, 2, 8])
 def test_inference_only_releases_the_original_weights_and_decodes_the_same(quantize: str, decode_rows: int,
                                                                            monkeypatch) -> None:
     monkeypatch.setattr(dw, "PACKED_MIN_NUMEL", 0)  # the float layouts would leave small weights alone
@@ -140,7 +142,9 @@ def test_inference_only_releases_the_original_weights_and_decodes_the_same(quant
     fast = prepare_for_inference(model, quantize=quantize, inference_only=True, decode_rows=decode_rows)
     layouts = [getattr(m.layout, "inner", m.layout) for m in fast.modules() if hasattr(m, "layout")]  # bf16 wraps
     packed = [la for la in layouts if isinstance(la, dw.StandalonePackedLayout)]
-    assert len(packed) == (4 * len(model.h) if quantize in ("none", "bf16") else 0)
+    bf16_kernel = cpu_kernels.unavailable() is None and decode_rows <= KERNEL_BF16_ROWS  # keeps the rows
+    assert len(packed) == (4 * len(model.h) if quantize == "none" or (quantize == "bf16" and not bf16_kernel)
+                           else 0)
     assert {p.hint for p in packed} <= {1 if decode_rows == 1 else 8}  # packed for the batch it will decode
     linear_and_embedding = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                                if n.endswith("weight") and p.dim() == 2 and not n.startswith("wpe"))

@@ -1,0 +1,171 @@
+// Weight-only matrix-vector products for CPU decoding steps: y = x W^T (* scale) (+ bias) for
+// x of 1 to 8 float32 rows and W an (out, in) int8 (with one float32 scale per output row) or
+// bfloat16 matrix. A decoding step streams each weight once, so the kernel's job is to keep
+// the memory bus busy: each thread walks its own contiguous block of rows, converts 64 bytes
+// of weights at a time to float32 in registers and accumulates in float32 (the activations are
+// never rounded). AVX-512 only; modules/cpu_kernels.py says when it cannot be used.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cstring>
+#include <optional>
+
+namespace {
+
+constexpr int64_t kPrefetch = 1024;  // bytes ahead of the current position in the row
+constexpr int64_t kGrain = 16;       // rows per parallel task, at least
+
+#define LOWBIT_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+
+LOWBIT_TARGET inline __m512 int8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
+LOWBIT_TARGET inline __m512 bf16_to_ps(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// One row of x, four independent accumulators over 64 weights per step (int8: 64 weights in one
+// 64-byte line; bf16: 32 weights per line, two lines per step).
+template <typename T>
+LOWBIT_TARGET float dot_one(const T* w, const float* x, int64_t K) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetch, _MM_HINT_T0);
+    __m512 w0, w1, w2, w3;
+    if constexpr (sizeof(T) == 1) {
+      __m512i b = _mm512_loadu_si512(w + k);
+      w0 = int8_to_ps(_mm512_castsi512_si128(b));
+      w1 = int8_to_ps(_mm512_extracti32x4_epi32(b, 1));
+      w2 = int8_to_ps(_mm512_extracti32x4_epi32(b, 2));
+      w3 = int8_to_ps(_mm512_extracti32x4_epi32(b, 3));
+    } else {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetch + 64, _MM_HINT_T0);
+      __m512i b0 = _mm512_loadu_si512(w + k), b1 = _mm512_loadu_si512(w + k + 32);
+      w0 = bf16_to_ps(_mm512_castsi512_si256(b0));
+      w1 = bf16_to_ps(_mm512_extracti64x4_epi64(b0, 1));
+      w2 = bf16_to_ps(_mm512_castsi512_si256(b1));
+      w3 = bf16_to_ps(_mm512_extracti64x4_epi64(b1, 1));
+    }
+    a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + k), a0);
+    a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + k + 16), a1);
+    a2 = _mm512_fmadd_ps(w2, _mm512_loadu_ps(x + k + 32), a2);
+    a3 = _mm512_fmadd_ps(w3, _mm512_loadu_ps(x + k + 48), a3);
+  }
+  float r = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (; k < K; ++k) {
+    if constexpr (sizeof(T) == 1) {
+      r += static_cast<float>(w[k]) * x[k];
+    } else {
+      uint32_t bits = static_cast<uint32_t>(w[k]) << 16;
+      float f;
+      std::memcpy(&f, &bits, sizeof f);
+      r += f * x[k];
+    }
+  }
+  return r;
+}
+
+// M rows of x: each 16 weights are converted once and used by M accumulators.
+template <int M, typename T>
+LOWBIT_TARGET void dot_rows(const T* w, const float* x, int64_t K, float* out) {
+  __m512 acc[M];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 wv;
+    if constexpr (sizeof(T) == 1) {
+      wv = int8_to_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
+    } else {
+      wv = bf16_to_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)));
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k), acc[m]);
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
+  for (; k < K; ++k) {
+    float f;
+    if constexpr (sizeof(T) == 1) {
+      f = static_cast<float>(w[k]);
+    } else {
+      uint32_t bits = static_cast<uint32_t>(w[k]) << 16;
+      std::memcpy(&f, &bits, sizeof f);
+    }
+    for (int m = 0; m < M; ++m) out[m] += f * x[m * K + k];
+  }
+}
+
+template <int M, typename T>
+void rows_block(const T* W, const float* x, const float* scale, const float* bias, float* y,
+                int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  float out[M];
+  for (int64_t n = n0; n < n1; ++n) {
+    if constexpr (M == 1) {
+      out[0] = dot_one<T>(W + n * K, x, K);
+    } else {
+      dot_rows<M, T>(W + n * K, x, K, out);
+    }
+    const float s = scale ? scale[n] : 1.0f, b = bias ? bias[n] : 0.0f;
+    for (int m = 0; m < M; ++m) y[m * N + n] = out[m] * s + b;
+  }
+}
+
+template <typename T>
+void dispatch(int64_t M, const T* W, const float* x, const float* scale, const float* bias, float* y,
+              int64_t K, int64_t N) {
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    switch (M) {
+#define LOWBIT_CASE(m) \
+  case m:              \
+    rows_block<m, T>(W, x, scale, bias, y, K, N, n0, n1); \
+    break;
+      LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
+      LOWBIT_CASE(5) LOWBIT_CASE(6) LOWBIT_CASE(7) LOWBIT_CASE(8)
+#undef LOWBIT_CASE
+    }
+  });
+}
+
+}  // namespace
+
+constexpr int64_t kMaxRows = 8;
+
+// x: (M, K) float32, M <= 8; w: (N, K) int8 (with scale: (N,) float32) or bfloat16 (scale
+// empty); bias: (N,) float32 or empty. Returns (M, N) float32.
+torch::Tensor lowbit_linear(torch::Tensor x, torch::Tensor w, std::optional<torch::Tensor> scale,
+                            std::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "x must be a contiguous 2-D float32 CPU tensor");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "x must have 1 to ", kMaxRows, " rows, got ", x.size(0));
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1) && w.device().is_cpu(),
+              "w must be a contiguous (out, in) CPU matrix matching x's width");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const float* s = nullptr;
+  const float* b = nullptr;
+  if (scale && scale->defined()) {
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->numel() == N,
+                "scale must be (out,) float32");
+    s = scale->data_ptr<float>();
+  }
+  if (bias && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
+                "bias must be (out,) float32");
+    b = bias->data_ptr<float>();
+  }
+  auto y = torch::empty({M, N}, x.options());
+  if (w.scalar_type() == at::kChar) {
+    TORCH_CHECK(s != nullptr, "an int8 weight needs its scales");
+    dispatch<int8_t>(M, w.data_ptr<int8_t>(), x.data_ptr<float>(), s, b, y.data_ptr<float>(), K, N);
+  } else {
+    TORCH_CHECK(w.scalar_type() == at::kBFloat16, "w must be int8 or bfloat16, got ", w.scalar_type());
+    dispatch<uint16_t>(M, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), x.data_ptr<float>(), s, b,
+                       y.data_ptr<float>(), K, N);
+  }
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lowbit_linear", &lowbit_linear, "y = x w^T * scale + bias for 1 to 8 float32 rows, int8 or bfloat16 w");
+  m.attr("max_rows") = kMaxRows;
+}
