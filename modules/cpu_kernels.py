@@ -83,10 +83,14 @@ def unavailable() -> str | None:
 
 def serves(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``lowbit_linear(x, w, ...)`` runs here: CPU float32 x of 1 to MAX_ROWS rows,
-    an int8 or bfloat16 CPU weight, no autograd, and the kernel built."""
-    return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == torch.float32
-            and w.dtype in (torch.int8, torch.bfloat16) and 0 < x.numel() // x.size(-1) <= MAX_ROWS
-            and not (torch.is_grad_enabled() and x.requires_grad) and _load()[0] is not None)
+    an int8 or bfloat16 CPU weight, no autograd, and the kernel built. (Called for every
+    product of every decoding step: the cheap tests come first.)"""
+    return (x.dtype == torch.float32 and w.dtype in _WEIGHT_DTYPES and x.is_cpu and w.is_cpu
+            and 0 < x.numel() <= MAX_ROWS * x.size(-1) and not (x.requires_grad and torch.is_grad_enabled())
+            and _load()[0] is not None)
+
+
+_WEIGHT_DTYPES = (torch.int8, torch.bfloat16)
 
 
 def lowbit_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
@@ -96,8 +100,6 @@ def lowbit_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None =
     module = _load()[0]
     if module is None:
         raise RuntimeError(f"the CPU decoding kernel is unavailable: {unavailable()}")
-    x2 = x.reshape(-1, x.size(-1)).contiguous()
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
-    y = module.lowbit_linear(x2, w, scale, bias)
-    return y.reshape(*x.shape[:-1], w.size(0))
+    return module.lowbit_linear(x, w, scale, bias)

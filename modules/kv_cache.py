@@ -98,11 +98,12 @@ class KVCache(BaseKVCache):
         return position
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._check_room(k.size(2))
-        start, end = self.length, self.length + k.size(2)
-        self._k[layer, :, :, start:end] = k
-        self._v[layer, :, :, start:end] = v
-        return self._k[layer, :, :, :end], self._v[layer, :, :, :end]
+        T = k.size(2)
+        self._check_room(T)
+        keys, values = self._k[layer], self._v[layer]  # narrow, not tuple indexing: a step appends 2 per layer
+        keys.narrow(2, self.length, T).copy_(k)
+        values.narrow(2, self.length, T).copy_(v)
+        return keys.narrow(2, 0, self.length + T), values.narrow(2, 0, self.length + T)
 
 
 class RingKVCache(BaseKVCache):

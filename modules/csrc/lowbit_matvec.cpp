@@ -10,6 +10,7 @@
 
 #include <cstring>
 #include <optional>
+#include <vector>
 
 namespace {
 
@@ -131,16 +132,19 @@ void dispatch(int64_t M, const T* W, const float* x, const float* scale, const f
 
 constexpr int64_t kMaxRows = 8;
 
-// x: (M, K) float32, M <= 8; w: (N, K) int8 (with scale: (N,) float32) or bfloat16 (scale
-// empty); bias: (N,) float32 or empty. Returns (M, N) float32.
-torch::Tensor lowbit_linear(torch::Tensor x, torch::Tensor w, std::optional<torch::Tensor> scale,
+// x: (..., K) float32 of M <= 8 rows; w: (N, K) int8 (with scale: (N,) float32) or bfloat16
+// (scale empty); bias: (N,) float32 or empty. Returns (..., N) float32.
+torch::Tensor lowbit_linear(torch::Tensor x_in, torch::Tensor w, std::optional<torch::Tensor> scale,
                             std::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
-              "x must be a contiguous 2-D float32 CPU tensor");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "x must have 1 to ", kMaxRows, " rows, got ", x.size(0));
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1) && w.device().is_cpu(),
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
+              "x must be a float32 CPU tensor");
+  const int64_t K = x_in.size(-1);
+  TORCH_CHECK(K > 0 && x_in.numel() % K == 0, "x must have a non-empty last dimension");
+  const int64_t M = x_in.numel() / K, N = w.size(0);
+  TORCH_CHECK(M >= 1 && M <= kMaxRows, "x must have 1 to ", kMaxRows, " rows, got ", M);
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == K && w.device().is_cpu(),
               "w must be a contiguous (out, in) CPU matrix matching x's width");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const torch::Tensor x = x_in.contiguous();
   const float* s = nullptr;
   const float* b = nullptr;
   if (scale && scale->defined()) {
@@ -153,7 +157,9 @@ torch::Tensor lowbit_linear(torch::Tensor x, torch::Tensor w, std::optional<torc
                 "bias must be (out,) float32");
     b = bias->data_ptr<float>();
   }
-  auto y = torch::empty({M, N}, x.options());
+  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+  out_shape.back() = N;
+  auto y = torch::empty(out_shape, x.options());
   if (w.scalar_type() == at::kChar) {
     TORCH_CHECK(s != nullptr, "an int8 weight needs its scales");
     dispatch<int8_t>(M, w.data_ptr<int8_t>(), x.data_ptr<float>(), s, b, y.data_ptr<float>(), K, N);
