@@ -46,6 +46,8 @@ def platform_reason() -> str | None:
         return f"the kernel is written for x86-64 Linux, not {sys.platform} {platform.machine()}"
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return f"the kernel needs AVX-512; this CPU offers {torch.backends.cpu.get_cpu_capability()}"
+    if not SOURCE.is_file():
+        return f"its source {SOURCE} is missing (a copy of the project without modules/csrc)"
     return None
 
 

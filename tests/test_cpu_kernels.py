@@ -144,3 +144,14 @@ def test_an_unsupported_machine_is_named(fresh_kernel_state) -> None:
     fresh_kernel_state.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
     fresh_kernel_state.setattr(cpu_kernels.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert cpu_kernels.unavailable() == "the kernel needs AVX-512; this CPU offers AVX2"
+
+
+def test_a_copy_without_the_source_says_so_and_decodes(fresh_kernel_state, tmp_path) -> None:
+    fresh_kernel_state.setattr(cpu_kernels, "SOURCE", tmp_path / "csrc" / "lowbit_matvec.cpp")
+    fresh_kernel_state.setattr(cpu_kernels.sys, "platform", "linux")
+    fresh_kernel_state.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
+    fresh_kernel_state.setattr(cpu_kernels.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert "is missing" in cpu_kernels.unavailable()
+    layout = Int8Layout(torch.randn(32, 64))
+    x = torch.randn(1, 64)
+    assert rel_err(layout.matmul(x, None), F.linear(x, dequantize_int8(layout.q, layout.scale))) < 1e-2
