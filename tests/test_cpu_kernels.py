@@ -155,3 +155,31 @@ def test_a_copy_without_the_source_says_so_and_decodes(fresh_kernel_state, tmp_p
     layout = Int8Layout(torch.randn(32, 64))
     x = torch.randn(1, 64)
     assert rel_err(layout.matmul(x, None), F.linear(x, dequantize_int8(layout.q, layout.scale))) < 1e-2
+
+
+@runs_here
+@pytest.mark.parametrize("quantize", ["int8", "bf16"])
+def test_decoding_goes_through_the_kernel_and_matches_float32_on_the_rounded_weights(quantize: str,
+                                                                                     monkeypatch) -> None:
+    from config import GPT2Config
+    from models.generation import generate
+    from models.gpt2 import GPT2Model
+    from models.inference import prepare_for_inference
+
+    torch.manual_seed(4)
+    cfg = GPT2Config(vocab_size=300, max_position_embeddings=64, hidden_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, initializer_range=0.2)
+    model = GPT2Model(cfg).eval()
+    rounded = GPT2Model(cfg).eval()  # float32, holding the weights as the layout stores them
+    rounded.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if p.dim() == 2 and not name.startswith("wpe"):
+                p.copy_(dequantize_int8(*quantize_int8(p)) if quantize == "int8" else p.bfloat16().float())
+    calls = []
+    real = cpu_kernels.lowbit_linear
+    monkeypatch.setattr(cpu_kernels, "lowbit_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = prepare_for_inference(model, quantize=quantize, inference_only=True)
+    ids = torch.randint(0, 300, (1, 6))
+    assert torch.equal(generate(fast, ids, max_new_tokens=10), generate(rounded, ids, max_new_tokens=10))
+    assert len(calls) >= 9 * (4 * 2 + 1)  # every block product and the head, at each one-row step
