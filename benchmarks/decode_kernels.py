@@ -6,6 +6,7 @@ row limits in ``modules.quant`` (int8 up to 8 rows, ``KERNEL_BF16_ROWS`` for bf1
 
     python benchmarks/decode_kernels.py                # gpt2 shapes, 2 threads
     python benchmarks/decode_kernels.py --n_embd 1024 --n_layer 24
+    python benchmarks/decode_kernels.py --isa avx2    # the kernel's AVX2 path on an AVX-512 CPU
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--isa", default="", choices=["", "avx2", "avx512"],
+                   help="the project kernel's instruction set (default: the widest this CPU has)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     reason = cpu_kernels.unavailable()
@@ -58,17 +61,18 @@ def main() -> None:
     packed = {hint: [torch.ops.mkldnn._reorder_linear_weight(w, hint) for w in bf16] for hint in (1, 8)}
     mib = {"int8": sum(q.numel() for q, _ in int8) / 2**20, "bf16": sum(w.numel() * 2 for w in bf16) / 2**20}
     print(f"{len(shapes)} matrices, width {d}: int8 {mib['int8']:.0f} MiB, bf16 {mib['bf16']:.0f} MiB per pass; "
-          f"{args.threads} threads; ms per pass (GB/s)")
+          f"{args.threads} threads; project kernel: {args.isa or cpu_kernels._load()[0].best_isa()}; "
+          "ms per pass (GB/s)")
     print("| rows | int8: project kernel | int8: aten int8pack | bf16: project kernel | bf16: oneDNN packed 1-row "
           "| bf16: oneDNN packed 8-row |\n|---|---|---|---|---|---|")
     for rows in args.rows:
         x = {k: torch.randn(rows, k) for k in (d, 4 * d)}
         xb = {k: v.to(torch.bfloat16) for k, v in x.items()}
         runs = {
-            "int8 ours": lambda x=x: [cpu_kernels.lowbit_linear(x[q.size(1)], q, s) for q, s in int8],
+            "int8 ours": lambda x=x: [cpu_kernels.lowbit_linear(x[q.size(1)], q, s, isa=args.isa) for q, s in int8],
             "int8 aten": lambda xb=xb: [torch.ops.aten._weight_int8pack_mm(xb[q.size(1)], q, sb)
                                         for (q, _), sb in zip(int8, int8_bf16_scales)],
-            "bf16 ours": lambda x=x: [cpu_kernels.lowbit_linear(x[w.size(1)], w) for w in bf16],
+            "bf16 ours": lambda x=x: [cpu_kernels.lowbit_linear(x[w.size(1)], w, isa=args.isa) for w in bf16],
             "bf16 packed 1": lambda xb=xb: [torch.ops.mkldnn._linear_pointwise(xb[w.size(1)], pw, None, "none", [], "")
                                             for w, pw in zip(bf16, packed[1])],
             "bf16 packed 8": lambda xb=xb: [torch.ops.mkldnn._linear_pointwise(xb[w.size(1)], pw, None, "none", [], "")

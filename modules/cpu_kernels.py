@@ -10,9 +10,10 @@ this kernel 3.0-3.8 ms (22-28 GB/s) with the activations kept in float32; the (5
 int8 head 9-13 GB/s against about 20. It converts each 64-byte line of weights to float32
 in registers and accumulates in float32, each thread on its own block of rows.
 
-It is used only where it fits: x86-64 Linux with AVX-512 (``torch.backends.cpu``'s
-capability), float32 inputs of 1 to ``MAX_ROWS`` rows; ``unavailable()`` says why not
-otherwise, and the callers (``modules.quant``) fall back to PyTorch's kernels.
+It is used only where it fits: x86-64 Linux with AVX-512 or AVX2 + FMA
+(``torch.backends.cpu``'s capability; the widest the CPU has is chosen at run time), float32
+inputs of 1 to ``MAX_ROWS`` rows; ``unavailable()`` says why not otherwise, and the callers
+(``modules.quant``) fall back to PyTorch's kernels.
 ``GPT2_CPU_KERNELS=0`` turns it off (to compare, or if a build misbehaves).
 """
 
@@ -44,8 +45,8 @@ def platform_reason() -> str | None:
         return "turned off by GPT2_CPU_KERNELS=0"
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"the kernel is written for x86-64 Linux, not {sys.platform} {platform.machine()}"
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return f"the kernel needs AVX-512; this CPU offers {torch.backends.cpu.get_cpu_capability()}"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return f"the kernel needs AVX2 or AVX-512; this CPU offers {torch.backends.cpu.get_cpu_capability()}"
     if not SOURCE.is_file():
         return f"its source {SOURCE} is missing (a copy of the project without modules/csrc)"
     return None
@@ -96,12 +97,13 @@ _WEIGHT_DTYPES = (torch.int8, torch.bfloat16)
 
 
 def lowbit_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, isa: str = "") -> torch.Tensor:
     """``F.linear(x, w.float() * scale[:, None], bias)`` for the inputs ``serves`` accepts,
-    computed in float32 from the int8 / bfloat16 bytes; x's leading dims are kept."""
+    computed in float32 from the int8 / bfloat16 bytes; x's leading dims are kept. ``isa``:
+    "" for the widest instructions this CPU has, or "avx2" / "avx512" (to test each)."""
     module = _load()[0]
     if module is None:
         raise RuntimeError(f"the CPU decoding kernel is unavailable: {unavailable()}")
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
-    return module.lowbit_linear(x, w, scale, bias)
+    return module.lowbit_linear(x, w, scale, bias, isa)

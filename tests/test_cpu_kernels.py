@@ -33,11 +33,19 @@ def test_the_kernel_builds_on_a_machine_that_can_run_it() -> None:
     assert cpu_kernels.unavailable() is None
 
 
+def isas() -> list[str]:
+    """The instruction sets this CPU can run the kernel with (the best one is used by default)."""
+    if cpu_kernels.platform_reason() is not None:
+        return []
+    return {"AVX512": ["avx2", "avx512"], "AVX2": ["avx2"]}[torch.backends.cpu.get_cpu_capability()]
+
+
 @runs_here
+@pytest.mark.parametrize("isa", isas())
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("width", [768, 100, 64 * 3 + 16 + 5])  # whole 64-byte lines, and tails of both loops
 @pytest.mark.parametrize("kind", ["int8", "bf16"])
-def test_products_equal_float32_products_of_the_stored_weights(kind: str, width: int, rows: int) -> None:
+def test_products_equal_float32_products_of_the_stored_weights(kind: str, width: int, rows: int, isa: str) -> None:
     g = torch.Generator().manual_seed(width * 10 + rows)
     w = torch.randn(150, width, generator=g)
     x = torch.randn(rows, width, generator=g)
@@ -45,15 +53,26 @@ def test_products_equal_float32_products_of_the_stored_weights(kind: str, width:
     if kind == "int8":
         q, scale = quantize_int8(w)
         stored, expected = q, F.linear(x.double(), dequantize_int8(q, scale).double(), bias.double())
-        y = cpu_kernels.lowbit_linear(x, q, scale, bias)
+        y = cpu_kernels.lowbit_linear(x, q, scale, bias, isa)
     else:
         stored = w.to(torch.bfloat16)
         expected = F.linear(x.double(), stored.double(), bias.double())
-        y = cpu_kernels.lowbit_linear(x, stored, None, bias)
+        y = cpu_kernels.lowbit_linear(x, stored, None, bias, isa)
     assert cpu_kernels.serves(x, stored)
     assert y.dtype == torch.float32 and y.shape == (rows, 150)
     # float32 accumulation of exact products: far tighter than bfloat16 activations (~4e-3)
     assert ((y.double() - expected).abs().max() / expected.abs().max()).item() < 1e-6
+
+
+@runs_here
+def test_the_widest_instruction_set_is_used_and_a_missing_one_is_refused() -> None:
+    module = cpu_kernels._load()[0]
+    assert module.best_isa() == isas()[-1]
+    if "avx512" not in isas():
+        with pytest.raises(RuntimeError, match="cannot run the avx512 kernel"):
+            cpu_kernels.lowbit_linear(torch.zeros(1, 64), torch.zeros(4, 64, dtype=torch.bfloat16), isa="avx512")
+    with pytest.raises(RuntimeError, match="cannot run the sse kernel"):
+        cpu_kernels.lowbit_linear(torch.zeros(1, 64), torch.zeros(4, 64, dtype=torch.bfloat16), isa="sse")
 
 
 @runs_here
@@ -142,8 +161,8 @@ def test_an_unsupported_machine_is_named(fresh_kernel_state) -> None:
     cpu_kernels._load.cache_clear()
     fresh_kernel_state.setattr(cpu_kernels.sys, "platform", "linux")
     fresh_kernel_state.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
-    fresh_kernel_state.setattr(cpu_kernels.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert cpu_kernels.unavailable() == "the kernel needs AVX-512; this CPU offers AVX2"
+    fresh_kernel_state.setattr(cpu_kernels.torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert cpu_kernels.unavailable() == "the kernel needs AVX2 or AVX-512; this CPU offers DEFAULT"
 
 
 def test_a_copy_without_the_source_says_so_and_decodes(fresh_kernel_state, tmp_path) -> None:
