@@ -72,7 +72,8 @@ class GPT2Model(nn.Module):
                 f"sequence of {past_len + T} tokens is longer than the model's context "
                 f"({self.config.max_position_embeddings}); truncate the input"
             )
-        return self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, d)
+        x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, d)
+        return self.drop(x) if self.training else x
 
     def forward(
         self,

@@ -182,7 +182,8 @@ class CausalSelfAttention(nn.Module):
         else:
             y = self._masked_sparse(q, k, v, mask, past, dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        y = self.c_proj(y)
+        return self.resid_dropout(y) if self.training else y
 
     def _prepend_prefix(
         self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, T: int

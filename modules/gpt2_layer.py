@@ -24,7 +24,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GPT-2 uses the tanh approximation of GELU ("gelu_new").
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        y = self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return self.dropout(y) if self.training else y  # eval: skip the call (decoding runs this per token)
 
 
 class GPT2Layer(nn.Module):

@@ -100,7 +100,7 @@ class KVCache(BaseKVCache):
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = k.size(2)
         self._check_room(T)
-        keys, values = self._k[layer], self._v[layer]  # narrow, not tuple indexing: a step appends 2 per layer
+        keys, values = self._k.select(0, layer), self._v.select(0, layer)  # narrow, not tuple indexing
         keys.narrow(2, self.length, T).copy_(k)
         values.narrow(2, self.length, T).copy_(v)
         return keys.narrow(2, 0, self.length + T), values.narrow(2, 0, self.length + T)
