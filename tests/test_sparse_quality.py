@@ -1,5 +1,5 @@
-"""The sparse-attention time-vs-quality runner runs end to end on a tiny model (the
-measurement itself is a benchmark, not a test)."""
+"""The sparse-attention time-vs-quality runner drives the sonnet task end to end on a tiny
+model (the measurement itself is a benchmark, not a test)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,22 @@ import math
 import pytest
 
 from benchmarks import sparse_quality
+from training.checkpoints import load_any_model
 
 
 def test_every_pattern_gets_a_row(tmp_path, capsys):
     out = tmp_path / "rows.json"
     rows = sparse_quality.main(["--random_init", "tiny", "--epochs", "1", "--limit", "2", "--max_length", "24",
-                                "--max_new_tokens", "4", "--window", "8", "--block", "8", "--json", str(out)])
+                                "--max_new_tokens", "4", "--window", "8", "--block", "8", "--json", str(out),
+                                "--out", str(tmp_path / "runs")])
     assert [r["pattern"] for r in rows] == ["dense", "window", "strided", "block_global"]
     for r in rows:
         assert r["sec_per_epoch"] > 0 and math.isfinite(r["dev_ppl"]) and r["dev_ppl"] > 1 and 0 <= r["dev_chrf"] <= 100
     assert json.loads(out.read_text())["rows"] == rows
-    assert "block_global" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "block_global" in printed and "--attn_pattern strided --attn_window 8" in printed
+    for pattern in ("dense", "window", "strided", "block_global"):  # each run is the sonnet task's own
+        assert load_any_model(tmp_path / "runs" / pattern / "sonnet-model.pt").config.attn_pattern == pattern
 
 
 @pytest.mark.parametrize("flags, message", [(["--patterns", "dense,diagonal"], "unknown ['diagonal']"),
