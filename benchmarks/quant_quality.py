@@ -34,32 +34,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from models.generation import LineStop, generate, trim  # noqa: E402
+from models.generation import LineStop  # noqa: E402
 from models.inference import prepare_for_inference  # noqa: E402
 from models.loading import CheckpointError, load_tokenizer  # noqa: E402
 from modules.quant import QUANTIZE_CHOICES, QuantizationUnavailable, check_quantize  # noqa: E402
+from tasks.sonnet import continue_prompts  # noqa: E402
 from training.checkpoints import load_any_model  # noqa: E402
 from training.course_data import read_sonnets  # noqa: E402
-from training.data import PadCollator, encode  # noqa: E402
 from training.metrics import chrf  # noqa: E402
 
 
-@torch.no_grad()
-def continue_prompts(model, tokenizer, prompts: list[str], new_tokens: int, stop: bool,
-                     batch_size: int = 8) -> list[list[int]]:
+def greedy_continuations(model, tokenizer, prompts: list[str], new_tokens: int, stop: bool) -> list[list[int]]:
     """Greedy continuations (new tokens only): exactly ``new_tokens`` each without ``stop``,
     else cut at EOS or the 14th line."""
-    collate = PadCollator(tokenizer.pad_token_id, padding_side="left")
-    ids = encode(tokenizer, prompts, model.config.max_position_embeddings - new_tokens, "prompts")
-    kw = dict(max_new_tokens=new_tokens, eos_token_id=tokenizer.eos_token_id if stop else None,
-              pad_token_id=tokenizer.eos_token_id, stop=LineStop(tokenizer, 14) if stop else None)
-    out: list[list[int]] = []
-    for start in range(0, len(ids), batch_size):
-        batch = collate([{"input_ids": x} for x in ids[start : start + batch_size]])
-        x, mask = batch["input_ids"], batch["attention_mask"]
-        rows = generate(model, x, mask, **kw)
-        out.extend(trim(r, x.size(1), 0, kw["eos_token_id"])[x.size(1):] for r in rows)
-    return out
+    eos = tokenizer.eos_token_id
+    kw = dict(max_new_tokens=new_tokens, eos_token_id=eos if stop else None, pad_token_id=eos,
+              stop=LineStop(tokenizer, 14) if stop else None)
+    return [new for _, new in continue_prompts(model, tokenizer, prompts, kw, batch_size=8)]
 
 
 @torch.no_grad()
@@ -126,8 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         raise SystemExit(2) from None
 
     def measure(m) -> tuple[list[list[int]], float, float]:
-        greedy = continue_prompts(m, tok, prompts, args.new_tokens, stop=False)
-        done = continue_prompts(m, tok, prompts, args.chrf_tokens, stop=True)
+        greedy = greedy_continuations(m, tok, prompts, args.new_tokens, stop=False)
+        done = greedy_continuations(m, tok, prompts, args.chrf_tokens, stop=True)
         texts = [tok.decode(tok.encode(pr) + d).strip() for pr, d in zip(prompts, done)]
         return greedy, perplexity(m, tok, text, args.block_size, args.max_blocks), chrf(texts, refs)
 

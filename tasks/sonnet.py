@@ -92,6 +92,34 @@ def describe(args: argparse.Namespace) -> str:
     return " ".join([args.decoding, *(f"{k}={v}" for k, v in shown.items())])
 
 
+def prompt_batches(gpt: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
+                   batch_size: int):
+    """Left-padded (input_ids, attention_mask) batches of the encoded prompts on ``gpt``'s device,
+    each prompt cut to leave room for ``max_new_tokens`` in the context."""
+    collate = PadCollator(tokenizer.pad_token_id, padding_side="left")
+    ids = encode(tokenizer, list(prompts), max(1, gpt.config.max_position_embeddings - max_new_tokens), "prompts")
+    for start in range(0, len(ids), batch_size):
+        batch = collate([{"input_ids": x} for x in ids[start : start + batch_size]])
+        yield batch["input_ids"].to(gpt.device), batch["attention_mask"].to(gpt.device)
+
+
+@torch.no_grad()
+def continue_prompts(gpt: nn.Module, tokenizer: Any, prompts: Sequence[str], generate_kwargs: Mapping[str, Any],
+                     *, batch_size: int = 12, generator: torch.Generator | None = None
+                     ) -> list[tuple[list[int], list[int]]]:
+    """Each prompt's tokens (without padding) and the tokens ``gpt`` (a ``GPT2Model`` or a
+    prepared ``InferenceModel``, decoded as it is) continues it with, cut before the first EOS
+    when ``generate_kwargs`` names one."""
+    eos = generate_kwargs.get("eos_token_id")
+    pairs = []
+    for x, mask in prompt_batches(gpt, tokenizer, prompts, generate_kwargs["max_new_tokens"], batch_size):
+        out = generate(gpt, x, mask, generator=generator, **generate_kwargs)
+        for row, n_pad in zip(out, (mask == 0).sum(-1).tolist()):
+            tokens, length = trim(row, x.size(1), n_pad, eos), x.size(1) - n_pad
+            pairs.append((tokens[:length], tokens[length:]))
+    return pairs
+
+
 @torch.no_grad()
 def complete_prompts(
     model: SonnetGPT,
@@ -109,24 +137,15 @@ def complete_prompts(
     evaluation) sees the same random stream. With ``mbr_pool`` each prompt gets the pool's
     candidates (samples, beams, contrastive...) and keeps the one with the highest mean chrF
     against the others."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device).manual_seed(seed)
-    collate = PadCollator(tokenizer.pad_token_id, padding_side="left")
-    eos = generate_kwargs.get("eos_token_id")
-    max_prompt = model.gpt.config.max_position_embeddings - generate_kwargs["max_new_tokens"]
-    ids = encode(tokenizer, list(prompts), max(1, max_prompt), "prompts")
-    texts: list[str] = []
+    gen = torch.Generator(model.gpt.device).manual_seed(seed)
     gpt = prepare_for_inference(model.gpt)  # faster CPU decoding layouts, built once for every batch
-    for start in range(0, len(ids), batch_size):
-        batch = collate([{"input_ids": x} for x in ids[start : start + batch_size]])
-        x, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        if mbr_pool is not None:
-            rows = mbr_pool_generate(gpt, x, mask, pool=mbr_pool, config=GenerationConfig(**generate_kwargs),
-                                     decode=tokenizer.decode, generator=gen)  # utility: sentence chrF
-        else:
-            out = generate(gpt, x, mask, generator=gen, **generate_kwargs)
-            n_pad = (mask == 0).sum(-1).tolist()
-            rows = [trim(out[i], x.size(1), n_pad[i], eos) for i in range(out.size(0))]
+    if mbr_pool is None:
+        pairs = continue_prompts(gpt, tokenizer, prompts, generate_kwargs, batch_size=batch_size, generator=gen)
+        return [tokenizer.decode(p + c).strip() for p, c in pairs]
+    texts: list[str] = []
+    for x, mask in prompt_batches(gpt, tokenizer, prompts, generate_kwargs["max_new_tokens"], batch_size):
+        rows = mbr_pool_generate(gpt, x, mask, pool=mbr_pool, config=GenerationConfig(**generate_kwargs),
+                                 decode=tokenizer.decode, generator=gen)  # utility: sentence chrF
         texts.extend(tokenizer.decode(r).strip() for r in rows)
     return texts
 
@@ -293,5 +312,5 @@ def dpo_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 __all__ = ["CONTRASTIVE_K", "DECODINGS", "build_sonnet_model", "candidate_pool", "complete_prompts",
-           "decoding_kwargs", "describe",
-           "dev_chrf", "dpo_settings", "load_sonnet_model", "model_for_training", "run"]
+           "continue_prompts", "decoding_kwargs", "describe", "dev_chrf", "dpo_settings", "load_sonnet_model",
+           "model_for_training", "prompt_batches", "run"]
