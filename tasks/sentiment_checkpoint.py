@@ -21,7 +21,7 @@ import torch
 from models.fine_tune import FineTuneConfig, set_fine_tune_mode
 from models.heads import GPT2SentimentClassifier, pooling_of
 from models.loading import CheckpointError
-from training.checkpoints import load_checkpoint, load_model_state
+from training.checkpoints import load_checkpoint, load_checkpoint_weights
 from training.cli import build_from_args, fine_tune_config, seed_everything
 
 
@@ -57,7 +57,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu",
     # Checkpoints written before the config was saved carry only the flags (maybe without --use_dora).
     fine_tune = FineTuneConfig.from_dict(extra["fine_tune"]) if "fine_tune" in extra else fine_tune_config(a)
     set_fine_tune_mode(model, fine_tune, model.head)
-    load_model_state(model, ckpt["model"], ckpt.get("trainable_only", False), path)
+    load_checkpoint_weights(model, ckpt, path, fits="the classifier its saved flags build")
     return LoadedClassifier(model.to(device).eval(), tokenizer, a, extra.get("dataset"), int(extra["num_labels"]),
                             Path(path))
 

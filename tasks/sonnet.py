@@ -38,7 +38,7 @@ from tasks.sonnet_eval import (
     write_form_report,
 )
 from training import distributed
-from training.checkpoints import load_checkpoint, load_model, load_model_state, save_model
+from training.checkpoints import load_checkpoint, load_checkpoint_weights, load_model, save_model
 from training.cli import default_output_dir, fine_tune_config, open_run, train_config_from_args
 from training.course_data import read_sonnets, write_sonnets
 from training.data import DataFormatError, PadCollator, encode
@@ -173,11 +173,8 @@ def load_sonnet_model(args: argparse.Namespace, path: str | Path) -> tuple[Sonne
     if "model" not in ckpt:
         raise CheckpointError(f"{path}: neither a saved sonnet model nor a Trainer checkpoint")
     model, tokenizer, _ = build_sonnet_model(args)
-    try:
-        load_model_state(model, ckpt["model"], ckpt.get("trainable_only", False), path, ckpt.get("model_config"))
-    except RuntimeError as e:  # a CheckpointError listing every differing field and tensor on one line
-        raise CheckpointError(f"{path} does not fit --model_size {args.model_size} --fine-tune-mode "
-                              f"{args.fine_tune_mode}: {str(e).splitlines()[0]}") from e
+    load_checkpoint_weights(model, ckpt, path, fits=f"--model_size {args.model_size} --fine-tune-mode "
+                                                    f"{args.fine_tune_mode}")
     return model, tokenizer
 
 

@@ -41,3 +41,22 @@ def test_save_model_works_in_a_fresh_process(tmp_path):
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_misfit_checkpoint_is_one_line_that_names_it_once(tmp_path) -> None:
+    # load_weights_into wrapped load_model_state's own error: "a.pt does not fit this model:
+    # a.pt does not fit the model (...)".
+    from models.heads import SonnetGPT
+    from training.checkpoints import atomic_save, load_weights_into
+
+    def sonnet_model(width: int) -> SonnetGPT:
+        return SonnetGPT(GPT2Model(GPT2Config(vocab_size=100, max_position_embeddings=32, hidden_size=width,
+                                              num_hidden_layers=2, num_attention_heads=4)))
+
+    path = tmp_path / "a.pt"
+    atomic_save({"model": sonnet_model(32).state_dict()}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_weights_into(sonnet_model(48), path)
+    message = str(e.value)
+    assert message.count(str(path)) == 1 and message.count("does not fit") == 1 and "\n" not in message
+    assert "gpt.wte.weight (100, 32) vs (100, 48)" in message

@@ -68,14 +68,16 @@ def save_model(model, path: str | Path, **extra: Any) -> None:
         atomic_save({"config": model.config.to_dict(), "model": state, "extra": extra}, path)
 
 
-def check_config(saved: dict[str, Any], config: GPT2Config, path: str | Path) -> None:
-    """Raise if a checkpoint's architecture differs from the model it is loaded into."""
+def check_config(saved: dict[str, Any], config: GPT2Config, path: str | Path, fits: str | None = None) -> None:
+    """Raise if a checkpoint's architecture differs from the model it is loaded into (``fits``:
+    what the model was built for, named in the message)."""
     theirs = GPT2Config.from_dict(saved).architecture()
     ours = config.architecture()
     diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in diff.items())
-        raise CheckpointError(f"{path} was saved from another model config ({detail})")
+        where = f"{path} does not fit {fits}: saved" if fits else f"{path} was saved"
+        raise CheckpointError(f"{where} from another model config ({detail})")
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu", random_init: bool = False,
@@ -115,8 +117,10 @@ def load_model_state(
     partial: bool,
     path: Any = "",
     saved_config: Mapping[str, Any] | None = None,
+    fits: str = "the model (another model size or fine-tune mode?)",
 ) -> None:
     """Load full or trainable-only weights; a partial state must still match the names it holds.
+    ``fits`` names what the checkpoint was meant for in the error ("--model_size gpt2 ...").
 
     A checkpoint that does not fit raises one ``CheckpointError`` line that lists everything that
     differs: every architecture field of ``saved_config`` (the checkpoint's ``model_config``), then
@@ -125,7 +129,7 @@ def load_model_state(
     if saved_config is not None:
         ours = model_config_of(model)
         if ours is not None:
-            check_config(dict(saved_config), GPT2Config.from_dict(ours), path)
+            check_config(dict(saved_config), GPT2Config.from_dict(ours), path, fits)
     own = model.state_dict()
     unexpected = sorted(set(state) - set(own))
     missing = [] if partial else sorted(set(own) - set(state))
@@ -135,8 +139,7 @@ def load_model_state(
         ("missing from the checkpoint", missing), ("not in the model", unexpected),
         ("other shapes, checkpoint vs model", shapes)) if keys]
     if problems:
-        raise CheckpointError(f"{path} does not fit the model (another model size or fine-tune mode?): "
-                              + "; ".join(problems))
+        raise CheckpointError(f"{path} does not fit {fits}: " + "; ".join(problems))
     model.load_state_dict(state, strict=not partial)
 
 
@@ -175,17 +178,28 @@ def keep_top_k(
     return ranked[:k]
 
 
+def load_checkpoint_weights(model: nn.Module, ckpt: Mapping[str, Any], path: str | Path,
+                            fits: str = "the model (another model size or fine-tune mode?)") -> None:
+    """The weights of a loaded Trainer checkpoint into ``model`` (full or trainable-only, its saved
+    config checked when it has one): the one way every loader does it, so a misfit reads the same
+    everywhere, one ``CheckpointError`` line naming ``path`` once and what it should ``fit``."""
+    if "model" not in ckpt:
+        raise CheckpointError(f"{path}: not a checkpoint of a training run (no model weights)")
+    try:
+        load_model_state(model, ckpt["model"], ckpt.get("trainable_only", False), path, ckpt.get("model_config"),
+                         fits=fits)
+    except CheckpointError:
+        raise
+    except (RuntimeError, ValueError) as e:  # anything torch raised past the checks: its first line
+        raise CheckpointError(f"{path} does not fit {fits}: {str(e).splitlines()[0]}") from e
+
+
 def load_weights_into(model: nn.Module, path: str | Path) -> dict[str, Any]:
     """Put the weights of a Trainer checkpoint (``best.pt``, ``last.pt``...) into ``model``, as
     ``--load`` does; a checkpoint that does not fit the model is a ``CheckpointError``. Returns
     the checkpoint (its ``extra`` holds what the weights do not show, e.g. the head's pooling)."""
     ckpt = load_checkpoint(path)
-    if "model" not in ckpt:
-        raise CheckpointError(f"{path}: not a checkpoint of a training run (no 'model' entry)")
-    try:
-        load_model_state(model, ckpt["model"], ckpt.get("trainable_only", False), path)
-    except (RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path} does not fit this model: {str(e).splitlines()[0]}") from e
+    load_checkpoint_weights(model, ckpt, path)
     return ckpt
 
 
@@ -216,6 +230,7 @@ def load_any_model(spec: str):
 
 
 __all__ = [
-    "TopK", "atomic_save", "check_config", "keep_top_k", "load_any_model", "load_checkpoint", "load_model",
-    "load_model_state", "load_weights_into", "model_config_of", "rank_top_k", "save_model", "trainable_state_dict",
+    "TopK", "atomic_save", "check_config", "keep_top_k", "load_any_model", "load_checkpoint", "load_checkpoint_weights",
+    "load_model", "load_model_state", "load_weights_into", "model_config_of", "rank_top_k", "save_model",
+    "trainable_state_dict",
 ]

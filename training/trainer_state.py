@@ -21,7 +21,7 @@ from training.checkpoints import (
     atomic_save,
     keep_top_k,
     load_checkpoint,
-    load_model_state,
+    load_checkpoint_weights,
     model_config_of,
     trainable_state_dict,
 )
@@ -126,13 +126,10 @@ class CheckpointMixin:
         set_sampler_rng_state(self.train_loader, rng)
 
     def _load_model(self, ckpt: Mapping[str, Any], path: str | Path) -> None:
-        if "model" not in ckpt:
-            raise CheckpointError(f"{path}: not a checkpoint written by the training engine (no model weights)")
-        if self._sharded():
+        if self._sharded() and "model" in ckpt:
             distributed.load_full_state_dict(self.model, ckpt["model"], ckpt.get("trainable_only", False))
             return
-        load_model_state(self.model, ckpt["model"], ckpt.get("trainable_only", False), path,
-                         saved_config=ckpt.get("model_config"))
+        load_checkpoint_weights(self.model, ckpt, path)
 
     def _check_same_parameters(self, ckpt: Mapping[str, Any], path: Path) -> None:
         """A run resumes only into the parameters it trained: a checkpoint of another fine-tune mode
