@@ -27,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sonnet_generation  # noqa: E402
+from experiments.launch import sonnet_run_flags  # noqa: E402
 from experiments.tables import mean_std_table  # noqa: E402
 
 STARTS = ("pretrained", "random")
@@ -45,11 +46,7 @@ def run_flags(args: argparse.Namespace, start: str, seed: int) -> list[str]:
         "--seed", str(seed), "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch_size", str(args.batch_size),
         "--limit", str(args.limit), "--max_new_tokens", str(args.max_new_tokens),
         "--patience", "0", "--save_top_k", "0", "--no_progress", "--overwrite",
-        "--sonnet_path", str(data / "sonnets.txt"), "--held_out_sonnet_path", str(data / "sonnets_held_out.txt"),
-        "--dev_held_out_sonnet_path", str(data / "sonnets_held_out_dev.txt"),
-        "--dev_true_sonnet_path", str(data / "TRUE_sonnets_held_out_dev.txt"),
-        "--output_dir", str(folder), "--sonnet_out", str(folder / "generated_sonnets.txt"),
-        "--dev_sonnet_out", str(folder / "generated_sonnets_dev.txt"), *args.extra,
+        *sonnet_run_flags(data, folder), *args.extra,
     ]
 
 

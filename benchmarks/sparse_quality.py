@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sonnet_generation  # noqa: E402
 from config import ATTENTION_PATTERNS  # noqa: E402
+from experiments.launch import sonnet_run_flags  # noqa: E402
 from training.efficiency import read_efficiency  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -78,11 +79,7 @@ def run_flags(args: argparse.Namespace, pattern: str) -> list[str]:
         "--batch_size", str(args.batch_size), "--limit", str(args.limit), "--max_length", str(args.max_length),
         "--max_new_tokens", str(args.max_new_tokens), "--decoding", "greedy",
         "--patience", "0", "--save_top_k", "0", "--no_progress", "--overwrite",
-        "--sonnet_path", str(data / "sonnets.txt"), "--held_out_sonnet_path", str(data / "sonnets_held_out.txt"),
-        "--dev_held_out_sonnet_path", str(data / "sonnets_held_out_dev.txt"),
-        "--dev_true_sonnet_path", str(data / "TRUE_sonnets_held_out_dev.txt"),
-        "--output_dir", str(folder), "--sonnet_out", str(folder / "generated_sonnets.txt"),
-        "--dev_sonnet_out", str(folder / "generated_sonnets_dev.txt"), *args.extra,
+        *sonnet_run_flags(data, folder), *args.extra,
     ]
 
 

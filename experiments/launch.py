@@ -44,6 +44,18 @@ TASKS: dict[str, TaskScript] = {
 }
 
 
+def sonnet_run_flags(data: Path, folder: Path) -> list[str]:
+    """``sonnet_generation.py`` flags that read the course's sonnet files from ``data`` and put
+    the run (checkpoints, metrics, generated sonnets) in ``folder``."""
+    return [
+        "--sonnet_path", str(data / "sonnets.txt"), "--held_out_sonnet_path", str(data / "sonnets_held_out.txt"),
+        "--dev_held_out_sonnet_path", str(data / "sonnets_held_out_dev.txt"),
+        "--dev_true_sonnet_path", str(data / "TRUE_sonnets_held_out_dev.txt"),
+        "--output_dir", str(folder), "--sonnet_out", str(folder / "generated_sonnets.txt"),
+        "--dev_sonnet_out", str(folder / "generated_sonnets_dev.txt"),
+    ]
+
+
 class ExperimentError(Exception):
     """Bad experiment input (flags the runner owns, a folder of another experiment...):
     one ``error:`` line and exit status 2 (``experiments.__main__``)."""

@@ -19,6 +19,19 @@ namespace {
 constexpr int64_t kPrefetch = 1024;  // bytes ahead of the current position in the row
 constexpr int64_t kGrain = 16;       // rows per parallel task, at least
 
+// One weight as float32 (int8 value, or bfloat16 bits shifted into a float32): the loops' tails.
+template <typename T>
+inline float scalar_weight(T v) {
+  if constexpr (sizeof(T) == 1) {
+    return static_cast<float>(v);
+  } else {
+    uint32_t bits = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+}
+
 #define LOWBIT_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 
 LOWBIT_TARGET inline __m512 int8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
@@ -55,16 +68,7 @@ LOWBIT_TARGET float dot_one(const T* w, const float* x, int64_t K) {
     a3 = _mm512_fmadd_ps(w3, _mm512_loadu_ps(x + k + 48), a3);
   }
   float r = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-  for (; k < K; ++k) {
-    if constexpr (sizeof(T) == 1) {
-      r += static_cast<float>(w[k]) * x[k];
-    } else {
-      uint32_t bits = static_cast<uint32_t>(w[k]) << 16;
-      float f;
-      std::memcpy(&f, &bits, sizeof f);
-      r += f * x[k];
-    }
-  }
+  for (; k < K; ++k) r += scalar_weight(w[k]) * x[k];
   return r;
 }
 
@@ -88,13 +92,7 @@ LOWBIT_TARGET void dot_rows(const T* w, const float* x, int64_t K, float* out) {
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
   for (; k < K; ++k) {
-    float f;
-    if constexpr (sizeof(T) == 1) {
-      f = static_cast<float>(w[k]);
-    } else {
-      uint32_t bits = static_cast<uint32_t>(w[k]) << 16;
-      std::memcpy(&f, &bits, sizeof f);
-    }
+    const float f = scalar_weight(w[k]);
     for (int m = 0; m < M; ++m) out[m] += f * x[m * K + k];
   }
 }
@@ -122,18 +120,6 @@ LOWBIT_TARGET2 inline float hsum8(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
-}
-
-template <typename T>
-inline float scalar_weight(T v) {
-  if constexpr (sizeof(T) == 1) {
-    return static_cast<float>(v);
-  } else {
-    uint32_t bits = static_cast<uint32_t>(v) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-  }
 }
 
 template <typename T>
