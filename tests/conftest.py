@@ -169,3 +169,16 @@ def make_toy_model(dropout: float = 0.2) -> torch.nn.Module:
 
 def toy_loss_fn(model: torch.nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+@pytest.fixture
+def fresh_kernel_state(monkeypatch):
+    """A monkeypatch under which ``modules.cpu_kernels`` looks the kernel up again (it is looked
+    up once per process), before the test and after it (e.g. ``setenv("GPT2_CPU_KERNELS", "0")``
+    for PyTorch's kernels)."""
+    from modules import cpu_kernels
+
+    cpu_kernels._load.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    cpu_kernels._load.cache_clear()

@@ -18,15 +18,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.fixture
-def fresh_kernel_state(monkeypatch):
-    """Forget whether the kernel loaded, before and after the test (it is looked up once)."""
-    cpu_kernels._load.cache_clear()
-    yield monkeypatch
-    monkeypatch.undo()
-    cpu_kernels._load.cache_clear()
-
-
 @runs_here
 def test_the_kernel_builds_on_a_machine_that_can_run_it() -> None:
     # Only the platform check may skip: a failed build here fails the test.

@@ -214,11 +214,14 @@ def test_bf16_rounds_only_the_weights_and_the_products_inputs() -> None:
 
 
 @pytest.mark.parametrize("quantize", ["bf16", "int8"])
-def test_low_precision_head_refines_its_top_logits_in_float32(quantize: str) -> None:
-    """The head's kernel returns bfloat16 logits (ties and swaps near the top); the top
+def test_low_precision_head_refines_its_top_logits_in_float32(quantize: str, fresh_kernel_state) -> None:
+    """PyTorch's head kernels return bfloat16 logits (ties and swaps near the top); the top
     REFINED_LOGITS of each row are the float32 dot products with the head's own rounded rows,
-    so greedy decoding picks what float32 arithmetic on those weights picks."""
+    so greedy decoding picks what float32 arithmetic on those weights picks. (The project's
+    kernel computes float32 logits and needs no refining: tests/test_cpu_kernels.py.)"""
     from modules.quant import REFINED_LOGITS, RefinedHead
+
+    fresh_kernel_state.setenv("GPT2_CPU_KERNELS", "0")  # the path that refines
 
     torch.manual_seed(0)
     w = torch.randn(5000, 256) * 0.5
@@ -229,6 +232,7 @@ def test_low_precision_head_refines_its_top_logits_in_float32(quantize: str) -> 
                                     else Int8Layout(w))
     rounded = layout.lookup(torch.arange(5000))  # (V, d) float32: the weights as the head holds them
     exact = x @ rounded.t()
+    assert not layout.inner.float32_products(x)
     y = layout.matmul(x, None)
     unrefined = layout.inner.matmul(x, None)
     top = unrefined.topk(REFINED_LOGITS, dim=-1).indices  # the candidates the head refines
