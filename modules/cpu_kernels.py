@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "lowbit_matvec.cpp"
-MAX_ROWS = 8
+MAX_ROWS = 8  # kMaxRows in the source; a build whose max_rows differs is refused
+_WEIGHT_DTYPES = (torch.int8, torch.bfloat16)
 _FLAGS = ["-O3", "-fopenmp"]  # without -fopenmp, at::parallel_for in the header runs on one thread
 
 
@@ -76,6 +77,8 @@ def _load():
         reason = f"could not compile {SOURCE.name} ({first}); PyTorch's kernels serve instead"
         print(f"warning: {reason}", file=sys.stderr, flush=True)
         return None, reason
+    if module.max_rows != MAX_ROWS:  # the two constants drifted apart: serves() would offer rows it refuses
+        raise RuntimeError(f"{SOURCE.name} serves up to {module.max_rows} rows, cpu_kernels.MAX_ROWS says {MAX_ROWS}")
     return module, None
 
 
@@ -91,9 +94,6 @@ def serves(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (x.dtype == torch.float32 and w.dtype in _WEIGHT_DTYPES and x.is_cpu and w.is_cpu
             and 0 < x.numel() <= MAX_ROWS * x.size(-1) and not (x.requires_grad and torch.is_grad_enabled())
             and _load()[0] is not None)
-
-
-_WEIGHT_DTYPES = (torch.int8, torch.bfloat16)
 
 
 def lowbit_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None,

@@ -117,7 +117,7 @@ class Int8Layout(WeightLayout):
         return cpu_kernels.serves(x, self.q)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if cpu_kernels.serves(x, self.q):
+        if self.float32_products(x):
             return cpu_kernels.lowbit_linear(x, self.q, self.scale, bias)
         if x.device.type == "cpu" and rows_of(x) <= DECODE_ROWS:
             y = _kernel_call(x, torch.ops.aten._weight_int8pack_mm, self.q, self._kernel_scale)

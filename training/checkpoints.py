@@ -68,6 +68,10 @@ def save_model(model, path: str | Path, **extra: Any) -> None:
         atomic_save({"config": model.config.to_dict(), "model": state, "extra": extra}, path)
 
 
+# What a checkpoint is said not to fit when the caller names nothing more particular.
+_ANY_MODEL = "the model (another model size or fine-tune mode?)"
+
+
 def check_config(saved: dict[str, Any], config: GPT2Config, path: str | Path, fits: str | None = None) -> None:
     """Raise if a checkpoint's architecture differs from the model it is loaded into (``fits``:
     what the model was built for, named in the message)."""
@@ -117,7 +121,7 @@ def load_model_state(
     partial: bool,
     path: Any = "",
     saved_config: Mapping[str, Any] | None = None,
-    fits: str = "the model (another model size or fine-tune mode?)",
+    fits: str = _ANY_MODEL,
 ) -> None:
     """Load full or trainable-only weights; a partial state must still match the names it holds.
     ``fits`` names what the checkpoint was meant for in the error ("--model_size gpt2 ...").
@@ -179,7 +183,7 @@ def keep_top_k(
 
 
 def load_checkpoint_weights(model: nn.Module, ckpt: Mapping[str, Any], path: str | Path,
-                            fits: str = "the model (another model size or fine-tune mode?)") -> None:
+                            fits: str = _ANY_MODEL) -> None:
     """The weights of a loaded Trainer checkpoint into ``model`` (full or trainable-only, its saved
     config checked when it has one): the one way every loader does it, so a misfit reads the same
     everywhere, one ``CheckpointError`` line naming ``path`` once and what it should ``fit``."""
