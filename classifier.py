@@ -13,8 +13,8 @@ As the course starter does, trains and evaluates on SST and then on CFIMDB (``--
 or one of them with ``--dataset``), and writes ``predictions/<mode>-<sst|cfimdb>-<dev|test>-out.csv``
 in the starter's format; ``--dataset cola`` writes ``predictions/<mode>-cola-dev-out.csv`` (CoLA
 has no public test set). The training objectives (R-Drop, SimCSE, SMART) and ``--pooling`` are
-``training.objectives``' flags. This file only parses the flags: the task is
-``tasks.sentiment``, the modes and their default learning rates ``models.fine_tune``,
+``methods.objectives``' flags. This file only parses the flags: the task is
+``tasks.sentiment``, the modes and their default learning rates ``methods.fine_tune``,
 the flags, loop, checkpoints and data reading ``training/``.
 """
 
@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from models.fine_tune import default_lr, mode_names, modes_help
+from cli.common import run_main
+from methods.fine_tune import default_lr, mode_names, modes_help
 from tasks.common import add_classification_args
 from tasks.sentiment import DATASETS, SPLITS, STARTER_DATASETS, default_path, run
-from training.cli import run_main
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:

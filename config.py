@@ -35,7 +35,7 @@ class GPT2Config:
     attn_block: int = 64  # block size (block_global)
     attn_num_global: int = 1  # leading global tokens (block_global)
     attn_stride: int = 0  # strided: 0 = far keys at distances 2^k (LogSparse); s > 0 = at multiples of s
-    # "blockwise": O(T*w) kernels of modules/sparse_attention.py; "mask": SDPA on the full reference mask.
+    # "blockwise": O(T*w) kernels of methods/sparse_attention.py; "mask": SDPA on the full reference mask.
     attn_sparse_impl: str = "blockwise"
     gradient_checkpointing: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, saved with checkpoints

@@ -12,8 +12,8 @@ a full-model run), or a Hugging Face GPT-2 folder or hub id. Every ``GenerationC
 setting is a flag of the same name, checked by ``GenerationConfig`` itself while the command
 line is parsed (a bad value or combination is one error line, exit status 2, before the model
 loads); ``--mbr_pool`` fills a candidate pool per prompt and keeps the chrF consensus
-(``models.mbr``). Decoding runs on the model prepared inference-only by
-``models.inference.prepare_for_inference`` (each weight held once, in its decoding layout);
+(``decoding.mbr``). Decoding runs on the model prepared inference-only by
+``decoding.inference.prepare_for_inference`` (each weight held once, in its decoding layout);
 ``--quantize bf16|int8|int4`` decodes with bf16 or weight-only int8 / int4 weights.
 
 Output: each completion (prompt included), followed by a blank line, on stdout or in
@@ -33,14 +33,14 @@ from typing import Any
 
 import torch
 
+from cli.common import pick_device, run_main, seed_everything
+from decoding.inference import add_inference_args, decoding_rows, inference_from_args
+from decoding.mbr import CandidatePool, mbr_pool_generate
+from engine.checkpoints import load_any_model
+from engine.data import PadCollator, encode
 from models.generation import LineStop, generate, trim
 from models.generation_config import GenerationConfig
-from models.inference import add_inference_args, decoding_rows, inference_from_args
 from models.loading import load_tokenizer
-from models.mbr import CandidatePool, mbr_pool_generate
-from training.checkpoints import load_any_model
-from training.cli import pick_device, run_main, seed_everything
-from training.data import PadCollator, encode
 
 # GenerationConfig fields that are flags of the same name: (field, argparse type or "flag")
 SETTINGS: tuple[tuple[str, Any], ...] = (

@@ -4,7 +4,7 @@
     python paraphrase_detection.py --fine_tune_mode lora --lr 3e-4  # LoRA adapters only
     python paraphrase_detection.py --model_size tiny --random_init --limit 2000 --epochs 2   # offline smoke run
 
-Each pair becomes one prompt (``training.course_data.PARAPHRASE_PROMPT``, the same for train, dev
+Each pair becomes one prompt (``tasks.course_data.PARAPHRASE_PROMPT``, the same for train, dev
 and test) and the answer is read at its last real token as "yes" (8505) or "no" (3919).
 Without the course's Quora files (offline), train/dev/test are carved from
 ``data/quora-minbert-dev.csv`` and a notice says so. Writes
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cli.common import run_main
 from tasks.paraphrase import build_parser, run
-from training.cli import run_main
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from training.submission import ZIP_NAME, Report, prepare
+from tasks.submission import ZIP_NAME, Report, prepare
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:

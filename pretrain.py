@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from cli.common import add_common_args, run_main
+from cli.validation import unit_fraction
 from tasks.lm import add_attention_args, add_corpus_format_arg, run_pretraining
-from training.cli import add_common_args, run_main
-from training.validation import unit_fraction
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

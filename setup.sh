@@ -75,7 +75,7 @@ if [ ! -s data/quora-train.csv ] && [ -f "$SHARED/quora-minbert-dev.csv" ] && [ 
   cp "$SHARED/quora-minbert-dev.csv" data/ && echo "    copied data/quora-minbert-dev.csv (offline Quora stand-in)"
 fi
 [ -f optimizer_test.npy ] || { [ -f "$SHARED/optimizer_test.npy" ] && cp "$SHARED/optimizer_test.npy" .; }
-echo "==> the CPU decoding kernel (modules/csrc, compiled once per machine)"
-"$VENV/bin/python" -c "from modules import cpu_kernels as k; r = k.unavailable(); print('    ' + (r or 'ready'))" \
+echo "==> the CPU decoding kernel (decoding/csrc, compiled once per machine)"
+"$VENV/bin/python" -c "from decoding import cpu_kernels as k; r = k.unavailable(); print('    ' + (r or 'ready'))" \
   || echo "    could not check it; decoding will use PyTorch's kernels"
 echo "==> done. Activate with: source $VENV/bin/activate"

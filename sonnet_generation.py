@@ -20,7 +20,7 @@ starter's format, and the best model is saved as a plain GPT-2 checkpoint.
 Evaluation, each epoch (``metrics.jsonl``): dev chrF, the held-out loss and perplexity of the
 whole true dev sonnets (the handout's metric; an EOS appended as in training), and the form of
 the generated dev sonnets (``form_*``: lines, syllables per line, rhyme adherence;
-``training.sonnet_form``). ``--early_stop_metric chrf|loss`` picks the best epoch by either;
+``tasks.sonnet_form``). ``--early_stop_metric chrf|loss`` picks the best epoch by either;
 ``--train_size F`` trains on a seeded random fraction F of the training sonnets and judges
 epochs on the rest, so the dev set only scores the final model. The final files' form goes to
 ``<run>/form.json`` with dev chrF and perplexity. ``--checkpoint`` with training starts from a
@@ -42,15 +42,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from models.fine_tune import default_lr, mode_names, modes_help
-from models.inference import add_inference_args
-from models.mbr import CandidatePool
-from tasks.lm import add_attention_args, add_pretrain_args
-from tasks.sonnet import CONTRASTIVE_K, DECODINGS, run
-from tasks.sonnet_dpo import PAIRINGS, RANKINGS
-from tasks.sonnet_eval import EARLY_STOP_METRICS
-from training.cli import add_common_args, run_main
-from training.validation import (
+from cli.common import add_common_args, run_main
+from cli.validation import (
     check_decoding,
     float_in,
     int_in,
@@ -61,6 +54,13 @@ from training.validation import (
     probability,
     unit_interval,
 )
+from decoding.inference import add_inference_args
+from decoding.mbr import CandidatePool
+from methods.fine_tune import default_lr, mode_names, modes_help
+from tasks.lm import add_attention_args, add_pretrain_args
+from tasks.sonnet import CONTRASTIVE_K, DECODINGS, run
+from tasks.sonnet_dpo import PAIRINGS, RANKINGS
+from tasks.sonnet_eval import EARLY_STOP_METRICS
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -42,10 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from config import SIZES, GPT2Config  # noqa: E402
+from decoding import cpu_kernels  # noqa: E402
+from decoding.quant import QUANTIZE_CHOICES  # noqa: E402
 from models.gpt2 import GPT2Model, maybe_compile  # noqa: E402
-from modules import cpu_kernels  # noqa: E402
 from modules.losses import lm_loss  # noqa: E402
-from modules.quant import QUANTIZE_CHOICES  # noqa: E402
 from optimizer import AdamW  # noqa: E402
 
 # Dense bf16 tensor-core peak (TFLOPS, no sparsity) by a substring of the device name; first match wins.
@@ -170,8 +170,8 @@ def decode_fn(model, side: str, args: argparse.Namespace, batch_size: int) -> Ca
     ``transformers`` or ``ours/<quantize>``: ours decodes a copy of ``model`` prepared
     inference-only (``prepare_for_inference(..., quantize, inference_only=True)``: each weight
     held once, in its decoding layout), prepared once here as a caller decoding many batches would."""
+    from decoding.inference import prepare_for_inference
     from models.generation import generate
-    from models.inference import prepare_for_inference
 
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(1)
@@ -195,8 +195,8 @@ def memory_probe(args: argparse.Namespace) -> None:
     peak, not that of building, converting or quantising the model (transient on both sides)."""
     import transformers  # noqa: F401  (both sides import the same libraries before the baseline)
 
+    from decoding.inference import prepare_for_inference  # noqa: F401
     from models.generation import generate  # noqa: F401
-    from models.inference import prepare_for_inference  # noqa: F401
 
     kind, side, batch = args.probe.split(":")
     base = rss_mib()
@@ -241,9 +241,9 @@ def matvec_bandwidth(device: torch.device, kind: str, reps: int = 20) -> dict[st
     ``kind`` (float32, bf16, int8, int4), the ceiling of batch-1 decoding. Floats: the (out, in)
     layout F.linear uses, the (in, out) layout, and on CPU oneDNN's weight prepacked for one row
     (much the fastest: F.linear does not reach the machine's bandwidth). int8 / int4: the
-    layouts' kernels (``modules.quant``: the project's own kernel where it builds), PyTorch's
+    layouts' kernels (``decoding.quant``: the project's own kernel where it builds), PyTorch's
     int8 kernel, and dequantise-then-F.linear; bf16 adds the project's kernel."""
-    from modules.quant import Int4Layout, Int8Layout, dequantize_int8
+    from decoding.quant import Int4Layout, Int8Layout, dequantize_int8
 
     W = torch.randn(16384, 4096, device=device)  # 256 MB in float32, far beyond the caches
     x = torch.randn(1, 4096, device=device)
@@ -311,7 +311,7 @@ def bench_decode(ours, hf, args, device) -> None:
     ``transformers`` (identical weights: float32 should agree exactly; the others' agreement on
     these random weights, whose logits are near ties, says nothing of quality: see
     ``benchmarks/quant_quality.py``)."""
-    from modules.quant import QuantizationUnavailable, check_quantize
+    from decoding.quant import QuantizationUnavailable, check_quantize
 
     P = args.prompt_len
     quants = list(dict.fromkeys(args.quantize + (["bf16"] if args.bf16_decode else [])))
@@ -344,7 +344,7 @@ def bench_decode(ours, hf, args, device) -> None:
 def print_bound(model: GPT2Model, quantize: str, step_s: float, device: torch.device) -> None:
     """The batch-1 bound of one representation: the bytes an inference-only model holds (less the
     position table, of which a step reads one row) over the fastest matrix-vector rate measured."""
-    from models.inference import held_bytes, prepare_for_inference
+    from decoding.inference import held_bytes, prepare_for_inference
 
     fast = prepare_for_inference(copy.deepcopy(model), quantize=quantize, inference_only=True)
     nbytes = held_bytes(fast) - held_bytes(fast.body.wpe)

@@ -2,7 +2,7 @@
 distinct matrices, so each is read from DRAM as in a real step) at 1, 2, 4 and 8 rows, in
 int8 (the project's kernel, PyTorch's ``aten._weight_int8pack_mm``) and bfloat16 (the
 project's kernel, oneDNN packed for 1 and for 8 rows). Medians in ms per pass; what the
-row limits in ``modules.quant`` (int8 up to 8 rows, ``KERNEL_BF16_ROWS`` for bf16) rest on.
+row limits in ``decoding.quant`` (int8 up to 8 rows, ``KERNEL_BF16_ROWS`` for bf16) rest on.
 
     python benchmarks/decode_kernels.py                # gpt2 shapes, 2 threads
     python benchmarks/decode_kernels.py --n_embd 1024 --n_layer 24
@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from modules import cpu_kernels  # noqa: E402
-from modules.quant import quantize_int8  # noqa: E402
+from decoding import cpu_kernels  # noqa: E402
+from decoding.quant import quantize_int8  # noqa: E402
 
 
 def median_ms(fn, reps: int) -> float:

@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from config import get_config  # noqa: E402
+from decoding.inference import prepare_for_inference  # noqa: E402
 from models.generation import generate  # noqa: E402
 from models.gpt2 import GPT2Model  # noqa: E402
-from models.inference import prepare_for_inference  # noqa: E402
 
 
 def same_weights(size: str, seed: int = 0):

@@ -38,8 +38,8 @@ def rss_mib(field: str) -> float:
 def probe(args: argparse.Namespace) -> dict[str, float]:
     """In this process: one variant's trainable parameters and peak training memory."""
     from config import get_config
+    from methods.lora import apply_lora, mark_only_lora_trainable
     from models.gpt2 import GPT2Model
-    from modules.lora import apply_lora, mark_only_lora_trainable
     from modules.losses import lm_loss
     from optimizer import AdamW
 

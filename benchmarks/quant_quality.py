@@ -34,14 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from decoding.inference import prepare_for_inference  # noqa: E402
+from decoding.quant import QUANTIZE_CHOICES, QuantizationUnavailable, check_quantize  # noqa: E402
+from engine.checkpoints import load_any_model  # noqa: E402
 from models.generation import LineStop  # noqa: E402
-from models.inference import prepare_for_inference  # noqa: E402
 from models.loading import CheckpointError, load_tokenizer  # noqa: E402
-from modules.quant import QUANTIZE_CHOICES, QuantizationUnavailable, check_quantize  # noqa: E402
+from tasks.course_data import read_sonnets  # noqa: E402
+from tasks.metrics import chrf  # noqa: E402
 from tasks.sonnet import continue_prompts  # noqa: E402
-from training.checkpoints import load_any_model  # noqa: E402
-from training.course_data import read_sonnets  # noqa: E402
-from training.metrics import chrf  # noqa: E402
 
 
 def greedy_continuations(model, tokenizer, prompts: list[str], new_tokens: int, stop: bool) -> list[list[int]]:

@@ -7,7 +7,7 @@ The model completes the dev prompts (the first 3 lines of each held-out sonnet) 
 strategy of ``STRATEGIES`` (or ``--only``), with ``sonnet_generation.py``'s own decoding code
 and flags: the stopping rule (EOS or ``--num_lines`` lines), the token budget and the left
 padding are the task's. Reported per strategy: corpus chrF against the true dev sonnets
-(sacrebleu, as the course grades), the form of the generated sonnets (``training.sonnet_form``:
+(sacrebleu, as the course grades), the form of the generated sonnets (``tasks.sonnet_form``:
 lines, share with 14 lines, mean |syllables - 10| per line, rhyme adherence to ABAB CDCD EFEF
 GG) and seconds. Strategies that sample run under ``--seeds`` seeds and report mean ± std;
 deterministic ones run once. Prints a Markdown table; ``--json`` writes the rows.
@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sonnet_generation  # noqa: E402
 from experiments.tables import mean_std, mean_std_table  # noqa: E402
+from tasks.course_data import read_sonnets  # noqa: E402
+from tasks.metrics import chrf  # noqa: E402
 from tasks.sonnet import candidate_pool, complete_prompts, decoding_kwargs, load_sonnet_model  # noqa: E402
-from training.course_data import read_sonnets  # noqa: E402
-from training.metrics import chrf  # noqa: E402
-from training.sonnet_form import summarize_form  # noqa: E402
+from tasks.sonnet_form import summarize_form  # noqa: E402
 
 # name -> sonnet_generation.py decoding flags
 STRATEGIES: dict[str, list[str]] = {

@@ -10,7 +10,7 @@ on the CPU, for T in ``--lengths``; q, k, v are (B, 12, T, 64) views of one
 - ``dense eager``: softmax(QK^T)V written out, the O(T^2) matrix materialised;
 - ``<pattern> mask``: SDPA with the pattern's boolean (T, T) mask
   (``attn_sparse_impl="mask"``): same cost as dense, only a mask changes;
-- ``<pattern> blockwise``: ``modules.sparse_attention`` (the default), O(T * w).
+- ``<pattern> blockwise``: ``methods.sparse_attention`` (the default), O(T * w).
 
 Time: median over ``--repeats`` runs after warm-up, the variants taking turns
 (other processes share the cores: medians, round-robin). Memory: the increase of this process's peak
@@ -42,8 +42,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from config import GPT2Config  # noqa: E402
+from methods.sparse_attention import sparse_blockwise_attention  # noqa: E402
 from modules.attention import build_attention_mask, eager_attention  # noqa: E402
-from modules.sparse_attention import sparse_blockwise_attention  # noqa: E402
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sonnet_generation  # noqa: E402
 from config import ATTENTION_PATTERNS  # noqa: E402
+from engine.efficiency import read_efficiency  # noqa: E402
 from experiments.launch import sonnet_run_flags  # noqa: E402
-from training.efficiency import read_efficiency  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 

@@ -2,7 +2,7 @@
 (contexts -> generate -> filter -> train -> self-distill) and knowledge distillation (kd).
 
 Each step is a module with ``add_args(parser)``, ``DEFAULTS`` (its defaults for the
-shared flags of ``training.cli``) and ``run(args)``; this file only dispatches.
+shared flags of ``cli.common``) and ``run(args)``; this file only dispatches.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from training.cli import add_common_args, run_main
+from cli.common import add_common_args, run_main
 
 STEPS = {
     "contexts": ("distillation.contexts", "sample short contexts from GPT-2 or read them from a file"),

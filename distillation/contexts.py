@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
+from cli.validation import positive_int
+from decoding.inference import prepare_for_inference
 from distillation.records import write_jsonl, write_summary
 from distillation.sampling import SamplingConfig, add_sampling_args, sample_sentences, sampling_config
-from models.inference import prepare_for_inference
-from training.validation import positive_int
 
 DEFAULTS = {"batch_size": 32}
 
@@ -40,7 +40,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def read_contexts(path: str | Path, limit: int = 0) -> list[str]:
     """Distinct non-empty contexts of a text file, or the questions of a Quora-format TSV."""
-    from training.data import read_tsv
+    from engine.data import read_tsv
 
     path = Path(path)
     if not path.exists():
@@ -84,7 +84,7 @@ def sample_contexts(model, tokenizer, style: str, n: int, cfg: SamplingConfig, b
 
 
 def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
-    from training.cli import build_from_args, pick_device, seed_everything
+    from cli.common import build_from_args, pick_device, seed_everything
 
     seed_everything(args.seed)
     cfg = sampling_config(args)

@@ -12,10 +12,10 @@ import random
 import time
 from pathlib import Path
 
+from cli.validation import non_negative_int, positive_float, unit_interval
 from distillation.filters import FilterConfig, Pair, apply_filters, candidate_pairs
 from distillation.records import read_jsonl, write_jsonl, write_summary
 from distillation.scorer import add_scorer_args, scorer_from_args
-from training.validation import non_negative_int, positive_float, unit_interval
 
 DEFAULTS = {"batch_size": 64}
 
@@ -49,7 +49,7 @@ def side_paths(output: str | Path) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace, score_fn=None) -> dict:
-    from training.cli import seed_everything
+    from cli.common import seed_everything
 
     seed_everything(args.seed)
     records = list(read_jsonl(args.generations))

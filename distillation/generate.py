@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from cli.validation import positive_int
 from distillation.records import append_jsonl, read_jsonl, write_summary
 from distillation.sampling import add_sampling_args, sample_sentences, sampling_config
-from training.validation import positive_int
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -52,7 +52,7 @@ def pending_batches(contexts: list[dict], done: set[str], per_batch: int) -> lis
 def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
     from tqdm.auto import tqdm
 
-    from training.cli import build_from_args, pick_device, seed_everything
+    from cli.common import build_from_args, pick_device, seed_everything
 
     seed_everything(args.seed)
     contexts = list(read_jsonl(args.contexts))

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
+from cli.validation import positive_float, positive_int, unit_interval
 from distillation.kd_loss import LSTMStudent, kd_loss
 from distillation.records import write_summary
-from training.validation import positive_float, positive_int, unit_interval
 
 DEFAULTS = {"batch_size": 32, "lr": 1e-3, "epochs": 5, "hidden_dropout_prob": 0.1}
 
@@ -63,15 +63,15 @@ def load_teacher(path: str | Path, device: torch.device, dataset: str | None = N
 
 def logits_of(model, loader) -> list[list[float]]:
     """Logits in file order (features carry ``index``)."""
+    from engine.predict import predict_in_order
     from tasks.sentiment import logits
-    from training.predict import predict_in_order
 
     return predict_in_order(model, loader, logits)
 
 
 def metrics_of(model, loader, labels: list[int]) -> dict[str, float]:
     """Accuracy, macro-F1 and Matthews correlation of the model's predictions."""
-    from training.metrics import classification_metrics
+    from tasks.metrics import classification_metrics
 
     return classification_metrics(labels, [max(range(len(x)), key=x.__getitem__) for x in logits_of(model, loader)])
 
@@ -88,11 +88,11 @@ def build_student(kind: str, teacher, num_labels: int, args: argparse.Namespace)
 
 def train_student(args: argparse.Namespace, teacher, feats: dict[str, list[dict[str, Any]]], alpha: float,
                   name: str, device: torch.device, collate, dev_labels: list[int]) -> dict[str, Any]:
-    from models.fine_tune import count_parameters
+    from cli.common import seed_everything, train_config_from_args
+    from engine.data import make_eval_loader
+    from methods.fine_tune import count_parameters
     from tasks.common import fit_task
     from tasks.sentiment import SELECTION_METRIC
-    from training.cli import seed_everything, train_config_from_args
-    from training.data import make_eval_loader
 
     seed_everything(args.seed)
     num_labels = len(feats["train"][0]["teacher_logits"])
@@ -116,10 +116,10 @@ def train_student(args: argparse.Namespace, teacher, feats: dict[str, list[dict[
 
 
 def run(args: argparse.Namespace) -> dict:
+    from cli.common import pick_device, seed_everything
+    from engine.data import PadCollator, make_eval_loader
+    from tasks.course_data import sentiment_features
     from tasks.sentiment import default_path, read_split
-    from training.cli import pick_device, seed_everything
-    from training.course_data import sentiment_features
-    from training.data import PadCollator, make_eval_loader
 
     seed_everything(args.seed)
     device = pick_device(args.use_gpu, args.device)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cli.validation import non_negative_int, positive_float, positive_int, probability
 from models.generation import generate
-from training.validation import non_negative_int, positive_float, positive_int, probability
 
 # A sentence ends at . ! ? (optionally followed by closing quotes/brackets) before
 # whitespace, unless the word is a common abbreviation or a single initial.

@@ -34,9 +34,9 @@ def cloze_score_fn(model, tokenizer, batch_size: int = 64, max_length: int = 0) 
 
 def scorer_from_args(args: argparse.Namespace) -> ScoreFn:
     """The ScoreFn ``--scorer`` (or the zero-shot model) gives, on ``--device``."""
+    from cli.common import build_from_args, pick_device
     from models.heads import ClozeParaphraseScorer
     from models.loading import load_tokenizer
-    from training.cli import build_from_args, pick_device
 
     device = pick_device(args.use_gpu, args.device)
     if args.scorer:

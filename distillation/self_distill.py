@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
+from cli.validation import positive_int
 from distillation.filter_step import add_filter_args, filter_config
 from distillation.filters import Pair, apply_filters
 from distillation.records import read_jsonl, write_jsonl, write_summary
 from distillation.sampling import add_sampling_args, sample_sentences, sampling_config
 from distillation.scorer import add_scorer_args, scorer_from_args
-from training.validation import positive_int
 
 DEFAULTS = {"lr": 1.5e-5, "epochs": 2, "batch_size": 8, "hidden_dropout_prob": 0.1}
 PROMPT = "Sentence: {s}\nParaphrase:"
@@ -55,10 +55,10 @@ def generator_features(pairs: list[tuple[str, str]], tokenizer, max_length: int)
 
 def train_generator(gpt, tokenizer, pairs: list[tuple[str, str]], args: argparse.Namespace, out_dir: Path,
                     device: torch.device) -> dict:
+    from cli.common import train_config_from_args
+    from engine.data import PadCollator, make_loader
+    from engine.trainer import Trainer
     from modules.losses import lm_loss
-    from training.cli import train_config_from_args
-    from training.data import PadCollator, make_loader
-    from training.trainer import Trainer
 
     max_len = args.max_length or gpt.config.max_position_embeddings
     feats = generator_features(pairs, tokenizer, max_len)
@@ -95,8 +95,8 @@ def paraphrase_candidates(gpt, tokenizer, sources: list[str], args: argparse.Nam
 
 
 def run(args: argparse.Namespace) -> dict:
-    from training.checkpoints import save_model
-    from training.cli import build_from_args, pick_device, seed_everything
+    from cli.common import build_from_args, pick_device, seed_everything
+    from engine.checkpoints import save_model
 
     seed_everything(args.seed)
     device = pick_device(args.use_gpu, args.device)

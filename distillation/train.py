@@ -43,7 +43,7 @@ def negatives_for(positives: list, negatives: list, ratio: float, seed: int) -> 
 
 
 def quora_train_pairs(args: argparse.Namespace) -> list[tuple[str, str, int]]:
-    from training.course_data import load_quora_splits
+    from tasks.course_data import load_quora_splits
 
     rows = load_quora_splits(args.para_train, args.para_dev, args.para_test, limit=args.limit)["train"]
     return [(r.sentence1, r.sentence2, r.label) for r in rows]
@@ -61,7 +61,7 @@ def paraphrase_settings_for(args: argparse.Namespace, train_file: Path, out_dir:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from training.cli import seed_everything
+    from cli.common import seed_everything
 
     seed_everything(args.seed)
     pos = [(r["s1"], r["s2"]) for r in read_jsonl(args.pairs)]

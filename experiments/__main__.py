@@ -9,9 +9,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from cli.common import run_main
 from experiments import ensemble, seeds, sweep
 from experiments.launch import ExperimentError, split_task_argv
-from training.cli import run_main
 
 COMMANDS = {"seeds": seeds, "ensemble": ensemble, "sweep": sweep}
 

@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
+from cli.validation import non_negative_int, positive_int
 from experiments.launch import ExperimentError
 from experiments.tables import write_tables
 from models.loading import CheckpointError
-from training.metrics import classification_metrics
-from training.validation import non_negative_int, positive_int
+from tasks.metrics import classification_metrics
 
 
 @dataclass
@@ -116,7 +116,7 @@ def read_split(first: Member, split: str, path: str | None, limit: int | None = 
     if limit is None:
         limit = getattr(first.args, "limit", 0) or 0
     if first.task == "paraphrase":
-        from training.course_data import load_quora_splits
+        from tasks.course_data import load_quora_splits
 
         # The paraphrase run's defaults: offline, the same deterministic splits carved from quora-minbert-dev.csv.
         files = {s: getattr(first.args, f"para_{s}", f"data/quora-{s}.csv") for s in ("train", "dev")}
@@ -127,10 +127,10 @@ def read_split(first: Member, split: str, path: str | None, limit: int | None = 
     if path is None:
         return None
     if first.dataset == "cola":
-        from training.cola import read_cola
+        from tasks.cola import read_cola
 
         return read_cola(path, limit)
-    from training.course_data import SENTIMENT_LABELS, read_sentiment
+    from tasks.course_data import SENTIMENT_LABELS, read_sentiment
 
     return read_sentiment(path, limit, labels=SENTIMENT_LABELS.get(first.dataset))
 
@@ -138,20 +138,20 @@ def read_split(first: Member, split: str, path: str | None, limit: int | None = 
 @torch.no_grad()
 def probabilities(member: Member, rows: Sequence[Any], batch_size: int, name: str = "") -> torch.Tensor:
     """(N, C) class probabilities of ``rows`` in order, with the task's own prediction code."""
-    from training.data import PadCollator
+    from engine.data import PadCollator
 
     collate = PadCollator(member.tokenizer.pad_token_id, padding_side=getattr(member.args, "padding_side", "right"))
     if member.task == "paraphrase":
+        from tasks.course_data import paraphrase_features
         from tasks.paraphrase import predict_p_yes
-        from training.course_data import paraphrase_features
 
         feats = paraphrase_features(rows, member.tokenizer, member.max_length, verbose=False)
         p_yes = torch.tensor(predict_p_yes(member.model, feats, collate, batch_size))
         return torch.stack([1 - p_yes, p_yes], dim=-1)
+    from engine.data import make_eval_loader
+    from engine.predict import predict_in_order
+    from tasks.course_data import sentiment_features
     from tasks.sentiment import logits
-    from training.course_data import sentiment_features
-    from training.data import make_eval_loader
-    from training.predict import predict_in_order
 
     feats = sentiment_features(rows, member.tokenizer, member.max_length, f"{member.dataset} {name}".strip())
     out = predict_in_order(member.model, make_eval_loader(feats, collate, batch_size), logits)
@@ -173,7 +173,7 @@ def write_predictions(first: Member, split: str, rows: Sequence[Any], preds: Seq
         path = folder / f"para-{split}-output.csv"
         write_paraphrase_predictions(path, [r.id for r in rows], ClozeParaphraseScorer.answer_token(preds))
         return path
-    from training.course_data import write_id_predictions
+    from tasks.course_data import write_id_predictions
 
     path = folder / f"{prefix}-{first.dataset}-{split}-out.csv"
     write_id_predictions(path, "Predicted_Sentiment", [r.id for r in rows], list(preds))

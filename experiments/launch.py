@@ -6,7 +6,7 @@ the runner owns: ``--seed`` (seeds), the sampled values (sweeps), ``--output_dir
 folder each), ``--resume``/``--overwrite`` (decided from what the folder holds) and where the
 prediction files go (inside the run folder, so runs never overwrite each other's). The script
 is executed as a program (``runpy``, as ``python classifier.py ...`` would run it, in this
-process, so Trainer callbacks attached with ``training.tracking.attach`` reach its Trainer);
+process, so Trainer callbacks attached with ``engine.tracking.attach`` reach its Trainer);
 nothing of it is imported as a library. Results are read from the run folder afterwards
 (``run_results``): the best epoch of each ``metrics.jsonl``, by the metric the run selected on.
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.run_dir import RunDirError, holds_checkpoint, run_files
+from engine.run_dir import RunDirError, holds_checkpoint, run_files
 
 ROOT = Path(__file__).resolve().parents[1]
 DONE = "experiment-run.json"  # written in a run folder by the runner once the run has finished

@@ -24,11 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cli.validation import positive_int
+from engine import tracking
 from experiments.launch import ExperimentError, check_task_flags, dataset_flag, run_results, run_task
 from experiments.space import Param, SpaceError, combine, read_space_file, space_arg
 from experiments.tables import write_tables
-from training import tracking
-from training.validation import positive_int
 
 FINISHED = ("COMPLETE", "PRUNED")
 

@@ -12,7 +12,7 @@ Why it is written this way:
   row has finished;
 - strategies see the model only through ``DecoderLM`` and the cache only through
   ``modules.kv_cache.BaseKVCache``, so a plain ``GPT2Model`` and one prepared by
-  ``models.inference.prepare_for_inference`` decode alike.
+  ``decoding.inference.prepare_for_inference`` decode alike.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from modules.kv_cache import BaseKVCache
 
 
 class DecoderLM(Protocol):
-    """The model interface decoding uses (``GPT2Model``, ``models.inference.InferenceModel``)."""
+    """The model interface decoding uses (``GPT2Model``, ``decoding.inference.InferenceModel``)."""
 
     training: bool
 

@@ -7,8 +7,8 @@ name to the strategy the config selects:
 - beam search: ``models.beam_search``;
 - contrastive search: ``models.contrastive``.
 
-MBR selection, a layer above ``generate``, is ``models.mbr``. For fast CPU decoding pass a
-model prepared by ``models.inference.prepare_for_inference``; the tokens are the same.
+MBR selection, a layer above ``generate``, is ``decoding.mbr``. For fast CPU decoding pass a
+model prepared by ``decoding.inference.prepare_for_inference``; the tokens are the same.
 Also here: ``LineStop`` (a stop condition) and ``trim`` (an output row as a token list).
 """
 

@@ -3,7 +3,7 @@ and an LM head tied to the token embedding.
 
 The whole model fits on one screen on purpose; ``models.loading`` fills it from
 Hugging Face checkpoints, ``models.heads`` builds task models on top, and
-``models.inference.prepare_for_inference`` gives decoding its faster weight layouts
+``decoding.inference.prepare_for_inference`` gives decoding its faster weight layouts
 without touching this module.
 """
 

@@ -1,7 +1,7 @@
 """Task models built on GPT2Model.
 
 Each head keeps the body under ``self.gpt`` (the starter's name) and names its own new
-modules in ``head``, so that ``models.fine_tune.set_fine_tune_mode`` and checkpoints treat
+modules in ``head``, so that ``methods.fine_tune.set_fine_tune_mode`` and checkpoints treat
 every task alike. The sentiment classifier is also the KD pipeline's small GPT-2 student.
 Add new task heads below the sentiment classifier.
 """

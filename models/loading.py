@@ -1,7 +1,7 @@
 """Pretrained GPT-2 weights (hub id or local Hugging Face folder) and the tokenizer.
 
 This is the only module that knows Hugging Face parameter names. Our own checkpoint
-files (atomic saves, saved models) are the training engine's: ``training.checkpoints``.
+files (atomic saves, saved models) are the training engine's: ``engine.checkpoints``.
 """
 
 from __future__ import annotations

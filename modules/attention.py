@@ -22,7 +22,7 @@ query sees, never the weights, so pretrained checkpoints load unchanged:
 
 ``pattern_mask`` (through ``build_attention_mask``) defines them and is the
 reference. Training and prefill without a cache use the blockwise kernels of
-``modules.sparse_attention`` (``attn_sparse_impl="blockwise"``), whose cost is
+``methods.sparse_attention`` (``attn_sparse_impl="blockwise"``), whose cost is
 O(T * w); ``attn_sparse_impl="mask"`` runs SDPA on the reference mask instead.
 With a cache, each step attends only to the keys the pattern can reach (the
 last w for ``window``, a slice; the window plus the log-spaced keys for
@@ -31,7 +31,7 @@ last w for ``window``, a slice; the window plus the log-spaced keys for
 w. A pattern that covers the whole sequence
 (``covers_all``) runs the dense code, so it gives the dense numbers bit for bit.
 
-Prefix tuning (``modules.prefix``) sets ``CausalSelfAttention.prefix``: a function of the
+Prefix tuning (``methods.prefix``) sets ``CausalSelfAttention.prefix``: a function of the
 layer index that returns learned (nh, L, hs) keys and values, put before the keys of every
 row and seen by every query. They are not positions (no position embedding, not in the
 cache), so masks gain L leading True columns and nothing else changes. Dense attention only;
@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import GPT2Config
+from methods.sparse_attention import sparse_blockwise_attention
 from modules.kv_cache import BaseKVCache
-from modules.sparse_attention import sparse_blockwise_attention
 
 
 def covers_all(config: GPT2Config, length: int) -> bool:
@@ -146,7 +146,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.attn_dropout = config.attention_probs_dropout_prob
         self.resid_dropout = nn.Dropout(config.hidden_dropout_prob)
-        # layer index -> (nh, L, hs) prefix keys and values (modules.prefix); None: no prefix
+        # layer index -> (nh, L, hs) prefix keys and values (methods.prefix); None: no prefix
         self.prefix: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(

@@ -1,7 +1,7 @@
 """One GPT-2 transformer block: pre-LayerNorm attention and MLP, each residual.
 
 Plain ``nn.Linear`` layers throughout: faster decoding layouts are applied from
-outside, by ``models.inference.prepare_for_inference``, never seen by training.
+outside, by ``decoding.inference.prepare_for_inference``, never seen by training.
 """
 
 from __future__ import annotations

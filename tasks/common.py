@@ -8,7 +8,7 @@ A task's ``run(args)`` is::
     cfg = train_config_from_args(args, device, metric="accuracy", output_dir=out_dir,
                                  save_trainable_only=trainable_only)
     best, _ = fit_task(model, loss_fn, train_features, collate, eval_fn, cfg, **loader_settings(args))
-    ... predict (``training.predict.predict_in_order``) and write the prediction files ...
+    ... predict (``engine.predict.predict_in_order``) and write the prediction files ...
 
 ``prepare_model`` applies a ``FineTuneConfig`` to a task model and says what trains;
 ``fit_task`` trains on the task's features with the shared engine and leaves the best epoch's
@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.fine_tune import FineTuneConfig, count_parameters, set_fine_tune_mode
-from training import distributed
-from training.cli import add_common_args, build_from_args, fine_tune_config, pick_device, seed_everything
-from training.data import make_loader
-from training.efficiency import EfficiencyRecorder
-from training.objectives import add_objective_args
-from training.trainer import Callback, CountFn, EvalFn, LossFn, TrainConfig, Trainer
+from cli.common import add_common_args, build_from_args, fine_tune_config, pick_device, seed_everything
+from engine import distributed
+from engine.data import make_loader
+from engine.efficiency import EfficiencyRecorder
+from engine.trainer import Callback, CountFn, EvalFn, LossFn, TrainConfig, Trainer
+from methods.fine_tune import FineTuneConfig, count_parameters, set_fine_tune_mode
+from methods.objectives import add_objective_args
 
 
 def start(args: argparse.Namespace) -> torch.device:
@@ -43,7 +43,7 @@ def start(args: argparse.Namespace) -> torch.device:
 
 
 def prepare_model(model: nn.Module, config: FineTuneConfig) -> bool:
-    """Apply a fine-tune mode (``training.cli.fine_tune_config(args)``) to a task model (its
+    """Apply a fine-tune mode (``cli.common.fine_tune_config(args)``) to a task model (its
     ``head`` names what a head-only mode trains) and print what trains; True when checkpoints
     hold only trainable parameters."""
     trainable_only = set_fine_tune_mode(model, config, model.head)
@@ -92,7 +92,7 @@ def fit_task(
     """Train ``model`` on shuffled batches of ``train_features`` with the shared Trainer and
     leave the best epoch's weights in it (``count_fn``: what a loss averages over, for
     gradient accumulation; default examples; ``callbacks``: e.g. a training objective's).
-    Every run also records its efficiency table (``training.efficiency``: printed at the end,
+    Every run also records its efficiency table (``engine.efficiency``: printed at the end,
     ``efficiency.json`` in the run folder). Returns (best dev metrics, trainer)."""
     loader = make_loader(train_features, collate, batch_size, shuffle=True, num_workers=num_workers,
                          group_by_length=group_by_length)
@@ -109,7 +109,7 @@ def fit_task(
 def add_classification_args(parser: argparse.ArgumentParser, **common_defaults: Any) -> argparse.ArgumentParser:
     """The flags every classification task shares: the course's and the engine's
     (``add_common_args`` with the task's defaults) and the training objectives'
-    (``training.objectives.add_objective_args``: R-Drop, SimCSE, SMART, ``--pooling``)."""
+    (``methods.objectives.add_objective_args``: R-Drop, SimCSE, SMART, ``--pooling``)."""
     return add_objective_args(add_common_args(parser, **common_defaults))
 
 

@@ -23,15 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from cli.common import build_from_args, default_output_dir, open_run, train_config_from_args
+from cli.validation import non_negative_int, positive_float, positive_int
 from config import ATTENTION_PATTERNS
+from engine.checkpoints import load_model, save_model
+from engine.data import DataFormatError, PadCollator, encode, make_loader, read_text
+from engine.trainer import EvalFn, TrainConfig, Trainer, count_lm_targets
 from models.heads import SonnetGPT
 from tasks.common import fit_task, start
-from training.checkpoints import load_model, save_model
-from training.cli import build_from_args, default_output_dir, open_run, train_config_from_args
-from training.data import DataFormatError, PadCollator, encode, make_loader, read_text
-from training.poetry_corpus import FORMATS, is_poetry_csv, read_documents
-from training.trainer import EvalFn, TrainConfig, Trainer, count_lm_targets
-from training.validation import non_negative_int, positive_float, positive_int
+from tasks.poetry_corpus import FORMATS, is_poetry_csv, read_documents
 
 EOS_TEXT = "<|endoftext|>"  # GPT-2's end-of-text token as text: the tokenizer reads it as that one token
 
@@ -40,7 +40,7 @@ EOS_TEXT = "<|endoftext|>"  # GPT-2's end-of-text token as text: the tokenizer r
 
 def read_corpus(path: str | Path, fmt: str = "auto", separator: str = EOS_TEXT) -> str:
     """The corpus text; a clear error for a missing, binary or empty file. A Poetry Foundation
-    CSV (``fmt`` ``csv``, or ``auto`` and a ``.csv`` name: ``training.poetry_corpus``) becomes its
+    CSV (``fmt`` ``csv``, or ``auto`` and a ``.csv`` name: ``tasks.poetry_corpus``) becomes its
     poems joined by ``separator`` (GPT-2's end-of-text token), so that no poem runs into the next
     and the model learns where one ends; ``text`` reads any file as one plain-text document."""
     path = Path(path)
@@ -147,7 +147,7 @@ def pretrain_lm(
     requires grad) as a causal LM on ``corpus``; leaves the best held-out epoch's
     weights in ``model``. Checkpoints name parameters as ``SonnetGPT`` does.
 
-    ``train_config`` is a ``training.trainer.TrainConfig`` (epochs, lr, output_dir,
+    ``train_config`` is a ``engine.trainer.TrainConfig`` (epochs, lr, output_dir,
     resume...); its metric is set to held-out loss. ``block_size`` 0 means the
     model's context length; ``corpus_format`` is ``read_corpus``'s ``fmt``. Returns the best
     held-out metrics with their epoch.

@@ -6,7 +6,7 @@ task behind ``paraphrase_detection.py``, and the scoring the distillation pipeli
     run(paraphrase_settings(base, para_train=...)) -> {"dev": metrics, "checkpoint": path, ...};
         trains on any Quora-format TSV, with every setting of ``base`` a paraphrase run shares
 
-The training loss is ``training.objectives.build_objective`` over the answer logits (or the
+The training loss is ``methods.objectives.build_objective`` over the answer logits (or the
 vocabulary's, with ``--loss vocab``): the plain cross-entropy unless an objective flag is set.
 R-Drop and SMART regularise those logits; SimCSE's InfoNCE runs on the prompt's representation
 (unsupervised, two dropout views) or, with ``--contrastive_supervised``, on the two questions of
@@ -24,20 +24,20 @@ from typing import Any
 
 import torch
 
-from models.fine_tune import mode_names, modes_help
+from cli.common import default_output_dir, fine_tune_config, open_run, train_config_from_args
+from cli.validation import non_negative_int
+from engine import distributed
+from engine.checkpoints import load_model, save_model
+from engine.data import PadCollator, make_eval_loader
+from engine.predict import predict_in_order
+from methods.fine_tune import mode_names, modes_help
+from methods.lora import unwrap_lora
+from methods.objectives import PairViewCollator, add_pair_views, build_objective
 from models.heads import ClozeParaphraseScorer
 from models.loading import load_tokenizer
-from modules.lora import unwrap_lora
 from tasks.common import add_classification_args, build_task_model, fit_task, loader_settings, prepare_model, start
-from training import distributed
-from training.checkpoints import load_model, save_model
-from training.cli import default_output_dir, fine_tune_config, open_run, train_config_from_args
-from training.course_data import ParaphrasePair, load_quora_splits, paraphrase_features, write_id_predictions
-from training.data import PadCollator, make_eval_loader
-from training.metrics import classification_metrics, majority_baseline
-from training.objectives import PairViewCollator, add_pair_views, build_objective
-from training.predict import predict_in_order
-from training.validation import non_negative_int
+from tasks.course_data import ParaphrasePair, load_quora_splits, paraphrase_features, write_id_predictions
+from tasks.metrics import classification_metrics, majority_baseline
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:

@@ -1,8 +1,8 @@
 """Sentence classification with ``GPT2SentimentClassifier``: sentiment on SST (5 classes) and
-CFIMDB (2), and grammatical acceptability on CoLA (2; ``training.cola``). The task behind
+CFIMDB (2), and grammatical acceptability on CoLA (2; ``tasks.cola``). The task behind
 ``classifier.py``, callable with its parsed flags (``run(args, dataset)``).
 
-The training loss is ``training.objectives.build_objective`` over the head's logits: plain
+The training loss is ``methods.objectives.build_objective`` over the head's logits: plain
 cross-entropy unless an objective flag (R-Drop, SimCSE, SMART) is set. ``--pooling`` picks the
 head's sentence representation and is saved beside the weights (``extra["pooling"]``), so
 ``--load``, the KD teacher and ensembles rebuild the head the same way.
@@ -20,23 +20,23 @@ from typing import Any
 
 import torch
 
+from cli.common import build_from_args, default_output_dir, fine_tune_config, open_run, train_config_from_args
+from engine import distributed
+from engine.checkpoints import load_weights_into
+from engine.data import PadCollator, make_eval_loader, sample
+from engine.predict import predict_in_order
+from methods.objectives import build_objective
 from models.heads import GPT2SentimentClassifier, pooling_of
+from tasks.cola import COLA_LABELS, read_cola
 from tasks.common import fit_task, loader_settings, prepare_model, start
-from training import distributed
-from training.checkpoints import load_weights_into
-from training.cli import build_from_args, default_output_dir, fine_tune_config, open_run, train_config_from_args
-from training.cola import COLA_LABELS, read_cola
-from training.course_data import (
+from tasks.course_data import (
     SENTIMENT_LABELS,
     SentimentExample,
     read_sentiment,
     sentiment_features,
     write_id_predictions,
 )
-from training.data import PadCollator, make_eval_loader, sample
-from training.metrics import classification_metrics, majority_baseline
-from training.objectives import build_objective
-from training.predict import predict_in_order
+from tasks.metrics import classification_metrics, majority_baseline
 
 STARTER_DATASETS = ("sst", "cfimdb")  # --dataset both: the course starter's pair
 DATASETS = (*STARTER_DATASETS, "cola")

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from models.fine_tune import FineTuneConfig, set_fine_tune_mode
+from cli.common import build_from_args, fine_tune_config, seed_everything
+from engine.checkpoints import load_checkpoint, load_checkpoint_weights
+from methods.fine_tune import FineTuneConfig, set_fine_tune_mode
 from models.heads import GPT2SentimentClassifier, pooling_of
 from models.loading import CheckpointError
-from training.checkpoints import load_checkpoint, load_checkpoint_weights
-from training.cli import build_from_args, fine_tune_config, seed_everything
 
 
 @dataclass

@@ -15,19 +15,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from cli.common import default_output_dir, fine_tune_config, open_run, train_config_from_args
 from config import GPT2Config
+from decoding.inference import decoding_rows, inference_from_args, prepare_for_inference
+from decoding.mbr import CandidatePool, mbr_pool_generate
+from engine import distributed
+from engine.checkpoints import load_checkpoint, load_checkpoint_weights, load_model, save_model
+from engine.data import DataFormatError, PadCollator, encode
+from methods.lora import unwrap_lora
+from methods.prefix import fold_prefix
 from models.generation import LineStop, generate, trim
 from models.generation_config import GenerationConfig
 from models.gpt2 import GPT2Model
 from models.heads import SonnetGPT
-from models.inference import decoding_rows, inference_from_args, prepare_for_inference
 from models.loading import CheckpointError, load_tokenizer
-from models.mbr import CandidatePool, mbr_pool_generate
-from modules.lora import unwrap_lora
-from modules.prefix import fold_prefix
 from tasks import common
 from tasks.common import build_task_model, loader_settings
+from tasks.course_data import read_sonnets, write_sonnets
 from tasks.lm import attention_overrides, fine_tune_lm, held_out_loss, pretrain_from_args
+from tasks.metrics import chrf
 from tasks.sonnet_dpo import dpo_fine_tune
 from tasks.sonnet_eval import (
     EARLY_STOP_METRICS,
@@ -37,12 +43,6 @@ from tasks.sonnet_eval import (
     split_train,
     write_form_report,
 )
-from training import distributed
-from training.checkpoints import load_checkpoint, load_checkpoint_weights, load_model, save_model
-from training.cli import default_output_dir, fine_tune_config, open_run, train_config_from_args
-from training.course_data import read_sonnets, write_sonnets
-from training.data import DataFormatError, PadCollator, encode
-from training.metrics import chrf
 
 DECODINGS = ("greedy", "sample", "beam", "contrastive", "mbr")
 CONTRASTIVE_K = 4  # candidates per step when --top_k is not given (Su et al. use 4-10)

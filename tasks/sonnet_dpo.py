@@ -2,8 +2,8 @@
 
 From a fine-tuned sonnet model: prompt it with the first 3 lines of each training sonnet,
 sample ``--dpo_samples`` completions per prompt, score each (``--dpo_rank chrf``: chrF against
-the sonnet's true continuation; ``form``: ``training.sonnet_form.form_score`` of the whole
-sonnet), pair the better against the worse (``training.dpo.build_pairs``), and train the model
+the sonnet's true continuation; ``form``: ``tasks.sonnet_form.form_score`` of the whole
+sonnet), pair the better against the worse (``methods.dpo.build_pairs``), and train the model
 with the DPO loss against a frozen copy of itself (``--dpo_beta``) on the shared Trainer. The
 pairs are written to ``<run>/dpo_pairs.jsonl``.
 
@@ -25,12 +25,12 @@ from typing import Any
 
 from torch import nn
 
+from engine.data import DataFormatError
+from engine.trainer import EvalFn, TrainConfig
+from methods.dpo import build_pairs, chrf_scores, encode_pair, frozen_reference, make_dpo_loss_fn, pair_collator
 from tasks.common import fit_task
 from tasks.sonnet_eval import sonnet_prompt
-from training.data import DataFormatError
-from training.dpo import build_pairs, chrf_scores, encode_pair, frozen_reference, make_dpo_loss_fn, pair_collator
-from training.sonnet_form import form_score
-from training.trainer import EvalFn, TrainConfig
+from tasks.sonnet_form import form_score
 
 RANKINGS = ("chrf", "form")
 PAIRINGS = ("best_worst", "all")

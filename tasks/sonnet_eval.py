@@ -2,7 +2,7 @@
 
 chrF of sampled sonnets is noisy (a dozen dev sonnets, one sample each) and blind to form.
 The handout's metric for this task is the held-out cross-entropy of the true sonnets, which
-needs no decoding and has no sampling noise; the form metrics (``training.sonnet_form``: line
+needs no decoding and has no sampling noise; the form metrics (``tasks.sonnet_form``: line
 count, syllables per line, ABAB CDCD EFEF GG rhyme) say whether a generated text is a sonnet
 at all. ``evaluate_sonnets`` gives all three for one model, each epoch (the Trainer logs them to
 ``metrics.jsonl``) and at the end of a run; ``write_form_report`` leaves the final files' form
@@ -23,10 +23,10 @@ from typing import Any
 
 from torch import nn
 
+from engine.data import PadCollator, make_loader
 from tasks.lm import held_out_loss, sonnet_features
-from training.data import PadCollator, make_loader
-from training.metrics import chrf
-from training.sonnet_form import FormSummary, summarize_form
+from tasks.metrics import chrf
+from tasks.sonnet_form import FormSummary, summarize_form
 
 PROMPT_LINES = 3  # the course's prompts are the first 3 lines of a sonnet
 EARLY_STOP_METRICS = {"chrf": "max", "loss": "min"}  # --early_stop_metric -> Trainer mode

@@ -173,10 +173,10 @@ def toy_loss_fn(model: torch.nn.Module, batch: list[torch.Tensor]) -> torch.Tens
 
 @pytest.fixture
 def fresh_kernel_state(monkeypatch):
-    """A monkeypatch under which ``modules.cpu_kernels`` looks the kernel up again (it is looked
+    """A monkeypatch under which ``decoding.cpu_kernels`` looks the kernel up again (it is looked
     up once per process), before the test and after it (e.g. ``setenv("GPT2_CPU_KERNELS", "0")``
     for PyTorch's kernels)."""
-    from modules import cpu_kernels
+    from decoding import cpu_kernels
 
     cpu_kernels._load.cache_clear()
     yield monkeypatch

@@ -16,10 +16,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from config import GPT2Config
+from engine.data import ListDataset, PadCollator
+from engine.trainer import Callback, TrainConfig, Trainer, count_lm_targets
 from models.gpt2 import GPT2Model
 from models.heads import SonnetGPT
-from training.data import ListDataset, PadCollator
-from training.trainer import Callback, TrainConfig, Trainer, count_lm_targets
 
 
 def one_sgd_step(tmp_path, model: nn.Module, loss_fn, loader, grad_accum: int, **trainer_kw) -> dict[str, torch.Tensor]:

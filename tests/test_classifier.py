@@ -13,16 +13,16 @@ import torch.nn.functional as F
 import classifier
 import tasks.common
 import tasks.sentiment
+from cli.common import pick_device, train_config_from_args
 from config import GPT2Config
-from models.fine_tune import FineTuneConfig, LoraConfig, set_fine_tune_mode
+from engine.data import PadCollator, make_loader
+from engine.trainer import TrainConfig, Trainer
+from methods.fine_tune import FineTuneConfig, LoraConfig, set_fine_tune_mode
 from models.gpt2 import GPT2Model
 from models.heads import GPT2SentimentClassifier
 from models.loading import load_tokenizer
+from tasks.course_data import read_sentiment, sentiment_features
 from tests.conftest import SHARED_DATA as SHARED
-from training.cli import pick_device, train_config_from_args
-from training.course_data import read_sentiment, sentiment_features
-from training.data import PadCollator, make_loader
-from training.trainer import TrainConfig, Trainer
 
 
 def micro_gpt() -> GPT2Model:
@@ -160,8 +160,8 @@ def test_command_line_reports_bad_input_without_a_traceback(tmp_path, case):
 def test_model_size_takes_a_saved_model_file(tmp_path, classifier_cli, capsys):
     """pretrain.py's model.pt (or a task's *-model.pt) starts any task: its weights, or with
     --random_init its architecture with fresh weights; a file that is no saved model exits 2."""
-    from training.checkpoints import save_model
-    from training.cli import build_from_args
+    from cli.common import build_from_args
+    from engine.checkpoints import save_model
 
     torch.manual_seed(3)
     body = GPT2Model(GPT2Config(max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,

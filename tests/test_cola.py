@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from engine.data import DataFormatError
+from tasks.cola import read_cola
+from tasks.course_data import SentimentExample, sentiment_features
 from tests.conftest import SHARED_DATA
-from training.cola import read_cola
-from training.course_data import SentimentExample, sentiment_features
-from training.data import DataFormatError
 
 
 def test_reads_the_shared_files():

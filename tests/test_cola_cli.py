@@ -10,11 +10,11 @@ import json
 import pytest
 
 import classifier
+from engine.checkpoints import load_checkpoint
+from engine.efficiency import EFFICIENCY_FILE, efficiency_table, read_efficiency
+from tasks.cola import read_cola
+from tasks.metrics import matthews_corr
 from tests.conftest import SHARED_DATA
-from training.checkpoints import load_checkpoint
-from training.cola import read_cola
-from training.efficiency import EFFICIENCY_FILE, efficiency_table, read_efficiency
-from training.metrics import matthews_corr
 
 COLA = ["--cola_train", str(SHARED_DATA / "cola-train.tsv"), "--cola_dev", str(SHARED_DATA / "cola-dev.tsv")]
 

@@ -1,4 +1,4 @@
-"""The project's CPU decoding kernel (``modules.cpu_kernels``): exact float32 products of int8
+"""The project's CPU decoding kernel (``decoding.cpu_kernels``): exact float32 products of int8
 and bfloat16 weights, the layouts that use it, and every way it can be unavailable."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules import cpu_kernels
-from modules.quant import Bf16Layout, Int8Layout, RefinedHead, dequantize_int8, quantize_int8
+from decoding import cpu_kernels
+from decoding.quant import Bf16Layout, Int8Layout, RefinedHead, dequantize_int8, quantize_int8
 
 runs_here = pytest.mark.skipif(cpu_kernels.platform_reason() is not None,
                                reason=f"not this machine: {cpu_kernels.platform_reason()}")
@@ -172,9 +172,9 @@ def test_a_copy_without_the_source_says_so_and_decodes(fresh_kernel_state, tmp_p
 def test_decoding_goes_through_the_kernel_and_matches_float32_on_the_rounded_weights(quantize: str,
                                                                                      monkeypatch) -> None:
     from config import GPT2Config
+    from decoding.inference import prepare_for_inference
     from models.generation import generate
     from models.gpt2 import GPT2Model
-    from models.inference import prepare_for_inference
 
     torch.manual_seed(4)
     cfg = GPT2Config(vocab_size=300, max_position_embeddings=64, hidden_size=128, num_hidden_layers=2,

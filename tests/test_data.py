@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.loading import load_tokenizer
-from training.course_data import read_sentiment, sentiment_features
-from training.data import (
+from engine.data import (
     DataFormatError,
     PadCollator,
     encode,
@@ -20,6 +18,8 @@ from training.data import (
     restore_order,
     sample,
 )
+from models.loading import load_tokenizer
+from tasks.course_data import read_sentiment, sentiment_features
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

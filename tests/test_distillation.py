@@ -261,7 +261,7 @@ def test_generate_resume_skips_done_contexts_and_matches_uninterrupted(tmp_path,
 def test_pipeline_contexts_generate_filter_train_on_tiny_model(tmp_path) -> None:
     from distillation.__main__ import main
     from distillation.filter_step import side_paths
-    from training.course_data import read_quora
+    from tasks.course_data import read_quora
 
     ctx, gen, pairs = tmp_path / "contexts.jsonl", tmp_path / "generations.jsonl", tmp_path / "pairs.jsonl"
     main(["contexts", "--output", str(ctx), "--num_contexts", "3", "--max_new_tokens", "6", "--keep_unfinished",
@@ -319,10 +319,10 @@ def test_train_step_passes_every_shared_flag_to_the_paraphrase_run(tmp_path, mon
     """The engine, LoRA and speed flags of ``train`` reach the paraphrase training (they were
     dropped when the step rebuilt a command line by hand)."""
     import tasks.paraphrase
+    from cli.common import train_config_from_args
     from distillation.__main__ import main
     from distillation.filter_step import side_paths
     from distillation.records import write_jsonl
-    from training.cli import train_config_from_args
 
     pairs = tmp_path / "pairs.jsonl"
     write_jsonl(pairs, [{"s1": "A cat sat.", "s2": "A cat was sitting."}])

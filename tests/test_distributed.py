@@ -20,12 +20,12 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from engine import distributed
+from engine.data import make_loader
+from engine.rng import seed_everything
+from engine.sampler import LengthGroupedSampler
+from engine.trainer import Callback, TrainConfig, Trainer
 from tests.conftest import MICRO, classifier_cli_args, make_toy_model
-from training import distributed
-from training.data import make_loader
-from training.rng import seed_everything
-from training.sampler import LengthGroupedSampler
-from training.trainer import Callback, TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
@@ -172,7 +172,7 @@ def test_fsdp_matches_ddp_and_resumes(tmp_path):
         torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-5, atol=1e-6)
         assert torch.equal(resumed[k], fsdp[k])
     plain = make_toy_model(0.0)
-    from training.checkpoints import load_weights_into
+    from engine.checkpoints import load_weights_into
 
     load_weights_into(plain, tmp_path / "fsdp" / "last.pt")
     assert all(torch.equal(plain.state_dict()[k], fsdp[k]) for k in fsdp)
@@ -214,7 +214,7 @@ def test_classifier_under_torchrun_matches_one_process(tmp_path):
 FAILING = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from training import distributed
+from engine import distributed
 distributed.setup(torch.device("cpu"))
 if distributed.rank() == 1:
     raise RuntimeError("rank 1 fails on purpose")

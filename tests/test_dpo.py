@@ -9,9 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from config import get_config
-from models.gpt2 import GPT2Model
-from models.heads import SonnetGPT
-from training.dpo import (
+from methods.dpo import (
     PreferencePair,
     build_pairs,
     chrf_scores,
@@ -25,6 +23,8 @@ from training.dpo import (
     pair_collator,
     pair_logprobs,
 )
+from models.gpt2 import GPT2Model
+from models.heads import SonnetGPT
 
 
 def tiny_sonnet_model(seed: int) -> SonnetGPT:

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import experiments.__main__ as cli
+from engine import tracking
+from engine.trainer import Callback
 from experiments import ensemble, launch, seeds
 from tests.conftest import classifier_cli_args
-from training import tracking
-from training.trainer import Callback
 
 
 def task_flags(tmp_path: Path, *extra: str, mode: str = "last-linear-layer") -> list[str]:

@@ -10,9 +10,9 @@ import optuna
 import pytest
 
 import experiments.__main__ as cli
+from engine import tracking
 from experiments import space
 from tests.test_experiments import InterruptAt, task_flags
-from training import tracking
 
 
 def sweep_argv(tmp_path, *extra: str, epochs: int = 2) -> list[str]:

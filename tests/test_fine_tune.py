@@ -10,7 +10,7 @@ import torch
 import classifier
 import sonnet_generation
 from config import get_config
-from models.fine_tune import (
+from methods.fine_tune import (
     MODES,
     FineTuneConfig,
     FineTuneMode,
@@ -19,10 +19,10 @@ from models.fine_tune import (
     register,
     set_fine_tune_mode,
 )
+from methods.lora import LoRALinear
+from methods.prefix import PrefixConfig
 from models.gpt2 import GPT2Model
 from models.heads import GPT2SentimentClassifier, SonnetGPT
-from modules.lora import LoRALinear
-from modules.prefix import PrefixConfig
 
 
 def classifier_model() -> GPT2SentimentClassifier:
@@ -76,7 +76,7 @@ def test_a_registered_mode_reaches_the_task_scripts(monkeypatch):
             p.requires_grad = n.endswith("bias")
         return True
 
-    monkeypatch.setattr("models.fine_tune.MODES", dict(MODES))
+    monkeypatch.setattr("methods.fine_tune.MODES", dict(MODES))
     register(FineTuneMode("bias-only", "only biases train", 5e-4, bias_only))
     assert classifier.get_args(["--fine-tune-mode", "bias-only"]).lr == 5e-4
     assert sonnet_generation.get_args(["--fine-tune-mode", "bias-only"]).lr == 5e-4
@@ -86,7 +86,7 @@ def test_a_registered_mode_reaches_the_task_scripts(monkeypatch):
 
 
 def test_adapter_settings_come_from_the_flags_the_registry_names():
-    from training.cli import fine_tune_config
+    from cli.common import fine_tune_config
 
     args = classifier.get_args(["--fine-tune-mode", "lora", "--lora_r", "4", "--lora_alpha", "2",
                                 "--lora_targets", "attn.c_attn, mlp.c_fc", "--use_dora"])

@@ -10,11 +10,11 @@ import torch
 
 import generate as cli
 from config import get_config
+from engine.checkpoints import atomic_save, save_model
 from models.generation import generate, trim
 from models.gpt2 import GPT2Model
 from models.loading import CheckpointError
 from tests.conftest import make_hf_folder
-from training.checkpoints import atomic_save, save_model
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_no_prompt_is_an_error(saved, capsys):
 
 @pytest.mark.parametrize("fold", [True, False])
 def test_a_prefix_tuned_model_keeps_its_prefix(saved, tokenizer, tmp_path, fold):
-    from modules.prefix import apply_prefix
+    from methods.prefix import apply_prefix
 
     model, _ = saved
     tuned = GPT2Model(model.config).eval()
@@ -131,7 +131,7 @@ def test_a_prefix_tuned_model_keeps_its_prefix(saved, tokenizer, tmp_path, fold)
 @pytest.mark.parametrize("quantize", ["bf16", "int8", "int4"])
 def test_quantize_decodes_with_quantised_weights(saved, tokenizer, quantize):
     """--quantize decodes exactly as the model prepared with that quantisation."""
-    from models.inference import prepare_for_inference
+    from decoding.inference import prepare_for_inference
 
     model, path = saved
     out = cli.main(["--model", str(path), "--prompt", "Hello there", "--max_new_tokens", "8", "--quantize", quantize])

@@ -12,11 +12,11 @@ from transformers import GPT2Config as HFConfig
 from transformers import GPT2LMHeadModel
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
+from decoding.mbr import mbr_generate, mbr_select
 from models.decoding import top_k_filter, top_p_filter
 from models.generation import STRATEGIES, LineStop, generate, trim
 from models.generation_config import GenerationConfig
 from models.gpt2 import GPT2Model
-from models.mbr import mbr_generate, mbr_select
 
 PROMPT_LEN, NEW = 9, 30
 

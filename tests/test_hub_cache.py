@@ -91,8 +91,8 @@ def test_broken_tokenizer_folders_are_clear_errors(tmp_path, hub_cache, use_hub_
 
 
 def test_empty_encodings_and_empty_texts_name_file_and_line(tmp_path, tokenizer):
-    from training.course_data import ParaphrasePair, paraphrase_features, read_sentiment, sentiment_features
-    from training.data import DataFormatError, encode
+    from engine.data import DataFormatError, encode
+    from tasks.course_data import ParaphrasePair, paraphrase_features, read_sentiment, sentiment_features
 
     data = tmp_path / "sst.csv"
     data.write_text("\tid\tsentence\tsentiment\n0\ta\tfine film\t3\n1\tb\tdull\t1\n")
@@ -279,7 +279,7 @@ def test_the_course_grader_scripts_pass_unmodified_from_the_root(script, expecte
 
 
 def test_default_device_is_cuda_then_mps_then_cpu_with_a_cpu_hint(monkeypatch, capsys):
-    from training.cli import pick_device
+    from cli.common import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)

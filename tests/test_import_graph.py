@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("models", "modules", "training", "tasks", "distillation")
+PACKAGES = ("models", "modules", "engine", "tasks", "methods", "decoding", "cli", "experiments", "distillation")
 
 
 def library_imports() -> dict[str, set[str]]:

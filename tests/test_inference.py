@@ -1,4 +1,4 @@
-"""Preparation for inference (``models.inference``, ``modules.decode_weights``): the prepared
+"""Preparation for inference (``decoding.inference``, ``decoding.decode_weights``): the prepared
 model decodes the same tokens as the plain one, its layouts equal ``F.linear`` in every
 regime, and the original model (training, checkpoints, copies, LoRA) never sees it."""
 
@@ -15,13 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import modules.decode_weights as dw
+import decoding.decode_weights as dw
 from config import GPT2Config
+from decoding.decode_weights import DecodeLinear, PackedLayout, WeightLayout
+from decoding.inference import InferenceModel, prepare_for_inference
+from methods.lora import apply_lora
 from models.generation import generate
 from models.gpt2 import GPT2Model, maybe_compile
-from models.inference import InferenceModel, prepare_for_inference
-from modules.decode_weights import DecodeLinear, PackedLayout, WeightLayout
-from modules.lora import apply_lora
 
 pytestmark = pytest.mark.skipif(not dw._HAS_ONEDNN, reason="this PyTorch build has no oneDNN")
 
@@ -208,7 +208,7 @@ def test_small_weights_and_compiled_models(monkeypatch) -> None:
 
 def test_decoding_rows_counts_beams_samples_and_pools():
     """The rows an inference-only model is packed for: one only for a single prompt decoded alone."""
-    from models.inference import decoding_rows
+    from decoding.inference import decoding_rows
 
     assert decoding_rows(1) == 1 and decoding_rows(12) == 12
     assert decoding_rows(1, num_beams=4) == 4 and decoding_rows(2, num_return_sequences=3) == 6
@@ -219,7 +219,7 @@ _RSS_SCRIPT = """
 import sys, torch
 from config import GPT2Config
 from models.gpt2 import GPT2Model
-from models.inference import prepare_for_inference
+from decoding.inference import prepare_for_inference
 def rss():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
 torch.manual_seed(0)

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from config import GPT2Config
+from engine.checkpoints import trainable_state_dict
+from methods.lora import LoRALinear, apply_lora, lora_modules, mark_only_lora_trainable, unwrap_lora
 from models.gpt2 import GPT2Model
 from models.heads import GPT2SentimentClassifier
-from modules.lora import LoRALinear, apply_lora, lora_modules, mark_only_lora_trainable, unwrap_lora
-from training.checkpoints import trainable_state_dict
 
 
 def merge_all(model: nn.Module) -> None:

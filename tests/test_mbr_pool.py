@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from config import get_config
+from decoding.mbr import CandidatePool, chrf_utility, mbr_pool_generate, mbr_select, pool_candidates
 from models.generation import generate, trim
 from models.generation_config import GenerationConfig
 from models.gpt2 import GPT2Model
-from models.mbr import CandidatePool, chrf_utility, mbr_pool_generate, mbr_select, pool_candidates
 
 
 @pytest.fixture(scope="module")

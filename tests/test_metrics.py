@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sacrebleu.metrics import CHRF
 
-from training.metrics import (
+from tasks.metrics import (
     accuracy,
     chrf,
     classification_metrics,

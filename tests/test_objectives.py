@@ -1,4 +1,4 @@
-"""The mathematics of the training objectives (training/objectives) on a tiny random model."""
+"""The mathematics of the training objectives (methods/objectives) on a tiny random model."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from config import get_config
-from models.gpt2 import GPT2Model
-from models.heads import GPT2SentimentClassifier
-from training.objectives import (
+from methods.objectives import (
     MomentumTeacher,
     ObjectiveSettings,
     PairViewCollator,
@@ -28,7 +26,9 @@ from training.objectives import (
     symmetric_kl,
     two_passes,
 )
-from training.objectives.combined import body_outputs
+from methods.objectives.combined import body_outputs
+from models.gpt2 import GPT2Model
+from models.heads import GPT2SentimentClassifier
 
 
 def tiny_classifier(dropout: float = 0.1, seed: int = 0) -> GPT2SentimentClassifier:
@@ -321,7 +321,7 @@ def test_body_outputs_records_each_pass_with_its_mask():
 
 
 def test_trainer_runs_the_objective_and_updates_the_momentum_teacher(tmp_path):
-    from training.trainer import TrainConfig, Trainer
+    from engine.trainer import TrainConfig, Trainer
 
     model = tiny_classifier(dropout=0.1)
     b = batch()

@@ -18,11 +18,11 @@ import paraphrase_detection as para
 import tasks.paraphrase
 import tasks.sentiment
 from config import GPT2Config
+from engine.checkpoints import load_checkpoint
+from methods.objectives import combined
 from models.gpt2 import GPT2Model
 from models.heads import GPT2SentimentClassifier
 from models.loading import SHARED_TOKENIZER
-from training.checkpoints import load_checkpoint
-from training.objectives import combined
 
 OFF = ["--pooling", "last", "--rdrop_alpha", "0", "--contrastive_weight", "0", "--smart_weight", "0",
        "--smart_proximal_weight", "0"]

@@ -8,13 +8,12 @@ import torch
 
 import paraphrase_detection as para
 from config import get_config
+from engine.data import DataFormatError, PadCollator
 from models.gpt2 import GPT2Model
 from models.heads import NO_TOKEN_ID, YES_TOKEN_ID, ClozeParaphraseScorer
 from models.loading import SHARED_TOKENIZER
 from optimizer import AdamW
-from tasks.paraphrase import load_paraphrase_scorer, score_paraphrase_pairs
-from tests.conftest import SHARED_DATA
-from training.course_data import (
+from tasks.course_data import (
     PARAPHRASE_PROMPT,
     ParaphrasePair,
     carve_quora_splits,
@@ -23,7 +22,8 @@ from training.course_data import (
     paraphrase_features,
     read_quora,
 )
-from training.data import DataFormatError, PadCollator
+from tasks.paraphrase import load_paraphrase_scorer, score_paraphrase_pairs
+from tests.conftest import SHARED_DATA
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from config import GPT2Config
+from engine.sampler import LengthGroupedSampler
 from models.gpt2 import GPT2Model, maybe_compile
 from modules.losses import lm_loss
-from training.sampler import LengthGroupedSampler
 
 
 def padded_tokens(lengths: list[int], batch_order: list[int], batch_size: int) -> int:

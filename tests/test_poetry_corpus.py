@@ -6,8 +6,8 @@ import csv
 
 import pytest
 
-from training.data import DataFormatError
-from training.poetry_corpus import clean_poem, read_documents, read_poems
+from engine.data import DataFormatError
+from tasks.poetry_corpus import clean_poem, read_documents, read_poems
 
 # The Kaggle file's shape: a leading unnamed index column, poems and titles with \r\r\n line
 # ends and stray indentation, a comma and doubled quotes inside a quoted poem, an empty Tags field.
@@ -104,7 +104,7 @@ def test_clean_poem():
 
 
 def test_error_reaches_the_command_line_as_one_line(tmp_path, capsys):
-    from training.cli import run_main
+    from cli.common import run_main
 
     path = write(tmp_path, "nopoem.csv", "Title,Text\na,b\n")
     with pytest.raises(SystemExit) as e:

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from config import get_config
+from decoding.inference import prepare_for_inference
+from methods.prefix import apply_prefix, mark_only_prefix_trainable, prefix_parameter_counts, remove_prefix
 from models.generation import generate
 from models.gpt2 import GPT2Model
 from models.heads import SonnetGPT
-from models.inference import prepare_for_inference
-from modules.prefix import apply_prefix, mark_only_prefix_trainable, prefix_parameter_counts, remove_prefix
 
 V = 200
 
@@ -151,7 +151,7 @@ def test_prefix_without_reparameterisation_and_refusals():
 
 
 def test_prefix_fine_tune_mode_and_restore():
-    from modules.prefix import PrefixConfig, prefix_fine_tune, restore_prefix
+    from methods.prefix import PrefixConfig, prefix_fine_tune, restore_prefix
 
     model = SonnetGPT(tiny())
     assert prefix_fine_tune(model, (), PrefixConfig(length=3, hidden=16)) is True

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from config import GPT2Config
+from engine.trainer import TrainConfig
 from models.gpt2 import GPT2Model
 from models.heads import SonnetGPT
 from pretrain import main
 from tasks.lm import causal_lm_loss, corpus_blocks, pretrain_lm, read_corpus, split_held_out
-from training.trainer import TrainConfig
 
 CORPUS = "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.\n" * 12
 

@@ -1,5 +1,5 @@
-"""Weight-only quantisation (``modules.quant``) and inference-only preparation
-(``models.inference``): quantisation round trips, layout products close to float, a quantised
+"""Weight-only quantisation (``decoding.quant``) and inference-only preparation
+(``decoding.inference``): quantisation round trips, layout products close to float, a quantised
 model's logits close to the float model's, the original weights released in inference-only
 mode with the same tokens decoded, and ``--quantize`` validated before any work."""
 
@@ -11,13 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import modules.decode_weights as dw
+import decoding.decode_weights as dw
 from config import GPT2Config
-from models.generation import generate
-from models.gpt2 import GPT2Model
-from models.inference import add_inference_args, held_bytes, inference_from_args, prepare_for_inference
-from modules import cpu_kernels
-from modules.quant import (
+from decoding import cpu_kernels
+from decoding.inference import add_inference_args, held_bytes, inference_from_args, prepare_for_inference
+from decoding.quant import (
     KERNEL_BF16_ROWS,
     Int4Layout,
     Int8Layout,
@@ -27,6 +25,8 @@ from modules.quant import (
     quantize_int4,
     quantize_int8,
 )
+from models.generation import generate
+from models.gpt2 import GPT2Model
 
 needs_onednn = pytest.mark.skipif(not dw._HAS_ONEDNN, reason="this PyTorch build has no oneDNN")
 
@@ -186,7 +186,7 @@ def test_sonnet_generation_takes_the_flag() -> None:
 
 
 def test_inference_only_folds_lora_adapters_in() -> None:
-    from modules.lora import apply_lora
+    from methods.lora import apply_lora
 
     model = model_of()
     apply_lora(model, r=2)
@@ -219,7 +219,7 @@ def test_low_precision_head_refines_its_top_logits_in_float32(quantize: str, fre
     REFINED_LOGITS of each row are the float32 dot products with the head's own rounded rows,
     so greedy decoding picks what float32 arithmetic on those weights picks. (The project's
     kernel computes float32 logits and needs no refining: tests/test_cpu_kernels.py.)"""
-    from modules.quant import REFINED_LOGITS, RefinedHead
+    from decoding.quant import REFINED_LOGITS, RefinedHead
 
     fresh_kernel_state.setenv("GPT2_CPU_KERNELS", "0")  # the path that refines
 

@@ -1,4 +1,4 @@
-"""LoRA and DoRA on a frozen int8 base (``apply_lora(quantize_base=True)``, ``modules.quant.Int8Linear``):
+"""LoRA and DoRA on a frozen int8 base (``apply_lora(quantize_base=True)``, ``decoding.quant.Int8Linear``):
 gradients reach the adapters only, the output is close to LoRA on the float base, and the base
 holds a quarter of the float bytes."""
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from config import GPT2Config
+from decoding.quant import Int8Linear
+from methods.lora import LoRALinear, apply_lora, mark_only_lora_trainable
 from models.gpt2 import GPT2Model
-from modules.lora import LoRALinear, apply_lora, mark_only_lora_trainable
-from modules.quant import Int8Linear
 
 
 def model_of(seed: int = 0) -> GPT2Model:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from config import get_config
+from engine.checkpoints import save_model
 from models.gpt2 import GPT2Model
-from training.checkpoints import save_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,11 +16,11 @@ import pytest
 import classifier
 import paraphrase_detection as para
 import sonnet_generation
+from engine import run_dir
+from engine.run_dir import RunDirError
+from engine.trainer import Callback, TrainConfig, Trainer
 from tests.conftest import MICRO, classifier_cli_args, make_toy_data, make_toy_model, toy_loss_fn
 from tests.conftest import sonnet_data_flags as data_flags
-from training import run_dir
-from training.run_dir import RunDirError
-from training.trainer import Callback, TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

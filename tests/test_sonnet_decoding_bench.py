@@ -10,9 +10,9 @@ import torch
 
 from benchmarks import sonnet_decoding
 from config import get_config
+from engine.checkpoints import save_model
 from models.gpt2 import GPT2Model
 from tests.conftest import SHARED_DATA
-from training.checkpoints import save_model
 
 
 @pytest.fixture

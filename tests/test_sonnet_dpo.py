@@ -10,12 +10,12 @@ import torch
 
 import sonnet_generation
 from config import get_config
+from engine.checkpoints import load_model, save_model
 from models.gpt2 import GPT2Model
 from models.heads import SonnetGPT
+from tasks.course_data import read_sonnets
 from tasks.sonnet_dpo import disable_dropout, prompts_and_continuations, sample_completions, score_completions
 from tests.conftest import SHARED_DATA, sonnet_data_flags
-from training.checkpoints import load_model, save_model
-from training.course_data import read_sonnets
 
 
 def test_prompts_are_the_first_three_lines_and_the_rest_is_the_reference():
@@ -92,7 +92,7 @@ def test_dpo_flags_are_checked_while_parsing(bad):
 
 
 def test_dpo_with_prompts_longer_than_max_length_is_a_clear_error(tmp_path):
-    from training.data import DataFormatError
+    from engine.data import DataFormatError
 
     torch.manual_seed(0)
     save_model(GPT2Model(get_config("tiny")), tmp_path / "sonnet-model.pt")

@@ -12,17 +12,17 @@ import torch
 
 import sonnet_generation
 from config import GPT2Config, get_config
+from engine.checkpoints import load_model, save_model
+from engine.data import DataFormatError
 from models.gpt2 import GPT2Model
 from models.heads import SonnetGPT
+from tasks.course_data import read_sonnets
 from tasks.lm import held_out_loss
+from tasks.metrics import chrf
 from tasks.sonnet import model_for_training
 from tasks.sonnet_eval import evaluate_sonnets, form_metrics, loss_loader, sonnet_prompt, split_train
+from tasks.sonnet_form import summarize_form
 from tests.conftest import SHARED_DATA, sonnet_data_flags
-from training.checkpoints import load_model, save_model
-from training.course_data import read_sonnets
-from training.data import DataFormatError
-from training.metrics import chrf
-from training.sonnet_form import summarize_form
 
 FAST = ["--model_size", "tiny", "--random_init", "--max_new_tokens", "6", "--max_length", "48", "--batch_size", "2",
         "--lr", "3e-3", "--device", "cpu"]

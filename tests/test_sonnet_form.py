@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import SHARED_DATA
-from training.course_data import read_sonnets
-from training.sonnet_form import (
+from tasks.course_data import read_sonnets
+from tasks.sonnet_form import (
     RHYME_PAIRS,
     FormSummary,
     end_word,
@@ -23,6 +22,7 @@ from training.sonnet_form import (
     word_syllables,
     words,
 )
+from tests.conftest import SHARED_DATA
 
 SONNET_18 = """Shall I compare thee to a summer's day?
 Thou art more lovely and more temperate:

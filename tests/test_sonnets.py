@@ -11,16 +11,16 @@ from sacrebleu.metrics import CHRF
 
 import sonnet_generation
 from config import get_config
+from decoding.mbr import pool_candidates
+from engine.data import DataFormatError, PadCollator
 from models.generation_config import GenerationConfig
 from models.gpt2 import GPT2Model
 from models.heads import SonnetGPT
-from models.mbr import pool_candidates
+from tasks.course_data import read_sonnets, write_sonnets
 from tasks.lm import sonnet_features
+from tasks.metrics import chrf
 from tasks.sonnet import DECODINGS, candidate_pool, complete_prompts, decoding_kwargs, describe
 from tests.conftest import SHARED_DATA, sonnet_data_flags
-from training.course_data import read_sonnets, write_sonnets
-from training.data import DataFormatError, PadCollator
-from training.metrics import chrf
 
 FILES = {"sonnets.txt": 131, "sonnets_held_out_dev.txt": 12, "TRUE_sonnets_held_out_dev.txt": 12,
          "sonnets_held_out.txt": 12}
@@ -192,7 +192,7 @@ def test_lm_loss_skips_the_pad_position_under_left_padding():
     """Under left padding the first real token follows a pad: it is not predicted from the pad
     (the loss counts 3 + 5 targets for rows of 4 and 6 tokens, as with right padding)."""
     from config import GPT2Config
-    from training.data import PadCollator
+    from engine.data import PadCollator
 
     torch.manual_seed(0)
     model = SonnetGPT(GPT2Model(GPT2Config(vocab_size=50, max_position_embeddings=16, hidden_size=16,

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from config import GPT2Config
+from methods.sparse_attention import far_offsets, sparse_blockwise_attention
 from models.gpt2 import GPT2Model
 from modules.attention import build_attention_mask, covers_all, eager_attention, pattern_mask
 from modules.kv_cache import KVCache, RingKVCache, new_kv_cache
-from modules.sparse_attention import far_offsets, sparse_blockwise_attention
 
 # Small windows so that sequences of ~40 tokens cross many blocks.
 PATTERNS = {

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from benchmarks import sparse_quality
-from training.checkpoints import load_any_model
+from engine.checkpoints import load_any_model
 
 
 def test_every_pattern_gets_a_row(tmp_path, capsys):

@@ -12,9 +12,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import classifier
+from engine import tracking
+from engine.trainer import Callback, TrainConfig, Trainer
 from tests.conftest import make_toy_data, make_toy_model, toy_loss_fn
-from training import tracking
-from training.trainer import Callback, TrainConfig, Trainer
 
 
 def toy_trainer(tmp_path, report_to: str, epochs: int = 3, **cfg) -> Trainer:

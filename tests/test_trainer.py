@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from engine.checkpoints import load_checkpoint
+from engine.rng import get_rng_state, set_rng_state
+from engine.schedule import lr_lambda
+from engine.trainer import Callback, TrainConfig, Trainer
 from tests.conftest import make_toy_data, make_toy_model, toy_loss_fn
-from training.checkpoints import load_checkpoint
-from training.rng import get_rng_state, set_rng_state
-from training.schedule import lr_lambda
-from training.trainer import Callback, TrainConfig, Trainer
 
 make_data, make_model, loss_fn = make_toy_data, make_toy_model, toy_loss_fn
 
@@ -67,7 +67,7 @@ def sampler_loader(grouped: bool) -> DataLoader:
     X, y = make_data()
     if not grouped:
         return DataLoader(TensorDataset(X, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(5))
-    from training.data import make_loader
+    from engine.data import make_loader
 
     def collate(rows):
         idx = torch.tensor([r["i"] for r in rows])

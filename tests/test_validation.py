@@ -1,7 +1,7 @@
 """Every bad flag, data file and checkpoint ends the command in one ``error: ...`` line with exit
 status 2, before any training: no traceback, no epoch run first, no silently wrong model.
 
-Each case runs a task's ``main`` through ``training.cli.run_main`` (what ``python script.py``
+Each case runs a task's ``main`` through ``cli.common.run_main`` (what ``python script.py``
 does) with otherwise valid arguments on a micro random model, so the only thing wrong is the
 one named in the case.
 """
@@ -21,10 +21,10 @@ import classifier
 import paraphrase_detection
 import pretrain
 import sonnet_generation
+from cli.common import run_main
+from cli.validation import float_in, int_in, model_size_or_folder, name_list, probability
 from distillation.__main__ import main as distillation_main
 from tests.conftest import SHARED_DATA
-from training.cli import run_main
-from training.validation import float_in, int_in, model_size_or_folder, name_list, probability
 
 MICRO = dict(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)
 OTHER = dict(vocab_size=50257, n_positions=64, n_embd=48, n_layer=3, n_head=4)  # another config

@@ -1,0 +1,436 @@
+"""Run folders with an owner: a run never overwrites, resumes into or mixes with another run's results.
+
+A run folder (``last.pt``, ``best*.pt``, ``metrics.jsonl``, ...) belongs to one run at a time:
+
+- **Default folders are new for each run**: ``runs/<task>/<mode>-<dataset>/<timestamp>/``, with
+  ``latest`` (a symlink, or a one-line pointer file where symlinks fail) naming the newest one, so
+  rerunning a command never collides with an earlier run. ``--resume`` without ``--output_dir``
+  continues ``latest``.
+- **An explicit ``--output_dir`` that already holds a run is refused** unless ``--resume`` (continue
+  it) or ``--overwrite`` (delete its run files and start afresh).
+- **A lock** (``run.lock``: pid, host, start time; created atomically) is held while a run is
+  active, so a second run on the same folder stops at once, naming the holder. The lock of a
+  process that died on this host is taken over with a note.
+- At the start, half-written ``.tmp`` checkpoint files left by a kill are removed.
+- **Resume rules**: ``--resume`` with nothing to resume is an error; the saved run's settings that
+  change the result (``run_settings``) must equal the current ones, or the run is refused with
+  the whole list of differences (``--resume_allow_changes`` accepts them and prints them);
+  ``metrics.jsonl`` records past the checkpoint (written before a kill) are dropped, so no
+  epoch is logged twice.
+- Output files are checked writable before any training (``check_writable``).
+
+Task scripts call ``open_run`` once, before building the model; ``Trainer.fit`` runs inside
+``hold_run`` (re-entrant for a folder this process already holds).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime as dt
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+LOCK_NAME = "run.lock"
+LATEST = "latest"
+# What a run writes into its folder: any of these means "this folder holds a run".
+RUN_FILES = ("last.pt", "best.pt", "best-epoch*.pt", "metrics.jsonl", "curves.png", "*-model.pt", "model.pt")
+# Settings that do not change the weights a run produces: where it writes, how it logs, how far
+# it goes (a resume may extend a run), the device, and the flags of this very mechanism.
+IGNORED_SETTINGS = frozenset({
+    "output_dir", "resume", "overwrite", "resume_allow_changes", "progress", "no_progress", "plot", "log_every",
+    "max_steps", "save_every_steps", "save_top_k", "patience", "epochs", "device", "use_gpu", "num_workers",
+    "no_bf16", "predictions_dir", "filepath", "load", "checkpoint", "generate_only", "tokenizer", "compile",
+    "no_cache", "gen_batch_size", "eval_batch_size", "gradient_checkpointing", "pretrain_epochs",
+    "report_to", "fsdp",
+})
+# Resumed from the saved optimizer, so a changed value would not take effect.
+OPTIMIZER_SETTINGS = ("lr", "weight_decay", "betas", "eps")
+
+
+class RunDirError(Exception):
+    """A run folder that cannot be used as asked (held, already holding a run, nothing to
+    resume, settings that differ, an unwritable output); ``run_main`` prints it as one line."""
+
+
+# ----------------------------------------------------------------- lock
+
+
+_HELD: set[Path] = set()  # folders this process holds (claimed by open_run, then by Trainer.fit)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _read_lock(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe(holder: Mapping[str, Any]) -> str:
+    return (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, "
+            f"started {holder.get('started', '?')}")
+
+
+def _link(src: str | Path, dst: Path) -> None:
+    """Put ``src``'s content at ``dst`` atomically; FileExistsError if ``dst`` exists."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: an exclusive create, then the content
+        fd = os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(fd, "wb") as f:
+            f.write(Path(src).read_bytes())
+
+
+def acquire_lock(folder: str | Path) -> None:
+    """Take ``folder/run.lock`` for this process or raise ``RunDirError`` naming its holder.
+
+    The lock file is written complete under a temporary name and hard-linked into place, which
+    fails if a lock exists: two runs can never both believe they hold it. A lock left by a dead
+    process on this host is moved aside and retaken (only if it is still the one read)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{LOCK_NAME}.", suffix=".new")
+    with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+    try:
+        for _ in range(3):
+            try:
+                _link(tmp, lock)
+                return
+            except FileExistsError:
+                holder = _read_lock(lock)
+            # Our own pid here is a lock this process failed to release (claim() checks _HELD first).
+            stale = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) \
+                and (holder["pid"] == me["pid"] or not _pid_alive(holder["pid"]))
+            if not stale:
+                raise RunDirError(f"{folder}: in use by another run ({_describe(holder)}); wait for it to end or "
+                                  f"pick another --output_dir (if that process is not a run, delete {lock})")
+            aside = folder / f".{LOCK_NAME}.stale-{me['pid']}"
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(lock, aside)
+                if _read_lock(aside) == holder:
+                    print(f"note: {folder}: took over the lock of a run that is no longer running "
+                          f"({_describe(holder)})")
+                else:  # another process retook it meanwhile: put its lock back
+                    with contextlib.suppress(FileExistsError):
+                        _link(aside, lock)
+                aside.unlink()
+        raise RunDirError(f"{folder}: could not take the run lock; another run keeps taking it")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def release_lock(folder: str | Path) -> None:
+    """Remove ``folder/run.lock`` if this process holds it."""
+    lock = Path(folder) / LOCK_NAME
+    if _read_lock(lock).get("pid") == os.getpid():
+        lock.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------- folders
+
+
+def run_files(folder: str | Path) -> list[Path]:
+    """The files of a run in ``folder`` (not in its subfolders)."""
+    folder = Path(folder)
+    return sorted({p for pattern in RUN_FILES for p in folder.glob(pattern) if p.is_file()})
+
+
+def holds_checkpoint(folder: str | Path) -> bool:
+    """Whether ``folder`` or a subfolder (a run's earlier stage, e.g. ``pretrain/``) holds ``last.pt``."""
+    return any(Path(folder).rglob("last.pt"))
+
+
+def remove_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the half-written ``.*.tmp`` files an atomic save leaves when killed; returns them."""
+    removed = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
+def claim(folder: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Lock ``folder`` for this process (unless it already holds it) and check that it may be
+    used: refused if it holds a run and neither ``resume`` nor ``overwrite`` is set, or if
+    ``resume`` finds no checkpoint in it or its subfolders. With ``overwrite`` the old run's
+    files are deleted. The checks are cheap and repeatable, so a script's early claim and the
+    Trainer's claim at ``fit`` both make them. Undo with ``release``."""
+    folder = Path(folder).resolve()
+    if folder not in _HELD:
+        check_writable([folder / LOCK_NAME])
+        acquire_lock(folder)
+        _HELD.add(folder)
+    try:
+        old = run_files(folder)
+        if resume and not holds_checkpoint(folder):
+            raise RunDirError(f"{folder}: --resume, but there is no checkpoint (last.pt) to resume; "
+                              "drop --resume to start a new run")
+        if old and not resume:
+            if not overwrite:
+                raise RunDirError(f"{folder}: already holds a run ({', '.join(p.name for p in old[:4])}); "
+                                  "add --resume to continue it, --overwrite to replace it, or pick another "
+                                  "--output_dir")
+            for p in old:
+                p.unlink()
+            print(f"--overwrite: deleted the earlier run's files in {folder}")
+        for p in remove_temp_files(folder):
+            print(f"removed {p}, a half-written file of an interrupted run")
+    except BaseException:
+        release(folder)
+        raise
+    return folder
+
+
+def release(folder: str | Path) -> None:
+    """Give up ``folder``: its lock is removed (also at process exit for folders still held)."""
+    folder = Path(folder).resolve()
+    if folder in _HELD:
+        _HELD.discard(folder)
+        release_lock(folder)
+
+
+@atexit.register
+def _release_all() -> None:
+    for folder in list(_HELD):
+        release(folder)
+
+
+@contextlib.contextmanager
+def holding(folder: str | Path, *, resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
+    """``claim`` for the duration of a ``with`` block."""
+    claim(folder, resume=resume, overwrite=overwrite)
+    try:
+        yield Path(folder)
+    finally:
+        release(folder)
+
+
+def _point_latest(parent: Path, run: Path) -> None:
+    """``parent/latest`` -> ``run``: a relative symlink swapped in atomically, else a pointer file."""
+    link, tmp = parent / LATEST, parent / f".{LATEST}.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.symlink(run.name, tmp)
+    except OSError:
+        tmp.write_text(run.name + "\n")
+    os.replace(tmp, link)
+
+
+def latest_run(parent: str | Path) -> Path | None:
+    """The run folder ``parent/latest`` names (symlink or pointer file), if any."""
+    link = Path(parent) / LATEST
+    if link.is_symlink():
+        return Path(parent) / os.readlink(link)
+    if link.is_file():
+        return Path(parent) / link.read_text().strip()
+    return None
+
+
+def new_run_folder(parent: str | Path) -> Path:
+    """A fresh ``parent/<UTC timestamp>`` folder (``-2``, ``-3``... if taken), made ``latest``."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        run = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            run.mkdir()
+        except FileExistsError:
+            continue
+        _point_latest(parent, run)
+        return run
+    raise RunDirError(f"{parent}: could not make a new run folder")
+
+
+def check_writable(paths: Iterable[str | Path | None]) -> None:
+    """Raise ``RunDirError`` unless each output file (or folder, for a path that is or ends with
+    one) can be written: its folder is made if missing and a probe file created there. Called
+    before training, so a bad path fails in a second, not after hours."""
+    for p in paths:
+        if p is None:
+            continue
+        path = Path(p)
+        folder = path if path.is_dir() or str(p).endswith(os.sep) else path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if path.is_file() and not os.access(path, os.W_OK):
+                raise PermissionError(f"{path} is read-only")
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+                pass
+        except OSError as e:
+            raise RunDirError(f"{p}: cannot write there ({e.strerror or e}); pick a writable path") from None
+
+
+def open_run(args: Any, default_parent: str | Path, *, subdir: str | None = None,
+             outputs: Iterable[str | Path | None] = (), trains: bool | None = None,
+             model_flag: str = "load") -> Path | None:
+    """For a task script, before it builds anything: check its ``outputs`` are writable, then
+    claim its run folder and return it: ``--output_dir[/subdir]``, else a new
+    ``<default_parent>/<timestamp>`` (``cli.common.default_output_dir``), or with ``--resume``
+    the ``latest`` one. It stays locked until ``Trainer.fit`` ends (or the process does). A run
+    that does not train (``trains``, by default ``--epochs`` > 0) claims no folder and returns
+    None; it must then have a model to predict with (``--<model_flag>``)."""
+    model = getattr(args, model_flag, None)
+    trains = args.epochs > 0 if trains is None else trains
+    if not trains and not model:
+        raise RunDirError(f"--epochs {args.epochs} only predicts, and there is no trained model to predict "
+                          f"with: give --{model_flag} PATH (a model saved by an earlier run)")
+    check_writable(outputs)
+    if not trains:
+        return None
+    if args.output_dir:
+        folder = Path(args.output_dir, subdir) if subdir else Path(args.output_dir)
+    else:
+        parent = Path(default_parent)
+        folder = latest_run(parent) if args.resume else new_run_folder(parent)
+        if folder is None:
+            raise RunDirError(f"{parent}: --resume, but no earlier run to resume (no {LATEST}); drop --resume "
+                              "or give the run's --output_dir")
+        print(f"run folder: {folder}")
+    overwrite = getattr(args, "overwrite", False)
+    if overwrite and model and Path(model).resolve() in {p.resolve() for p in run_files(folder)}:
+        raise RunDirError(f"{folder}: --overwrite would delete {model}, the model --{model_flag} starts from; "
+                          "copy it elsewhere first or pick another --output_dir")
+    return claim(folder, resume=args.resume, overwrite=overwrite)
+
+
+def open_run_on_main(args: Any, default_parent: str | Path, **kw: Any) -> Path | None:
+    """``open_run`` by rank 0 alone under torchrun (it makes, locks and owns the folder); the
+    other ranks get the same folder, or the same error (``engine.distributed.on_main``)."""
+    from engine import distributed
+
+    return distributed.on_main(lambda: open_run(args, default_parent, **kw))
+
+
+# ----------------------------------------------------------------- resume
+
+
+def run_settings(train_config: Mapping[str, Any], model_config: Mapping[str, Any] | None,
+                 extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The settings of a run that change its result, flat: the CLI args saved in ``extra["args"]``,
+    the other plain values of ``extra`` (dataset, number of labels...), the TrainConfig (which
+    wins where both name a setting) and the model config as ``model.<field>``. Left out:
+    ``IGNORED_SETTINGS``, output paths (``*_out``), and ``epochs`` unless the learning-rate
+    schedule depends on the total number of steps."""
+    extra = dict(extra or {})
+    out: dict[str, Any] = {}
+    for source in (extra.pop("args", None) or {}, extra, train_config):
+        out.update({k: v for k, v in source.items() if isinstance(v, (str, int, float, bool, list, tuple, type(None)))})
+    out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()
+           if k not in IGNORED_SETTINGS and not k.endswith("_out")}
+    if train_config.get("scheduler", "constant") != "constant" or train_config.get("warmup_ratio", 0):
+        out["epochs"] = train_config.get("epochs")
+    for k, v in (model_config or {}).items():
+        if k not in IGNORED_SETTINGS:
+            out[f"model.{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``name saved -> current`` for each setting that differs (missing on one side shown as such)."""
+    missing = "(not set)"
+    return [f"{k} {saved.get(k, missing)!r} -> {current.get(k, missing)!r}"
+            for k in sorted(set(saved) | set(current)) if saved.get(k, missing) != current.get(k, missing)]
+
+
+def trim_metrics(path: str | Path, epoch: int, step: int) -> int:
+    """Drop the ``metrics.jsonl`` records written after the checkpoint being resumed (epoch
+    records past ``epoch``, step records past ``step``): a kill between an epoch's evaluation
+    and its checkpoint would otherwise leave that epoch logged twice. Returns the number dropped."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+        late = rec.get("epoch", 0) > epoch if rec.get("type") == "epoch" else rec.get("step", 0) > step
+        if not late:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
+def check_resume(last: str | Path, current: Mapping[str, Any], allow_changes: bool = False) -> None:
+    """Compare ``last``'s saved settings with ``current`` (both from ``run_settings``): refuse
+    differences with the whole list unless ``allow_changes``, then print them; trim
+    ``metrics.jsonl`` to the checkpoint. The checkpoint is memory-mapped: its tensors are not read."""
+    import torch
+
+    last = Path(last)
+    try:
+        ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise RunDirError(f"{last}: not a readable checkpoint ({type(e).__name__}: {e}); "
+                          "delete it or use --overwrite to start afresh") from None
+    saved = run_settings(ckpt.get("train_config") or {}, ckpt.get("model_config"), ckpt.get("extra"))
+    changes = changed_settings(saved, current)
+    if changes and not allow_changes:
+        raise RunDirError(f"{last}: --resume with settings that differ from the saved run's: {'; '.join(changes)}. "
+                          "Rerun with the saved settings, or add --resume_allow_changes to continue with the "
+                          "new ones")
+    if changes:
+        kept = [k for k in OPTIMIZER_SETTINGS if saved.get(k) != current.get(k)]
+        print(f"--resume_allow_changes: resuming with changed settings: {'; '.join(changes)}"
+              + (f" ({', '.join(kept)}: the saved optimizer's values stay in force)" if kept else ""))
+    dropped = trim_metrics(last.parent / "metrics.jsonl", int(ckpt.get("epoch", 0)), int(ckpt.get("global_step", 0)))
+    if dropped:
+        print(f"dropped {dropped} metrics.jsonl records written after {last.name} (an interrupted run's)")
+
+
+@contextlib.contextmanager
+def fit_guard(output_dir: str | Path, config: Any, current: Mapping[str, Any]) -> Iterator[None]:
+    """What ``Trainer.fit`` runs inside: the folder claimed (``config.resume``/``overwrite``) for
+    the fit and released after, and on resume the saved settings checked (``check_resume``).
+    A resumed stage that has no ``last.pt`` of its own (its run has one in a subfolder, of an
+    earlier stage) starts afresh with a note. Under torchrun only rank 0 claims and checks;
+    the other ranks wait for its verdict."""
+    from engine import distributed
+
+    def claim_and_check() -> Path:
+        folder = claim(output_dir, resume=config.resume, overwrite=getattr(config, "overwrite", False))
+        try:
+            if config.resume:
+                last = folder / "last.pt"
+                if last.exists():
+                    check_resume(last, current, getattr(config, "resume_allow_changes", False))
+                else:
+                    print(f"note: {folder} has no last.pt of its own (an earlier stage's is in a subfolder): "
+                          "this stage starts afresh")
+        except BaseException:
+            release(folder)
+            raise
+        return folder
+
+    folder = distributed.on_main(claim_and_check)  # under torchrun rank 0 owns the folder
+    try:
+        yield
+    finally:
+        if distributed.is_main():
+            release(folder)

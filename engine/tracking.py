@@ -1,0 +1,198 @@
+"""Experiment tracking in the formats users already read, beside ``metrics.jsonl`` and ``curves.png``.
+
+``--report_to none|tensorboard|wandb`` (``TrainConfig.report_to``) adds one Trainer callback:
+
+- ``tensorboard``: event files in the run folder (``tensorboard --logdir runs/``), through
+  ``torch.utils.tensorboard`` (the ``tensorboard`` package, pinned in requirements.txt).
+- ``wandb``: a Weights & Biases run whose files go to ``<run folder>/wandb``; offline (synced
+  later with ``wandb sync``) when ``WANDB_MODE`` is unset and the W&B server cannot be reached.
+  ``wandb`` is optional: ``--report_to wandb`` without it installed is a parse error saying
+  how to install it.
+
+Both mirror ``metrics.jsonl`` rather than recompute anything: after each logging step and each
+epoch the callback reads the records the engine has just appended and sends them on (step
+records as ``train/<key>``, epoch records as ``train/loss_epoch`` and ``dev/<metric>``, all
+at the global optimizer step), so what TensorBoard or W&B show is exactly what the log holds,
+on a resumed run too.
+
+``attach(*callbacks)`` is the other way in: callbacks added to every Trainer built inside a
+``with`` block, so a runner (a sweep's pruning callback) reaches the Trainer that a task's
+``run`` builds without the task passing callbacks along.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import contextvars
+import importlib.util
+import json
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+REPORT_TO = ("none", "tensorboard", "wandb")
+INSTALL_HINT = {"tensorboard": "pip install -r requirements.txt (it pins tensorboard)",
+                "wandb": "pip install wandb (optional, not in requirements.txt)"}
+_ATTACHED: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("attached_callbacks", default=())
+
+
+def report_to(text: str) -> str:
+    """``--report_to``'s argparse type: one of ``REPORT_TO`` whose package is installed."""
+    if text not in REPORT_TO:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(REPORT_TO)}, got {text!r}")
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(text)
+    if module is not None and importlib.util.find_spec(module) is None:
+        raise argparse.ArgumentTypeError(f"{text} is not installed; {INSTALL_HINT[text]}, or use --report_to none")
+    return text
+
+
+@contextlib.contextmanager
+def attach(*callbacks: Any) -> Iterator[None]:
+    """Add ``callbacks`` to every Trainer created inside the block (nested blocks add up)."""
+    token = _ATTACHED.set(_ATTACHED.get() + callbacks)
+    try:
+        yield
+    finally:
+        _ATTACHED.reset(token)
+
+
+def callbacks_for(config: Any) -> list[Any]:
+    """The callbacks the engine adds to a Trainer: ``config.report_to``'s, then the attached ones."""
+    kind = getattr(config, "report_to", "none")
+    own = {"none": [], "tensorboard": [TensorBoardCallback()], "wandb": [WandbCallback()]}
+    if kind not in own:
+        raise ValueError(f"report_to must be one of {REPORT_TO}, got {kind!r}")
+    from engine import distributed
+
+    return [*(own[kind] if distributed.is_main() else []), *_ATTACHED.get()]  # under torchrun: rank 0 reports
+
+
+def scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of one ``metrics.jsonl`` record under the names the trackers show."""
+    if record.get("type") == "step":
+        return {f"train/{k}": float(v) for k, v in record.items()
+                if k not in ("type", "epoch", "step") and isinstance(v, (int, float))}
+    if record.get("type") == "epoch":
+        out = {"train/loss_epoch": record["train_loss"]} if record.get("train_loss") is not None else {}
+        out["train/epoch"] = record["epoch"]
+        out.update({f"dev/{k}": v for k, v in (record.get("dev") or {}).items()})
+        return {k: float(v) for k, v in out.items()}
+    return {}
+
+
+class LogMirror:
+    """A Trainer callback that forwards each new ``metrics.jsonl`` record to ``write(name_to_value,
+    step)``; subclasses open and close the tracker."""
+
+    def __init__(self) -> None:
+        self._path: Path | None = None
+        self._offset = 0
+
+    def on_train_begin(self, trainer: Any) -> None:
+        self._path = Path(trainer.output_dir) / "metrics.jsonl"
+        self._offset = self._path.stat().st_size if self._path.exists() else 0  # a resume: past records were sent
+        self.open(trainer)
+
+    def on_step_end(self, trainer: Any, step: int, loss: float | None) -> None:
+        if loss is not None:  # a logging step: the engine has just appended its record
+            self._forward()
+
+    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, Any]) -> None:
+        self._forward()
+
+    def on_train_end(self, trainer: Any, best: dict[str, Any]) -> None:
+        self._forward()
+        self.close()
+
+    def _forward(self) -> None:
+        if self._path is None or not self._path.exists():
+            return
+        with open(self._path) as f:
+            f.seek(self._offset)
+            text = f.read()
+        complete = text[: text.rfind("\n") + 1]  # a line still being written waits for the next call
+        self._offset += len(complete.encode())
+        for line in complete.splitlines():
+            record = json.loads(line)
+            values = scalars(record)
+            if values:
+                self.write(values, int(record.get("step", 0)))
+        self.flush()
+
+    def open(self, trainer: Any) -> None: ...
+
+    def write(self, values: Mapping[str, float], step: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TensorBoardCallback(LogMirror):
+    """Event files in the run folder, beside ``metrics.jsonl``."""
+
+    writer: Any = None
+
+    def open(self, trainer: Any) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(trainer.output_dir))
+
+    def write(self, values: Mapping[str, float], step: int) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def wandb_reachable(timeout: float = 2.0) -> bool:
+    """Whether the W&B server answers a TCP connection (no network: log offline)."""
+    try:
+        socket.create_connection(("api.wandb.ai", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+class WandbCallback(LogMirror):
+    """A W&B run per training run (its config: the TrainConfig and the run's ``extra``), offline
+    without network; a resumed run continues the same W&B run (its id is kept in the run folder)."""
+
+    run: Any = None
+
+    def open(self, trainer: Any) -> None:
+        import wandb
+
+        folder = Path(trainer.output_dir)
+        id_file = folder / "wandb-run-id"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id + "\n")
+        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_reachable() else "offline")
+        if mode == "offline":
+            print(f"W&B offline: the run is logged under {folder / 'wandb'}; upload it later with wandb sync")
+        config = {**trainer._config_dict(), **{k: v for k, v in trainer.extra.items() if k != "args"},
+                  **(trainer.extra.get("args") or {})}
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "gpt2-course"), dir=str(folder), id=run_id,
+                              resume="allow", mode=mode, name=folder.name, config=config)
+
+    def write(self, values: Mapping[str, float], step: int) -> None:
+        self.run.log(dict(values), step=step)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+__all__ = ["REPORT_TO", "LogMirror", "TensorBoardCallback", "WandbCallback", "attach", "callbacks_for",
+           "report_to", "scalars", "wandb_reachable"]

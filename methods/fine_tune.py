@@ -1,0 +1,160 @@
+"""Fine-tuning modes: the one registry of what trains in each mode, and the adapter settings.
+
+A mode is a name, a one-line help, the learning rate a task uses when ``--lr`` is not given,
+whether it needs a task head (``last-linear-layer`` trains only the head, so the cloze
+scorer and the sonnet LM, which have none, do not offer it), and ``prepare``, which makes
+the right parameters of a task model train. Adapter modes also name the frozen dataclass of
+their settings (``LoraConfig``, in the shape of PEFT's) and the flag each field is read from
+(``cli.common.fine_tune_config`` builds it from any mode's ``flags``). Every task script takes its
+``--fine-tune-mode`` choices and default lr from here, and the KD teacher is rebuilt through
+the same ``set_fine_tune_mode``. Adding a mode (e.g. prefix tuning) is its own module plus
+one ``register(...)`` below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from methods.lora import DEFAULT_TARGETS, apply_lora, mark_only_lora_trainable
+from methods.prefix import PrefixConfig, prefix_fine_tune
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapter settings (DoRA's with ``use_dora``): rank, alpha (scaling = alpha / r),
+    dropout on the adapter input, and the Linear name suffixes wrapped."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    use_dora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {self.r}")
+        targets = self.targets.split(",") if isinstance(self.targets, str) else self.targets  # "a,b" from a flag
+        object.__setattr__(self, "targets", tuple(t.strip() for t in targets if t.strip()))
+
+
+Prepare = Callable[[nn.Module, tuple[str, ...], Any], bool]
+
+
+@dataclass(frozen=True)
+class FineTuneMode:
+    """One fine-tuning mode. ``prepare(model, head, adapter)`` sets what trains (adding
+    adapters if the mode has them) and returns True when checkpoints should hold only the
+    trainable parameters (the frozen body is rebuilt from the same weights or seed)."""
+
+    name: str
+    help: str
+    default_lr: float
+    prepare: Prepare
+    needs_head: bool = False
+    adapter: type | None = None  # the settings dataclass of an adapter mode
+    flags: Mapping[str, str] = field(default_factory=dict)  # adapter field -> command-line flag (dest)
+
+
+MODES: dict[str, FineTuneMode] = {}
+
+
+def register(mode: FineTuneMode) -> FineTuneMode:
+    MODES[mode.name] = mode
+    return mode
+
+
+def _is_head(name: str, head: tuple[str, ...]) -> bool:
+    return any(name == h or name.startswith(h + ".") for h in head)
+
+
+def _head_only(model: nn.Module, head: tuple[str, ...], adapter: None) -> bool:
+    for name, p in model.named_parameters():
+        p.requires_grad = _is_head(name, head)
+    return True
+
+
+def _full_model(model: nn.Module, head: tuple[str, ...], adapter: None) -> bool:
+    for p in model.parameters():
+        p.requires_grad = True
+    return False
+
+
+def _lora(model: nn.Module, head: tuple[str, ...], cfg: LoraConfig) -> bool:
+    apply_lora(model, cfg.targets, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_dora=cfg.use_dora)
+    mark_only_lora_trainable(model, extra_trainable=head)
+    return True
+
+
+register(FineTuneMode("last-linear-layer", "GPT-2 frozen, only the head trains", 1e-3, _head_only,
+                      needs_head=True))
+register(FineTuneMode("full-model", "every parameter trains", 1e-5, _full_model))
+register(FineTuneMode("lora", "low-rank adapters (DoRA with --use_dora) and the head train", 3e-4, _lora,
+                      adapter=LoraConfig, flags={"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+                                                 "targets": "lora_targets", "use_dora": "use_dora"}))
+register(FineTuneMode("prefix", "learned key/value prefixes per layer (Li and Liang 2021) and the head train", 5e-4,
+                      prefix_fine_tune, adapter=PrefixConfig,
+                      flags={"length": "prefix_length", "hidden": "prefix_hidden"}))
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """A mode and its adapter settings (None: the adapter's defaults, or no adapter)."""
+
+    mode: str = "full-model"
+    adapter: Any = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"fine-tune mode must be one of {tuple(MODES)}, got {self.mode!r}")
+        want = MODES[self.mode].adapter
+        if self.adapter is not None and (want is None or not isinstance(self.adapter, want)):
+            raise ValueError(f"fine-tune mode {self.mode!r} takes {want.__name__ if want else 'no adapter'} "
+                             f"settings, got {type(self.adapter).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, for a checkpoint's ``extra`` (loadable with ``weights_only``)."""
+        return {"mode": self.mode, "adapter": None if self.adapter is None else asdict(self.adapter)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FineTuneConfig:
+        adapter_cls = MODES[d["mode"]].adapter
+        adapter = d.get("adapter")
+        return cls(d["mode"], adapter_cls(**adapter) if adapter is not None and adapter_cls is not None else None)
+
+
+def mode_names(has_head: bool = True) -> tuple[str, ...]:
+    """The modes a task model offers: those needing a head only if it has one."""
+    return tuple(n for n, m in MODES.items() if has_head or not m.needs_head)
+
+
+def modes_help(names: Sequence[str]) -> str:
+    """``--fine-tune-mode`` help: each mode and what trains in it."""
+    return "; ".join(f"{n}: {MODES[n].help}" for n in names)
+
+
+def default_lr(mode: str) -> float:
+    return MODES[mode].default_lr
+
+
+def set_fine_tune_mode(model: nn.Module, config: FineTuneConfig, head: Sequence[str]) -> bool:
+    """Make the parameters of ``config.mode`` train (``head`` names the task head's modules);
+    returns True when checkpoints should hold only trainable parameters."""
+    mode = MODES[config.mode]
+    if mode.needs_head and not tuple(head):
+        raise ValueError(f"fine-tune mode {mode.name!r} trains only the head, and this model has none")
+    adapter = config.adapter if config.adapter is not None or mode.adapter is None else mode.adapter()
+    return mode.prepare(model, tuple(head), adapter)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, for the log line every CLI prints."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+__all__ = ["MODES", "FineTuneConfig", "FineTuneMode", "LoraConfig", "count_parameters", "default_lr",
+           "mode_names", "modes_help", "register", "set_fine_tune_mode"]

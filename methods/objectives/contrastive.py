@@ -1,0 +1,117 @@
+"""SimCSE-style contrastive learning of sentence representations (Gao, Yao and Chen 2021,
+"SimCSE: Simple Contrastive Learning of Sentence Embeddings", EMNLP).
+
+InfoNCE with in-batch negatives: for anchors h_i and candidates h'_j (cosine similarity
+sim, temperature tau), with h'_{t(i)} the positive of anchor i,
+
+    l_i = -log  exp(sim(h_i, h'_{t(i)}) / tau)  /  sum_j exp(sim(h_i, h'_j) / tau)
+
+- unsupervised: h and h' are two dropout views of the same batch of texts (t(i) = i), so
+  every other text of the batch is a negative;
+- supervised, for paraphrase pairs: the anchors are the first questions of the positive
+  pairs, the candidates the second questions of every pair in the batch. A positive pair's
+  other question is the positive; the second question of a non-paraphrase pair (often on the
+  same topic) is a hard negative, as the contradiction hypothesis is in SimCSE's NLI version.
+
+The two questions of a pair reach the loss as their own padded token ids: ``add_pair_views``
+puts each question's token ids in its example's features, and ``PairViewCollator`` pads
+``sentence1_input_ids`` / ``sentence2_input_ids`` beside the prompt and gives each its mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.data import PadCollator
+from models.pooling import pool
+
+PAIR_KEYS = ("sentence1_input_ids", "sentence2_input_ids")
+
+
+def info_nce(
+    anchors: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor | None = None, temperature: float = 0.05
+) -> torch.Tensor:
+    """Mean InfoNCE of (N, d) ``anchors`` against (M, d) ``candidates`` by cosine similarity;
+    ``targets`` (N,) index each anchor's positive among the candidates (default: the same row)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    sim = F.normalize(anchors.float(), dim=-1) @ F.normalize(candidates.float(), dim=-1).T  # (N, M)
+    if targets is None:
+        targets = torch.arange(anchors.size(0), device=anchors.device)
+    return F.cross_entropy(sim / temperature, targets)
+
+
+def unsupervised_contrastive_loss(
+    view_a: torch.Tensor, view_b: torch.Tensor, temperature: float = 0.05
+) -> torch.Tensor:
+    """Unsupervised SimCSE: (B, d) representations of the same B texts under two dropout masks."""
+    return info_nce(view_a, view_b, temperature=temperature)
+
+
+def supervised_pair_loss(
+    first: torch.Tensor, second: torch.Tensor, labels: torch.Tensor, temperature: float = 0.05
+) -> torch.Tensor:
+    """Supervised SimCSE on pairs: (B, d) representations of the first and second questions and
+    (B,) 0/1 labels. A batch without a positive pair contributes zero (still attached to the graph)."""
+    positive = labels.bool()
+    if not positive.any():
+        return (first.sum() + second.sum()) * 0.0
+    rows = positive.nonzero().squeeze(-1)  # (N,) anchors: the positive pairs
+    return info_nce(first[rows], second, targets=rows, temperature=temperature)
+
+
+def encode_sentences(
+    body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "last"
+) -> torch.Tensor:
+    """(B, d) sentence representations from the GPT-2 body (``models.gpt2.GPT2Model``)."""
+    out = body(input_ids, attention_mask)
+    return pool(out["last_hidden_state"], attention_mask, pooling)
+
+
+def pair_views_loss(
+    body: nn.Module, batch: Mapping[str, Any], pooling: str = "last", temperature: float = 0.05
+) -> torch.Tensor:
+    """``supervised_pair_loss`` on a batch from ``PairViewCollator`` (two extra body passes)."""
+    missing = [k for k in (*PAIR_KEYS, "labels") if k not in batch]
+    if missing:
+        raise KeyError(f"supervised contrastive loss needs batch keys {missing}; build batches with PairViewCollator")
+    first, second = (encode_sentences(body, batch[k], batch[mask_key(k)], pooling) for k in PAIR_KEYS)
+    return supervised_pair_loss(first, second, batch["labels"], temperature)
+
+
+def add_pair_views(
+    features: Sequence[dict[str, Any]], first: Sequence[str], second: Sequence[str], tokenizer: Any, max_length: int
+) -> None:
+    """Give each feature dict the token ids of its pair's two texts (``sentence1_input_ids``,
+    ``sentence2_input_ids``, each cut to ``max_length``), in place, for ``PairViewCollator``."""
+    if not len(features) == len(first) == len(second):
+        raise ValueError(f"{len(features)} features for {len(first)} first and {len(second)} second texts")
+    for key, texts in zip(PAIR_KEYS, (first, second)):
+        encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+        for f, ids in zip(features, encoded):
+            f[key] = ids[:max_length]
+
+
+def mask_key(ids_key: str) -> str:
+    return ids_key.replace("input_ids", "attention_mask")
+
+
+class PairViewCollator(PadCollator):
+    """``PadCollator`` that also pads each example's ``sentence1_input_ids`` and
+    ``sentence2_input_ids`` (the two questions alone, token ids) and adds their masks
+    (``sentence1_attention_mask``...), for the supervised contrastive term."""
+
+    def __init__(self, pad_id: int, padding_side: str = "right") -> None:
+        super().__init__(pad_id, {k: pad_id for k in PAIR_KEYS}, padding_side)
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        batch = super().__call__(examples)
+        for k in PAIR_KEYS:
+            if k in batch:
+                batch[mask_key(k)] = self._pad([[1] * len(ex[k]) for ex in examples], 0)
+        return batch
