@@ -8,14 +8,15 @@ them to Hugging Face's ``n_embd``/``n_layer`` names.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-
-ATTENTION_PATTERNS = ("dense", "window", "strided", "block_global")
 
 
 @dataclass
 class GPT2Config:
+    """The architecture only: what a checkpoint's weights need, and which of two equal ways
+    computes attention. A method that changes a built model (``methods``) keeps its own settings."""
+
     vocab_size: int = 50257
     max_position_embeddings: int = 1024
     hidden_size: int = 768
@@ -29,16 +30,6 @@ class GPT2Config:
     # "sdpa": torch.nn.functional.scaled_dot_product_attention; "eager": explicit
     # softmax(QK^T)V, same numbers, useful for reading and debugging.
     attn_impl: str = "sdpa"
-    # Sparse attention (see modules/attention.py). "dense" is plain causal attention.
-    attn_pattern: str = "dense"
-    attn_window: int = 256  # local window width, the query included (window, strided)
-    attn_block: int = 64  # block size (block_global)
-    attn_num_global: int = 1  # leading global tokens (block_global)
-    attn_stride: int = 0  # strided: 0 = far keys at distances 2^k (LogSparse); s > 0 = at multiples of s
-    # "blockwise": O(T*w) kernels of methods/sparse_attention.py; "mask": SDPA on the full reference mask.
-    attn_sparse_impl: str = "blockwise"
-    gradient_checkpointing: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form, saved with checkpoints
 
     def __post_init__(self) -> None:
         if self.intermediate_size is None:
@@ -50,15 +41,6 @@ class GPT2Config:
             )
         if self.attn_impl not in ("sdpa", "eager"):
             raise ValueError(f"attn_impl must be 'sdpa' or 'eager', got {self.attn_impl!r}")
-        if self.attn_pattern not in ATTENTION_PATTERNS:
-            raise ValueError(f"attn_pattern must be one of {ATTENTION_PATTERNS}, got {self.attn_pattern!r}")
-        if self.attn_sparse_impl not in ("blockwise", "mask"):
-            raise ValueError(f"attn_sparse_impl must be 'blockwise' or 'mask', got {self.attn_sparse_impl!r}")
-        for name in ("attn_window", "attn_block"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.attn_num_global < 0 or self.attn_stride < 0:
-            raise ValueError("attn_num_global and attn_stride must be >= 0")
 
     @property
     def head_dim(self) -> int:
@@ -104,7 +86,7 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "gpt2-medium": (1024, 24, 16),  # 355M
     "gpt2-large": (1280, 36, 20),  # 774M
     "gpt2-xl": (1600, 48, 25),  # 1.5B
-    "tiny": (128, 2, 4),  # tests and offline smoke runs (about 6.7M, mostly embeddings)
+    "tiny": (128, 2, 4),  # tests and offline smoke runs (about 7.0M, mostly embeddings)
 }
 
 

@@ -6,11 +6,11 @@ on the CPU, for T in ``--lengths``; q, k, v are (B, 12, T, 64) views of one
 (B, T, 3, 12, 64) tensor, the layout ``CausalSelfAttention`` hands over. Rows:
 
 - ``dense sdpa``: causal SDPA (``is_causal``; PyTorch's fused CPU kernel), what
-  ``attn_pattern="dense"`` runs;
+  dense attention runs;
 - ``dense eager``: softmax(QK^T)V written out, the O(T^2) matrix materialised;
 - ``<pattern> mask``: SDPA with the pattern's boolean (T, T) mask
-  (``attn_sparse_impl="mask"``): same cost as dense, only a mask changes;
-- ``<pattern> blockwise``: ``methods.sparse_attention`` (the default), O(T * w).
+  (``SparseAttention(impl="mask")``): same cost as dense, only a mask changes;
+- ``<pattern> blockwise``: the kernels of ``methods.sparse_kernels`` (the default), O(T * w).
 
 Time: median over ``--repeats`` runs after warm-up, the variants taking turns
 (other processes share the cores: medians, round-robin). Memory: the increase of this process's peak
@@ -41,9 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from config import GPT2Config  # noqa: E402
-from methods.sparse_attention import sparse_blockwise_attention  # noqa: E402
-from modules.attention import build_attention_mask, eager_attention  # noqa: E402
+from methods.sparse_attention import SparseAttention, build_sparse_mask, sparse_blockwise_attention  # noqa: E402
+from modules.attention import eager_attention  # noqa: E402
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -52,12 +51,12 @@ def rss_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
-def patterns(args: argparse.Namespace) -> dict[str, GPT2Config]:
-    base = GPT2Config(attn_window=args.window, attn_block=args.block, attn_num_global=args.num_global)
+def patterns(args: argparse.Namespace) -> dict[str, SparseAttention]:
+    base = SparseAttention(window=args.window, block=args.block, num_global=args.num_global)
     return {
-        f"window w={args.window}": dataclasses.replace(base, attn_pattern="window"),
-        f"strided (LogSparse) w={args.window}": dataclasses.replace(base, attn_pattern="strided"),
-        f"block_global b={args.block} g={args.num_global}": dataclasses.replace(base, attn_pattern="block_global"),
+        f"window w={args.window}": dataclasses.replace(base, pattern="window"),
+        f"strided (LogSparse) w={args.window}": dataclasses.replace(base, pattern="strided"),
+        f"block_global b={args.block} g={args.num_global}": dataclasses.replace(base, pattern="block_global"),
     }
 
 
@@ -68,7 +67,7 @@ def variants(args: argparse.Namespace, T: int) -> dict[str, Step]:
     }
     for name, cfg in patterns(args).items():
         # The mask the model builds once per forward (shared by all layers), not timed here.
-        mask = build_attention_mask(dataclasses.replace(cfg, attn_sparse_impl="mask"), T, 0, None, torch.device("cpu"))
+        mask = build_sparse_mask(dataclasses.replace(cfg, impl="mask"), T, 0, None, torch.device("cpu"))
         out[f"{name} mask"] = lambda q, k, v, m=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=m)
         out[f"{name} blockwise"] = lambda q, k, v, c=cfg: sparse_blockwise_attention(q, k, v, c)
     return out

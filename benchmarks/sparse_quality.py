@@ -29,9 +29,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sonnet_generation  # noqa: E402
-from config import ATTENTION_PATTERNS  # noqa: E402
 from engine.efficiency import read_efficiency  # noqa: E402
 from experiments.launch import sonnet_run_flags  # noqa: E402
+from methods.sparse_attention import ATTENTION_PATTERNS  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 

@@ -8,8 +8,10 @@ Why it is written this way:
   keys and values; optimising P directly was unstable for them. ``PrefixEncoder`` does
   that while training, and ``fold()`` evaluates the MLP once and keeps only the result
   (n_layer, 2, nh, length, hs) as plain prefixes for inference: same numbers, no MLP.
-- The prefix reaches attention through one hook, ``CausalSelfAttention.prefix`` (see
-  ``modules.attention``): prefixes are keys/values, not tokens, so they take no position,
+- The prefix reaches attention through an attention class of its own,
+  ``PrefixCausalSelfAttention``, whose attend step puts the prefix before the keys and values
+  (``apply_prefix`` gives every layer that class, holding the same weights; ``remove_prefix``
+  puts the plain class back). Prefixes are keys/values, not tokens, so they take no position,
   are never written to the KV cache (which holds real tokens only, so beam reordering and
   contrastive search's row copies are unchanged), and a left-padded row sees exactly what
   the same row unpadded sees. Every decoding strategy therefore works unchanged.
@@ -24,28 +26,16 @@ Why it is written this way:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from config import GPT2Config
+from methods.layer_swap import gpt2_body, swap_attention
+from modules.attention import CausalSelfAttention
 
 PREFIX_ATTR = "prefix_encoder"  # where apply_prefix registers the encoder on the GPT2Model
-
-
-@dataclass(frozen=True)
-class PrefixConfig:
-    """Prefix-tuning settings: prefix positions per layer, and the width of the
-    reparameterisation MLP's hidden layer (Li and Liang: 10 positions for table-to-text, 512)."""
-
-    length: int = 10
-    hidden: int = 512
-
-    def __post_init__(self) -> None:
-        if self.length < 1 or self.hidden < 1:
-            raise ValueError(f"prefix length and hidden size must be >= 1, got {self.length} and {self.hidden}")
 
 
 class PrefixEncoder(nn.Module):
@@ -101,14 +91,38 @@ class PrefixEncoder(nn.Module):
         self.kv = nn.Parameter(kv, requires_grad=trainable)
 
 
+class PrefixCausalSelfAttention(CausalSelfAttention):
+    """Dense causal self-attention whose every query also sees the layer's prefix keys/values."""
+
+    def __init__(self, config: GPT2Config, layer_idx: int,
+                 prefix: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        super().__init__(config, layer_idx)
+        self.prefix = prefix  # layer index -> (nh, L, hs) keys and values (PrefixEncoder.layer_kv)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               past: int) -> torch.Tensor:
+        k, v, mask = self._prepend_prefix(k, v, mask, q.size(2))
+        return super().attend(q, k, v, mask, past)
+
+    def _prepend_prefix(
+        self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, T: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys/values (B, nh, L + S, hs) with the prefix first, and the mask that lets every
+        query see it (an explicit causal mask replaces ``is_causal``, which SDPA aligns top-left)."""
+        pk, pv = self.prefix(self.layer_idx)  # (nh, L, hs)
+        B, S, L = k.size(0), k.size(2), pk.size(1)
+        k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)  # (B, nh, L + S, hs)
+        v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+        if mask is None and T == 1:  # one query sees every key
+            return k, v, None
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=k.device).tril(S - T)[None, None]  # (1, 1, T, S)
+        return k, v, torch.cat([mask.new_ones(*mask.shape[:-1], L), mask], dim=-1)  # (B or 1, 1, T, L + S)
+
+
 def _body(model: nn.Module) -> nn.Module:
     """The GPT2Model: ``model`` itself, or the ``.gpt`` of a task head."""
-    from models.gpt2 import GPT2Model
-
-    body = model if isinstance(model, GPT2Model) else getattr(model, "gpt", None)
-    if not isinstance(body, GPT2Model):
-        raise TypeError(f"prefix tuning needs a GPT2Model or a head with one as .gpt, got {type(model).__name__}")
-    return body
+    return gpt2_body(model, "prefix tuning")
 
 
 def apply_prefix(model: nn.Module, length: int, hidden: int = 512, reparam: bool = True) -> PrefixEncoder:
@@ -116,15 +130,15 @@ def apply_prefix(model: nn.Module, length: int, hidden: int = 512, reparam: bool
     positions; returns the encoder (registered on the body as ``prefix_encoder``, on the
     body's device and dtype, so checkpoints and ``.to()`` carry it)."""
     body = _body(model)
-    if body.config.attn_pattern != "dense":
-        raise ValueError(f"prefix tuning supports dense attention only: the {body.config.attn_pattern!r} "
-                         "pattern addresses keys by position, which prefixes have not; use attn_pattern='dense'")
     if getattr(body, PREFIX_ATTR, None) is not None:
         raise ValueError("the model already has a prefix; remove_prefix first")
+    for block in body.h:
+        if type(block.attn) is not CausalSelfAttention:
+            raise ValueError(f"prefix tuning supports dense attention only: {type(block.attn).__name__} addresses "
+                             "keys by position, which prefixes have not; use attn_pattern='dense'")
     encoder = PrefixEncoder(body.config, length, hidden, reparam).to(body.wte.weight.device, body.wte.weight.dtype)
     setattr(body, PREFIX_ATTR, encoder)
-    for block in body.h:
-        block.attn.prefix = encoder.layer_kv
+    swap_attention(body, lambda old: PrefixCausalSelfAttention(old.config, old.layer_idx, encoder.layer_kv))
     return encoder
 
 
@@ -149,8 +163,8 @@ def fold_prefix(model: nn.Module) -> None:
 def remove_prefix(model: nn.Module) -> None:
     """Back to the plain model (the encoder is dropped)."""
     body = _body(model)
-    for block in body.h:
-        block.attn.prefix = None
+    if any(isinstance(block.attn, PrefixCausalSelfAttention) for block in body.h):
+        swap_attention(body, lambda old: CausalSelfAttention(old.config, old.layer_idx))
     if hasattr(body, PREFIX_ATTR):
         delattr(body, PREFIX_ATTR)
 
@@ -175,12 +189,3 @@ def prefix_parameter_counts(model: nn.Module) -> dict[str, int]:
     return {"training": sum(p.numel() for p in encoder.parameters()),
             "inference": encoder.n_layer * 2 * encoder.length * encoder.n_head * encoder.head_dim,
             "model": sum(p.numel() for p in model.parameters())}
-
-
-def prefix_fine_tune(model: nn.Module, head: Sequence[str], config: PrefixConfig | None = None) -> bool:
-    """The ``prefix`` fine-tune mode (``methods.fine_tune``'s ``prepare``): apply a prefix, train
-    only it and ``head``; True = checkpoints hold only trainable parameters."""
-    config = config or PrefixConfig()
-    apply_prefix(model, config.length, config.hidden)
-    mark_only_prefix_trainable(model, head)
-    return True

@@ -1,45 +1,129 @@
-"""Blockwise kernels for the sparse causal attention patterns.
+"""Sparse causal attention: an attention class, chosen when the model is built, under which
+a query sees only some earlier positions (``apply_sparse_attention(model, SparseAttention(...))``).
 
-``modules.attention.pattern_mask`` defines what each pattern lets a query see;
-these functions compute the same numbers without ever forming a (T, T) score
-matrix, so time and memory grow as T * (span + extra) instead of T^2:
+Patterns change only which earlier positions a query sees, never the weights, so
+pretrained checkpoints load unchanged:
 
-- ``window``: queries in blocks of ``w``; each block scores its own block and
-  the previous one (span 2w) and keeps the pairs at distance < w.
-- ``strided``: the window above, plus per-query "far" keys at fixed distances
-  (powers of two, or multiples of ``attn_stride``), gathered by index.
-- ``block_global``: each block of ``b`` scores only itself (span b), plus the
-  ``g`` leading global tokens that lie outside the query's own block.
+- ``window``: the last ``window`` positions (itself included);
+- ``strided``: that window plus positions at distances 1, 2, 4, 8... (LogSparse,
+  Li et al. 2019), or at multiples of ``stride`` when it is > 0 (the strided
+  pattern of Child et al. 2019);
+- ``block_global``: its own block of ``block`` positions plus the first
+  ``num_global`` tokens, which every query sees.
 
-``window`` and ``block_global`` hand every query block with its key set
-(own span, plus the globals) to one batched SDPA call, blocks as batch, so
-PyTorch's fused kernel does the softmax. ``strided`` scores local and far keys
-explicitly under one softmax (far keys differ per query). Either way the
-result is exactly attention under the pattern's mask.
+``pattern_mask`` (through ``build_sparse_mask``) defines them and is the reference.
+Training and prefill without a cache use the blockwise kernels of
+``methods.sparse_kernels`` (``impl="blockwise"``), whose cost is O(T * w);
+``impl="mask"`` runs SDPA on the reference mask instead. With a cache, each step
+attends only to the keys the pattern can reach (the last w for ``window``, a slice; the
+window plus the log-spaced keys for ``strided``, gathered), and under ``window`` the
+model's cache is a ``RingKVCache`` that stores only the last w. A pattern that covers
+the whole sequence (``covers_all``) runs the dense code, so it gives the dense numbers
+bit for bit.
 
-Positions here are slot indices (no cache: the T queries are the T keys).
-Without padding no (T, T) tensor exists at all. With padding, the boolean
-``mask`` (B or 1, 1, T, T) of ``build_attention_mask`` (T^2 bytes per row, built
-once per forward for all layers) is read only at the pairs each kernel visits;
-it must allow nothing outside the pattern. ``block_global`` with padding counts
-blocks in real tokens, so it takes the masked path instead.
+A saved model keeps its pattern as the fields ``attention_fields`` returns (named as
+the command-line flags); ``methods.restore`` rebuilds it from them.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from config import GPT2Config
+from methods.layer_swap import gpt2_body, swap_attention
+from methods.sparse_kernels import block_global_attention, strided_attention, window_attention
+from modules.attention import (
+    CausalSelfAttention,
+    apply_padding,
+    build_attention_mask,
+    check_padding_length,
+    eager_attention,
+    slot_positions,
+)
+from modules.kv_cache import BaseKVCache
+
+ATTENTION_PATTERNS = ("dense", "window", "strided", "block_global")
+# SparseAttention field -> the command-line flag (and saved-file key) that sets it
+FIELD_NAMES = {"pattern": "attn_pattern", "window": "attn_window", "block": "attn_block",
+               "num_global": "attn_num_global", "stride": "attn_stride", "impl": "attn_sparse_impl"}
+M = TypeVar("M", bound=nn.Module)
 
 
-def far_offsets(config: GPT2Config, length: int) -> list[int]:
+@dataclass(frozen=True)
+class SparseAttention:
+    """Which pattern, its sizes, and how it is computed; ``dense`` is plain causal attention."""
+
+    pattern: str = "dense"
+    window: int = 256  # local window width, the query included (window, strided)
+    block: int = 64  # block size (block_global)
+    num_global: int = 1  # leading global tokens (block_global)
+    stride: int = 0  # strided: 0 = far keys at distances 2^k (LogSparse); s > 0 = at multiples of s
+    impl: str = "blockwise"  # "blockwise": the O(T*w) kernels; "mask": SDPA on the full reference mask
+
+    def __post_init__(self) -> None:
+        if self.pattern not in ATTENTION_PATTERNS:
+            raise ValueError(f"attn_pattern must be one of {ATTENTION_PATTERNS}, got {self.pattern!r}")
+        if self.impl not in ("blockwise", "mask"):
+            raise ValueError(f"attn_sparse_impl must be 'blockwise' or 'mask', got {self.impl!r}")
+        for name in ("window", "block"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{FIELD_NAMES[name]} must be >= 1, got {getattr(self, name)}")
+        if self.num_global < 0 or self.stride < 0:
+            raise ValueError("attn_num_global and attn_stride must be >= 0")
+
+    def fields(self) -> dict[str, Any]:
+        """The settings under their flag names, as a saved file keeps them."""
+        return {flag: getattr(self, name) for name, flag in FIELD_NAMES.items()}
+
+    @classmethod
+    def from_fields(cls, saved: Mapping[str, Any]) -> SparseAttention:
+        """The settings among ``saved``'s flag-named entries (others are ignored; missing ones default)."""
+        return cls(**{name: saved[flag] for name, flag in FIELD_NAMES.items() if flag in saved})
+
+
+def covers_all(settings: SparseAttention, length: int) -> bool:
+    """Whether the pattern lets every query see every earlier position of a
+    sequence of ``length``: then it is dense attention, computed as such."""
+    p = settings.pattern
+    if p in ("window", "strided"):
+        return settings.window >= length
+    if p == "block_global":
+        return settings.block >= length or settings.num_global >= length
+    return True
+
+
+def pattern_mask(settings: SparseAttention, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Which (query, key) pairs the sparse pattern keeps, before causality.
+    Positions broadcast against each other (e.g. (T, 1) and (1, S))."""
+    p = settings.pattern
+    if p == "dense":
+        return torch.ones((), dtype=torch.bool, device=q_pos.device)
+    d = q_pos - k_pos  # distance back from the query
+    if p == "window":
+        return d < settings.window
+    if p == "strided":
+        if settings.stride > 0:
+            far = (d > 0) & (d % settings.stride == 0)
+        else:
+            far = (d > 0) & ((d & (d - 1)) == 0)  # powers of two
+        return (d < settings.window) | far
+    if p == "block_global":
+        b = settings.block
+        return (k_pos // b == q_pos // b) | (k_pos < settings.num_global)
+    raise NotImplementedError(f"attention pattern {p!r}")
+
+
+def far_offsets(settings: SparseAttention, length: int) -> list[int]:
     """Distances >= w that the strided pattern also attends to (below ``length``)."""
-    w = config.attn_window
-    if config.attn_stride > 0:
-        s = config.attn_stride
+    w = settings.window
+    if settings.stride > 0:
+        s = settings.stride
         return list(range(((w + s - 1) // s) * s, length, s))
     out, o = [], 1
     while o < length:
@@ -49,152 +133,170 @@ def far_offsets(config: GPT2Config, length: int) -> list[int]:
     return out
 
 
-def _block_mask_view(mask: torch.Tensor, block: int, n_prev: int, Tp: int) -> torch.Tensor:
-    """Entries of a (B', 1, T, T) mask at the (query, key) pairs of each block's
-    span: (B', 1, nb, block, span), False outside the sequence."""
-    T = mask.size(-1)
-    nb, span = Tp // block, (n_prev + 1) * block
-    mp = F.pad(mask, (n_prev * block, Tp - T, 0, Tp - T), value=False)  # (B', 1, Tp, Tp + n_prev*block)
-    win = mp.unfold(-1, span, block)  # (B', 1, Tp, nb, span): column window of every block
-    win = win.reshape(mask.size(0), 1, nb, block, nb, span)
-    return win.diagonal(dim1=2, dim2=4).permute(0, 1, 4, 2, 3)  # (B', 1, nb, block, span)
+def build_sparse_mask(
+    settings: SparseAttention,
+    query_len: int,
+    past_len: int,
+    key_padding_mask: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Boolean (B or 1, 1, T, S) mask, or None when the attention layer applies causality
+    and the pattern by itself: a covering pattern is dense (``build_attention_mask``), and
+    without a cache the blockwise kernels build their masks block by block. An all-ones
+    padding mask counts as none.
+
+    ``window`` and ``strided`` depend only on the distance between slots, which
+    equals the distance in tokens under left padding. ``block_global`` counts
+    blocks and global tokens in real tokens (as the position embeddings do), so
+    left padding never makes a pad token "global".
+    """
+    if covers_all(settings, past_len + query_len):
+        return build_attention_mask(query_len, past_len, key_padding_mask, device)
+    check_padding_length(key_padding_mask, query_len, past_len)
+    if key_padding_mask is not None and bool(key_padding_mask.all()):
+        key_padding_mask = None
+    if key_padding_mask is None and past_len == 0 and settings.impl == "blockwise":
+        return None
+    q_pos, k_pos = slot_positions(query_len, past_len, device)  # (T, 1), (1, S)
+    pq, pk = q_pos, k_pos
+    if settings.pattern == "block_global" and key_padding_mask is not None:
+        pos = (key_padding_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S) token positions
+        pq, pk = pos[:, None, -query_len:, None], pos[:, None, None, :]  # (B, 1, T, 1), (B, 1, 1, S)
+    allowed = (k_pos <= q_pos) & pattern_mask(settings, pq, pk)  # (T, S) or (B, 1, T, S)
+    allowed = allowed if allowed.dim() == 4 else allowed[None, None]  # (B or 1, 1, T, S)
+    return apply_padding(allowed, key_padding_mask, q_pos, k_pos)
 
 
 def sparse_blockwise_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    config: GPT2Config,
+    settings: SparseAttention,
     mask: torch.Tensor | None = None,
     dropout: float = 0.0,
 ) -> torch.Tensor:
-    """Attention of (B, nh, T, hs) queries over the same T keys under
-    ``config.attn_pattern`` (window, strided or block_global), in O(T * span)."""
-    pattern = config.attn_pattern
+    """Attention of (B, nh, T, hs) queries over the same T keys under the pattern
+    (window, strided or block_global), in O(T * span)."""
+    pattern, T = settings.pattern, q.size(2)
     if pattern == "window":
-        return _fused_blocks(q, k, v, config, config.attn_window, 1, 0, mask, dropout)
+        return window_attention(q, k, v, settings.window, mask, dropout)
     if pattern == "block_global":
         if mask is not None:
             raise ValueError("block_global counts blocks in real tokens; with padding use the masked path")
-        return _fused_blocks(q, k, v, config, config.attn_block, 0, min(config.attn_num_global, q.size(2)), None,
-                             dropout)
+        return block_global_attention(q, k, v, settings.block, min(settings.num_global, T), dropout)
     if pattern == "strided":
-        return _strided(q, k, v, config, mask, dropout)
+        return strided_attention(q, k, v, settings.window, far_offsets(settings, T), mask, dropout)
     raise ValueError(f"no blockwise kernel for attention pattern {pattern!r}")
 
 
-def _local_allowed(config: GPT2Config, block: int, n_prev: int, nb: int, device: torch.device) -> torch.Tensor:
-    """(nb, block, span) pairs of each query block and its key span that the pattern keeps."""
-    span = (n_prev + 1) * block
-    q_pos = torch.arange(nb * block, device=device).view(nb, block, 1)
-    k_pos = (torch.arange(nb, device=device) * block - n_prev * block).view(nb, 1, 1) + torch.arange(span,
-                                                                                                     device=device)
-    allowed = (k_pos >= 0) & (k_pos <= q_pos)
-    rule = (q_pos - k_pos < config.attn_window) if n_prev else (k_pos // block == q_pos // block)
-    return allowed & rule  # (nb, block, span)
+class SparseCausalSelfAttention(CausalSelfAttention):
+    """Causal self-attention under a sparse pattern: its own mask, attend step and cache."""
+
+    def __init__(self, config: GPT2Config, layer_idx: int = 0, sparse: SparseAttention | None = None) -> None:
+        super().__init__(config, layer_idx)
+        self.sparse = sparse or SparseAttention()
+
+    def build_mask(self, query_len: int, past_len: int, key_padding_mask: torch.Tensor | None,
+                   device: torch.device) -> torch.Tensor | None:
+        return build_sparse_mask(self.sparse, query_len, past_len, key_padding_mask, device)
+
+    def new_cache(self, batch_size: int, max_length: int, device: torch.device | str,
+                  dtype: torch.dtype) -> BaseKVCache:
+        """A ring of the last w positions under ``window`` (when w is shorter than the cache), else every position."""
+        if self.sparse.pattern == "window" and self.sparse.window < max_length:
+            return RingKVCache(self.config, batch_size, max_length, device, dtype, self.sparse)
+        return super().new_cache(batch_size, max_length, device, dtype)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               past: int) -> torch.Tensor:
+        if covers_all(self.sparse, past + q.size(2)):
+            return super().attend(q, k, v, mask, past)
+        dropout = self.attn_dropout if self.training else 0.0
+        if self.sparse.impl == "blockwise" and past == 0 and (mask is None or self.sparse.pattern != "block_global"):
+            return sparse_blockwise_attention(q, k, v, self.sparse, mask, dropout)
+        return self._masked_sparse(q, k, v, mask, past, dropout)
+
+    def _masked_sparse(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, past: int, dropout: float
+    ) -> torch.Tensor:
+        """Reference path (and decoding with a cache): attention on the pattern's
+        mask, restricted first to the keys some query can reach."""
+        T, S = q.size(2), k.size(2)
+        total = past + T
+        if mask is None:
+            q_pos, k_pos = slot_positions(T, past, q.device)
+            mask = ((k_pos <= q_pos) & pattern_mask(self.sparse, q_pos, k_pos))[None, None]  # (1, 1, T, total)
+        mask = mask[..., total - S :]  # the key slots this cache returned
+        if self.sparse.pattern == "window":  # a contiguous tail: slice, no copy
+            first = max(0, past - self.sparse.window + 1 - (total - S))
+            k, v, mask = k[:, :, first:], v[:, :, first:], mask[..., first:]
+        elif past > 0:  # decoding: gather the few reachable keys (LogSparse: w + log2(S))
+            keep = mask.flatten(0, -2).any(0).nonzero().squeeze(1)  # (S',)
+            k, v, mask = k.index_select(2, keep), v.index_select(2, keep), mask.index_select(-1, keep)
+        if self.config.attn_impl == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return eager_attention(q, k, v, mask, False, dropout)
 
 
-def _fused_blocks(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    config: GPT2Config,
-    block: int,
-    n_prev: int,
-    n_global: int,
-    mask: torch.Tensor | None,
-    dropout: float,
-) -> torch.Tensor:
-    """Window (n_prev=1) and block_global (n_prev=0, n_global leading keys): every
-    query block is one small SDPA call over its own key set, so PyTorch's fused
-    kernel does the softmax; blocks become the batch dimension."""
-    B, nh, T, hs = q.shape
-    nb = -(-T // block)
-    Tp, span = nb * block, (n_prev + 1) * block
+class RingKVCache(BaseKVCache):
+    """Bounded cache for the ``window`` pattern: only the last ``window`` keys/values
+    per layer, in a ring indexed by position mod w, so memory is O(w), not O(length).
 
-    def blocks(x: torch.Tensor, size: int, lead: int) -> torch.Tensor:
-        """(B, nh, T, hs) -> (B * nb, nh, size, hs): rows i*block - lead .. + size of block i,
-        gathered in one copy. Rows outside 0..T-1 repeat an edge row: the mask hides
-        them from every query that is kept."""
-        idx = (torch.arange(nb, device=x.device) * block - lead)[:, None] + torch.arange(size, device=x.device)
-        xb = x.transpose(1, 2)[:, idx.clamp(0, T - 1)]  # (B, nb, size, nh, hs); in the model a view's gather
-        return xb.reshape(B * nb, size, nh, hs).transpose(1, 2)
+    ``append`` returns, in order, the last w - 1 cached keys followed by the new ones:
+    the most any new query can see.
+    """
 
-    qb = blocks(q, block, 0)  # (B*nb, nh, block, hs)
-    kb, vb = blocks(k, span, n_prev * block), blocks(v, span, n_prev * block)  # (B*nb, nh, span, hs)
-    allowed = _local_allowed(config, block, n_prev, nb, q.device)  # (nb, block, span)
-    if mask is not None:
-        allowed = allowed & _block_mask_view(mask, block, n_prev, Tp)  # (B', 1, nb, block, span)
-    eye = torch.arange(block, device=q.device)[:, None] + n_prev * block == torch.arange(span, device=q.device)
-    allowed = (allowed | eye).expand(B, 1, nb, block, span) if allowed.dim() == 5 else allowed | eye
-    if n_global:
-        t = torch.arange(Tp, device=q.device).view(nb, block, 1)
-        gpos = torch.arange(n_global, device=q.device)
-        g_ok = (gpos <= t) & (gpos // block != t // block)  # (nb, block, g): globals outside the own block
-        kg = k[:, None, :, :n_global].expand(B, nb, nh, n_global, hs).reshape(B * nb, nh, n_global, hs)
-        vg = v[:, None, :, :n_global].expand(B, nb, nh, n_global, hs).reshape(B * nb, nh, n_global, hs)
-        kb, vb = torch.cat([kg, kb], dim=2), torch.cat([vg, vb], dim=2)
-        allowed = torch.cat([g_ok, allowed], dim=-1)  # (nb, block, g + span)
-    if allowed.dim() == 5:  # per row (padding): (B, 1, nb, block, S) -> (B*nb, 1, block, S)
-        allowed = allowed.permute(0, 2, 1, 3, 4).reshape(B * nb, 1, block, allowed.size(-1))
-    else:
-        allowed = allowed.repeat(B, 1, 1)[:, None]  # (B*nb, 1, block, S)
-    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed, dropout_p=dropout)  # (B*nb, nh, block, hs)
-    y = y.transpose(1, 2).reshape(B, Tp, nh, hs)[:, :T]  # (B, T, nh, hs): the layer's layout, one copy
-    return y.transpose(1, 2)  # (B, nh, T, hs)
+    def __init__(self, config: GPT2Config, batch_size: int, max_length: int, device: torch.device | str,
+                 dtype: torch.dtype, sparse: SparseAttention) -> None:
+        if sparse.pattern != "window":
+            raise ValueError(f"RingKVCache needs the window pattern, got {sparse.pattern!r}")
+        super().__init__(config, batch_size, max_length, min(sparse.window, max_length), device, dtype)
+
+    def slot(self, position: int) -> int:
+        if not self.length - self.capacity <= position < self.length:
+            raise IndexError(f"position {position} is not in the ring (holds {self.length - self.capacity} .. "
+                             f"{self.length - 1})")
+        return position % self.capacity
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T, cap = k.size(2), self.capacity
+        self._check_room(T)
+        n_old = min(self.length, cap - 1)
+        old = torch.arange(self.length - n_old, self.length, device=k.device) % cap
+        k_out = torch.cat([self._k[layer].index_select(2, old), k], dim=2)  # (B, nh, n_old + T, hs)
+        v_out = torch.cat([self._v[layer].index_select(2, old), v], dim=2)
+        n_new = min(T, cap)
+        slots = torch.arange(self.length + T - n_new, self.length + T, device=k.device) % cap
+        self._k[layer].index_copy_(2, slots, k[:, :, T - n_new :])
+        self._v[layer].index_copy_(2, slots, v[:, :, T - n_new :])
+        return k_out, v_out
 
 
-def _strided(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    config: GPT2Config,
-    mask: torch.Tensor | None,
-    dropout: float,
-) -> torch.Tensor:
-    """Window blocks plus per-query far keys gathered by index, one explicit softmax
-    over both (the far keys differ for every query, so no block shares them)."""
-    B, nh, T, hs = q.shape
-    block, n_prev = config.attn_window, 1
-    nb = -(-T // block)
-    Tp, span = nb * block, (n_prev + 1) * block
-    dev = q.device
+def apply_sparse_attention(model: M, settings: SparseAttention) -> M:
+    """Every attention layer of ``model``'s GPT-2 body (the model or a head's ``.gpt``) under
+    ``settings``' pattern, the same weights held; ``dense`` puts plain attention back where a
+    pattern was. Returns ``model``."""
+    body = gpt2_body(model, "sparse attention")
+    if settings.pattern == "dense":
+        if sparse_attention_of(body) is not None:
+            swap_attention(body, lambda old: CausalSelfAttention(old.config, old.layer_idx))
+        return model
+    for block in body.h:
+        if type(block.attn) not in (CausalSelfAttention, SparseCausalSelfAttention):
+            raise ValueError(f"sparse attention replaces plain attention layers, not {type(block.attn).__name__} "
+                             "(prefix tuning supports dense attention only)")
+    swap_attention(body, lambda old: SparseCausalSelfAttention(old.config, old.layer_idx, settings))
+    return model
 
-    # Local part: block i of queries against key blocks i - 1 .. i.
-    qb = F.pad(q, (0, 0, 0, Tp - T)).view(B, nh, nb, block, hs)
-    kp = F.pad(k, (0, 0, n_prev * block, Tp - T))  # (B, nh, Tp + block, hs)
-    vp = F.pad(v, (0, 0, n_prev * block, Tp - T))
-    kT = kp.unfold(2, span, block)  # (B, nh, nb, hs, span)
-    vs = vp.unfold(2, span, block).transpose(-1, -2)  # (B, nh, nb, span, hs)
-    scale = 1.0 / math.sqrt(hs)
-    s_loc = (qb @ kT) * scale  # (B, nh, nb, block, span)
-    allowed = _local_allowed(config, block, n_prev, nb, dev)  # (nb, block, span)
-    if mask is not None:
-        allowed = allowed & _block_mask_view(mask, block, n_prev, Tp)  # (B', 1, nb, block, span)
-    eye = torch.arange(block, device=dev)[:, None] + n_prev * block == torch.arange(span, device=dev)
-    allowed = allowed | eye  # every row keeps itself: no all-masked row, even in the padding
-    s_loc = s_loc.masked_fill(~allowed, float("-inf")).view(B, nh, Tp, span)
 
-    # Far part: key t - o for each far offset o.
-    t = torch.arange(Tp, device=dev)[:, None]  # (Tp, 1)
-    offs = torch.tensor(far_offsets(config, T), device=dev, dtype=torch.long)
-    idx = t - offs  # (Tp, E) key slot of each far key
-    far_ok = (idx >= 0) & (t < T)
-    idx = idx.clamp(min=0)
-    k_far = kp[:, :, n_prev * block :][:, :, idx]  # (B, nh, Tp, E, hs)
-    s_far = torch.einsum("bhtd,bhted->bhte", qb.view(B, nh, Tp, hs), k_far) * scale
-    if mask is not None:
-        mrow = F.pad(mask, (0, 0, 0, Tp - T), value=False)  # (B', 1, Tp, T)
-        far_ok = far_ok & mrow.gather(-1, idx.expand(mrow.size(0), 1, Tp, idx.size(-1)))
-    s_far = s_far.masked_fill(~far_ok, float("-inf"))
-    E = s_far.size(-1)
+def sparse_attention_of(model: nn.Module) -> SparseAttention | None:
+    """The settings of the model's sparse attention, or None for dense attention."""
+    attn = gpt2_body(model, "sparse attention").h[0].attn
+    return attn.sparse if isinstance(attn, SparseCausalSelfAttention) else None
 
-    p = torch.cat([s_loc, s_far], dim=-1).softmax(-1)  # (B, nh, Tp, span + E)
-    if dropout > 0.0:
-        p = F.dropout(p, p=dropout)
-    p_loc, p_far = p.split([span, E], dim=-1)
-    y = (p_loc.reshape(B, nh, nb, block, span) @ vs).view(B, nh, Tp, hs)  # (B, nh, Tp, hs)
-    if E:
-        v_far = vp[:, :, n_prev * block :][:, :, idx]  # (B, nh, Tp, E, hs)
-        y = y + torch.einsum("bhte,bhted->bhtd", p_far, v_far)
-    return y[:, :, :T]  # (B, nh, T, hs)
+
+def attention_fields(model: nn.Module) -> dict[str, Any]:
+    """What a saved file must keep beside the config for the model to be rebuilt with its
+    attention (``methods.restore``): the flag-named settings, or nothing for dense attention."""
+    settings = sparse_attention_of(model)
+    return settings.fields() if settings is not None else {}

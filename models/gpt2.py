@@ -10,20 +10,16 @@ without touching this module.
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from config import GPT2Config, get_config
 from models.loading import CheckpointError, convert_hf_state_dict, read_hf_config, read_pretrained
-from modules.attention import build_attention_mask
 from modules.gpt2_layer import GPT2Layer
-from modules.kv_cache import BaseKVCache, new_kv_cache
+from modules.kv_cache import BaseKVCache
 
 
 class GPT2Model(nn.Module):
@@ -88,13 +84,9 @@ class GPT2Model(nn.Module):
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         x = self.embed(input_ids, attention_mask, position_ids, past)
-        mask = build_attention_mask(self.config, T, past, attention_mask, x.device)
-        use_ckpt = self.config.gradient_checkpointing and self.training and cache is None
+        mask = self.h[0].attn.build_mask(T, past, attention_mask, x.device)  # one mask for every layer
         for block in self.h:
-            if use_ckpt:
-                x = checkpoint(block, x, mask, None, use_reentrant=False)
-            else:
-                x = block(x, mask, cache)
+            x = block(x, mask, cache)
         if cache is not None:
             cache.advance(T)
         x = self.ln_f(x)  # (B, T, d)
@@ -106,8 +98,10 @@ class GPT2Model(nn.Module):
         return F.linear(hidden_state, self.wte.weight)
 
     def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> BaseKVCache:
-        """The decoding cache for this config: a ring of the last w positions under window attention."""
-        return new_kv_cache(self.config, batch_size, max_length, self.device, dtype or self.wte.weight.dtype)
+        """The decoding cache the attention layers read (on the position embedding's device and dtype,
+        which an inference copy keeps when its token embedding takes another layout)."""
+        wpe = self.wpe.weight
+        return self.h[0].attn.new_cache(batch_size, max_length, wpe.device, dtype or wpe.dtype)
 
     @classmethod
     def from_pretrained(
@@ -153,34 +147,3 @@ def last_index(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | in
         return T - 1
     m = attention_mask[:, -T:].long()
     return (m * torch.arange(1, T + 1, device=m.device)).argmax(-1)
-
-
-def maybe_compile(model: nn.Module, enabled: bool = True, **compile_kwargs) -> nn.Module:
-    """``torch.compile`` the model's forward in place, falling back to eager with a warning.
-
-    Compilation is lazy, so it fails at the first call, not here (no C++ compiler for
-    the CPU backend, an old GPU for Triton, an unsupported op): the first call that
-    raises from the compiled path is re-run eagerly; if eager succeeds the error was
-    the compiler's, a warning names it and the model stays eager from then on; if
-    eager fails too, eager's error (the caller's problem) propagates. The module
-    itself is returned, so parameters, ``state_dict`` and methods are unchanged.
-    """
-    if not enabled:
-        return model
-    eager: Callable = model.forward
-    compiled = torch.compile(eager, **compile_kwargs)
-
-    def forward(*args, **kwargs):
-        if model.__dict__.get("forward") is not forward:  # fell back already
-            return eager(*args, **kwargs)
-        try:
-            return compiled(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
-            out = eager(*args, **kwargs)
-            warnings.warn(f"torch.compile failed, running eagerly instead ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})", RuntimeWarning, stacklevel=2)
-            model.forward = eager
-            return out
-
-    model.forward = forward
-    return model

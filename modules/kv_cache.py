@@ -6,13 +6,9 @@ keys and values, the number of positions written (``length``, a Python int, so
 decoding never synchronises with the device to index it), row selection for
 beams and candidates, and copying one position between rows. A subclass says
 only where a position is stored (``slot``) and what a new query may see
-(``append``):
-
-- ``KVCache``: one slot per position, filled left to right;
-- ``RingKVCache``: for the ``window`` attention pattern, the last ``attn_window``
-  positions in a ring (slot = position mod w), so memory is O(w), not O(length).
-
-``new_kv_cache`` picks the one that fits a config.
+(``append``). ``KVCache`` keeps one slot per position, filled left to right; an
+attention class that sees fewer keys may bring its own, smaller cache (its
+``new_cache``).
 """
 
 from __future__ import annotations
@@ -104,46 +100,3 @@ class KVCache(BaseKVCache):
         keys.narrow(2, self.length, T).copy_(k)
         values.narrow(2, self.length, T).copy_(v)
         return keys.narrow(2, 0, self.length + T), values.narrow(2, 0, self.length + T)
-
-
-class RingKVCache(BaseKVCache):
-    """Bounded cache for the ``window`` pattern: only the last ``attn_window`` keys/values
-    per layer, in a ring indexed by position mod w.
-
-    ``append`` returns, in order, the last w - 1 cached keys followed by the new ones:
-    the most any new query can see.
-    """
-
-    def __init__(self, config: GPT2Config, batch_size: int, max_length: int, device: torch.device | str,
-                 dtype: torch.dtype) -> None:
-        if config.attn_pattern != "window":
-            raise ValueError(f"RingKVCache needs attn_pattern='window', got {config.attn_pattern!r}")
-        super().__init__(config, batch_size, max_length, min(config.attn_window, max_length), device, dtype)
-
-    def slot(self, position: int) -> int:
-        if not self.length - self.capacity <= position < self.length:
-            raise IndexError(f"position {position} is not in the ring (holds {self.length - self.capacity} .. "
-                             f"{self.length - 1})")
-        return position % self.capacity
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        T, cap = k.size(2), self.capacity
-        self._check_room(T)
-        n_old = min(self.length, cap - 1)
-        old = torch.arange(self.length - n_old, self.length, device=k.device) % cap
-        k_out = torch.cat([self._k[layer].index_select(2, old), k], dim=2)  # (B, nh, n_old + T, hs)
-        v_out = torch.cat([self._v[layer].index_select(2, old), v], dim=2)
-        n_new = min(T, cap)
-        slots = torch.arange(self.length + T - n_new, self.length + T, device=k.device) % cap
-        self._k[layer].index_copy_(2, slots, k[:, :, T - n_new :])
-        self._v[layer].index_copy_(2, slots, v[:, :, T - n_new :])
-        return k_out, v_out
-
-
-def new_kv_cache(
-    config: GPT2Config, batch_size: int, max_length: int, device: torch.device | str, dtype: torch.dtype
-) -> BaseKVCache:
-    """The cache that fits the pattern: a ring of w positions for ``window``, else the full one."""
-    if config.attn_pattern == "window" and config.attn_window < max_length:
-        return RingKVCache(config, batch_size, max_length, device, dtype)
-    return KVCache(config, batch_size, max_length, device, dtype)

@@ -43,12 +43,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w and N == 0 else None
         # Logits are held transposed, (V, c) = W @ h_c^T, and the hidden-state gradient is computed
         # as W^T g: with the (V, d) weight as a plain operand the three products of a chunk run
-        # 15-40% faster on CPU BLAS (MKL, gpt2 sizes) than in the (c, V) layout, and none needs a
-        # transposed copy of W. Softmax reductions run over dim 0, vectorised across the columns.
+        # faster on CPU BLAS (MKL) than in the (c, V) layout, and none needs a transposed copy
+        # of W. Softmax reductions run over dim 0, vectorised across the columns.
         # float32 without autocast: one logits buffer reused by every chunk (no allocation or
         # page faults per chunk). Larger chunks mean fewer passes over W and better-shaped
-        # products (gpt2, 2 threads: 128 rows 1.46 s, 256 rows 1.38 s, 512 rows 1.34 s per
-        # 1016-row step) at chunk * V * 4 bytes of buffer (51 MB for 256 rows).
+        # products, with diminishing returns, at chunk * V * 4 bytes of buffer (51 MB for 256 rows
+        # of gpt2's vocabulary); ``benchmarks/bench.py --chunk_size`` measures the trade-off.
         plain = h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type)
         buf = torch.empty(weight.size(0) * min(chunk_size, N), device=h.device) if plain else None
         for s in range(0, N, chunk_size):
@@ -104,6 +104,12 @@ def shifted_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor, ignor
     from a pad position is no part of the text's likelihood."""
     real = attention_mask.bool()
     return input_ids[:, 1:].masked_fill(~(real[:, 1:] & real[:, :-1]), ignore_index)
+
+
+def count_lm_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token targets of a causal-LM batch (``input_ids`` + ``attention_mask``), counted as the
+    LM loss counts them: the Trainer's ``count_fn`` that weighs LM micro-batches by their tokens."""
+    return (shifted_targets(batch["input_ids"], batch["attention_mask"]) != -100).sum()
 
 
 def lm_loss(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -201,3 +202,17 @@ def test_get_config_overrides_a_size_field_too():
     c = get_config("tiny", num_hidden_layers=1, hidden_size=64, num_attention_heads=2, hidden_dropout_prob=0.0)
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.hidden_dropout_prob) == (1, 64, 2, 0.0)
     assert get_config("gpt2").hidden_size == 768
+
+
+def test_the_config_is_the_architecture_only():
+    """What changes a built model (sparse attention, prefixes, gradient checkpointing) keeps its own
+    settings in ``methods``; the config names the architecture and the dense implementation."""
+    assert [f.name for f in dataclasses.fields(GPT2Config)] == [
+        "vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers", "num_attention_heads",
+        "intermediate_size", "hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps",
+        "initializer_range", "attn_impl"]
+    with pytest.raises(TypeError, match="attn_pattern"):
+        GPT2Config(attn_pattern="window")
+    with pytest.raises(ValueError, match="unknown GPT2Config fields: \\['gradient_checkpointing'\\]"):
+        GPT2Config.from_dict({**GPT2Config().to_dict(), "gradient_checkpointing": False})
+    assert round(get_config("tiny").num_parameters() / 1e6, 1) == 7.0  # config.py's comment on "tiny"

@@ -8,12 +8,15 @@ import pytest
 import torch
 
 from config import GPT2Config
-from modules.kv_cache import BaseKVCache, KVCache, RingKVCache
+from methods.sparse_attention import RingKVCache, SparseAttention
+from modules.kv_cache import BaseKVCache, KVCache
+
+WINDOW = SparseAttention("window", window=4)
 
 
 def config() -> GPT2Config:
     return GPT2Config(vocab_size=50, max_position_embeddings=32, hidden_size=8, num_hidden_layers=2,
-                      num_attention_heads=2, attn_pattern="window", attn_window=4)
+                      num_attention_heads=2)
 
 
 def fill(cache: BaseKVCache, steps: int) -> list[torch.Tensor]:
@@ -30,7 +33,7 @@ def fill(cache: BaseKVCache, steps: int) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("cls", [KVCache, RingKVCache])
 def test_both_caches_follow_the_protocol(cls) -> None:
-    cache = cls(config(), 2, 10, "cpu", torch.float32)
+    cache = cls(config(), 2, 10, "cpu", torch.float32, *([WINDOW] if cls is RingKVCache else []))
     assert isinstance(cache, BaseKVCache)
     keys = fill(cache, 6)
     assert (cache.batch_size, cache.length, cache.capacity) == (2, 6, 10 if cls is KVCache else 4)
@@ -50,7 +53,7 @@ def test_both_caches_follow_the_protocol(cls) -> None:
 
 
 def test_the_ring_only_holds_its_last_positions() -> None:
-    cache = RingKVCache(config(), 1, 10, "cpu", torch.float32)
+    cache = RingKVCache(config(), 1, 10, "cpu", torch.float32, WINDOW)
     fill(cache, 6)
     assert cache.slot(5) == 1 and cache.slot(2) == 2
     with pytest.raises(IndexError, match="not in the ring"):

@@ -8,10 +8,17 @@ import torch
 
 from config import get_config
 from decoding.inference import prepare_for_inference
-from methods.prefix import apply_prefix, mark_only_prefix_trainable, prefix_parameter_counts, remove_prefix
+from methods.prefix import (
+    PrefixCausalSelfAttention,
+    apply_prefix,
+    mark_only_prefix_trainable,
+    prefix_parameter_counts,
+    remove_prefix,
+)
+from methods.sparse_attention import SparseAttention, apply_sparse_attention
 from models.generation import generate
 from models.gpt2 import GPT2Model
-from models.heads import SonnetGPT
+from models.sonnet_gpt import SonnetGPT
 
 V = 200
 
@@ -46,7 +53,7 @@ def test_zero_length_prefix_equals_the_base_model():
     base = [model(ids)["last_hidden_state"], model(ids, mask)["last_hidden_state"]]
     gen = generate(model, ids, mask, max_new_tokens=6, num_beams=2)
     apply_prefix(model, 0)
-    assert model.h[0].attn.prefix is not None  # the hook is in place, with nothing to add
+    assert isinstance(model.h[0].attn, PrefixCausalSelfAttention)  # the prefix class is in place, with nothing to add
     for out, ref in zip([model(ids)["last_hidden_state"], model(ids, mask)["last_hidden_state"]], base):
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     assert torch.equal(generate(model, ids, mask, max_new_tokens=6, num_beams=2), gen)
@@ -145,16 +152,17 @@ def test_prefix_without_reparameterisation_and_refusals():
     with pytest.raises(ValueError, match="already has a prefix"):
         apply_prefix(model, 3)
     with pytest.raises(ValueError, match="dense attention only"):
-        apply_prefix(tiny(attn_pattern="window", attn_window=4), 3)
+        apply_prefix(apply_sparse_attention(tiny(), SparseAttention("window", window=4)), 3)
     with pytest.raises(TypeError, match="GPT2Model"):
         apply_prefix(torch.nn.Linear(2, 2), 3)
 
 
 def test_prefix_fine_tune_mode_and_restore():
-    from methods.prefix import PrefixConfig, prefix_fine_tune, restore_prefix
+    from methods.fine_tune import FineTuneConfig, PrefixConfig, set_fine_tune_mode
+    from methods.prefix import restore_prefix
 
     model = SonnetGPT(tiny())
-    assert prefix_fine_tune(model, (), PrefixConfig(length=3, hidden=16)) is True
+    assert set_fine_tune_mode(model, FineTuneConfig("prefix", PrefixConfig(length=3, hidden=16)), ()) is True
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         "gpt.prefix_encoder.embedding", "gpt.prefix_encoder.mlp.0.weight", "gpt.prefix_encoder.mlp.0.bias",
         "gpt.prefix_encoder.mlp.2.weight", "gpt.prefix_encoder.mlp.2.bias"}
@@ -184,3 +192,45 @@ def test_eager_attention_sees_the_prefix_as_sdpa_does():
         outs.append([model(ids, m)["last_hidden_state"] for m in (mask, None)])
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_the_prefix_class_holds_the_layers_modules_with_lora_on_either_side():
+    """``apply_prefix`` gives each layer a PrefixCausalSelfAttention holding the same linears, so
+    LoRA wraps c_attn before or after it alike and the state-dict names are the plain model's plus
+    ``prefix_encoder.*``; ``remove_prefix`` gives the plain class back."""
+    from methods.lora import LoRALinear, apply_lora, lora_modules
+    from modules.attention import CausalSelfAttention
+
+    def lora(model: GPT2Model) -> None:
+        torch.manual_seed(2)
+        apply_lora(model, ("attn.c_attn",), r=2)
+        for m in lora_modules(model):
+            m.lora_B.fill_(0.05)  # adapters that act
+
+    plain = tiny()
+    lora(plain)
+    ids, mask = ids_and_mask()
+    outs = []
+    for lora_first in (True, False):
+        model = tiny()
+        if lora_first:
+            lora(model)
+        with_prefix(model)
+        if not lora_first:
+            lora(model)
+        attn = model.h[1].attn
+        assert type(attn) is PrefixCausalSelfAttention and isinstance(attn.c_attn, LoRALinear)
+        assert [k for k in model.state_dict() if not k.startswith("prefix_encoder.")] == list(plain.state_dict())
+        outs.append(model(ids, mask)["last_hidden_state"])
+        c_attn = attn.c_attn
+        remove_prefix(model)
+        assert type(model.h[1].attn) is CausalSelfAttention and model.h[1].attn.c_attn is c_attn
+        torch.testing.assert_close(model(ids, mask)["last_hidden_state"], plain(ids, mask)["last_hidden_state"],
+                                   rtol=0, atol=0)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    assert (outs[0] - plain(ids, mask)["last_hidden_state"]).abs().max() > 1e-2
+    prefixed = tiny()
+    with_prefix(prefixed)
+    with pytest.raises(ValueError, match="prefix tuning supports dense attention only"):
+        apply_sparse_attention(prefixed, SparseAttention("window", window=4))

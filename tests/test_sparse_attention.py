@@ -4,25 +4,36 @@ ring) equals a full forward, and padding works under every pattern."""
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from config import GPT2Config
-from methods.sparse_attention import far_offsets, sparse_blockwise_attention
+from methods.sparse_attention import (
+    RingKVCache,
+    SparseAttention,
+    SparseCausalSelfAttention,
+    apply_sparse_attention,
+    build_sparse_mask,
+    covers_all,
+    far_offsets,
+    pattern_mask,
+    sparse_attention_of,
+    sparse_blockwise_attention,
+)
 from models.gpt2 import GPT2Model
-from modules.attention import build_attention_mask, covers_all, eager_attention, pattern_mask
-from modules.kv_cache import KVCache, RingKVCache, new_kv_cache
+from modules.attention import CausalSelfAttention, eager_attention
+from modules.kv_cache import KVCache
 
 # Small windows so that sequences of ~40 tokens cross many blocks.
 PATTERNS = {
-    "window": dict(attn_pattern="window", attn_window=5),
-    "strided-log": dict(attn_pattern="strided", attn_window=3),
-    "strided-fixed": dict(attn_pattern="strided", attn_window=4, attn_stride=3),
-    "block_global": dict(attn_pattern="block_global", attn_block=6, attn_num_global=2),
-    "block_global-wide": dict(attn_pattern="block_global", attn_block=4, attn_num_global=7),
+    "window": SparseAttention("window", window=5),
+    "strided-log": SparseAttention("strided", window=3),
+    "strided-fixed": SparseAttention("strided", window=4, stride=3),
+    "block_global": SparseAttention("block_global", block=6, num_global=2),
+    "block_global-wide": SparseAttention("block_global", block=4, num_global=7),
 }
 
 
@@ -32,14 +43,14 @@ def tiny(**kw) -> GPT2Config:
     return GPT2Config(**{**base, **kw})
 
 
-def model_for(cfg: GPT2Config, seed: int = 0) -> GPT2Model:
+def model_for(settings: SparseAttention, seed: int = 0) -> GPT2Model:
     torch.manual_seed(seed)
-    return GPT2Model(cfg).eval()
+    return apply_sparse_attention(GPT2Model(tiny()).eval(), settings)
 
 
-def with_pattern(model: GPT2Model, **kw) -> GPT2Model:
-    """The same weights under another attention pattern (config is shared by all layers)."""
-    other = GPT2Model(dataclasses.replace(model.config, **kw)).eval()
+def with_pattern(model: GPT2Model, settings: SparseAttention) -> GPT2Model:
+    """The same weights under another attention pattern."""
+    other = apply_sparse_attention(GPT2Model(model.config).eval(), settings)
     other.load_state_dict(model.state_dict())
     return other
 
@@ -54,8 +65,8 @@ def padding(B: int, T: int, side: str) -> torch.Tensor:
     return m
 
 
-def reference(q, k, v, cfg, key_padding=None):
-    mask = build_attention_mask(dataclasses.replace(cfg, attn_sparse_impl="mask"), q.size(2), 0, key_padding, q.device)
+def reference(q, k, v, settings, key_padding=None):
+    mask = build_sparse_mask(replace(settings, impl="mask"), q.size(2), 0, key_padding, q.device)
     return eager_attention(q, k, v, mask, mask is None)  # None: the pattern covers everything (dense)
 
 
@@ -68,11 +79,11 @@ KERNEL_CASES = [(n, p) for n in sorted(PATTERNS) for p in (None, "left", "right"
 @pytest.mark.parametrize("name,pad", KERNEL_CASES)
 @pytest.mark.parametrize("T", [7, 24, 37])
 def test_blockwise_kernel_matches_mask_reference(name, pad, T):
-    cfg = tiny(**PATTERNS[name])
+    cfg = PATTERNS[name]
     torch.manual_seed(T)
     q, k, v = (torch.randn(3, 2, T, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     kp = padding(3, T, pad) if pad else None
-    mask = build_attention_mask(cfg, T, 0, kp, q.device)  # None without padding: the kernel builds its own
+    mask = build_sparse_mask(cfg, T, 0, kp, q.device)  # None without padding: the kernel builds its own
     fast = sparse_blockwise_attention(q, k, v, cfg, mask)
     ref = reference(q, k, v, cfg, kp)
     keep = torch.ones(3, T, dtype=torch.bool) if kp is None else kp.bool()  # pad rows are garbage by contract
@@ -89,42 +100,41 @@ def test_pattern_definitions():
     q = torch.arange(40)[:, None]
     k = torch.arange(40)[None, :]
     d = q - k
-    win = pattern_mask(tiny(attn_pattern="window", attn_window=5), q, k) & (d >= 0)
+    win = pattern_mask(SparseAttention("window", window=5), q, k) & (d >= 0)
     assert win.sum(-1).max() == 5 and bool(win[20, 16]) and not bool(win[20, 15])
-    log = pattern_mask(tiny(attn_pattern="strided", attn_window=3), q, k) & (d >= 0)
+    log = pattern_mask(SparseAttention("strided", window=3), q, k) & (d >= 0)
     assert sorted((20 - k[0, log[20]]).tolist()) == [0, 1, 2, 4, 8, 16]
-    assert far_offsets(tiny(attn_pattern="strided", attn_window=3), 40) == [4, 8, 16, 32]
-    assert far_offsets(tiny(attn_pattern="strided", attn_window=4, attn_stride=3), 20) == [6, 9, 12, 15, 18]
-    bg = pattern_mask(tiny(attn_pattern="block_global", attn_block=6, attn_num_global=2), q, k) & (d >= 0)
+    assert far_offsets(SparseAttention("strided", window=3), 40) == [4, 8, 16, 32]
+    assert far_offsets(SparseAttention("strided", window=4, stride=3), 20) == [6, 9, 12, 15, 18]
+    bg = pattern_mask(SparseAttention("block_global", block=6, num_global=2), q, k) & (d >= 0)
     assert k[0, bg[20]].tolist() == [0, 1, 18, 19, 20]
 
 
 @pytest.mark.parametrize("kw", [
-    dict(attn_pattern="window", attn_window=40),
-    dict(attn_pattern="strided", attn_window=64),
-    dict(attn_pattern="block_global", attn_block=40, attn_num_global=0),
-    dict(attn_pattern="block_global", attn_block=2, attn_num_global=40),
-])
+    SparseAttention("window", window=40),
+    SparseAttention("strided", window=64),
+    SparseAttention("block_global", block=40, num_global=0),
+    SparseAttention("block_global", block=2, num_global=40),
+], ids=str)
 @pytest.mark.parametrize("impl", ["blockwise", "mask"])
 def test_covering_pattern_is_exactly_dense(kw, impl):
-    dense = model_for(tiny())
-    sparse = with_pattern(dense, attn_sparse_impl=impl, **kw)
+    dense = model_for(SparseAttention())
+    sparse = with_pattern(dense, replace(kw, impl=impl))
     ids = torch.randint(0, 97, (3, 40))
     for am in (None, padding(3, 40, "left"), padding(3, 40, "right")):
         a = dense(ids, am)["last_hidden_state"]
         b = sparse(ids, am)["last_hidden_state"]
         assert torch.equal(a, b)
     # One position short of covering, the pattern changes the result.
-    short = {**kw, "attn_window": 39} if kw["attn_pattern"] != "block_global" else {**kw, "attn_block": 39,
-                                                                                     "attn_num_global": 0}
-    c = with_pattern(dense, **short)(ids)["last_hidden_state"]
+    short = replace(kw, window=39) if kw.pattern != "block_global" else replace(kw, block=39, num_global=0)
+    c = with_pattern(dense, short)(ids)["last_hidden_state"]
     assert not torch.allclose(dense(ids)["last_hidden_state"], c)
 
 
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 @pytest.mark.parametrize("impl", ["blockwise", "mask"])
 def test_no_position_sees_the_future(name, impl):
-    model = model_for(tiny(attn_sparse_impl=impl, **PATTERNS[name]))
+    model = model_for(replace(PATTERNS[name], impl=impl))
     ids = torch.randint(0, 97, (1, 40))
     base = model(ids)["last_hidden_state"]
     for j in (5, 17, 33):
@@ -133,15 +143,15 @@ def test_no_position_sees_the_future(name, impl):
         out = model(changed)["last_hidden_state"]
         torch.testing.assert_close(out[:, :j], base[:, :j], rtol=0, atol=1e-6)
         assert not torch.allclose(out[:, j], base[:, j])
-    mask = build_attention_mask(tiny(attn_sparse_impl="mask", **PATTERNS[name]), 40, 0, None, ids.device)
+    mask = build_sparse_mask(replace(PATTERNS[name], impl="mask"), 40, 0, None, ids.device)
     assert not mask[0, 0].triu(1).any()
 
 
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 @pytest.mark.parametrize("impl", ["blockwise", "mask"])
 def test_model_blockwise_equals_mask_path(name, impl):
-    ref = model_for(tiny(attn_sparse_impl="mask", **PATTERNS[name]))
-    other = with_pattern(ref, attn_sparse_impl=impl)
+    ref = model_for(replace(PATTERNS[name], impl="mask"))
+    other = with_pattern(ref, replace(PATTERNS[name], impl=impl))
     ids = torch.randint(0, 97, (3, 37))
     for side in ("left", "right"):
         am = padding(3, 37, side)
@@ -152,7 +162,7 @@ def test_model_blockwise_equals_mask_path(name, impl):
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 def test_left_padding_matches_unpadded(name):
     """A left-padded row sees exactly what it would see alone (global tokens are real tokens)."""
-    model = model_for(tiny(**PATTERNS[name]))
+    model = model_for(PATTERNS[name])
     ids = torch.randint(0, 97, (1, 30))
     alone = model(ids)["last_hidden_state"]
     padded = torch.cat([torch.zeros(1, 7, dtype=torch.long), ids], 1)
@@ -177,23 +187,24 @@ def decode_incrementally(model: GPT2Model, ids: torch.Tensor, am: torch.Tensor |
 @pytest.mark.parametrize("name", sorted(PATTERNS) + ["window-ring"])
 @pytest.mark.parametrize("pad", [False, True])
 def test_cache_equals_no_cache(name, pad):
-    cfg = tiny(**PATTERNS[name.replace("-ring", "")])
-    model = model_for(cfg)
+    settings = PATTERNS[name.replace("-ring", "")]
+    model = model_for(settings)
     ids = torch.randint(0, 97, (3, 34))
     am = padding(3, 34, "left") if pad else None
     full = model(ids, am)["last_hidden_state"]
-    cache_cls = RingKVCache if name.endswith("ring") else KVCache
-    cache = cache_cls(cfg, 3, 34, "cpu", torch.float32)
+    if name.endswith("ring"):
+        cache = RingKVCache(tiny(), 3, 34, "cpu", torch.float32, settings)
+    else:
+        cache = KVCache(tiny(), 3, 34, "cpu", torch.float32)
     inc = decode_incrementally(model, ids, am, cache)
     keep = am.bool() if pad else torch.ones(3, 34, dtype=torch.bool)
     torch.testing.assert_close(inc[keep], full[keep], rtol=1e-5, atol=1e-5)
     if name.endswith("ring"):
-        assert cache.capacity == cfg.attn_window  # bounded: w positions per layer, not 34
+        assert cache.capacity == settings.window  # bounded: w positions per layer, not 34
 
 
 def test_window_decoding_attends_only_to_last_w_keys(monkeypatch):
-    cfg = tiny(attn_pattern="window", attn_window=5)
-    model = model_for(cfg)
+    model = model_for(SparseAttention("window", window=5))
     seen = []
     sdpa = F.scaled_dot_product_attention
 
@@ -212,8 +223,7 @@ def test_window_decoding_attends_only_to_last_w_keys(monkeypatch):
 
 
 def test_strided_decoding_gathers_only_reachable_keys(monkeypatch):
-    cfg = tiny(attn_pattern="strided", attn_window=3)
-    model = model_for(cfg)
+    model = model_for(SparseAttention("strided", window=3))
     seen = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, *a, **kw: seen.append(k.size(2))
@@ -226,20 +236,18 @@ def test_strided_decoding_gathers_only_reachable_keys(monkeypatch):
     assert seen == [7, 7]
 
 
-def test_new_kv_cache_picks_ring_for_window():
-    assert isinstance(new_kv_cache(tiny(attn_pattern="window", attn_window=8), 2, 64, "cpu", torch.float32),
-                      RingKVCache)
-    assert isinstance(new_kv_cache(tiny(attn_pattern="strided", attn_window=8), 2, 64, "cpu", torch.float32),
-                      KVCache)
+def test_new_cache_picks_ring_for_window():
+    assert isinstance(model_for(SparseAttention("window", window=8)).new_cache(2, 64), RingKVCache)
+    assert isinstance(model_for(SparseAttention("strided", window=8)).new_cache(2, 64), KVCache)
     with pytest.raises(ValueError, match="RingKVCache"):
-        RingKVCache(tiny(), 1, 8, "cpu", torch.float32)
+        RingKVCache(tiny(), 1, 8, "cpu", torch.float32, SparseAttention())
 
 
 def test_ring_cache_reorder_for_beams():
-    cfg = tiny(attn_pattern="window", attn_window=4)
-    model = model_for(cfg)
+    settings = SparseAttention("window", window=4)
+    model = model_for(settings)
     ids = torch.randint(0, 97, (2, 12))
-    caches = [RingKVCache(cfg, 2, 12, "cpu", torch.float32), KVCache(cfg, 2, 12, "cpu", torch.float32)]
+    caches = [RingKVCache(tiny(), 2, 12, "cpu", torch.float32, settings), KVCache(tiny(), 2, 12, "cpu", torch.float32)]
     outs = []
     for c in caches:
         model(ids[:, :8], cache=c)
@@ -253,23 +261,24 @@ def test_pretrained_weights_load_unchanged_under_a_pattern(tmp_path):
 
     folder = make_hf_folder(tmp_path / "hf", **HF_CONFIGS["small"])
     dense = GPT2Model.from_pretrained(folder).eval()
-    sparse = GPT2Model.from_pretrained(folder, attn_pattern="window", attn_window=8).eval()
+    sparse = apply_sparse_attention(GPT2Model.from_pretrained(folder), SparseAttention("window", window=8)).eval()
+    assert list(dense.state_dict()) == list(sparse.state_dict())  # the same names: the layers hold the same modules
     for a, b in zip(dense.state_dict().values(), sparse.state_dict().values()):
         assert torch.equal(a, b)
     ids = torch.randint(0, 1000, (1, 30))
-    assert sparse.config.attn_pattern == "window"
+    assert sparse_attention_of(sparse).pattern == "window"
     assert not torch.allclose(dense(ids)["last_hidden_state"], sparse(ids)["last_hidden_state"])
 
 
 def test_config_validation_and_covers_all():
     with pytest.raises(ValueError, match="attn_pattern"):
-        tiny(attn_pattern="diagonal")
+        SparseAttention(pattern="diagonal")
     with pytest.raises(ValueError, match="attn_window"):
-        tiny(attn_window=0)
+        SparseAttention(window=0)
     with pytest.raises(ValueError, match="attn_sparse_impl"):
-        tiny(attn_sparse_impl="fast")
-    assert covers_all(tiny(attn_pattern="window", attn_window=10), 10)
-    assert not covers_all(tiny(attn_pattern="window", attn_window=10), 11)
+        SparseAttention(impl="fast")
+    assert covers_all(SparseAttention("window", window=10), 10)
+    assert not covers_all(SparseAttention("window", window=10), 11)
 
 
 @pytest.mark.parametrize("name", sorted(PATTERNS))
@@ -277,7 +286,7 @@ def test_config_validation_and_covers_all():
 def test_generate_with_cache_equals_without_under_each_pattern(name, beams):
     from models.generation import generate
 
-    model = model_for(tiny(**PATTERNS[name]))
+    model = model_for(PATTERNS[name])
     ids = torch.randint(1, 97, (2, 12))
     am = torch.ones_like(ids)
     am[1, :4] = 0  # left padding
@@ -287,10 +296,10 @@ def test_generate_with_cache_equals_without_under_each_pattern(name, beams):
 
 @pytest.mark.parametrize("kw", [dict(), dict(num_beams=3), dict(penalty_alpha=0.6, top_k=4)])
 def test_generate_with_ring_cache_equals_without_cache(kw):
-    """Greedy, beam and contrastive decoding on a w-position ring cache (new_kv_cache)."""
+    """Greedy, beam and contrastive decoding on a w-position ring cache (the model's new_cache)."""
     from models.generation import generate
 
-    model = model_for(tiny(attn_pattern="window", attn_window=5))
+    model = model_for(SparseAttention("window", window=5))
     assert isinstance(model.new_cache(1, 40), RingKVCache)  # the model's own cache for this pattern
     ids = torch.randint(1, 97, (2, 12))
     am = torch.ones_like(ids)
@@ -298,3 +307,24 @@ def test_generate_with_ring_cache_equals_without_cache(kw):
     args = dict(max_new_tokens=14, eos_token_id=0, **kw)
     assert torch.equal(generate(model, ids, am, use_cache=True, **args),
                        generate(model, ids, am, use_cache=False, **args))
+
+
+def test_the_sparse_class_holds_the_layers_modules_and_dense_puts_the_plain_class_back():
+    """The pattern is chosen when the model is built: each layer becomes a SparseCausalSelfAttention
+    holding the same linears (LoRA wrappers too), and ``dense`` gives the plain class back."""
+    from methods.lora import LoRALinear, apply_lora
+
+    model = model_for(SparseAttention())
+    apply_lora(model, ("attn.c_attn",), r=2)
+    c_attn = model.h[1].attn.c_attn
+    ids = torch.randint(0, 97, (2, 30))
+    dense = model(ids)["last_hidden_state"]
+    keys = list(model.state_dict())
+    apply_sparse_attention(model, PATTERNS["window"])
+    assert type(model.h[1].attn) is SparseCausalSelfAttention and model.h[1].attn.c_attn is c_attn
+    assert isinstance(c_attn, LoRALinear) and list(model.state_dict()) == keys
+    assert sparse_attention_of(model) == PATTERNS["window"]
+    assert not torch.allclose(model(ids)["last_hidden_state"], dense)
+    apply_sparse_attention(model, SparseAttention())
+    assert type(model.h[1].attn) is CausalSelfAttention and model.h[1].attn.c_attn is c_attn
+    assert sparse_attention_of(model) is None and torch.equal(model(ids)["last_hidden_state"], dense)
