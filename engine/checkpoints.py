@@ -2,31 +2,44 @@
 which best checkpoints stay on disk.
 
 Checkpoint files are the training engine's business (the model package knows weights and
-Hugging Face names only). Every file is written by ``atomic_save`` and read by
-``load_checkpoint``; ``save_model``/``load_model`` are a plain GPT-2 with its config, what
-the task scripts keep as their final model. A Trainer checkpoint may hold every weight or
+Hugging Face names only), and the engine knows any ``nn.Module``, not GPT-2: a model's
+``config`` is whatever object it holds with ``to_dict()`` (and ``architecture()``, the fields
+that decide whether weights fit). Every file is written by ``atomic_save`` and read by
+``load_checkpoint``; ``save_module`` writes a model with its config, what the task scripts
+keep as their final model (``methods.restore`` saves and rebuilds GPT-2 bodies through it).
+A Trainer checkpoint may hold every weight or
 only the trainable ones (LoRA, a frozen body); ``trainable_state_dict`` and
 ``load_model_state`` are the two sides of that choice, also used by the CLIs that reload a
 checkpoint for prediction (one that does not fit is refused with the complete list of what
 differs). ``keep_top_k`` writes a new best checkpoint and deletes those
 that fell out of the top k.
+
+``CheckpointMixin`` is what the Trainer writes and reads back of a run: ``last.pt`` (the full state for exact
+resume), the top-k best checkpoints, the metrics log, and the replay of an interrupted epoch.
+
+Kept beside the loop as a mixin of ``engine.trainer.Trainer`` (the methods use its
+attributes: model, optimizer, scheduler, config, counters, history, top-k list), so the
+loop reads on its own and every file the engine writes is listed here. What a checkpoint holds
+of the model and optimizer, which rank writes, and the other ranks' RNG states come from the
+Trainer's strategy (``engine.strategy``): under FSDP the weights are gathered from their shards.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from config import GPT2Config
-from models.loading import CheckpointError
-
-# ------------------------------------------------------------ our checkpoints
+from engine import ranks
+from engine.rng import get_rng_state, sampler_rng_state, set_rng_state, set_sampler_rng_state
+from engine.tracking import append_record
+from errors import CheckpointError
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -54,17 +67,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
 
 
-def save_model(model, path: str | Path, **extra: Any) -> None:
-    """A GPT2Model (or any module with ``.config``) as {config, model weights, extra}. Under
-    torchrun every rank calls it (FSDP-sharded weights are gathered) and rank 0 writes."""
-    from torch.distributed.tensor import DTensor  # not loaded by ``import torch`` alone
-
-    from engine import distributed
-
+def save_module(model: nn.Module, path: str | Path, **extra: Any) -> None:
+    """A module with a ``.config`` as {config, model weights, extra}. Under torchrun every rank
+    calls it (FSDP-sharded weights are gathered) and rank 0 writes."""
     state = model.state_dict()
-    if any(isinstance(v, DTensor) for v in state.values()):
+    if ranks.active():  # FSDP shards its weights as DTensors (a module ``import torch`` alone does not load)
+        from torch.distributed.tensor import DTensor
+
         state = {k: v.full_tensor().cpu() if isinstance(v, DTensor) else v for k, v in state.items()}
-    if distributed.is_main():
+    if ranks.is_main():
         atomic_save({"config": model.config.to_dict(), "model": state, "extra": extra}, path)
 
 
@@ -72,37 +83,17 @@ def save_model(model, path: str | Path, **extra: Any) -> None:
 _ANY_MODEL = "the model (another model size or fine-tune mode?)"
 
 
-def check_config(saved: dict[str, Any], config: GPT2Config, path: str | Path, fits: str | None = None) -> None:
+def check_config(saved: Mapping[str, Any], config: Any, path: str | Path, fits: str | None = None) -> None:
     """Raise if a checkpoint's architecture differs from the model it is loaded into (``fits``:
-    what the model was built for, named in the message)."""
-    theirs = GPT2Config.from_dict(saved).architecture()
+    what the model was built for, named in the message). ``config`` is the model's config object:
+    the fields its ``architecture()`` names are compared, nothing else (a config saved by an older
+    version holds more fields; ``methods.restore`` knows them)."""
     ours = config.architecture()
-    diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
+    diff = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in diff.items())
         where = f"{path} does not fit {fits}: saved" if fits else f"{path} was saved"
         raise CheckpointError(f"{where} from another model config ({detail})")
-
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu", random_init: bool = False,
-               **config_overrides: Any):
-    """A GPT2Model saved with ``save_model``; ``config_overrides`` change fields of its config that
-    do not touch the weights (e.g. ``hidden_dropout_prob`` for a model trained further).
-    ``random_init``: its architecture with fresh weights."""
-    from methods.prefix import restore_prefix
-    from models.gpt2 import GPT2Model
-
-    ckpt = load_checkpoint(path, map_location)
-    if "config" not in ckpt:
-        kind = "a training-engine checkpoint (best.pt, last.pt)" if "train_config" in ckpt else "not a saved model"
-        raise CheckpointError(f"{path} is {kind}, not a model saved by a task script; pass the model file the "
-                              "run wrote (e.g. <output_dir>/paraphrase-model.pt or sonnet-model.pt)")
-    model = GPT2Model(GPT2Config.from_dict({**ckpt["config"], **config_overrides}))
-    if random_init:
-        return model
-    restore_prefix(model, ckpt["model"])  # a prefix-tuned body is saved with its prefix
-    model.load_state_dict(ckpt["model"])
-    return model
 
 
 # ------------------------------------------------------------ Trainer checkpoints
@@ -130,10 +121,9 @@ def load_model_state(
     differs: every architecture field of ``saved_config`` (the checkpoint's ``model_config``), then
     every missing, unexpected and differently shaped tensor (torch's own message names them on
     many lines, of which a command-line error showed only the first)."""
-    if saved_config is not None:
-        ours = model_config_of(model)
-        if ours is not None:
-            check_config(dict(saved_config), GPT2Config.from_dict(ours), path, fits)
+    ours = config_of(model)
+    if saved_config is not None and hasattr(ours, "architecture"):
+        check_config(saved_config, ours, path, fits)
     own = model.state_dict()
     unexpected = sorted(set(state) - set(own))
     missing = [] if partial else sorted(set(own) - set(state))
@@ -147,13 +137,19 @@ def load_model_state(
     model.load_state_dict(state, strict=not partial)
 
 
-def model_config_of(model: nn.Module) -> dict[str, Any] | None:
-    """The GPT2Config of the (first) body inside the model, so a checkpoint says what it fits."""
+def config_of(model: nn.Module) -> Any | None:
+    """The config object of the (first) body inside the model: any ``config`` with ``to_dict()``."""
     for m in model.modules():
         cfg = getattr(m, "config", None)
         if hasattr(cfg, "to_dict"):
-            return cfg.to_dict()
+            return cfg
     return None
+
+
+def model_config_of(model: nn.Module) -> dict[str, Any] | None:
+    """The config of the (first) body inside the model as a dict, so a checkpoint says what it fits."""
+    cfg = config_of(model)
+    return None if cfg is None else cfg.to_dict()
 
 
 def rank_top_k(top_k: Sequence[tuple[float, int, str]]) -> TopK:
@@ -207,34 +203,134 @@ def load_weights_into(model: nn.Module, path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def load_any_model(spec: str):
-    """A GPT2Model from a ``save_model`` file, a Trainer checkpoint with every weight (keys of a
-    task head's ``gpt.`` body), or a Hugging Face folder / hub id."""
-    from methods.prefix import restore_prefix
-    from models.gpt2 import GPT2Model
+class CheckpointMixin:
+    """Checkpoint save/resume bookkeeping and the log of a ``Trainer``."""
 
-    if not Path(spec).is_file():
-        return GPT2Model.from_pretrained(spec)
-    ckpt = load_checkpoint(spec)
-    if "config" in ckpt:
-        return load_model(spec)
-    if "model" not in ckpt or "model_config" not in ckpt:
-        raise CheckpointError(f"{spec}: neither a saved model, a Trainer checkpoint nor a Hugging Face folder")
-    if ckpt.get("trainable_only", False):
-        raise CheckpointError(f"{spec} holds only the trained parameters (LoRA, prefix or a frozen body); pass the "
-                              "model file the run saved (e.g. sonnet-model.pt)")
-    state = {k.removeprefix("gpt."): v for k, v in ckpt["model"].items()}
-    model = GPT2Model(GPT2Config.from_dict(ckpt["model_config"]))
-    restore_prefix(model, state)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{spec}: not a plain GPT-2 language model ({str(e).splitlines()[0]})") from e
-    return model
+    def _keep_top_k(self, score: float) -> None:
+        """Offer this epoch to the top k; rank 0 writes (FSDP weights are gathered by every rank
+        first) and every rank keeps the same list."""
+        gathered = self._model_state() if self.strategy.sharded else None
+        self.top_k = self.strategy.on_main(lambda: keep_top_k(
+            self.top_k, self.config.save_top_k, score, self.epoch, self.output_dir, lambda: {
+                "model": gathered if gathered is not None else self._model_state(),
+                "trainable_only": self.config.save_trainable_only, "epoch": self.epoch,
+                "dev": self.history[-1]["dev"], "train_config": self._config_dict(),
+                "model_config": model_config_of(self.model), "extra": self.extra}))
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint holds (FSDP: gathered on rank 0, a collective call)."""
+        return self.strategy.model_state(self.model, self.config.save_trainable_only)
+
+    def _state_keys(self) -> set[str]:
+        if self.config.save_trainable_only:
+            return {n for n, p in self.model.named_parameters() if p.requires_grad}
+        return set(self.model.state_dict())
+
+    def _config_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self.config)
+        d["betas"] = list(d["betas"])
+        if self.strategy.world_size > 1:  # the global batch: a resume with another number of ranks differs
+            d["world_size"] = self.strategy.world_size
+        return d
+
+    def _save_last(self) -> None:
+        """``last.pt``, written by rank 0; under torchrun it also holds every rank's RNG state, so
+        that each rank resumes its own dropout stream."""
+        rng = get_rng_state()
+        rng["sampler"] = sampler_rng_state(self.train_loader)
+        ranks_rng = self.strategy.gather_objects(rng)
+        model_state = self._model_state()
+        optim_state = self.strategy.optimizer_state(self.model, self.optimizer)
+        if not self.strategy.is_main:
+            return
+        atomic_save({
+            "model": model_state,
+            "trainable_only": self.config.save_trainable_only,
+            "optimizer": optim_state,
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+            **({"rank_rng": ranks_rng} if len(ranks_rng) > 1 else {}),
+            "epoch_rng": self.epoch_rng if self.step_in_epoch else None,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "step_in_epoch": self.step_in_epoch,
+            "partial_loss": list(self._partial_loss),
+            "history": self.history,
+            "best_metrics": self.best_metrics,
+            "best_score": self.best_score,
+            "top_k": [list(t) for t in self.top_k],
+            "bad_epochs": self.bad_epochs,
+            "stopped": self.stop,
+            "train_config": self._config_dict(),
+            "model_config": model_config_of(self.model),
+            "extra": self.extra,
+        }, self.output_dir / "last.pt")
+
+    def _resume(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, map_location=self.device)
+        self._check_same_parameters(ckpt, path)
+        self._load_model(ckpt, path)
+        self.strategy.load_optimizer_state(self.model, self.optimizer, ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.epoch = ckpt["epoch"]
+        self.global_step = ckpt["global_step"]
+        self.step_in_epoch = ckpt["step_in_epoch"]
+        self._partial_loss = (float(ckpt["partial_loss"][0]), int(ckpt["partial_loss"][1]))
+        self.epoch_rng = ckpt["epoch_rng"]
+        self.history = list(ckpt["history"])
+        self.best_metrics = dict(ckpt["best_metrics"])
+        self.best_score = ckpt["best_score"]
+        self.top_k = [(float(s), int(e), str(p)) for s, e, p in ckpt["top_k"]]
+        self.bad_epochs = ckpt["bad_epochs"]
+        self.stop = ckpt["stopped"]
+        ranks_rng = ckpt.get("rank_rng") or [ckpt["rng"]]
+        rng = ranks_rng[self.strategy.rank] if len(ranks_rng) == self.strategy.world_size else ckpt["rng"]
+        set_rng_state(rng)
+        set_sampler_rng_state(self.train_loader, rng)
+
+    def _batches(self) -> Iterator[tuple[int, Any]]:
+        """This epoch's batches; after a mid-epoch resume the seen ones are replayed and skipped."""
+        cfg = self.config
+        # A save on an epoch's last step leaves step_in_epoch * grad_accum past the last batch when
+        # the last group is short; skipping more batches than the epoch has raised StopIteration.
+        skip = min(self.step_in_epoch * cfg.grad_accum, len(self.train_loader))  # type: ignore[arg-type]
+        if skip:
+            resume_rng = get_rng_state()
+            set_rng_state(self.epoch_rng)  # the shuffle of the interrupted epoch
+            set_sampler_rng_state(self.train_loader, self.epoch_rng)
+        else:
+            self.epoch_rng = get_rng_state()
+            self.epoch_rng["sampler"] = sampler_rng_state(self.train_loader)
+        it = iter(self.train_loader)
+        if skip:
+            for _ in range(skip):  # the sampler draws its seed at the first next(), so replay first
+                next(it)
+            set_rng_state(resume_rng)
+        yield from enumerate(it, start=skip)
+
+    def _load_model(self, ckpt: Mapping[str, Any], path: str | Path) -> None:
+        self.strategy.load_model_state(self.model, ckpt, path)
+
+    def _check_same_parameters(self, ckpt: Mapping[str, Any], path: Path) -> None:
+        """A run resumes only into the parameters it trained: a checkpoint of another fine-tune mode
+        (a frozen body's head, LoRA adapters, the full model) is refused with what differs, before
+        the optimizer state (one slot per trained parameter) is forced onto other parameters."""
+        saved, ours = set(ckpt.get("model", {})), self._state_keys()
+        if ckpt.get("trainable_only", False) != self.config.save_trainable_only or saved != ours:
+            detail = "; ".join(f"{what} ({len(keys)}): {', '.join(sorted(keys))}" for what, keys in (
+                ("only in the checkpoint", saved - ours), ("only in this run", ours - saved)) if keys)
+            raise CheckpointError(f"{path} was written by a run that trains other parameters (another fine-tune "
+                                  f"mode or model?){': ' + detail if detail else ''}; resume with that run's flags "
+                                  "or start a new run in another --output_dir")
+
+    # ------------------------------------------------------------ logging
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.strategy.is_main:
+            append_record(self.output_dir / "metrics.jsonl", record)
 
 
 __all__ = [
-    "TopK", "atomic_save", "check_config", "keep_top_k", "load_any_model", "load_checkpoint", "load_checkpoint_weights",
-    "load_model", "load_model_state", "load_weights_into", "model_config_of", "rank_top_k", "save_model",
-    "trainable_state_dict",
+    "TopK", "atomic_save", "check_config", "config_of", "keep_top_k", "load_checkpoint", "load_checkpoint_weights",
+    "load_model_state", "load_weights_into", "model_config_of", "rank_top_k", "save_module", "trainable_state_dict",
 ]

@@ -14,30 +14,48 @@ Shared base for every task:
   own longest sequence (not the context), with an ``attention_mask``.
 - ``make_loader`` / ``make_eval_loader`` / ``restore_order``: the DataLoaders every task uses,
   and the undoing of the eval loader's length sort.
-- ``count_examples`` / ``count_lm_targets``: what a batch's loss averages over, so the
-  Trainer weighs accumulated micro-batches by their counts.
+- ``count_examples``: what a batch's loss averages over (the examples; an LM counts its target
+  tokens, ``modules.losses.count_lm_targets``), so the Trainer weighs accumulated micro-batches
+  by their counts.
 
 The course's own files (sentiment, Quora, sonnets, prediction files) are read and written
 on top of these in ``tasks.course_data``.
+
+``LengthGroupedSampler`` (``--group_by_length``): batches of similar lengths, so less compute
+goes to padding. A random batch of sentences is padded to its longest member; when lengths vary
+a lot (sonnets, Quora questions, IMDB reviews) much of every step is spent on
+pad tokens. Sorting the whole dataset would remove the padding but also the
+randomness. The usual compromise (as in ``transformers``' ``group_by_length``):
+shuffle, cut the shuffled order into "mega-batches" of ``batch_size *
+mega_batch_mult`` examples, sort each mega-batch by length, and cut it into
+batches. Batches stay random across an epoch, but their members are neighbours
+in length.
+
+The sampler yields single indices, so it is passed as ``sampler=`` next to
+``batch_size=`` (consecutive runs of ``batch_size`` indices are the batches),
+and it draws its permutation from ``self.generator`` at the first ``next()``,
+like ``RandomSampler``: the trainer saves and restores that generator to resume
+mid-epoch exactly.
 """
 
 from __future__ import annotations
 
 import csv
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
-from engine import distributed
-from engine.sampler import LengthGroupedSampler
+from engine import ranks
+from engine.launch import sharded_sampler
+from errors import InputError
 
 
-class DataFormatError(ValueError):
+class DataFormatError(InputError, ValueError):
     """Malformed input data; the message starts with ``file:line:``."""
 
     def __init__(self, path: str | Path, line: int | None, problem: str) -> None:
@@ -242,15 +260,15 @@ def make_loader(
     """The DataLoader every task uses. Shuffling draws from the global torch RNG (or, with
     ``group_by_length``, from the sampler's generator, seeded from it); the Trainer saves and
     restores both, so resumed runs see the same batches. ``group_by_length`` (with ``shuffle``)
-    batches neighbours in length from a shuffled order (``engine.sampler``): less padding.
+    batches neighbours in length from a shuffled order (``engine.data``): less padding.
     Under torchrun a shuffled loader yields this rank's share of the batches one process of
-    batch ``world x batch_size`` would see (``engine.distributed.ShardedSampler``)."""
+    batch ``world x batch_size`` would see (``engine.launch.sharded_sampler``)."""
     dataset = ListDataset(examples)
-    if shuffle and distributed.active():  # under torchrun: this rank's share of each global batch
+    if shuffle and ranks.active():  # under torchrun: this rank's share of each global batch
         return torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
-            sampler=distributed.ShardedSampler(_shuffled(examples, batch_size * distributed.world_size(),
-                                                         dataset, group_by_length), batch_size))
+            sampler=sharded_sampler(_shuffled(examples, batch_size * ranks.world_size(), dataset, group_by_length),
+                                    batch_size))
     if shuffle and group_by_length:
         sampler = LengthGroupedSampler([len(e["input_ids"]) for e in examples], batch_size)
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
@@ -265,7 +283,7 @@ def _shuffled(examples: Sequence[Mapping[str, Any]], global_batch: int, dataset:
     LengthGroupedSampler whose generator seed is rank 0's (drawn as the sampler draws it)."""
     if not group_by_length:
         return torch.utils.data.RandomSampler(dataset)
-    seed = distributed.broadcast_object(int(torch.randint(0, 2**62, (1,)).item()))
+    seed = ranks.broadcast_object(int(torch.randint(0, 2**62, (1,)).item()))
     return LengthGroupedSampler([len(e["input_ids"]) for e in examples], global_batch,
                                 generator=torch.Generator().manual_seed(seed))
 
@@ -292,14 +310,6 @@ def restore_order(indices: Sequence[int], values: Sequence[Any]) -> list[Any]:
     return out
 
 
-def count_lm_targets(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token targets of a causal-LM batch (``input_ids`` + ``attention_mask``), counted as
-    ``SonnetGPT.loss`` counts them: the ``count_fn`` that weighs LM micro-batches by their tokens."""
-    from modules.losses import shifted_targets
-
-    return (shifted_targets(batch["input_ids"], batch["attention_mask"]) != -100).sum()
-
-
 def count_examples(batch: Any) -> int:
     """Examples in a batch: the default ``count_fn`` (classification losses are means over examples)."""
     if isinstance(batch, torch.Tensor):
@@ -310,3 +320,54 @@ def count_examples(batch: Any) -> int:
         if isinstance(v, (torch.Tensor, list, tuple)):
             return count_examples(v) if isinstance(v, torch.Tensor) else len(v)
     return 0
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Indices in a random order where each consecutive ``batch_size`` block has similar lengths.
+
+    Args:
+        lengths: length (e.g. token count) of every example, in dataset order.
+        batch_size: the DataLoader's batch size.
+        mega_batch_mult: mega-batch size in batches; larger groups lengths more tightly
+            but makes the order less random.
+        generator: source of randomness (default: one seeded from the global torch RNG
+            at construction, so ``torch.manual_seed`` makes runs reproducible).
+        longest_first: put the batch holding the longest example first, so that an
+            out-of-memory error shows at step 1 rather than hours in.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        mega_batch_mult: int = 50,
+        generator: torch.Generator | None = None,
+        longest_first: bool = True,
+    ) -> None:
+        if batch_size < 1 or mega_batch_mult < 1:
+            raise ValueError(f"batch_size ({batch_size}) and mega_batch_mult ({mega_batch_mult}) must be >= 1")
+        self.lengths = [int(n) for n in lengths]
+        self.batch_size = batch_size
+        self.mega = batch_size * mega_batch_mult
+        if generator is None:
+            generator = torch.Generator()
+            generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        self.generator = generator
+        self.longest_first = longest_first
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        batches: list[list[int]] = []
+        for s in range(0, len(order), self.mega):
+            group = sorted(order[s : s + self.mega], key=lambda i: -self.lengths[i])
+            batches.extend(group[b : b + self.batch_size] for b in range(0, len(group), self.batch_size))
+        if self.longest_first and batches:
+            # Only full batches move, so every batch but the final one stays full.
+            top = max(range(len(batches)), key=lambda b: self.lengths[batches[b][0]])
+            if len(batches[top]) == self.batch_size and len(batches[0]) == self.batch_size:
+                batches[0], batches[top] = batches[top], batches[0]
+        for batch in batches:
+            yield from batch

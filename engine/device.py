@@ -3,12 +3,17 @@ autocast on CUDA only.
 
 Shared by the Trainer's loop and ``predict``, so training and evaluation place and cast
 batches the same way; ``best_device`` is what every CLI's ``--device auto`` means.
+
+``maybe_compile`` (``--compile``) makes ``torch.compile`` an option that never breaks a run: any
+module, compiled where the compiler works and eager where it does not (the model itself knows
+nothing of compilation).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -60,6 +65,37 @@ def autocast_context(device: torch.device | str, bf16: bool = True) -> contextli
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def maybe_compile(model: nn.Module, enabled: bool = True, **compile_kwargs) -> nn.Module:
+    """``torch.compile`` the model's forward in place, falling back to eager with a warning.
+
+    Compilation is lazy, so it fails at the first call, not here (no C++ compiler for
+    the CPU backend, an old GPU for Triton, an unsupported op): the first call that
+    raises from the compiled path is re-run eagerly; if eager succeeds the error was
+    the compiler's, a warning names it and the model stays eager from then on; if
+    eager fails too, eager's error (the caller's problem) propagates. The module
+    itself is returned, so parameters, ``state_dict`` and methods are unchanged.
+    """
+    if not enabled:
+        return model
+    eager: Callable = model.forward
+    compiled = torch.compile(eager, **compile_kwargs)
+
+    def forward(*args, **kwargs):
+        if model.__dict__.get("forward") is not forward:  # fell back already
+            return eager(*args, **kwargs)
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
+            out = eager(*args, **kwargs)
+            warnings.warn(f"torch.compile failed, running eagerly instead ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})", RuntimeWarning, stacklevel=2)
+            model.forward = eager
+            return out
+
+    model.forward = forward
+    return model
 
 
 __all__ = ["autocast_context", "best_device", "cpu_hint", "model_device", "move_to_device"]

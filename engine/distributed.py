@@ -1,33 +1,30 @@
-"""More than one process: torchrun's process group, ranks, and what the engine needs of them.
+"""More than one process: torchrun's process group, and the DDP and FSDP strategies of the loop.
 
 ``torchrun --nproc_per_node N script.py ...`` starts N copies of a task script with ``RANK``,
-``LOCAL_RANK`` and ``WORLD_SIZE`` set. ``setup`` (called by ``tasks.common.start``) joins the
-process group -- NCCL on CUDA, Gloo on the CPU -- with a timeout (``GPT2_DIST_TIMEOUT`` seconds,
-default 1800), so a rank that stops answering ends the job with an error instead of a hang;
-a rank that raises exits non-zero and torchrun stops the others. Outside torchrun nothing
-here does anything: every helper is the identity of one process, so a single-process run is
-exactly what it was.
+``LOCAL_RANK`` and ``WORLD_SIZE`` set. ``setup`` (through ``engine.launch.launch``, called by
+``tasks.common.start``) joins the process group -- NCCL on CUDA, Gloo on the CPU -- with a
+timeout (``GPT2_DIST_TIMEOUT`` seconds, default 1800), so a rank that stops answering ends the
+job with an error instead of a hang; a rank that raises exits non-zero and torchrun stops the
+others. This module is imported only then: "which rank am I" is ``engine.ranks``, and a
+one-process run uses ``engine.strategy.SingleProcess``.
 
 What the engine takes from here:
 
-- ``rank``/``world_size``/``is_main``: only rank 0 writes files and prints (``setup`` sends
-  the other ranks' stdout to /dev/null; their errors still reach stderr).
-- ``on_main(fn)``: ``fn`` runs on rank 0 (claiming the run folder, checking a resume) and the
-  others get its result -- or raise its error, so every rank stops with the same message.
 - ``ShardedSampler``: each rank's share of every global batch, cut from the one shuffled order
   the single-process loader would draw (seeded shuffling, length grouping and mid-epoch resume
   keep working unchanged).
-- ``wrap``: the model under ``DistributedDataParallel``, or FSDP2 (``fully_shard`` per
-  transformer block) with ``fsdp=True``; ``sync_gradients`` is ``no_sync`` for both.
-- ``full_state_dict`` / ``load_full_state_dict`` and the optimizer's: FSDP checkpoints are
-  gathered into the usual single file, and read back from it.
+- ``DataParallel`` (DDP) and ``FullySharded`` (FSDP2, ``fully_shard`` per transformer block):
+  the strategies the Trainer calls at its fixed points. The model goes under DDP or FSDP, the
+  gradient all-reduce is held back for all but the last micro-batch of an accumulation group,
+  numbers are summed over the ranks on the device the process group serves, and FSDP
+  checkpoints are gathered into the usual single file and read back from it.
 
-Evaluation runs on rank 0 alone, over the whole dev set, while the others wait
-(``on_main_unsharded``), rather than sharded over the ranks and gathered: a task's ``eval_fn``
-is any function of the model (accuracy over a loader, chrF of generated sonnets, held-out
-loss), so only running it as one process would gives the one-process metrics for every task
-without each task learning to shard and gather; the price is that the other ranks idle for
-the length of one evaluation (and the process-group timeout must exceed it).
+Evaluation runs on rank 0 alone, over the whole dev set, while the others wait, rather than
+sharded over the ranks and gathered: a task's ``eval_fn`` is any function of the model
+(accuracy over a loader, chrF of generated sonnets, held-out loss), so only running it as one
+process would gives the one-process metrics for every task without each task learning to shard
+and gather; the price is that the other ranks idle for the length of one evaluation (and the
+process-group timeout must exceed it).
 """
 
 from __future__ import annotations
@@ -38,43 +35,34 @@ import datetime as dt
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import RandomSampler, Sampler
+
+from engine import ranks
+from engine.strategy import SingleProcess
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 1800
 
 
-def launched() -> bool:
-    """Started by torchrun with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def active() -> bool:
-    """A process group of more than one rank is up."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank() -> int:
-    return dist.get_rank() if active() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if active() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
 def setup(device: torch.device) -> torch.device:
     """Join torchrun's process group (once) and return this rank's device: ``cuda:LOCAL_RANK``
     on CUDA, the CPU otherwise. Without torchrun: ``device`` unchanged and no group."""
-    if not launched():
+    if not ranks.launched():
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -83,67 +71,16 @@ def setup(device: torch.device) -> torch.device:
         timeout = dt.timedelta(seconds=float(os.environ.get("GPT2_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
-        atexit.register(teardown)
-        if not is_main():  # one copy of every log line: rank 0's
+        atexit.register(ranks.teardown)
+        if not ranks.is_main():  # one copy of every log line: rank 0's
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (kept open for the process's life)
     return device
 
 
-def teardown() -> None:
-    """Leave the process group (at the end of a task run; also harmless when there is none)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def barrier() -> None:
-    if active():
-        dist.barrier()
-
-
-def broadcast_object(obj: T) -> T:
-    """Rank 0's ``obj`` on every rank."""
-    if not active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` for one process)."""
-    if not active():
-        return [obj]
-    out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def on_main(fn: Callable[[], T]) -> T:
-    """``fn()`` on rank 0 only; every rank returns its result, or raises the error it raised."""
-    if not active():
-        return fn()
-    outcome: tuple[bool, Any] = (True, None)
-    if is_main():
-        try:
-            outcome = (True, fn())
-        except Exception as e:  # handed to the other ranks, then raised here too
-            outcome = (False, e)
-    ok, value = broadcast_object(outcome)
-    if not ok:
-        raise value
-    return value
-
-
-def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    """The sum of ``x`` over all ranks (``x`` itself for one process)."""
-    if active():
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
-
-
-def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    return sum_over_ranks(x) / world_size() if active() else x
+def group_device(device: torch.device) -> torch.device:
+    """Where the process group takes the tensors of its collectives: NCCL serves CUDA tensors
+    only (this rank's GPU, ``device``), Gloo serves the CPU's."""
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 # ------------------------------------------------------------------ data
@@ -165,8 +102,8 @@ class ShardedSampler(Sampler[int]):
     def __init__(self, base: Sampler[int], batch_size: int, rank: int | None = None,
                  world: int | None = None) -> None:
         self.base, self.batch_size = base, batch_size
-        self.rank = globals()["rank"]() if rank is None else rank
-        self.world = world_size() if world is None else world
+        self.rank = ranks.rank() if rank is None else rank
+        self.world = ranks.world_size() if world is None else world
 
     @property
     def generator(self) -> torch.Generator | None:
@@ -177,7 +114,7 @@ class ShardedSampler(Sampler[int]):
         if not isinstance(self.base, RandomSampler) or self.base.generator is not None:
             return list(self.base)
         # A RandomSampler on the global RNG: rank 0's seed, drawn exactly as RandomSampler draws it.
-        seed = broadcast_object(int(torch.empty((), dtype=torch.int64).random_().item()))
+        seed = ranks.broadcast_object(int(torch.empty((), dtype=torch.int64).random_().item()))
         return torch.randperm(len(self.base), generator=torch.Generator().manual_seed(seed)).tolist()
 
     def __len__(self) -> int:
@@ -211,131 +148,147 @@ class Call(nn.Module):
         return fn(self.model, *args)
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    from modules.gpt2_layer import GPT2Layer
-
-    return [m for m in model.modules() if isinstance(m, GPT2Layer)]
-
-
-def wrap(model: nn.Module, device: torch.device, fsdp: bool = False) -> nn.Module | None:
-    """``Call(model)`` under DDP, or sharded by FSDP2 (each transformer block, then the rest;
-    bf16 parameters with fp32 gradient reduction on CUDA). None with one process.
-    Build the optimizer after this: FSDP replaces the parameters by sharded ones."""
-    if not active():
-        return None
-    root = Call(model)
-    if not fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return DDP(root, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
-    for block in _blocks(model):
-        fully_shard(block, mp_policy=mp)
-    fully_shard(root, mp_policy=mp)
-    return root
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """What FSDP shards one unit at a time: the repeated blocks of the model, the members of its
+    ``nn.ModuleList``s (GPT-2's ``h``), found without the engine knowing the model's classes."""
+    return [block for m in model.modules() if isinstance(m, nn.ModuleList) for block in m]
 
 
-def is_fsdp(wrapped: nn.Module | None) -> bool:
-    from torch.distributed.fsdp import FSDPModule
+class DataParallel(SingleProcess):
+    """DDP: every rank holds the whole model and a slice of each global batch; gradients are
+    averaged over the ranks once per optimizer step."""
 
-    return isinstance(wrapped, FSDPModule)
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self.collective_device = group_device(device)
+        self.wrapped: nn.Module | None = None
 
+    @property
+    def world_size(self) -> int:
+        return ranks.world_size()
 
-@contextlib.contextmanager
-def sync_gradients(wrapped: nn.Module | None, sync: bool) -> Iterator[None]:
-    """Gradient all-reduce on (the last micro-batch of a group) or off (the others)."""
-    if wrapped is None or sync:
-        if is_fsdp(wrapped):
-            wrapped.set_requires_gradient_sync(True)
-        yield
-    elif is_fsdp(wrapped):
-        wrapped.set_requires_gradient_sync(False)
-        yield
-    else:
-        with wrapped.no_sync():
-            yield
+    @property
+    def rank(self) -> int:
+        return ranks.rank()
 
+    @property
+    def is_main(self) -> bool:
+        return ranks.is_main()
 
-def _fsdp_modules(wrapped: nn.Module) -> list[nn.Module]:
-    from torch.distributed.fsdp import FSDPModule
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``Call(model)`` under DDP. Build the optimizer after this (FSDP replaces parameters)."""
+        cuda = self.device.type == "cuda"
+        self.wrapped = DistributedDataParallel(Call(model), device_ids=[self.device] if cuda else None,
+                                               find_unused_parameters=True)
+        return self.wrapped
 
-    return [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
+    def sync_gradients(self, sync: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if sync else self.wrapped.no_sync()
 
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """On the process group's device: a count made on the host would otherwise reach NCCL as
+        a CPU tensor, which it refuses, and stop a GPU run at its first step."""
+        x = x.to(self.collective_device, copy=True)  # a copy: all_reduce works in place
+        dist.all_reduce(x)
+        return x
 
-def unshard(wrapped: nn.Module | None) -> None:
-    """Gather an FSDP model's full weights on every rank and keep them, so that any rank alone
-    can run it (evaluation on rank 0, the task's predictions after training). Collective."""
-    if is_fsdp(wrapped):
-        for m in _fsdp_modules(wrapped):
-            m.set_reshard_after_forward(False)
-            m.unshard()
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sum(x) / self.world_size
 
+    def on_main(self, fn: Callable[[], T]) -> T:
+        return ranks.on_main(fn)
 
-def reshard(wrapped: nn.Module | None) -> None:
-    """Back to training: shards only, freed after each block's forward. Local. Forgets the forward
-    order FSDP recorded for its backward prefetching: rank 0's evaluation passes, which the
-    other ranks did not run, would otherwise make its next backward gather other blocks than
-    theirs (a deadlock)."""
-    if is_fsdp(wrapped):
-        wrapped.reset_iter_state()
-        for m in _fsdp_modules(wrapped):
-            m.reshard()
-            m.set_reshard_after_forward(True)
+    def evaluate(self, fn: Callable[[], T]) -> T:
+        """Rank 0 evaluates while the others wait for its metrics, so every rank makes the same
+        best-checkpoint and early-stopping decisions."""
+        return ranks.on_main(fn)
 
-
-def on_main_unsharded(wrapped: nn.Module | None, fn: Callable[[], T]) -> T:
-    """``on_main(fn)`` with an FSDP model's full weights on every rank meanwhile (rank 0 alone
-    runs it; the others wait), sharded again after."""
-    unshard(wrapped)
-    try:
-        return on_main(fn)
-    finally:
-        reshard(wrapped)
+    def gather_objects(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
 
-def _options(**kw: Any):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
+def _options(**kw: Any) -> StateDictOptions:
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-def full_state_dict(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
-    """The whole (or only the trainable) weights of an FSDP-sharded ``model`` as plain CPU tensors
-    on rank 0 (an empty dict elsewhere). Collective: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+class FullySharded(DataParallel):
+    """FSDP2: each rank holds a shard of every parameter (each transformer block, then the rest;
+    bf16 parameters with fp32 gradient reduction on CUDA); full weights are gathered to evaluate,
+    to predict and to write a checkpoint."""
 
-    state = get_model_state_dict(model, options=_options(cpu_offload=True))
-    if trainable_only:
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
-        state = {k: v for k, v in state.items() if k in names}
-    return state
+    sharded = True
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if self.device.type == "cuda" else MixedPrecisionPolicy()
+        for block in transformer_blocks(model):
+            fully_shard(block, mp_policy=mp)
+        root = Call(model)
+        fully_shard(root, mp_policy=mp)
+        self.wrapped = root
+        return root
+
+    def sync_gradients(self, sync: bool) -> contextlib.AbstractContextManager:
+        self.wrapped.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    def _units(self) -> list[nn.Module]:
+        return [m for m in self.wrapped.modules() if isinstance(m, FSDPModule)]
+
+    def unshard(self) -> None:
+        """Gather the full weights on every rank and keep them, so that any rank alone can run
+        the model (evaluation on rank 0, the task's predictions after training). Collective."""
+        for m in self._units():
+            m.set_reshard_after_forward(False)
+            m.unshard()
+
+    def reshard(self) -> None:
+        """Back to training: shards only, freed after each block's forward. Local. Forgets the
+        forward order FSDP recorded for its backward prefetching: rank 0's evaluation passes,
+        which the other ranks did not run, would otherwise make its next backward gather other
+        blocks than theirs (a deadlock)."""
+        self.wrapped.reset_iter_state()
+        for m in self._units():
+            m.reshard()
+            m.set_reshard_after_forward(True)
+
+    def evaluate(self, fn: Callable[[], T]) -> T:
+        self.unshard()
+        try:
+            return ranks.on_main(fn)
+        finally:
+            self.reshard()
+
+    def model_state(self, model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+        """The whole (or only the trainable) weights as plain CPU tensors on rank 0 (an empty dict
+        elsewhere). Collective: every rank calls it."""
+        state = get_model_state_dict(model, options=_options(cpu_offload=True))
+        if trainable_only:
+            names = {n for n, p in model.named_parameters() if p.requires_grad}
+            state = {k: v for k, v in state.items() if k in names}
+        return state
+
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
+
+    def load_model_state(self, model: nn.Module, ckpt: Mapping[str, Any], path: str | Path) -> None:
+        """A full state dict (read by every rank) into the shards."""
+        if "model" not in ckpt:
+            super().load_model_state(model, ckpt, path)  # its error names what is missing
+            return
+        set_model_state_dict(model, dict(ckpt["model"]), options=_options(strict=not ckpt.get("trainable_only")))
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             state: dict[str, Any]) -> None:
+        set_optimizer_state_dict(model, optimizer, state, options=_options())
 
 
-def load_full_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], partial: bool = False) -> None:
-    """Put a full state dict (read by every rank) into an FSDP-sharded ``model``."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-    set_model_state_dict(model, dict(state), options=_options(strict=not partial))
+def strategy(device: torch.device, fsdp: bool = False) -> DataParallel:
+    """The strategy of a rank of a process group that is up: DDP, or FSDP2 with ``fsdp``."""
+    return (FullySharded if fsdp else DataParallel)(device)
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
-
-
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state, options=_options())
-
-
-__all__ = [
-    "Call", "ShardedSampler", "active", "barrier", "broadcast_object", "full_optimizer_state", "full_state_dict",
-    "gather_objects", "is_fsdp", "is_main", "launched", "load_full_optimizer_state",
-    "load_full_state_dict", "mean_over_ranks", "on_main", "on_main_unsharded", "rank", "reshard", "setup",
-    "sum_over_ranks", "sync_gradients", "teardown", "unshard", "wrap", "world_size",
-]
+__all__ = ["Call", "DataParallel", "FullySharded", "ShardedSampler", "group_device", "setup", "strategy",
+           "transformer_blocks"]

@@ -27,11 +27,16 @@ from typing import Any
 
 import torch
 
-from engine import distributed
+from engine import ranks
 from engine.trainer import Callback, Trainer
-from methods.fine_tune import count_parameters
 
 EFFICIENCY_FILE = "efficiency.json"
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts: the table's columns, and the log line every CLI prints."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
@@ -91,7 +96,7 @@ class EfficiencyRecorder(Callback):
             "device": str(trainer.device),
         }
         path = trainer.output_dir / EFFICIENCY_FILE
-        if distributed.is_main():  # under torchrun: one writer
+        if ranks.is_main():  # under torchrun: one writer
             path.write_text(json.dumps(self.record, indent=2) + "\n")
         if self.print_table:
             print(f"efficiency ({path}):\n{efficiency_table([self.record])}")
@@ -117,4 +122,5 @@ def efficiency_table(records: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["EFFICIENCY_FILE", "EfficiencyRecorder", "efficiency_table", "peak_memory", "read_efficiency"]
+__all__ = ["EFFICIENCY_FILE", "EfficiencyRecorder", "count_parameters", "efficiency_table", "peak_memory",
+           "read_efficiency"]

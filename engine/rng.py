@@ -1,7 +1,7 @@
 """Seeding, and capture/restore of every random number generator a run draws from.
 
 Exact resume needs the python, numpy, torch and CUDA generators, and the generator on a
-DataLoader's sampler (``engine.sampler``), put back as they were; ``get_rng_state``
+DataLoader's sampler (``engine.data``), put back as they were; ``get_rng_state``
 returns them in types that ``torch.load(weights_only=True)`` accepts, so they can live
 in a checkpoint. Kept apart from the loop so that CLIs can seed without the Trainer.
 """

@@ -12,15 +12,12 @@ A run folder (``last.pt``, ``best*.pt``, ``metrics.jsonl``, ...) belongs to one 
   active, so a second run on the same folder stops at once, naming the holder. The lock of a
   process that died on this host is taken over with a note.
 - At the start, half-written ``.tmp`` checkpoint files left by a kill are removed.
-- **Resume rules**: ``--resume`` with nothing to resume is an error; the saved run's settings that
-  change the result (``run_settings``) must equal the current ones, or the run is refused with
-  the whole list of differences (``--resume_allow_changes`` accepts them and prints them);
-  ``metrics.jsonl`` records past the checkpoint (written before a kill) are dropped, so no
-  epoch is logged twice.
+- **Resume rules** (``engine.resume``): ``--resume`` with nothing to resume is an error; the
+  saved run's settings that change the result must equal the current ones, or the run is refused.
 - Output files are checked writable before any training (``check_writable``).
 
 Task scripts call ``open_run`` once, before building the model; ``Trainer.fit`` runs inside
-``hold_run`` (re-entrant for a folder this process already holds).
+``engine.resume.fit_guard`` (re-entrant for a folder this process already holds).
 """
 
 from __future__ import annotations
@@ -36,24 +33,16 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from engine import ranks
+from errors import InputError
+
 LOCK_NAME = "run.lock"
 LATEST = "latest"
 # What a run writes into its folder: any of these means "this folder holds a run".
 RUN_FILES = ("last.pt", "best.pt", "best-epoch*.pt", "metrics.jsonl", "curves.png", "*-model.pt", "model.pt")
-# Settings that do not change the weights a run produces: where it writes, how it logs, how far
-# it goes (a resume may extend a run), the device, and the flags of this very mechanism.
-IGNORED_SETTINGS = frozenset({
-    "output_dir", "resume", "overwrite", "resume_allow_changes", "progress", "no_progress", "plot", "log_every",
-    "max_steps", "save_every_steps", "save_top_k", "patience", "epochs", "device", "use_gpu", "num_workers",
-    "no_bf16", "predictions_dir", "filepath", "load", "checkpoint", "generate_only", "tokenizer", "compile",
-    "no_cache", "gen_batch_size", "eval_batch_size", "gradient_checkpointing", "pretrain_epochs",
-    "report_to", "fsdp",
-})
-# Resumed from the saved optimizer, so a changed value would not take effect.
-OPTIMIZER_SETTINGS = ("lr", "weight_decay", "betas", "eps")
 
 
-class RunDirError(Exception):
+class RunDirError(InputError):
     """A run folder that cannot be used as asked (held, already holding a run, nothing to
     resume, settings that differ, an unwritable output); ``run_main`` prints it as one line."""
 
@@ -281,156 +270,38 @@ def check_writable(paths: Iterable[str | Path | None]) -> None:
             raise RunDirError(f"{p}: cannot write there ({e.strerror or e}); pick a writable path") from None
 
 
-def open_run(args: Any, default_parent: str | Path, *, subdir: str | None = None,
-             outputs: Iterable[str | Path | None] = (), trains: bool | None = None,
-             model_flag: str = "load") -> Path | None:
-    """For a task script, before it builds anything: check its ``outputs`` are writable, then
-    claim its run folder and return it: ``--output_dir[/subdir]``, else a new
-    ``<default_parent>/<timestamp>`` (``cli.common.default_output_dir``), or with ``--resume``
-    the ``latest`` one. It stays locked until ``Trainer.fit`` ends (or the process does). A run
-    that does not train (``trains``, by default ``--epochs`` > 0) claims no folder and returns
-    None; it must then have a model to predict with (``--<model_flag>``)."""
-    model = getattr(args, model_flag, None)
-    trains = args.epochs > 0 if trains is None else trains
+def open_run(default_parent: str | Path, *, epochs: int, output_dir: str | None = None, resume: bool = False,
+             overwrite: bool = False, model: str | None = None, model_flag: str = "load", trains: bool | None = None,
+             subdir: str | None = None, outputs: Iterable[str | Path | None] = ()) -> Path | None:
+    """For a task, before it builds anything: check its ``outputs`` are writable, then claim its
+    run folder and return it: ``output_dir[/subdir]``, else a new ``<default_parent>/<timestamp>``
+    (``tasks.common.default_output_dir``), or with ``resume`` the ``latest`` one. It stays locked
+    until ``Trainer.fit`` ends (or the process does). A run that does not train (``trains``, by
+    default ``epochs`` > 0) claims no folder and returns None; it must then have a ``model`` to
+    predict with (a saved model's path, given as ``--<model_flag>``)."""
+    trains = epochs > 0 if trains is None else trains
     if not trains and not model:
-        raise RunDirError(f"--epochs {args.epochs} only predicts, and there is no trained model to predict "
+        raise RunDirError(f"--epochs {epochs} only predicts, and there is no trained model to predict "
                           f"with: give --{model_flag} PATH (a model saved by an earlier run)")
     check_writable(outputs)
     if not trains:
         return None
-    if args.output_dir:
-        folder = Path(args.output_dir, subdir) if subdir else Path(args.output_dir)
+    if output_dir:
+        folder = Path(output_dir, subdir) if subdir else Path(output_dir)
     else:
         parent = Path(default_parent)
-        folder = latest_run(parent) if args.resume else new_run_folder(parent)
+        folder = latest_run(parent) if resume else new_run_folder(parent)
         if folder is None:
             raise RunDirError(f"{parent}: --resume, but no earlier run to resume (no {LATEST}); drop --resume "
                               "or give the run's --output_dir")
         print(f"run folder: {folder}")
-    overwrite = getattr(args, "overwrite", False)
     if overwrite and model and Path(model).resolve() in {p.resolve() for p in run_files(folder)}:
         raise RunDirError(f"{folder}: --overwrite would delete {model}, the model --{model_flag} starts from; "
                           "copy it elsewhere first or pick another --output_dir")
-    return claim(folder, resume=args.resume, overwrite=overwrite)
+    return claim(folder, resume=resume, overwrite=overwrite)
 
 
-def open_run_on_main(args: Any, default_parent: str | Path, **kw: Any) -> Path | None:
+def open_run_on_main(default_parent: str | Path, **kw: Any) -> Path | None:
     """``open_run`` by rank 0 alone under torchrun (it makes, locks and owns the folder); the
-    other ranks get the same folder, or the same error (``engine.distributed.on_main``)."""
-    from engine import distributed
-
-    return distributed.on_main(lambda: open_run(args, default_parent, **kw))
-
-
-# ----------------------------------------------------------------- resume
-
-
-def run_settings(train_config: Mapping[str, Any], model_config: Mapping[str, Any] | None,
-                 extra: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The settings of a run that change its result, flat: the CLI args saved in ``extra["args"]``,
-    the other plain values of ``extra`` (dataset, number of labels...), the TrainConfig (which
-    wins where both name a setting) and the model config as ``model.<field>``. Left out:
-    ``IGNORED_SETTINGS``, output paths (``*_out``), and ``epochs`` unless the learning-rate
-    schedule depends on the total number of steps."""
-    extra = dict(extra or {})
-    out: dict[str, Any] = {}
-    for source in (extra.pop("args", None) or {}, extra, train_config):
-        out.update({k: v for k, v in source.items() if isinstance(v, (str, int, float, bool, list, tuple, type(None)))})
-    out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()
-           if k not in IGNORED_SETTINGS and not k.endswith("_out")}
-    if train_config.get("scheduler", "constant") != "constant" or train_config.get("warmup_ratio", 0):
-        out["epochs"] = train_config.get("epochs")
-    for k, v in (model_config or {}).items():
-        if k not in IGNORED_SETTINGS:
-            out[f"model.{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
-def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """``name saved -> current`` for each setting that differs (missing on one side shown as such)."""
-    missing = "(not set)"
-    return [f"{k} {saved.get(k, missing)!r} -> {current.get(k, missing)!r}"
-            for k in sorted(set(saved) | set(current)) if saved.get(k, missing) != current.get(k, missing)]
-
-
-def trim_metrics(path: str | Path, epoch: int, step: int) -> int:
-    """Drop the ``metrics.jsonl`` records written after the checkpoint being resumed (epoch
-    records past ``epoch``, step records past ``step``): a kill between an epoch's evaluation
-    and its checkpoint would otherwise leave that epoch logged twice. Returns the number dropped."""
-    path = Path(path)
-    if not path.exists():
-        return 0
-    lines = path.read_text().splitlines(keepends=True)
-    keep = []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:  # a line cut short by the kill
-            continue
-        late = rec.get("epoch", 0) > epoch if rec.get("type") == "epoch" else rec.get("step", 0) > step
-        if not late:
-            keep.append(line if line.endswith("\n") else line + "\n")
-    if len(keep) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, path)
-    return len(lines) - len(keep)
-
-
-def check_resume(last: str | Path, current: Mapping[str, Any], allow_changes: bool = False) -> None:
-    """Compare ``last``'s saved settings with ``current`` (both from ``run_settings``): refuse
-    differences with the whole list unless ``allow_changes``, then print them; trim
-    ``metrics.jsonl`` to the checkpoint. The checkpoint is memory-mapped: its tensors are not read."""
-    import torch
-
-    last = Path(last)
-    try:
-        ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise RunDirError(f"{last}: not a readable checkpoint ({type(e).__name__}: {e}); "
-                          "delete it or use --overwrite to start afresh") from None
-    saved = run_settings(ckpt.get("train_config") or {}, ckpt.get("model_config"), ckpt.get("extra"))
-    changes = changed_settings(saved, current)
-    if changes and not allow_changes:
-        raise RunDirError(f"{last}: --resume with settings that differ from the saved run's: {'; '.join(changes)}. "
-                          "Rerun with the saved settings, or add --resume_allow_changes to continue with the "
-                          "new ones")
-    if changes:
-        kept = [k for k in OPTIMIZER_SETTINGS if saved.get(k) != current.get(k)]
-        print(f"--resume_allow_changes: resuming with changed settings: {'; '.join(changes)}"
-              + (f" ({', '.join(kept)}: the saved optimizer's values stay in force)" if kept else ""))
-    dropped = trim_metrics(last.parent / "metrics.jsonl", int(ckpt.get("epoch", 0)), int(ckpt.get("global_step", 0)))
-    if dropped:
-        print(f"dropped {dropped} metrics.jsonl records written after {last.name} (an interrupted run's)")
-
-
-@contextlib.contextmanager
-def fit_guard(output_dir: str | Path, config: Any, current: Mapping[str, Any]) -> Iterator[None]:
-    """What ``Trainer.fit`` runs inside: the folder claimed (``config.resume``/``overwrite``) for
-    the fit and released after, and on resume the saved settings checked (``check_resume``).
-    A resumed stage that has no ``last.pt`` of its own (its run has one in a subfolder, of an
-    earlier stage) starts afresh with a note. Under torchrun only rank 0 claims and checks;
-    the other ranks wait for its verdict."""
-    from engine import distributed
-
-    def claim_and_check() -> Path:
-        folder = claim(output_dir, resume=config.resume, overwrite=getattr(config, "overwrite", False))
-        try:
-            if config.resume:
-                last = folder / "last.pt"
-                if last.exists():
-                    check_resume(last, current, getattr(config, "resume_allow_changes", False))
-                else:
-                    print(f"note: {folder} has no last.pt of its own (an earlier stage's is in a subfolder): "
-                          "this stage starts afresh")
-        except BaseException:
-            release(folder)
-            raise
-        return folder
-
-    folder = distributed.on_main(claim_and_check)  # under torchrun rank 0 owns the folder
-    try:
-        yield
-    finally:
-        if distributed.is_main():
-            release(folder)
+    other ranks get the same folder, or the same error (``engine.ranks.on_main``)."""
+    return ranks.on_main(lambda: open_run(default_parent, **kw))

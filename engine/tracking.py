@@ -1,4 +1,7 @@
-"""Experiment tracking in the formats users already read, beside ``metrics.jsonl`` and ``curves.png``.
+"""What a run leaves to be read while and after it trains: ``metrics.jsonl`` (one JSON record per
+logging step and per epoch, ``append_record``; ``trim_metrics`` drops what a resumed run will
+write again), ``curves.png`` (redrawn after each epoch, ``plot_curves``; kept here so that the
+loop carries no plotting code), and experiment tracking in the formats users already read.
 
 ``--report_to none|tensorboard|wandb`` (``TrainConfig.report_to``) adds one Trainer callback:
 
@@ -7,7 +10,7 @@
 - ``wandb``: a Weights & Biases run whose files go to ``<run folder>/wandb``; offline (synced
   later with ``wandb sync``) when ``WANDB_MODE`` is unset and the W&B server cannot be reached.
   ``wandb`` is optional: ``--report_to wandb`` without it installed is a parse error saying
-  how to install it.
+  how to install it (``cli.validation.report_to``, from ``REPORT_TO`` and ``INSTALL_HINT``).
 
 Both mirror ``metrics.jsonl`` rather than recompute anything: after each logging step and each
 epoch the callback reads the records the engine has just appended and sends them on (step
@@ -22,31 +25,21 @@ on a resumed run too.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import contextvars
-import importlib.util
 import json
 import os
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from engine import ranks
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 INSTALL_HINT = {"tensorboard": "pip install -r requirements.txt (it pins tensorboard)",
                 "wandb": "pip install wandb (optional, not in requirements.txt)"}
 _ATTACHED: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("attached_callbacks", default=())
-
-
-def report_to(text: str) -> str:
-    """``--report_to``'s argparse type: one of ``REPORT_TO`` whose package is installed."""
-    if text not in REPORT_TO:
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(REPORT_TO)}, got {text!r}")
-    module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(text)
-    if module is not None and importlib.util.find_spec(module) is None:
-        raise argparse.ArgumentTypeError(f"{text} is not installed; {INSTALL_HINT[text]}, or use --report_to none")
-    return text
 
 
 @contextlib.contextmanager
@@ -65,9 +58,7 @@ def callbacks_for(config: Any) -> list[Any]:
     own = {"none": [], "tensorboard": [TensorBoardCallback()], "wandb": [WandbCallback()]}
     if kind not in own:
         raise ValueError(f"report_to must be one of {REPORT_TO}, got {kind!r}")
-    from engine import distributed
-
-    return [*(own[kind] if distributed.is_main() else []), *_ATTACHED.get()]  # under torchrun: rank 0 reports
+    return [*(own[kind] if ranks.is_main() else []), *_ATTACHED.get()]  # under torchrun: rank 0 reports
 
 
 def scalars(record: Mapping[str, Any]) -> dict[str, float]:
@@ -194,5 +185,69 @@ class WandbCallback(LogMirror):
             self.run = None
 
 
-__all__ = ["REPORT_TO", "LogMirror", "TensorBoardCallback", "WandbCallback", "attach", "callbacks_for",
-           "report_to", "scalars", "wandb_reachable"]
+def append_record(path: str | Path, record: Mapping[str, Any]) -> None:
+    """Append ``record`` as one JSON line to ``path`` (``metrics.jsonl``)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_metrics(path: str | Path, epoch: int, step: int) -> int:
+    """Drop the ``metrics.jsonl`` records written after the checkpoint being resumed (epoch
+    records past ``epoch``, step records past ``step``): a kill between an epoch's evaluation
+    and its checkpoint would otherwise leave that epoch logged twice. Returns the number dropped."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+        late = rec.get("epoch", 0) > epoch if rec.get("type") == "epoch" else rec.get("step", 0) > step
+        if not late:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
+def plot_curves(history: Sequence[Mapping[str, Any]], metric: str, path: str | Path) -> None:
+    """Losses and a dev metric per epoch, side by side, saved as a PNG at ``path``. ``history``
+    holds the Trainer's epoch records (``epoch``, ``train_loss``, ``dev``). A dev ``loss`` (held-out
+    cross-entropy) is drawn beside the training loss; the right panel shows the selection
+    ``metric``, or when that is the dev loss, the first other dev metric (e.g. chrF)."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    dev_names = list(history[-1]["dev"]) if history else []
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(epochs, [h["train_loss"] if h["train_loss"] is not None else float("nan") for h in history],
+           marker="o", label="training")
+    if "loss" in dev_names:
+        a.plot(epochs, [h["dev"].get("loss", float("nan")) for h in history], marker="o", label="dev")
+        a.legend()
+    a.set(xlabel="epoch", ylabel="loss", title="loss")
+    shown = metric if metric != "loss" or "loss" not in dev_names else next(
+        (k for k in dev_names if k not in ("loss", "perplexity")), metric)
+    dev = [h["dev"].get(shown, float("nan")) for h in history]
+    b.plot(epochs, dev, marker="o", color="tab:orange")
+    b.set(xlabel="epoch", ylabel=shown, title=f"dev {shown}")
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+__all__ = [
+    "INSTALL_HINT", "LogMirror", "REPORT_TO", "TensorBoardCallback", "WandbCallback", "append_record", "attach",
+    "callbacks_for", "plot_curves", "scalars", "wandb_reachable",
+]

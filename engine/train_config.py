@@ -1,18 +1,22 @@
 """What a training run is told and what it can be hooked with: ``TrainConfig`` (saved in every
 checkpoint, compared on resume), the ``Callback`` hooks, and the types of the task functions the
 Trainer calls (``loss_fn``, ``eval_fn``, ``count_fn``). Kept apart from the loop itself
-(``engine.trainer``, which re-exports them) so the loop reads in one sitting."""
+(``engine.trainer``, which re-exports them) so the loop reads in one sitting.
+
+The learning-rate schedules ``TrainConfig.scheduler`` names (``SCHEDULES``, also ``--scheduler``'s
+choices) are here too: linear warm-up, then constant, linear or cosine decay, one function of the
+optimizer step (``lr_lambda``) that the Trainer hands to ``torch.optim.lr_scheduler.LambdaLR``.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-
-from engine.schedule import SCHEDULES
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 EvalFn = Callable[[nn.Module], Mapping[str, float]]
@@ -79,4 +83,23 @@ class Callback:
     def on_train_end(self, trainer: Any, best: dict[str, Any]) -> None: ...
 
 
-__all__ = ["Callback", "CountFn", "EvalFn", "LossFn", "TrainConfig"]
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at optimizer step ``s`` (0-based)."""
+
+    def f(s: int) -> float:
+        if warmup_steps and s < warmup_steps:
+            return (s + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+__all__ = ["Callback", "CountFn", "EvalFn", "LossFn", "SCHEDULES", "TrainConfig", "lr_lambda"]

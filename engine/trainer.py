@@ -3,7 +3,7 @@
 A task supplies what is particular to it -- a model, ``loss_fn(model, batch) ->
 scalar tensor``, a train DataLoader, and ``eval_fn(model) -> {metric: value}`` on
 its dev set -- and the engine does the rest: device placement, bf16 autocast on
-CUDA, gradient accumulation and clipping, our ``optimizer.AdamW``, a learning-rate
+CUDA, gradient accumulation and clipping, our AdamW (``optimizer.AdamW``), a learning-rate
 schedule, evaluation each epoch, early stopping, best/top-k checkpoints, exact
 resume, a JSONL metrics log and a PNG of the curves.
 
@@ -26,17 +26,19 @@ state at the start of the current epoch. With ``save_every_steps`` a run can sto
 mid-epoch: on resume the epoch's shuffle is replayed from that saved state and the
 batches already seen are skipped, so the final weights equal an uninterrupted run.
 
-Under ``torchrun`` (``engine.distributed``) the same loop trains N processes as one process
-of N times the batch: the model under DDP (or FSDP2 with ``fsdp``), each rank a slice of every
-global batch, accumulated micro-batches weighted by their counts over all ranks, one gradient
-all-reduce per optimizer step, the dev set evaluated once by rank 0, and files written by rank 0.
+Under ``torchrun`` the same loop trains N processes as one process of N times the batch. It
+calls its strategy (``engine.strategy``: one process, DDP or FSDP2) at a few fixed points:
+wrap the model, hold back the gradient all-reduce until a group's last micro-batch, sum and
+average over the ranks, evaluate on rank 0. Each rank trains on a slice of every global batch,
+its micro-batches weighted by their counts over all ranks; files are written by rank 0.
 
 The parts the loop is built from live beside it: ``engine.train_config`` (``TrainConfig``,
-``Callback``), ``engine.rng`` (seeding, RNG state),
-``engine.schedule`` (learning-rate schedules), ``engine.checkpoints`` (checkpoint files,
-weights saved, top-k kept), ``engine.trainer_state`` (what a run writes and resumes from:
-``last.pt``, best checkpoints, the metrics log), ``engine.device`` (batch placement,
-autocast), ``engine.run_log`` (logs, plot), ``engine.predict`` (the eval-mode loop).
+``Callback``, learning-rate schedules), ``engine.rng`` (seeding, RNG state), ``engine.strategy``
+(what one process or several do at the loop's fixed points), ``engine.checkpoints`` (checkpoint
+files, and what a run writes and resumes from: ``last.pt``, the top-k best), ``engine.resume``
+(what a resume must match), ``engine.device`` (batch placement, autocast), ``engine.tracking``
+(the metrics log, the plot, trackers), ``engine.predict`` (the eval-mode loop),
+``engine.fast_adamw`` (the optimizer).
 """
 
 from __future__ import annotations
@@ -53,21 +55,30 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from engine import distributed
-from engine.checkpoints import load_checkpoint, model_config_of, rank_top_k
-from engine.data import count_examples, count_lm_targets
+from engine.checkpoints import CheckpointMixin, load_checkpoint, model_config_of, rank_top_k
+from engine.data import count_examples
 from engine.device import autocast_context, move_to_device
+from engine.fast_adamw import FastAdamW
+from engine.launch import strategy_for
 from engine.predict import predict
-from engine.rng import get_rng_state, sampler_rng_state, seed_everything, set_rng_state, set_sampler_rng_state
-from engine.run_dir import fit_guard, run_settings
-from engine.run_log import plot_curves
-from engine.schedule import lr_lambda
-from engine.tracking import callbacks_for
-from engine.train_config import Callback, CountFn, EvalFn, LossFn, TrainConfig
-from engine.trainer_state import CheckpointMixin
-from optimizer import AdamW
+from engine.resume import fit_guard, run_settings
+from engine.rng import seed_everything
+from engine.tracking import callbacks_for, plot_curves
+from engine.train_config import Callback, CountFn, EvalFn, LossFn, TrainConfig, lr_lambda
 
-# ------------------------------------------------------------------ trainer
+
+class LossSum:
+    """Micro-batch losses summed on the device, so that a step costs no host sync (they are read
+    when a line is logged or a checkpoint saved), with their number, examples and start time."""
+
+    def __init__(self, device: torch.device, total: float = 0.0, n: int = 0) -> None:
+        self.sum, self.n = torch.tensor(total, device=device), n
+        self.examples, self.start = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, examples: int = 0) -> None:
+        self.sum += loss
+        self.n += 1
+        self.examples += examples
 
 
 class Trainer(CheckpointMixin):
@@ -81,12 +92,13 @@ class Trainer(CheckpointMixin):
         eval_fn: ``eval_fn(model) -> {name: value}`` on dev, called each epoch in eval mode under
             no_grad and autocast; must contain ``config.metric``. None: no evaluation, last epoch is "best".
         config: TrainConfig.
-        optimizer: optional; default ``AdamW`` over trainable parameters, no weight decay on
-            biases and LayerNorm weights (1-D tensors).
+        optimizer: optional; default ``AdamW`` over trainable parameters (run by its multi-tensor
+            variant ``engine.fast_adamw.FastAdamW``, the same numbers), no weight decay on biases
+            and LayerNorm weights (1-D tensors).
         callbacks: Callback instances.
         extra: JSON-like dict saved in checkpoints (e.g. the CLI args) for provenance.
         count_fn: ``count_fn(batch)`` -> the number of items ``loss_fn`` averages over (default: the
-            examples; ``count_lm_targets`` for causal-LM losses). With ``grad_accum`` > 1 each
+            examples; ``modules.losses.count_lm_targets`` for causal-LM losses). With ``grad_accum`` > 1 each
             micro-batch's mean loss is weighted by its count over the group's total, as
             ``transformers`` does with ``num_items_in_batch``, so an accumulated step has the gradient
             of one batch holding the whole group (uneven token counts, a short last group).
@@ -111,9 +123,11 @@ class Trainer(CheckpointMixin):
         self.count_fn = count_fn or count_examples
         self.device = torch.device(self.config.device)
         self.model = model.to(self.device)
-        # Under torchrun: the model under DDP or FSDP (None for one process). ``self.model`` stays the
-        # task's own module: eval_fn, checkpoints and callers see it, the loss runs through the wrapper.
-        self.wrapped = distributed.wrap(self.model, self.device, self.config.fsdp)
+        # One process, or under torchrun DDP/FSDP: chosen once. ``self.wrapped`` is the model under DDP
+        # or FSDP (None for one process); ``self.model`` stays the task's own module: eval_fn,
+        # checkpoints and callers see it, the loss runs through the wrapper.
+        self.strategy = strategy_for(self.device, self.config.fsdp)
+        self.wrapped = self.strategy.wrap(self.model)
         self.loss_fn = loss_fn
         self.train_loader = train_loader
         self.eval_fn = eval_fn
@@ -165,7 +179,7 @@ class Trainer(CheckpointMixin):
     def fit(self) -> dict[str, Any]:
         """Train for ``config.epochs`` (or until early stopping / ``max_steps``); returns the best dev
         metrics with the epoch they came from (or the last epoch's metrics if there is no eval_fn).
-        The run folder is locked meanwhile and checked first (``engine.run_dir.fit_guard``):
+        The run folder is locked meanwhile and checked first (``engine.resume.fit_guard``):
         one that holds another run is refused, and so is a resume with nothing to resume or with
         changed settings."""
         current = run_settings(self._config_dict(), model_config_of(self.model), self.extra)
@@ -208,105 +222,112 @@ class Trainer(CheckpointMixin):
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": self.config.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        return AdamW([g for g in groups if g["params"]], lr=self.config.lr, betas=self.config.betas,
-                     eps=self.config.eps)
-
-    def _batches(self) -> Iterator[tuple[int, Any]]:
-        """This epoch's batches; after a mid-epoch resume the seen ones are replayed and skipped."""
-        cfg = self.config
-        # A save on an epoch's last step leaves step_in_epoch * grad_accum past the last batch when
-        # the last group is short; skipping more batches than the epoch has raised StopIteration.
-        skip = min(self.step_in_epoch * cfg.grad_accum, len(self.train_loader))  # type: ignore[arg-type]
-        if skip:
-            resume_rng = get_rng_state()
-            set_rng_state(self.epoch_rng)  # the shuffle of the interrupted epoch
-            set_sampler_rng_state(self.train_loader, self.epoch_rng)
-        else:
-            self.epoch_rng = get_rng_state()
-            self.epoch_rng["sampler"] = sampler_rng_state(self.train_loader)
-        it = iter(self.train_loader)
-        if skip:
-            for _ in range(skip):  # the sampler draws its seed at the first next(), so replay first
-                next(it)
-            set_rng_state(resume_rng)
-        yield from enumerate(it, start=skip)
+        return FastAdamW([g for g in groups if g["params"]], lr=self.config.lr, betas=self.config.betas,
+                         eps=self.config.eps)
 
     def _train_epoch(self) -> float | None:
-        cfg = self.config
-        n_batches = len(self.train_loader)  # type: ignore[arg-type]
-        bar = None
-        if cfg.progress and distributed.is_main():
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
-                       desc=f"epoch {self.epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
-        # Summed on the device: no sync per step. A resumed epoch starts from the saved partial sums.
-        loss_sum = torch.tensor(self._partial_loss[0] if self.step_in_epoch else 0.0, device=self.device)
-        n_loss = self._partial_loss[1] if self.step_in_epoch else 0
-        window_loss = torch.zeros((), device=self.device)
-        window_n, window_examples, t0 = 0, 0, time.perf_counter()
+        """One epoch (or what is left of it after a resume): accumulation groups of micro-batches,
+        one optimizer step each; returns the epoch's mean training loss over all ranks."""
+        bar = self._progress_bar()
+        epoch_loss = LossSum(self.device, *(self._partial_loss if self.step_in_epoch else (0.0, 0)))
+        window = LossSum(self.device)  # the micro-batches since the last logged step
         self.optimizer.zero_grad(set_to_none=True)
-        batches = self._batches()
-        for i, first in batches:  # i: the first batch of an accumulation group
-            group = [first, *(b for _, b in itertools.islice(batches, min(cfg.grad_accum, n_batches - i) - 1))]
-            counts = [float(self.count_fn(b)) for b in group]  # on the host, before the batches move
-            total = self._group_total(counts)
-            ranks = distributed.world_size()  # DDP/FSDP average gradients over ranks: undone by the weight
-            for j, (batch, count) in enumerate(zip(group, counts)):
-                batch = move_to_device(batch, self.device)
-                with distributed.sync_gradients(self.wrapped, j == len(group) - 1):  # one all-reduce per group
-                    with self.autocast():
-                        loss = self._loss(batch)
-                    (loss * (count * ranks / total if total > 0 else 1.0 / len(group))).backward()
-                loss_sum += loss.detach().float()
-                window_loss += loss.detach().float()
-                n_loss += 1
-                window_n += 1
-                window_examples += count_examples(batch)
+        for group in self._groups():
+            weights = self._weights(group)
+            for j, (batch, weight) in enumerate(zip(group, weights)):
+                loss = self._backward(batch, weight, sync=j == len(group) - 1)  # one all-reduce per group
+                epoch_loss.add(loss)
+                window.add(loss, count_examples(batch))
             self._optimizer_step()
             logged = None
-            if self.global_step % cfg.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
-                logged = distributed.mean_over_ranks(window_loss / window_n).item()
-                rate = window_examples * distributed.world_size() / max(1e-9, time.perf_counter() - t0)
-                self._log({"type": "step", "epoch": self.epoch + 1, "step": self.global_step, "loss": logged,
-                           "lr": self.scheduler.get_last_lr()[0], "examples_per_s": rate})
-                if bar is not None:
-                    bar.set_postfix(loss=f"{logged:.4f}", ex_s=f"{rate:.1f}")
-                window_loss.zero_()
-                window_n, window_examples, t0 = 0, 0, time.perf_counter()
+            if self._log_due():
+                logged, window = self._log_step(window, bar), LossSum(self.device)
             if bar is not None:
                 bar.update(1)
             for cb in self.callbacks:
                 cb.on_step_end(self, self.global_step, logged)
-            if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0:
-                self._partial_loss = (distributed.mean_over_ranks(loss_sum).item(), n_loss)
+            stop_here = self._hit_max_steps()
+            if stop_here or self._save_due():
+                self._partial_loss = (self.strategy.mean(epoch_loss.sum).item(), epoch_loss.n)
                 self._save_last()
-            if cfg.max_steps and self.global_step >= cfg.max_steps:
-                self.interrupted = True
-                if self.step_in_epoch < self.steps_per_epoch:
-                    self._partial_loss = (distributed.mean_over_ranks(loss_sum).item(), n_loss)
-                    self._save_last()
-                    break
+            if stop_here:
+                break
         if bar is not None:
             bar.close()
-        return (distributed.mean_over_ranks(loss_sum) / n_loss).item() if n_loss else None
+        return (self.strategy.mean(epoch_loss.sum) / epoch_loss.n).item() if epoch_loss.n else None
+
+    def _progress_bar(self) -> Any:
+        """A tqdm bar over the epoch's optimizer steps (rank 0, ``progress``), else None."""
+        if not (self.config.progress and self.strategy.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
+                    desc=f"epoch {self.epoch + 1}/{self.config.epochs}", dynamic_ncols=True)
+
+    def _groups(self) -> Iterator[list[Any]]:
+        """This epoch's accumulation groups: ``grad_accum`` batches each, the last one shorter."""
+        n_batches = len(self.train_loader)  # type: ignore[arg-type]
+        batches = self._batches()
+        for i, first in batches:  # i: the first batch of a group
+            yield [first, *(b for _, b in itertools.islice(batches, min(self.config.grad_accum, n_batches - i) - 1))]
+
+    def _weights(self, group: list[Any]) -> list[float]:
+        """Each micro-batch's loss weight: its count (what its loss averages over) over the
+        group's count on every rank together, so an accumulated step has the gradient of one
+        batch holding the whole group; times the number of ranks, since DDP and FSDP average
+        gradients over them. A group that counts nothing weighs its micro-batches equally."""
+        counts = [float(self.count_fn(b)) for b in group]  # on the host, before the batches move
+        total = self._group_total(counts)
+        ranks = self.strategy.world_size
+        return [count * ranks / total if total > 0 else 1.0 / len(group) for count in counts]
+
+    def _group_total(self, counts: list[float]) -> float:
+        """What an accumulation group's losses average over: its count on every rank together."""
+        return float(self.strategy.sum(torch.tensor(sum(counts), dtype=torch.float64)))
+
+    def _backward(self, batch: Any, weight: float, sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch (the gradients reduced over ranks if ``sync``);
+        its loss, detached, in float32."""
+        batch = move_to_device(batch, self.device)
+        with self.strategy.sync_gradients(sync):
+            with self.autocast():
+                loss = self._loss(batch)
+            (loss * weight).backward()
+        return loss.detach().float()
 
     def _loss(self, batch: Any) -> torch.Tensor:
         if self.wrapped is None:
             return self.loss_fn(self.model, batch)
         return self.wrapped(self.loss_fn, batch)  # through DDP's/FSDP's forward, whatever loss_fn calls
 
-    def _group_total(self, counts: list[float]) -> float:
-        """What an accumulation group's losses average over: its count on every rank together, so
-        N ranks weigh their micro-batches as one process of N times the batch does."""
-        if self.wrapped is None:
-            return sum(counts)
-        return float(distributed.sum_over_ranks(torch.tensor(sum(counts), dtype=torch.float64)))
+    def _log_due(self) -> bool:
+        return self.global_step % self.config.log_every == 0 or self.step_in_epoch == self.steps_per_epoch
+
+    def _log_step(self, window: LossSum, bar: Any) -> float:
+        """A step record of the window's mean loss and throughput (all ranks); the loss."""
+        loss = self.strategy.mean(window.sum / window.n).item()
+        rate = window.examples * self.strategy.world_size / max(1e-9, time.perf_counter() - window.start)
+        self._log({"type": "step", "epoch": self.epoch + 1, "step": self.global_step, "loss": loss,
+                   "lr": self.scheduler.get_last_lr()[0], "examples_per_s": rate})
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.1f}")
+        return loss
+
+    def _save_due(self) -> bool:
+        return bool(self.config.save_every_steps) and self.global_step % self.config.save_every_steps == 0
+
+    def _hit_max_steps(self) -> bool:
+        """``max_steps`` reached: the run stops (``interrupted``) at the end of this epoch, or here
+        when the step falls inside one (True: last.pt is saved first, to resume from)."""
+        if not (self.config.max_steps and self.global_step >= self.config.max_steps):
+            return False
+        self.interrupted = True
+        return self.step_in_epoch < self.steps_per_epoch
 
     def _evaluate(self) -> dict[str, float]:
-        """``eval_fn`` on rank 0 only, over the whole dev set, with the task's own module (DDP
-        replicates it; FSDP's full weights are gathered for it first); the other ranks wait for
-        its metrics, so every rank makes the same best/early-stopping decisions."""
+        """``eval_fn`` once over the whole dev set, with the task's own module (under torchrun by
+        rank 0, its metrics handed to every rank: ``strategy.evaluate``)."""
         if self.eval_fn is None:
             return {}
 
@@ -318,12 +339,12 @@ class Trainer(CheckpointMixin):
                 finally:
                     self.model.train()
 
-        return distributed.on_main_unsharded(self.wrapped, run)
+        return self.strategy.evaluate(run)
 
     def ready_for_inference(self) -> None:
-        """After ``fit`` (and ``load_best``): an FSDP model holds its full weights on every rank,
-        so the task can predict with it as with any model. Nothing to do otherwise."""
-        distributed.unshard(self.wrapped)
+        """After ``fit`` (and ``load_best``): the model holds its full weights on every rank (FSDP
+        gathers them), so the task can predict with it as with any model."""
+        self.strategy.unshard()
 
     def _optimizer_step(self) -> None:
         if self.config.max_grad_norm > 0:
@@ -366,9 +387,8 @@ class Trainer(CheckpointMixin):
         for cb in self.callbacks:
             cb.on_epoch_end(self, self.epoch, metrics)
         self._save_last()
-        if cfg.plot and distributed.is_main():
+        if cfg.plot and self.strategy.is_main:
             plot_curves(self.history, cfg.metric, self.output_dir / "curves.png")
 
 
-__all__ = ["Callback", "CountFn", "EvalFn", "LossFn", "TrainConfig", "Trainer", "count_examples", "count_lm_targets",
-           "predict"]
+__all__ = ["Callback", "CountFn", "EvalFn", "LossFn", "TrainConfig", "Trainer", "count_examples", "predict"]

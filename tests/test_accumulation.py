@@ -17,9 +17,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from config import GPT2Config
 from engine.data import ListDataset, PadCollator
-from engine.trainer import Callback, TrainConfig, Trainer, count_lm_targets
+from engine.trainer import Callback, TrainConfig, Trainer
 from models.gpt2 import GPT2Model
-from models.heads import SonnetGPT
+from models.sonnet_gpt import SonnetGPT
+from modules.losses import count_lm_targets
 
 
 def one_sgd_step(tmp_path, model: nn.Module, loss_fn, loader, grad_accum: int, **trainer_kw) -> dict[str, torch.Tensor]:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from config import GPT2Config, get_config
-from engine.checkpoints import check_config, load_checkpoint, load_model, save_model
+from engine.checkpoints import check_config, load_checkpoint
+from methods.restore import load_model, save_model
 from models.gpt2 import GPT2Model
 from models.loading import CheckpointError
 
@@ -35,7 +36,7 @@ def test_save_model_works_in_a_fresh_process(tmp_path):
     import sys
 
     code = ("import torch\nfrom config import get_config\nfrom models.gpt2 import GPT2Model\n"
-            "from engine.checkpoints import save_model, load_model\n"
+            "from methods.restore import save_model, load_model\n"
             f"save_model(GPT2Model(get_config('tiny')), {str(tmp_path / 'm.pt')!r})\n"
             f"print(load_model({str(tmp_path / 'm.pt')!r}).config.num_hidden_layers)\n")
     root = Path(__file__).resolve().parent.parent
@@ -47,7 +48,7 @@ def test_a_misfit_checkpoint_is_one_line_that_names_it_once(tmp_path) -> None:
     # load_weights_into wrapped load_model_state's own error: "a.pt does not fit this model:
     # a.pt does not fit the model (...)".
     from engine.checkpoints import atomic_save, load_weights_into
-    from models.heads import SonnetGPT
+    from models.sonnet_gpt import SonnetGPT
 
     def sonnet_model(width: int) -> SonnetGPT:
         return SonnetGPT(GPT2Model(GPT2Config(vocab_size=100, max_position_embeddings=32, hidden_size=width,

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from engine import distributed
-from engine.data import make_loader
+from engine import distributed, ranks
+from engine.data import LengthGroupedSampler, make_loader
 from engine.rng import seed_everything
-from engine.sampler import LengthGroupedSampler
 from engine.trainer import Callback, TrainConfig, Trainer
 from tests.conftest import MICRO, classifier_cli_args, make_toy_model
 
@@ -61,8 +61,8 @@ def fit(out: Path, batch: int, accum: int = 1, group: bool = False, dropout: flo
                       seed=5, grad_accum=accum, resume=resume, save_every_steps=1, fsdp=fsdp, max_steps=max_steps)
     trainer = Trainer(model, loss_fn, loader, None, cfg, count_fn=lambda b: b["k"].sum(), callbacks=callbacks)
     trainer.fit()
-    if distributed.is_fsdp(trainer.wrapped):
-        return distributed.full_state_dict(model)
+    if trainer.strategy.sharded:
+        return trainer.strategy.model_state(model, trainable_only=False)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -87,7 +87,7 @@ def spawn(worker, *args) -> None:
 
 
 def save_on_main(weights: dict[str, torch.Tensor], path: Path) -> None:
-    if distributed.is_main():
+    if ranks.is_main():
         torch.save(weights, path)
 
 
@@ -97,8 +97,8 @@ def runs_worker(rank: int, world: int, port: int, tmp: Path, jobs: list[tuple[st
         save_on_main(fit(tmp / name, **kw), tmp / f"{name}.pt")
     # Leave the group together: a process that exits while Gloo's threads still run aborts
     # ("terminate called without an active exception", SIGABRT) now and then.
-    distributed.barrier()
-    distributed.teardown()
+    ranks.barrier()
+    ranks.teardown()
 
 
 class Kill(Callback):
@@ -134,6 +134,46 @@ def test_sharded_sampler_splits_every_global_batch():
     assert shards[0][8:] + shards[1][8:] == order[16:]
     tiny = [list(distributed.ShardedSampler(range(9), 4, rank=r, world=2)) for r in range(2)]  # 9 = 8 + 1
     assert tiny == [[0, 1, 2, 3, 8], [4, 5, 6, 7, 8]]
+
+
+def fake_process_group(monkeypatch, backend: str, device: torch.device) -> list[torch.Tensor]:
+    """Rank 0 of a 2-rank process group as the strategy sees it, emulated in this one process.
+    Its all_reduce keeps NCCL's rule -- a tensor on any other device than the one the group
+    serves is refused, with NCCL's message -- and records what it was given."""
+    reduced: list[torch.Tensor] = []
+
+    def all_reduce(tensor: torch.Tensor, *args, **kwargs) -> None:
+        if tensor.device != device:
+            raise RuntimeError(f"No backend type associated with device type {tensor.device.type}")
+        reduced.append(tensor)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    return reduced
+
+
+def test_reductions_reach_nccl_on_its_device(monkeypatch):
+    """Issue 25, bug 1: the Trainer's reductions (the group's example count, made on the host,
+    and the losses) go through the strategy, which hands them to the process group on the
+    device it serves. NCCL serves only this rank's GPU; no GPU here, so the meta device stands
+    in for it (it is not the CPU, which is what matters). Before the fix ``_group_total``
+    all-reduced a CPU float64 tensor and this group refused it, as NCCL did at a GPU run's first
+    step. With Gloo the reductions stay on the CPU."""
+    gpu = torch.device("meta")
+    reduced = fake_process_group(monkeypatch, "nccl", gpu)
+    strategy = distributed.strategy(gpu)
+    count = torch.tensor(25.0, dtype=torch.float64)  # what Trainer._group_total reduces
+    total = strategy.sum(count)
+    assert total.device == gpu and total.dtype == torch.float64 and count.device.type == "cpu"
+    assert strategy.mean(torch.zeros(())).device == gpu
+    assert [t.device for t in reduced] == [gpu, gpu]
+
+    reduced = fake_process_group(monkeypatch, "gloo", torch.device("cpu"))
+    assert distributed.strategy(torch.device("cpu"), fsdp=True).sum(count) == count
+    assert [t.device.type for t in reduced] == ["cpu"] and reduced[0] is not count  # a copy: reduced in place
 
 
 def test_two_ranks_equal_one_process(tmp_path):
@@ -214,11 +254,11 @@ def test_classifier_under_torchrun_matches_one_process(tmp_path):
 FAILING = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from engine import distributed
+from engine import distributed, ranks
 distributed.setup(torch.device("cpu"))
-if distributed.rank() == 1:
+if ranks.rank() == 1:
     raise RuntimeError("rank 1 fails on purpose")
-distributed.barrier()  # rank 0 would wait here for ever without the job's teardown or the timeout
+ranks.barrier()  # rank 0 would wait here for ever without the job's teardown or the timeout
 """
 
 

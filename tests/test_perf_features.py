@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from config import GPT2Config
-from engine.sampler import LengthGroupedSampler
-from models.gpt2 import GPT2Model, maybe_compile
+from engine.data import LengthGroupedSampler
+from engine.device import maybe_compile
+from methods.gradient_checkpointing import enable_gradient_checkpointing
+from models.gpt2 import GPT2Model
 from modules.losses import lm_loss
 
 
@@ -51,7 +53,7 @@ def test_gradient_checkpointing_changes_nothing(dropout: float) -> None:
     mask[1, 9:] = 0
     torch.manual_seed(1)
     loss_a, grads_a = loss_and_grads(model, ids, mask)
-    model.config.gradient_checkpointing = True
+    enable_gradient_checkpointing(model)
     torch.manual_seed(1)
     loss_b, grads_b = loss_and_grads(model, ids, mask)
     assert torch.equal(loss_a, loss_b)
@@ -133,33 +135,3 @@ def test_length_grouped_sampler_resumes_from_its_generator() -> None:
     assert list(sampler) == first
     with pytest.raises(ValueError, match="batch_size"):
         LengthGroupedSampler(lengths, 0)
-
-
-def test_blocked_foreach_adamw_equals_the_loop_bit_for_bit() -> None:
-    """The multi-tensor AdamW works on slices grouped into blocks: tensors split across blocks,
-    small ones sharing a block, a non-contiguous gradient; the numbers are the loop's exactly."""
-    import optimizer
-    from optimizer import AdamW
-
-    g = torch.Generator().manual_seed(0)
-    shapes = [(37, 11), (5,), (300,), (8, 9), (1,)]
-    base = [torch.randn(s, generator=g) for s in shapes]
-    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(4)]
-    grads[1][3] = torch.randn(9, 8, generator=g).t()  # non-contiguous gradient
-    results = []
-    for foreach, block in ((False, None), (True, 64), (True, 1 << 18)):
-        params = [torch.nn.Parameter(b.clone()) for b in base]
-        opt = AdamW(params, lr=1e-2, weight_decay=0.1, foreach=foreach)
-        old, optimizer.FOREACH_BLOCK = optimizer.FOREACH_BLOCK, block or optimizer.FOREACH_BLOCK
-        try:
-            for step in grads:
-                for p, gr in zip(params, step):
-                    p.grad = gr.clone() if gr.is_contiguous() else gr
-                opt.step()
-        finally:
-            optimizer.FOREACH_BLOCK = old
-        results.append([p.detach() for p in params] + [opt.state[p][k] for p in params
-                                                        for k in ("exp_avg", "exp_avg_sq")])
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)

@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import classifier
 import paraphrase_detection as para
 import sonnet_generation
-from engine import run_dir
+from engine import resume, run_dir, tracking
 from engine.run_dir import RunDirError
 from engine.trainer import Callback, TrainConfig, Trainer
 from tests.conftest import MICRO, classifier_cli_args, make_toy_data, make_toy_model, toy_loss_fn
@@ -247,6 +248,20 @@ def test_cli_resume_checks_the_model_config_and_the_limit(tmp_path):
     assert [r["epoch"] for r in epoch_records(tmp_path / "run")] == [1, 2] and result["sst"]["accuracy"] >= 0
 
 
+def test_a_run_saved_when_the_config_held_more_fields_still_resumes(tmp_path):
+    """Before the model config held the architecture only, it also held the attention pattern,
+    gradient checkpointing and a free-form dict: a last.pt of that time resumes as it is."""
+    classifier.main(sst_args(tmp_path, "--epochs", "1"))
+    last = tmp_path / "run" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["model_config"].update(attn_pattern="dense", attn_window=256, gradient_checkpointing=False, extra={})
+    torch.save(ckpt, last)
+    result = classifier.main(sst_args(tmp_path, "--epochs", "2", "--resume"))
+    assert [r["epoch"] for r in epoch_records(tmp_path / "run")] == [1, 2] and result["sst"]["accuracy"] >= 0
+    assert resume.changed_settings({"model.hidden_size": 8, "model.extra": {}}, {"model.hidden_size": 16}) == [
+        "model.hidden_size 8 -> 16"]
+
+
 def test_kill_between_evaluation_and_checkpoint_leaves_no_duplicates_or_temp_files(tmp_path):
     """A kill after epoch 2's evaluation was logged but before its last.pt was written, plus the
     half-written file of a checkpoint being saved: the resumed run cleans up and logs each epoch once,
@@ -280,7 +295,7 @@ def test_trim_metrics_drops_records_past_the_checkpoint_and_a_cut_line(tmp_path)
     recs = [{"type": "step", "step": 2}, {"type": "epoch", "epoch": 1, "step": 3}, {"type": "step", "step": 4},
             {"type": "epoch", "epoch": 2, "step": 6}]
     path.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"type": "st')
-    assert run_dir.trim_metrics(path, epoch=1, step=3) == 3
+    assert tracking.trim_metrics(path, epoch=1, step=3) == 3
     assert [json.loads(line) for line in path.read_text().splitlines()] == recs[:2]
 
 

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import classifier
+from cli import validation
 from engine import tracking
 from engine.trainer import Callback, TrainConfig, Trainer
 from tests.conftest import make_toy_data, make_toy_model, toy_loss_fn
@@ -104,8 +105,8 @@ def test_wandb_offline_without_network_logs_the_same_values(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("kind", ["wandb", "tensorboard"])
 def test_missing_tracker_package_is_a_parse_error(kind, monkeypatch, capsys, classifier_cli):
-    real = tracking.importlib.util.find_spec
-    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None if name == kind else real(name))
+    real = validation.importlib.util.find_spec  # --report_to's check (cli.validation.report_to)
+    monkeypatch.setattr(validation.importlib.util, "find_spec", lambda name: None if name == kind else real(name))
     with pytest.raises(SystemExit) as e:
         classifier.get_args(classifier_cli("lora", "--report_to", kind))
     assert e.value.code == 2

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from engine.checkpoints import load_checkpoint
 from engine.rng import get_rng_state, set_rng_state
-from engine.schedule import lr_lambda
+from engine.strategy import SingleProcess
+from engine.train_config import lr_lambda
 from engine.trainer import Callback, TrainConfig, Trainer
 from tests.conftest import make_toy_data, make_toy_model, toy_loss_fn
 
@@ -186,3 +190,43 @@ def test_rng_state_roundtrip():
     set_rng_state(state)
     b = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_one_process_strategy_is_the_identity(tmp_path):
+    """What the loop calls at its fixed points does nothing in one process: no wrapper, no
+    synchronisation, numbers unreduced, rank 0 of 1 evaluating and writing."""
+    strategy = SingleProcess(torch.device("cpu"))
+    x = torch.tensor([1.5, 2.0])
+    assert strategy.wrap(make_model()) is None
+    with strategy.sync_gradients(False):
+        pass
+    assert strategy.sum(x) is x and strategy.mean(x) is x
+    assert (strategy.world_size, strategy.rank, strategy.is_main, strategy.sharded) == (1, 0, True, False)
+    assert strategy.evaluate(lambda: {"accuracy": 1.0}) == {"accuracy": 1.0} and strategy.on_main(lambda: 3) == 3
+    assert strategy.gather_objects({"a": 1}) == [{"a": 1}]
+    t = run(tmp_path, "a", epochs=1)
+    assert isinstance(t.strategy, SingleProcess) and t.wrapped is None
+
+
+PLAIN_RUN = """
+import sys, torch
+from engine.data import make_loader
+from engine.trainer import TrainConfig, Trainer
+from tests.conftest import make_toy_data, make_toy_model, toy_loss_fn
+X, y = make_toy_data()
+loader = make_loader([{"i": i} for i in range(len(X))], lambda rows: [X[[r["i"] for r in rows]],
+                     y[[r["i"] for r in rows]]], 8, shuffle=True)
+cfg = TrainConfig(epochs=1, output_dir=sys.argv[1], progress=False, plot=False)
+Trainer(make_toy_model(), toy_loss_fn, loader, lambda m: {"accuracy": 1.0}, cfg).fit()
+print("engine.distributed" in sys.modules)
+"""
+
+
+def test_a_one_process_run_never_loads_the_distributed_machinery(tmp_path):
+    """engine.distributed (DDP, FSDP, sharded checkpoints) is for torchrun only: a student's
+    one-process run (shuffled loader, training, evaluation, checkpoints) does not load it."""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", PLAIN_RUN, str(tmp_path / "run")], cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
