@@ -13,9 +13,10 @@ As the course starter does, trains and evaluates on SST and then on CFIMDB (``--
 or one of them with ``--dataset``), and writes ``predictions/<mode>-<sst|cfimdb>-<dev|test>-out.csv``
 in the starter's format; ``--dataset cola`` writes ``predictions/<mode>-cola-dev-out.csv`` (CoLA
 has no public test set). The training objectives (R-Drop, SimCSE, SMART) and ``--pooling`` are
-``methods.objectives``' flags. This file only parses the flags: the task is
-``tasks.sentiment``, the modes and their default learning rates ``methods.fine_tune``,
-the flags, loop, checkpoints and data reading ``training/``.
+``methods.objectives``' (their flags: ``cli.common``). This file only parses the flags
+into ``tasks.sentiment.SentimentSettings``: the task is ``tasks.sentiment``, the modes and their
+default learning rates ``methods.fine_tune``, the shared flags ``cli/``, the loop, checkpoints
+and data reading ``engine/``.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cli.common import run_main
+from cli.common import add_classification_args, objective_settings_from_args, run_main, task_settings_from_args
 from methods.fine_tune import default_lr, mode_names, modes_help
-from tasks.common import add_classification_args
-from tasks.sentiment import DATASETS, SPLITS, STARTER_DATASETS, default_path, run
+from tasks.sentiment import DATASETS, SPLITS, STARTER_DATASETS, SentimentSettings, default_path, run
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,10 +49,17 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def settings_from_args(args: argparse.Namespace) -> SentimentSettings:
+    """The run's typed settings from the parsed flags (``get_args``)."""
+    files = {(ds, split): getattr(args, f"{ds}_{split}") for ds in DATASETS for split in SPLITS[ds]}
+    return task_settings_from_args(args, SentimentSettings, objective=objective_settings_from_args(args),
+                                   dataset=args.dataset, files=files, predictions_dir=args.predictions_dir)
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    args = get_args(argv)
-    datasets = STARTER_DATASETS if args.dataset == "both" else (args.dataset,)
-    return {ds: run(args, ds) for ds in datasets}
+    settings = settings_from_args(get_args(argv))
+    datasets = STARTER_DATASETS if settings.dataset == "both" else (settings.dataset,)
+    return {ds: run(settings, ds) for ds in datasets}
 
 
 if __name__ == "__main__":

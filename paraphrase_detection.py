@@ -11,7 +11,8 @@ Without the course's Quora files (offline), train/dev/test are carved from
 ``predictions/para-{dev,test}-output.csv`` in the starter's format, and the best model as a
 plain GPT-2 checkpoint (LoRA merged) that ``load_paraphrase_scorer`` reads back.
 
-The task (flags, scoring, the run) is ``tasks.paraphrase``; this file only parses and calls.
+The task (scoring, the run) is ``tasks.paraphrase``, its flags ``cli.paraphrase``; this file only
+parses and calls.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from __future__ import annotations
 from typing import Any
 
 from cli.common import run_main
-from tasks.paraphrase import build_parser, run
+from cli.paraphrase import build_parser, settings_from_args
+from tasks.paraphrase import run
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command-line entry; also callable as ``main(["--para_train", "pairs.tsv", ...])``."""
-    return run(build_parser(__doc__.split("\n")[0]).parse_args(argv))
+    return run(settings_from_args(build_parser(__doc__.split("\n")[0]).parse_args(argv)))
 
 
 if __name__ == "__main__":

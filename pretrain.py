@@ -14,29 +14,23 @@ is picked by held-out loss. Resume, checkpoints and logs are the Trainer's
     python pretrain.py --corpus PoetryFoundationData.csv --model_size gpt2 --epochs 1
 
 The task is ``tasks.lm`` (``pretrain_lm``, which ``sonnet_generation.py --pretrain_corpus``
-also runs before fine-tuning); this file only parses and calls.
+also runs before fine-tuning), its flags and their reading into ``tasks.lm.PretrainSettings``
+``cli.lm``'s; this file only parses and calls.
 """
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
-from cli.common import add_common_args, run_main
-from cli.validation import unit_fraction
-from tasks.lm import add_attention_args, add_corpus_format_arg, run_pretraining
+from cli.common import run_main
+from cli.lm import build_pretrain_parser, pretrain_settings_from_args
+from tasks.lm import run_pretraining
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", type=str, required=True,
-                        help="plain-text corpus, or a Poetry Foundation CSV (Title,Poem,Poet,Tags)")
-    add_corpus_format_arg(parser)
-    parser.add_argument("--held_out_fraction", type=unit_fraction, default=0.05)
-    add_common_args(parser, batch_size=4, lr=1e-5, epochs=10, hidden_dropout_prob=0.1)
-    add_attention_args(parser)
-    args = parser.parse_args(argv)
-    return run_pretraining(args)
+    args = build_pretrain_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    return run_pretraining(pretrain_settings_from_args(args))
+
 
 if __name__ == "__main__":
     run_main(main)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from models.gpt2 import GPT2Model
-from models.loading import CheckpointError, cached_hub_file, resolve_weights_dir
+from models.loading import CheckpointError, cached_hub_file, load_tokenizer, resolve_weights_dir
 
 ATOL = RTOL = 1e-5
 SENTENCES = ["Hello, I am a language model,", "Paris is the capital of"]
@@ -54,8 +54,6 @@ def compare(name_or_dir: str | Path, input_ids: torch.Tensor, attention_mask: to
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    from models.loading import load_tokenizer
-
     tok = load_tokenizer(verbose=False)
     enc = tok(SENTENCES, return_tensors="pt", padding=True)
     return enc["input_ids"], enc["attention_mask"]

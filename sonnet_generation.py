@@ -34,7 +34,8 @@ chrF against the others); every sonnet stops at EOS or at
 ``--num_lines`` lines. The defaults are nucleus sampling with top-p 0.9 and
 temperature 1.2, the starter's settings and the best reported for this task.
 
-The task (training, decoding, the run) is ``tasks.sonnet``; this file only parses and calls.
+The task (training, decoding, the run) is ``tasks.sonnet``; the flags and their reading into
+``tasks.sonnet.SonnetSettings`` are ``cli.sonnet``'s; this file only parses and calls.
 """
 
 from __future__ import annotations
@@ -42,112 +43,19 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cli.common import add_common_args, run_main
-from cli.validation import (
-    check_decoding,
-    float_in,
-    int_in,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    probability,
-    unit_interval,
-)
-from decoding.inference import add_inference_args
-from decoding.mbr import CandidatePool
-from methods.fine_tune import default_lr, mode_names, modes_help
-from tasks.lm import add_attention_args, add_pretrain_args
-from tasks.sonnet import CONTRASTIVE_K, DECODINGS, run
-from tasks.sonnet_dpo import PAIRINGS, RANKINGS
-from tasks.sonnet_eval import EARLY_STOP_METRICS
+from cli.common import run_main
+from cli.sonnet import parse_args, settings_from_args
+from tasks.sonnet import run
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    modes = mode_names(has_head=False)  # SonnetGPT has no head to train alone
-    g = parser.add_argument_group("files")
-    g.add_argument("--sonnet_path", type=str, default="data/sonnets.txt")
-    g.add_argument("--held_out_sonnet_path", type=str, default="data/sonnets_held_out.txt")
-    g.add_argument("--sonnet_out", type=str, default="predictions/generated_sonnets.txt")
-    g.add_argument("--dev_held_out_sonnet_path", type=str, default="data/sonnets_held_out_dev.txt")
-    g.add_argument("--dev_true_sonnet_path", type=str, default="data/TRUE_sonnets_held_out_dev.txt")
-    g.add_argument("--dev_sonnet_out", type=str, default="predictions/generated_sonnets_dev.txt")
-    g.add_argument("--fine-tune-mode", dest="fine_tune_mode", choices=modes, default="full-model",
-                   help=modes_help(modes))
-    g.add_argument("--generate_only", action="store_true", help="decode from --checkpoint without training")
-    g.add_argument("--checkpoint", type=str, default=None,
-                   help="a saved sonnet model (sonnet-model.pt) or a Trainer checkpoint (best-epochN.pt)")
-
-    g = parser.add_argument_group("decoding")
-    g.add_argument("--decoding", choices=DECODINGS, default="sample")
-    g.add_argument("--temperature", type=positive_float, default=1.2, help="softmax temperature (sample, mbr)")
-    g.add_argument("--top_p", type=probability, default=0.9, help="nucleus mass (sample, mbr)")
-    g.add_argument("--top_k", type=non_negative_int, default=None,
-                   help=f"top-k filter (sample, mbr: 0 = off) or contrastive candidates (default {CONTRASTIVE_K})")
-    g.add_argument("--num_beams", type=positive_int, default=4)
-    g.add_argument("--length_penalty", type=float, default=1.0)
-    g.add_argument("--penalty_alpha", type=unit_interval, default=0.6, help="contrastive search degeneration penalty")
-    g.add_argument("--contrastive_mean_sim", action="store_true", help="contrastive: mean, not max, similarity")
-    g.add_argument("--contrastive_dynamic_alpha", action="store_true", help="contrastive: alpha follows uncertainty")
-    g.add_argument("--repetition_penalty", type=positive_float, default=1.0)
-    g.add_argument("--no_repeat_ngram_size", type=non_negative_int, default=0)
-    g.add_argument("--mbr_candidates", type=positive_int, default=8, help="samples per prompt for MBR selection")
-    g.add_argument("--mbr_pool", type=str, default=None, metavar="SPEC",
-                   help="mbr: the candidate pool instead of --mbr_candidates samples, e.g. "
-                        "beam:4,sample:8,contrastive (strategies greedy, beam, sample, contrastive)")
-    g.add_argument("--max_new_tokens", type=positive_int, default=192, help="cap on generated tokens per sonnet")
-    g.add_argument("--num_lines", type=positive_int, default=14, help="stop a sonnet when it has this many lines")
-    g.add_argument("--gen_batch_size", type=positive_int, default=12, help="prompts decoded together")
-    g.add_argument("--no_cache", action="store_true", help="decode without the key/value cache (slow; checks)")
-    g = parser.add_argument_group("evaluation")
-    g.add_argument("--early_stop_metric", choices=sorted(EARLY_STOP_METRICS), default="chrf",
-                   help="what picks the best epoch and stops early: dev chrF (higher) or dev sonnet loss (lower)")
-    g.add_argument("--train_size", type=float_in(0.0, 1.0, low_open=True), default=1.0,
-                   help="train on this seeded random fraction of the training sonnets and judge epochs on the "
-                        "rest instead of the dev sonnets (1: no split)")
-
-    g = parser.add_argument_group("DPO (preference tuning of a fine-tuned --checkpoint)")
-    g.add_argument("--dpo", action="store_true",
-                   help="sample --dpo_samples completions per training prompt, rank, pair, train with DPO")
-    g.add_argument("--dpo_beta", type=positive_float, default=0.1, help="how far the policy may leave the reference")
-    g.add_argument("--dpo_samples", type=int_in(2), default=4, help="sampled completions per training prompt")
-    g.add_argument("--dpo_rank", choices=RANKINGS, default="chrf",
-                   help="chrf against the true continuation, or form_score (lines, syllables, rhyme)")
-    g.add_argument("--dpo_pairs", choices=PAIRINGS, default="best_worst",
-                   help="best against worst per prompt, or every differently scored two")
-    g.add_argument("--dpo_min_margin", type=non_negative_float, default=0.0,
-                   help="pair only candidates whose scores differ by more than this")
-    add_common_args(parser, batch_size=8, lr=None, epochs=50, hidden_dropout_prob=0.1, scheduler="linear",
-                    warmup_ratio=0.1, patience=3)
-    add_attention_args(parser)
-    add_pretrain_args(parser)
-    add_inference_args(parser)  # --quantize
-    parser.set_defaults(save_top_k=3)
-    args = parser.parse_args(argv)
-    check_decoding(parser, args)
-    if args.mbr_pool is not None:
-        if args.decoding != "mbr":
-            parser.error("--mbr_pool selects among candidates by MBR: add --decoding mbr")
-        try:
-            CandidatePool.parse(args.mbr_pool)
-        except ValueError as e:
-            parser.error(f"--mbr_pool: {e}")
-    if args.lr is None:
-        args.lr = default_lr(args.fine_tune_mode)
-    args.checkpoint = args.checkpoint or args.load  # the shared --load names the same thing here
-    if args.generate_only and not args.checkpoint:
-        parser.error("--generate_only needs --checkpoint PATH")
-    if args.dpo and (not args.checkpoint or args.generate_only or args.pretrain_corpus or args.random_init
-                     or args.epochs == 0):
-        parser.error("--dpo tunes a fine-tuned model: give --checkpoint PATH (a sonnet-model.pt) and --epochs >= 1, "
-                     "and no --generate_only, --pretrain_corpus or --random_init")
-    return args
+    """The parsed and checked flags (``cli.sonnet``)."""
+    return parse_args(argv, description=__doc__.split("\n")[0])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command-line entry; also callable as ``main(["--model_size", "tiny", ...])``."""
-    return run(get_args(argv))
+    return run(settings_from_args(get_args(argv)))
 
 
 if __name__ == "__main__":

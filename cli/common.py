@@ -1,18 +1,24 @@
-"""The one place for command-line flags every task shares, and the helpers that act on them.
+"""The one place for command-line flags every task shares, and the functions that read the parsed
+flags into the typed settings a task takes (``tasks.settings``).
 
-Each task CLI calls ``add_common_args(parser, ...)`` with its own defaults, adds only
-its task flags (file paths, fine-tune mode...), then the task (``tasks/``) uses
-``seed_everything``, ``pick_device``, ``build_from_args``, ``fine_tune_config`` (the
-``methods.fine_tune.FineTuneConfig`` of ``--fine-tune-mode`` and the LoRA flags) and
-``train_config_from_args`` -- so no argument or seeding code is copied between
-``classifier.py``, ``paraphrase_detection.py`` and ``sonnet_generation.py``.
+Each task CLI calls ``add_common_args(parser, ...)`` with its own defaults, adds only its task
+flags (file paths, fine-tune mode...), parses argv once, and turns the Namespace into settings:
+``task_settings_from_args`` (all of ``TaskSettings``: ``model_settings_from_args``,
+``data_settings_from_args``, ``run_settings_from_args``, ``train_config_from_args``,
+``fine_tune_config``), extended by the task's own fields. Below the script nothing sees the
+Namespace, so no argument or seeding code is copied between ``classifier.py``,
+``paraphrase_detection.py`` and ``sonnet_generation.py``.
+
+The classification tasks (``classifier.py``, ``paraphrase_detection.py``) also share the training
+objectives' flags (``add_classification_args``: R-Drop, SimCSE, SMART, ``--pooling``), read into
+``methods.objectives.ObjectiveSettings`` by ``objective_settings_from_args``.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,21 +30,26 @@ from cli.validation import (
     non_negative_int,
     positive_float,
     positive_int,
+    report_to,
     unit_fraction,
 )
-from engine import distributed
+from engine import ranks
 from engine.rng import seed_everything
-from engine.run_dir import open_run_on_main
-from engine.schedule import SCHEDULES
-from engine.tracking import report_to
+from engine.train_config import SCHEDULES
 from engine.trainer import TrainConfig
-from methods.fine_tune import MODES, FineTuneConfig
-from methods.lora import DEFAULT_TARGETS
-
-__all__ = [
-    "add_common_args", "build_from_args", "default_output_dir", "fine_tune_config",
-    "open_run", "pick_device", "run_main", "seed_everything", "train_config_from_args",
-]
+from errors import InputError
+from methods.fine_tune import DEFAULT_TARGETS, FineTuneConfig
+from methods.objectives import ObjectiveSettings
+from models.heads import POOLINGS
+from tasks.common import default_output_dir, pick_device
+from tasks.settings import (
+    DataSettings,
+    ModelSettings,
+    RunSettings,
+    TaskSettings,
+    fine_tune_from_flags,
+    from_flags,
+)
 
 
 def add_common_args(
@@ -132,69 +143,37 @@ def add_common_args(
     return parser
 
 
-def pick_device(use_gpu: bool = False, device: str = "auto") -> torch.device:
-    """``--use_gpu`` demands CUDA (the starter's flag); otherwise ``--device``, where ``auto``
-    takes CUDA, then Apple's MPS, then the CPU -- with one line on what the CPU costs."""
-    import sys
+def model_settings_from_args(args: argparse.Namespace) -> ModelSettings:
+    """``--model_size``, ``--random_init``, ``--tokenizer``, ``--hidden_dropout_prob``, ``--compile``,
+    ``--gradient_checkpointing``."""
+    return from_flags(ModelSettings, vars(args))
 
-    from engine.device import best_device, cpu_hint
 
-    if use_gpu:
-        if not torch.cuda.is_available():
-            raise SystemExit("--use_gpu was given but CUDA is not available; drop the flag to run on the CPU")
-        return torch.device("cuda")
-    if device == "auto":
-        dev = best_device()
-        if dev.type == "cpu":
-            print(cpu_hint(), file=sys.stderr)
-        return dev
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device} was given but CUDA is not available")
-    return dev
+def data_settings_from_args(args: argparse.Namespace) -> DataSettings:
+    """``--limit``, ``--max_length``, ``--batch_size``, ``--num_workers``, ``--group_by_length``."""
+    return from_flags(DataSettings, vars(args))
+
+
+def run_settings_from_args(args: argparse.Namespace) -> RunSettings:
+    """``--use_gpu``, ``--device``, ``--output_dir``, ``--load``."""
+    return from_flags(RunSettings, vars(args))
 
 
 def fine_tune_config(args: argparse.Namespace) -> FineTuneConfig:
     """``--fine-tune-mode`` and its adapter settings from the flags the registry names for it
-    (``--lora_r`` ... for lora), so every task script (and a KD teacher rebuilt from saved args,
-    which may predate ``--use_dora``: a missing flag keeps the adapter's default) builds the
-    same ``FineTuneConfig``."""
-    mode = MODES[args.fine_tune_mode]
-    if mode.adapter is None:
-        return FineTuneConfig(mode.name)
-    settings = {f: getattr(args, flag) for f, flag in mode.flags.items() if hasattr(args, flag)}
-    return FineTuneConfig(mode.name, mode.adapter(**settings))
+    (``--lora_r`` ... for lora), so every task script builds the same ``FineTuneConfig``."""
+    return fine_tune_from_flags(vars(args))
 
 
-def build_from_args(args: argparse.Namespace, **config_overrides: Any):
-    """(GPT2Model, tokenizer) from ``--model_size`` (a size, a Hugging Face folder or a model file a
-    run saved), ``--random_init`` and ``--tokenizer``, with
-    ``--gradient_checkpointing`` and ``--compile`` applied when the parser has them.
-    ``config_overrides`` (e.g. ``hidden_dropout_prob=...``) change the body's config; the course
-    classifier keeps GPT-2's own dropout in the body and uses ``--hidden_dropout_prob`` in its head."""
-    from models.gpt2 import build_model, maybe_compile
-    from models.loading import load_tokenizer
-
-    if getattr(args, "gradient_checkpointing", False):
-        config_overrides.setdefault("gradient_checkpointing", True)
-    if Path(args.model_size).is_file():  # a model an earlier run saved (pretrain.py's model.pt)
-        from engine.checkpoints import load_model
-
-        model = load_model(args.model_size, random_init=args.random_init, **config_overrides)
-    else:
-        model = build_model(args.model_size, args.random_init, **config_overrides)  # run_main reports its errors
-    maybe_compile(model, getattr(args, "compile", False))
-    tokenizer = load_tokenizer(args.tokenizer)
-    return model, tokenizer
-
-
-def open_run(args: argparse.Namespace, default_parent: str | Path, **kw: Any) -> Path | None:
-    """``engine.run_dir.open_run`` for a task script, first joining torchrun's process group
-    when there is one (``engine.distributed.setup``): rank 0 claims the run folder and the
-    other ranks get the same one."""
-    if distributed.launched():  # one process: nothing happens before open_run, as always
-        distributed.setup(pick_device(args.use_gpu, args.device))
-    return open_run_on_main(args, default_parent, **kw)
+def task_settings_from_args(args: argparse.Namespace, cls: type[TaskSettings] = TaskSettings,
+                            **fields: Any) -> TaskSettings:
+    """Every shared setting of a task from its parsed flags, as ``cls`` (a task's own settings
+    class) with its own ``fields`` added. ``flags`` keeps every parsed value, for the checkpoints.
+    A script without ``--fine-tune-mode`` (pretraining) trains the full model."""
+    fine_tune = fine_tune_config(args) if "fine_tune_mode" in vars(args) else FineTuneConfig()
+    return cls(model=model_settings_from_args(args), data=data_settings_from_args(args),
+               run=run_settings_from_args(args), train=train_config_from_args(args), fine_tune=fine_tune,
+               flags=dict(vars(args)), **fields)
 
 
 def run_main(main: Callable[[], Any]) -> None:
@@ -202,33 +181,20 @@ def run_main(main: Callable[[], Any]) -> None:
     that do not fit) ends in one ``error: file:line: problem`` line and exit status 2, not
     a traceback. Called from each script's ``if __name__ == "__main__"`` block only, so
     tests and callers of ``main`` still get the exception."""
-    import sys
-
-    from engine import distributed
-    from engine.data import DataFormatError
-    from engine.run_dir import RunDirError
-    from models.loading import CheckpointError
-
     try:
         main()
-    except (CheckpointError, DataFormatError, FileNotFoundError, RunDirError) as e:
+    except (InputError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     # Under torchrun, leave the process group together: exiting while Gloo's threads still run
     # can abort the process after a successful run.
-    distributed.barrier()
-    distributed.teardown()
+    ranks.barrier()
+    ranks.teardown()
 
 
-def default_output_dir(task: str, *parts: str) -> str:
-    """``runs/<task>/<part>/...``: run folders stay out of the repository root (runs/ is gitignored).
-    It is the parent of a task's default run folders: ``open_run`` makes a new timestamped
-    one in it for each run, so reruns never collide."""
-    return str(Path("runs", task, *parts))
-
-
-def train_config_from_args(args: argparse.Namespace, device: torch.device, **fields: Any) -> TrainConfig:
-    """A TrainConfig from the shared flags; ``fields`` (metric, output_dir, lr...) take precedence."""
+def train_config_from_args(args: argparse.Namespace, device: torch.device | str = "cpu", **fields: Any) -> TrainConfig:
+    """A TrainConfig from the shared flags; ``fields`` (metric, output_dir, lr...) take precedence.
+    A task's run sets the device and the run folder later (``tasks.common.train_config``)."""
     values: dict[str, Any] = dict(
         epochs=args.epochs,
         lr=args.lr,
@@ -253,3 +219,69 @@ def train_config_from_args(args: argparse.Namespace, device: torch.device, **fie
     )
     values.update(fields)
     return TrainConfig(**values)
+
+
+def _number(kind: type, low: float, low_open: bool = False, high: float | None = None) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` parsed, then checked against [low, high) (or (low, ...) if ``low_open``)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value < low or (low_open and value == low) or (high is not None and value >= high):
+            bound = f"> {low}" if low_open else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{value} must be {bound}" + (f" and < {high}" if high else ""))
+        return value
+
+    return parse
+
+
+def add_objective_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of the training objectives (one group), all off by default; bad values (a negative
+    weight, a zero temperature) stop at parse time with argparse's usage error."""
+    d = ObjectiveSettings()
+    g = parser.add_argument_group("training objectives (off by default; combinable)")
+    g.add_argument("--rdrop_alpha", type=_number(float, 0), default=d.rdrop_alpha,
+                   help="R-Drop (Liang et al. 2021): weight of the symmetric KL between two dropout passes")
+    g.add_argument("--contrastive_weight", type=_number(float, 0), default=d.contrastive_weight,
+                   help="SimCSE (Gao et al. 2021): weight of the in-batch InfoNCE on sentence representations")
+    g.add_argument("--contrastive_temperature", type=_number(float, 0, low_open=True),
+                   default=d.contrastive_temperature, help="InfoNCE temperature tau")
+    g.add_argument("--contrastive_supervised", action="store_true",
+                   help="paraphrase pairs: the two questions of a positive pair are the positives "
+                        "(default: two dropout views of the same text)")
+    g.add_argument("--smart_weight", type=_number(float, 0), default=d.smart_weight,
+                   help="SMART (Jiang et al. 2020): weight lambda_s of the adversarial smoothness term")
+    g.add_argument("--smart_epsilon", type=_number(float, 0), default=d.smart_epsilon,
+                   help="radius of the inf-norm ball the embedding perturbation stays in")
+    g.add_argument("--smart_steps", type=_number(int, 0), default=d.smart_steps,
+                   help="projected gradient-ascent steps that find the perturbation")
+    g.add_argument("--smart_step_size", type=_number(float, 0), default=d.smart_step_size,
+                   help="ascent step eta (along the inf-norm-normalised gradient)")
+    g.add_argument("--smart_proximal_weight", type=_number(float, 0), default=d.smart_proximal_weight,
+                   help="weight mu of SMART's Bregman proximal term against the momentum teacher (paper: 1)")
+    g.add_argument("--smart_momentum", type=_number(float, 0, high=1.0), default=d.smart_momentum,
+                   help="beta of the momentum teacher, theta~ <- beta theta~ + (1 - beta) theta")
+    g.add_argument("--pooling", choices=POOLINGS, default=d.pooling,
+                   help="sentence representation: the last real token's state or the mean over real tokens")
+    return parser
+
+
+def add_classification_args(parser: argparse.ArgumentParser, **common_defaults: Any) -> argparse.ArgumentParser:
+    """The flags every classification task shares: the course's and the engine's
+    (``add_common_args`` with the task's defaults) and the training objectives'."""
+    return add_objective_args(add_common_args(parser, **common_defaults))
+
+
+def objective_settings_from_args(args: argparse.Namespace) -> ObjectiveSettings:
+    """The objectives' settings from parsed flags (flags a parser lacks keep their defaults)."""
+    return from_flags(ObjectiveSettings, vars(args))
+
+
+__all__ = [
+    "add_classification_args", "add_common_args", "add_objective_args",
+    "data_settings_from_args", "default_output_dir", "fine_tune_config", "model_settings_from_args",
+    "objective_settings_from_args", "pick_device", "run_main", "run_settings_from_args",
+    "seed_everything", "task_settings_from_args", "train_config_from_args",
+]

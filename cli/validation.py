@@ -14,14 +14,19 @@ or never (``--num_beams 0`` decoded greedily). Each numeric flag therefore gets 
   was a traceback).
 - ``check_decoding`` is the post-parse check of decoding flags that are fine alone but not together.
 - ``name_list`` refuses an empty comma-separated list (``--lora_targets ""`` adapted nothing).
+- ``report_to`` (``--report_to``) names a tracker whose package is installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 from collections.abc import Callable
 from pathlib import Path
+
+from config import SIZES
+from engine.tracking import INSTALL_HINT, REPORT_TO
 
 ArgType = Callable[[str], object]
 
@@ -82,8 +87,6 @@ unit_fraction = float_in(0.0, 1.0, high_open=True)  # dropout, warm-up and held-
 def model_size_or_folder(text: str) -> str:
     """``--model_size``: a named size, a local Hugging Face folder, or a model file a run saved
     (``pretrain.py``'s ``model.pt``, a task's ``*-model.pt``)."""
-    from config import SIZES
-
     if text in SIZES or Path(text).is_dir() or Path(text).is_file():
         return text
     raise argparse.ArgumentTypeError(f"{text!r} is neither a model size ({', '.join(SIZES)}), an existing local "
@@ -94,6 +97,16 @@ def name_list(text: str) -> str:
     """A comma-separated list with at least one name (``--lora_targets``); kept as the string."""
     if not any(t.strip() for t in text.split(",")):
         raise argparse.ArgumentTypeError("give at least one name (comma-separated), e.g. attn.c_attn")
+    return text
+
+
+def report_to(text: str) -> str:
+    """``--report_to``: one of ``engine.tracking.REPORT_TO`` whose package is installed."""
+    if text not in REPORT_TO:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(REPORT_TO)}, got {text!r}")
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(text)
+    if module is not None and importlib.util.find_spec(module) is None:
+        raise argparse.ArgumentTypeError(f"{text} is not installed; {INSTALL_HINT[text]}, or use --report_to none")
     return text
 
 
@@ -109,5 +122,6 @@ def check_decoding(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 __all__ = [
     "check_decoding", "float_in", "int_in", "model_size_or_folder", "name_list", "non_negative_float",
-    "non_negative_int", "positive_float", "positive_int", "probability", "unit_fraction", "unit_interval",
+    "non_negative_int", "positive_float", "positive_int", "probability", "report_to", "unit_fraction",
+    "unit_interval",
 ]

@@ -17,13 +17,13 @@ how wrongly the implicit reward currently orders the pair (sigmoid of the negate
 The pieces, in the order a run uses them (the handout's extension: sample several
 completions per training prompt from a fine-tuned model, rank them, train):
 
-- ``build_pairs``: chosen/rejected pairs from ranked candidates (e.g. by ``chrf_scores``
+- ``build_pairs``: chosen/rejected pairs from ranked candidates (e.g. by ``tasks.sonnet_dpo.chrf_scores``
   against the true continuation, or by ``tasks.sonnet_form.form_score``), best against worst or every pair
   whose scores differ by more than a margin; deterministic, and ties never form a pair;
 - ``encode_pair`` + ``pair_collator``: token ids of prompt + completion with a mask of the
   completion tokens, padded on the right into one batch;
 - ``completion_logprobs``: summed log-probabilities of the completions under a causal LM
-  (``models.heads.SonnetGPT``, a bare ``GPT2Model``, or anything returning logits);
+  (``models.sonnet_gpt.SonnetGPT``, a bare ``GPT2Model``, or anything returning logits);
 - ``dpo_loss`` and ``dpo_batch_loss`` / ``make_dpo_loss_fn``: the loss, as a
   ``loss_fn(model, batch)`` for ``engine.trainer.Trainer``, against ``frozen_reference``.
 
@@ -182,14 +182,6 @@ def build_pairs(
             if sc[c] - sc[r] > min_margin and texts[c] != texts[r]:
                 pairs.append(PreferencePair(p, prompt, texts[c], texts[r], float(sc[c]), float(sc[r])))
     return pairs
-
-
-def chrf_scores(candidates: Sequence[str], reference: str) -> list[float]:
-    """Each candidate's chrF (sacrebleu, 0-100) against the one true continuation: the ranking
-    signal the handout suggests for sonnet DPO."""
-    from tasks.metrics import chrf
-
-    return [chrf([c], [reference]) for c in candidates]
 
 
 # ----------------------------------------------------------------- batches

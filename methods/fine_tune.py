@@ -8,19 +8,25 @@ their settings (``LoraConfig``, in the shape of PEFT's) and the flag each field 
 (``cli.common.fine_tune_config`` builds it from any mode's ``flags``). Every task script takes its
 ``--fine-tune-mode`` choices and default lr from here, and the KD teacher is rebuilt through
 the same ``set_fine_tune_mode``. Adding a mode (e.g. prefix tuning) is its own module plus
-one ``register(...)`` below.
+its settings and one ``register(...)`` below.
+
+The registry holds the modes' settings, not their machinery: the adapter implementations
+(``methods.lora``, ``methods.prefix``, and the layer swapping they use) load when a mode that
+needs them is applied, so a full fine-tuning run never reads them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from types import ModuleType
 from typing import Any
 
 from torch import nn
 
-from methods.lora import DEFAULT_TARGETS, apply_lora, mark_only_lora_trainable
-from methods.prefix import PrefixConfig, prefix_fine_tune
+# The Linear layers LoRA adapts by default: attention's fused q/k/v and output projection, and both
+# MLP layers (``methods.lora.apply_lora`` has the same default; a test keeps them equal).
+DEFAULT_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,19 @@ class LoraConfig:
             raise ValueError(f"LoRA rank r must be positive, got {self.r}")
         targets = self.targets.split(",") if isinstance(self.targets, str) else self.targets  # "a,b" from a flag
         object.__setattr__(self, "targets", tuple(t.strip() for t in targets if t.strip()))
+
+
+@dataclass(frozen=True)
+class PrefixConfig:
+    """Prefix-tuning settings: prefix positions per layer, and the width of the
+    reparameterisation MLP's hidden layer (Li and Liang: 10 positions for table-to-text, 512)."""
+
+    length: int = 10
+    hidden: int = 512
+
+    def __post_init__(self) -> None:
+        if self.length < 1 or self.hidden < 1:
+            raise ValueError(f"prefix length and hidden size must be >= 1, got {self.length} and {self.hidden}")
 
 
 Prepare = Callable[[nn.Module, tuple[str, ...], Any], bool]
@@ -83,9 +102,26 @@ def _full_model(model: nn.Module, head: tuple[str, ...], adapter: None) -> bool:
     return False
 
 
+def _adapters() -> tuple[ModuleType, ModuleType]:
+    """``methods.lora`` and ``methods.prefix``, imported when an adapter mode is applied."""
+    # A function-level import: runs without adapters never load the adapter machinery.
+    from methods import lora, prefix
+
+    return lora, prefix
+
+
 def _lora(model: nn.Module, head: tuple[str, ...], cfg: LoraConfig) -> bool:
-    apply_lora(model, cfg.targets, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_dora=cfg.use_dora)
-    mark_only_lora_trainable(model, extra_trainable=head)
+    lora, _ = _adapters()
+    lora.apply_lora(model, cfg.targets, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_dora=cfg.use_dora)
+    lora.mark_only_lora_trainable(model, extra_trainable=head)
+    return True
+
+
+def _prefix(model: nn.Module, head: tuple[str, ...], cfg: PrefixConfig) -> bool:
+    """A prefix on every attention layer; only it and ``head`` train."""
+    _, prefix = _adapters()
+    prefix.apply_prefix(model, cfg.length, cfg.hidden)
+    prefix.mark_only_prefix_trainable(model, head)
     return True
 
 
@@ -96,7 +132,7 @@ register(FineTuneMode("lora", "low-rank adapters (DoRA with --use_dora) and the 
                       adapter=LoraConfig, flags={"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
                                                  "targets": "lora_targets", "use_dora": "use_dora"}))
 register(FineTuneMode("prefix", "learned key/value prefixes per layer (Li and Liang 2021) and the head train", 5e-4,
-                      prefix_fine_tune, adapter=PrefixConfig,
+                      _prefix, adapter=PrefixConfig,
                       flags={"length": "prefix_length", "hidden": "prefix_hidden"}))
 
 
@@ -150,11 +186,5 @@ def set_fine_tune_mode(model: nn.Module, config: FineTuneConfig, head: Sequence[
     return mode.prepare(model, tuple(head), adapter)
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, for the log line every CLI prints."""
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
-
-
-__all__ = ["MODES", "FineTuneConfig", "FineTuneMode", "LoraConfig", "count_parameters", "default_lr",
+__all__ = ["DEFAULT_TARGETS", "MODES", "FineTuneConfig", "FineTuneMode", "LoraConfig", "PrefixConfig", "default_lr",
            "mode_names", "modes_help", "register", "set_fine_tune_mode"]

@@ -22,7 +22,7 @@ a plain GPT-2. The adapter settings and the ``lora`` fine-tune mode are in
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +125,12 @@ class LoRALinear(nn.Module):
             w -= self.delta_weight().to(w.dtype)
         self.merged = False
 
+    def folded(self) -> nn.Linear:
+        """The base linear with the adapter merged in: the protocol ``decoding.inference.fold_adapters``
+        uses to give decoding plain weights."""
+        self.merge()
+        return self.base
+
     def extra_repr(self) -> str:
         dora = ", use_dora=True" if self.use_dora else ""
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{dora}, merged={self.merged}"
@@ -137,12 +143,13 @@ def apply_lora(
     alpha: float = 16.0,
     dropout: float = 0.0,
     use_dora: bool = False,
-    quantize_base: bool = False,
+    base_layer: Callable[[nn.Linear], nn.Module] | None = None,
 ) -> list[str]:
     """Replace, in place, every ``nn.Linear`` whose qualified name ends with one of ``targets``
     (e.g. ``attn.c_attn`` matches ``gpt.h.3.attn.c_attn``) by a LoRALinear (DoRA with
-    ``use_dora``); returns the names. ``quantize_base``: each base becomes a frozen int8
-    ``decoding.quant.Int8Linear`` first (QLoRA's idea with int8), the adapters stay in float.
+    ``use_dora``); returns the names. ``base_layer``: each base linear is first replaced by
+    ``base_layer(linear)``, e.g. ``decoding.quant.Int8Linear.from_linear``, a frozen int8 base
+    (QLoRA's idea with int8) under adapters that stay in float.
     Raises if nothing matched, so a typo in ``--lora_targets`` cannot silently train only the head."""
     targets = tuple(targets)
     names = [n for n, m in model.named_modules()
@@ -155,10 +162,8 @@ def apply_lora(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
-        if quantize_base:
-            from decoding.quant import Int8Linear
-
-            base = Int8Linear.from_linear(base)
+        if base_layer is not None:
+            base = base_layer(base)
         setattr(parent, child, LoRALinear(base, r=r, alpha=alpha, dropout=dropout, use_dora=use_dora))
     return names
 
@@ -172,9 +177,8 @@ def unwrap_lora(model: nn.Module) -> None:
     model (and what is saved of it) is an ordinary GPT-2 that needs no adapter code to load."""
     for name, m in list(model.named_modules()):
         if isinstance(m, LoRALinear):
-            m.merge()
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, m.base)
+            setattr(model.get_submodule(parent) if parent else model, child, m.folded())
 
 
 def _is_extra(name: str, extra: Iterable[str]) -> bool:

@@ -3,7 +3,15 @@
 Each head keeps the body under ``self.gpt`` (the starter's name) and names its own new
 modules in ``head``, so that ``methods.fine_tune.set_fine_tune_mode`` and checkpoints treat
 every task alike. The sentiment classifier is also the KD pipeline's small GPT-2 student.
-Add new task heads below the sentiment classifier.
+Add new task heads below the sentiment classifier. The sonnet LM is ``models.sonnet_gpt``
+(it decodes, so it brings the decoding strategies; the classification heads need none).
+
+Pooling (``pool``): sentence representations from GPT-2 hidden states, ``--pooling last|mean``
+(the classifier head's and the training objectives'). ``last`` is the course's choice: with
+causal attention only the last real token has read the whole sentence. ``mean`` averages the
+hidden states of the real tokens, which SimCSE-style contrastive objectives often prefer (every
+position contributes, so no single state carries the whole sentence). Both read the attention
+mask, so they give the same vector for a text whether the batch was padded on the left or on the right.
 """
 
 from __future__ import annotations
@@ -14,15 +22,32 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.gpt2 import GPT2Model
-from models.pooling import POOLINGS, pool
+from models.gpt2 import GPT2Model, last_index
+
+POOLINGS = ("last", "mean")
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str = "last") -> torch.Tensor:
+    """(B, T, d) hidden states and (B, T) mask (1 = real token; None = all real) -> (B, d).
+
+    ``mean`` divides by the number of real tokens of each row, so pad positions, whatever
+    their states hold, contribute nothing. A row with no real token gives zeros."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    B, T, _ = hidden.shape
+    if pooling == "last":
+        return hidden[torch.arange(B, device=hidden.device), last_index(attention_mask, T)]  # (B, d)
+    if attention_mask is None:
+        return hidden.mean(1)
+    m = attention_mask[:, -T:].to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, d)
 
 
 class GPT2SentimentClassifier(nn.Module):
     """GPT-2, dropout, and a linear layer on a sentence representation: by default the hidden
     state of the last real token (the course starter's design: with causal attention only that
     position has read the whole sentence), or with ``pooling="mean"`` the mean over the real
-    tokens (``models.pooling``; the same under left and right padding). The pooling has no
+    tokens (``pool``; the same under left and right padding). The pooling has no
     parameters, so a checkpoint does not show it: runs save it beside the weights
     (``extra["pooling"]``) and rebuild the head with ``pooling_of(extra)``."""
 
@@ -119,36 +144,3 @@ class ClozeParaphraseScorer(nn.Module):
     def answer_token(cls, labels: Sequence[int] | torch.Tensor) -> list[int]:
         """0/1 labels as the answer token ids (3919/8505) the course's prediction files hold."""
         return [cls.answer_ids[int(y)] for y in labels]
-
-
-class SonnetGPT(nn.Module):
-    """GPT-2 as a language model for sonnets: next-token logits through the tied
-    embedding at every position, a padding-aware LM loss, and decoding through
-    ``models.generation`` (every strategy, with the KV cache)."""
-
-    head: tuple[str, ...] = ()  # no parameters outside the body: LoRA trains only the adapters
-
-    def __init__(self, gpt: GPT2Model) -> None:
-        super().__init__()
-        self.gpt = gpt
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, V) next-token logits (the starter's ``SonnetGPT.forward``)."""
-        return self.gpt.hidden_state_to_token(self.gpt(input_ids, attention_mask)["last_hidden_state"])
-
-    def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over real tokens only: a target counts when it and the
-        position predicting it are real (the starter averaged over padding too; under left
-        padding the first real token was also "predicted" from a pad). Chunked over the
-        vocabulary, so the (B, T, V) logits are never held at once."""
-        from modules.losses import lm_loss, shifted_targets
-
-        h = self.gpt(input_ids, attention_mask)["last_hidden_state"]  # (B, T, d)
-        targets = shifted_targets(input_ids, attention_mask)  # (B, T-1)
-        return lm_loss(h[:, :-1], self.gpt.wte.weight, targets)
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """``models.generation.generate`` on the body: (B, P) left-padded prompts -> (B, P + new)."""
-        from models.generation import generate
-
-        return generate(self.gpt, input_ids, attention_mask, **kwargs)

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 import torch
 
 from config import GPT2Config
+from errors import CheckpointError
 
 HUB_IDS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -32,10 +33,6 @@ OFFLINE_HINT = (
     "Pass a local folder in Hugging Face format (config.json + model.safetensors or "
     "pytorch_model.bin) with --model_size DIR, or use --random_init to train from random weights."
 )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or weight folder that cannot be used, with the reason."""
 
 
 # --------------------------------------------------------------------------- hub

@@ -1,13 +1,15 @@
 """The skeleton every task run shares, so a task is its data, its head, its loss and its metric.
 
-A task's ``run(args)`` is::
+A task's ``run(settings)`` (its settings extend ``tasks.settings.TaskSettings``) is::
 
-    device = start(args)                                   # seed, device
-    model, tokenizer, trainable_only = build_task_model(args, MyHead)   # body + head + fine-tune mode
+    out_dir = open_task_run(settings, default_output_dir("mytask"), outputs=...)   # the run folder
+    device = start(settings)                                            # seed, device
+    model, tokenizer, trainable_only = build_task_model(settings, MyHead)   # body + head + fine-tune mode
     ... read the data, make features, a collate and an eval_fn (the metric) ...
-    cfg = train_config_from_args(args, device, metric="accuracy", output_dir=out_dir,
-                                 save_trainable_only=trainable_only)
-    best, _ = fit_task(model, loss_fn, train_features, collate, eval_fn, cfg, **loader_settings(args))
+    cfg = train_config(settings, device, out_dir, metric="accuracy", save_trainable_only=trainable_only)
+    loss = training_loss(settings.objective, logits_fn)                 # plain unless an objective is asked for
+    best, _ = fit_task(model, loss, train_features, collate, eval_fn, cfg, **settings.data.loader_kwargs(),
+                       callbacks=loss.callbacks, extra={"args": dict(settings.flags)})
     ... predict (``engine.predict.predict_in_order``) and write the prediction files ...
 
 ``prepare_model`` applies a ``FineTuneConfig`` to a task model and says what trains;
@@ -18,34 +20,105 @@ checkpoint, skipped after an interrupted run, whose last weights are what the us
 
 from __future__ import annotations
 
-import argparse
+import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from cli.common import add_common_args, build_from_args, fine_tune_config, pick_device, seed_everything
-from engine import distributed
 from engine.data import make_loader
-from engine.efficiency import EfficiencyRecorder
+from engine.device import best_device, cpu_hint, maybe_compile
+from engine.efficiency import EfficiencyRecorder, count_parameters
+from engine.launch import launch
+from engine.ranks import launched, world_size
+from engine.rng import seed_everything
+from engine.run_dir import open_run_on_main
 from engine.trainer import Callback, CountFn, EvalFn, LossFn, TrainConfig, Trainer
-from methods.fine_tune import FineTuneConfig, count_parameters, set_fine_tune_mode
-from methods.objectives import add_objective_args
+from methods.fine_tune import FineTuneConfig, set_fine_tune_mode
+from methods.objectives import LogitsFn, ObjectiveSettings, TaskLoss, cross_entropy_loss
+from models.gpt2 import GPT2Model, build_model
+from models.loading import load_tokenizer
+from tasks.settings import ModelSettings, TaskSettings
+
+if TYPE_CHECKING:  # the objectives load only when one is asked for (training_loss)
+    from methods.objectives.combined import Objective
 
 
-def start(args: argparse.Namespace) -> torch.device:
-    """Seed everything from ``--seed`` and pick the device from ``--use_gpu``/``--device``; under
+def pick_device(use_gpu: bool = False, device: str = "auto") -> torch.device:
+    """``--use_gpu`` demands CUDA (the starter's flag); otherwise ``--device``, where ``auto``
+    takes CUDA, then Apple's MPS, then the CPU -- with one line on what the CPU costs."""
+    if use_gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("--use_gpu was given but CUDA is not available; drop the flag to run on the CPU")
+        return torch.device("cuda")
+    if device == "auto":
+        dev = best_device()
+        if dev.type == "cpu":
+            print(cpu_hint(), file=sys.stderr)
+        return dev
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device} was given but CUDA is not available")
+    return dev
+
+
+def default_output_dir(task: str, *parts: str) -> str:
+    """``runs/<task>/<part>/...``: run folders stay out of the repository root (runs/ is gitignored).
+    It is the parent of a task's default run folders: ``open_task_run`` makes a new timestamped
+    one in it for each run, so reruns never collide."""
+    return str(Path("runs", task, *parts))
+
+
+def open_task_run(settings: TaskSettings, default_parent: str | Path, **kw: Any) -> Path | None:
+    """``engine.run_dir.open_run`` for a task, before it builds anything, first joining torchrun's
+    process group when there is one (``engine.launch.launch``): rank 0 claims the run folder and
+    the other ranks get the same one. ``kw``: ``open_run``'s (``outputs``, ``subdir``, ``trains``;
+    ``model``, the saved model a run that does not train predicts with, is ``settings.run.load``
+    unless given)."""
+    if launched():  # one process: nothing happens before open_run, as always
+        launch(pick_device(settings.run.use_gpu, settings.run.device))
+    kw.setdefault("model", settings.run.load)
+    return open_run_on_main(default_parent, output_dir=settings.run.output_dir, resume=settings.train.resume,
+                            overwrite=settings.train.overwrite, epochs=settings.train.epochs, **kw)
+
+
+def start(settings: TaskSettings) -> torch.device:
+    """Seed everything from the run's seed and pick the device (``--use_gpu``/``--device``); under
     torchrun, join the process group and take this rank's device (every rank has the same seed:
     the ranks build the same model, and the data order is rank 0's)."""
-    seed_everything(args.seed)
-    return distributed.setup(pick_device(args.use_gpu, args.device))
+    seed_everything(settings.seed)
+    return launch(pick_device(settings.run.use_gpu, settings.run.device))
+
+
+def build_body(settings: ModelSettings, **config_overrides: Any) -> tuple[GPT2Model, Any]:
+    """(GPT2Model, tokenizer) of ``model_size`` (a size, a Hugging Face folder or a model file a
+    run saved), with random weights if asked, gradient checkpointing and ``torch.compile`` applied
+    if asked. ``config_overrides`` (e.g. ``hidden_dropout_prob=...``) change the body's config; the
+    course classifier keeps GPT-2's own dropout in the body and uses ``hidden_dropout_prob`` in its head."""
+    if Path(settings.model_size).is_file():  # a model an earlier run saved (pretrain.py's model.pt)
+        # A function-level import: rebuilding a saved model brings the methods it may hold (sparse
+        # attention, a prefix), which a run from a named size or a Hugging Face folder never loads.
+        from methods.restore import load_model
+
+        model = load_model(settings.model_size, random_init=settings.random_init, **config_overrides)
+    else:  # cli.common.run_main reports its errors
+        model = build_model(settings.model_size, settings.random_init, **config_overrides)
+    if settings.gradient_checkpointing:
+        # A function-level import: the block swapping that recomputes activations loads only when asked for.
+        from methods.gradient_checkpointing import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
+    maybe_compile(model, settings.compile)
+    return model, load_tokenizer(settings.tokenizer)
 
 
 def prepare_model(model: nn.Module, config: FineTuneConfig) -> bool:
-    """Apply a fine-tune mode (``cli.common.fine_tune_config(args)``) to a task model (its
-    ``head`` names what a head-only mode trains) and print what trains; True when checkpoints
-    hold only trainable parameters."""
+    """Apply a fine-tune mode (``TaskSettings.fine_tune``) to a task model (its ``head`` names
+    what a head-only mode trains) and print what trains; True when checkpoints hold only
+    trainable parameters."""
     trainable_only = set_fine_tune_mode(model, config, model.head)
     n_train, n_total = count_parameters(model)
     print(f"{config.mode}: {n_train:,} of {n_total:,} parameters train")
@@ -53,14 +126,48 @@ def prepare_model(model: nn.Module, config: FineTuneConfig) -> bool:
 
 
 def build_task_model(
-    args: argparse.Namespace, head: Callable[[Any], nn.Module], **config_overrides: Any
+    settings: TaskSettings, head: Callable[[Any], nn.Module], **config_overrides: Any
 ) -> tuple[nn.Module, Any, bool]:
     """(task model, tokenizer, checkpoints hold only trainable parameters): the GPT-2 body of
-    ``--model_size`` (``config_overrides`` change its config), ``head(body)``, and the fine-tune
-    mode of the flags applied."""
-    gpt, tokenizer = build_from_args(args, **config_overrides)
+    ``settings.model`` (``config_overrides`` change its config), ``head(body)``, and the fine-tune
+    mode applied."""
+    gpt, tokenizer = build_body(settings.model, **config_overrides)
     model = head(gpt)
-    return model, tokenizer, prepare_model(model, fine_tune_config(args))
+    return model, tokenizer, prepare_model(model, settings.fine_tune)
+
+
+def train_config(settings: TaskSettings, device: torch.device, output_dir: str | Path, **fields: Any) -> TrainConfig:
+    """The engine's settings of this run: the flags' (``settings.train``) on ``device``, in the run
+    folder ``output_dir``; ``fields`` (metric, save_trainable_only...) take precedence."""
+    return replace(settings.train, **{"device": str(device), "output_dir": str(output_dir), **fields})
+
+
+class PlainLoss:
+    """``loss_fn(model, batch)`` for the Trainer: the task loss of one forward pass, what a task
+    trains on when no objective is asked for. Needs no Trainer callbacks."""
+
+    callbacks: tuple[Callback, ...] = ()
+
+    def __init__(self, logits_fn: LogitsFn, task_loss: TaskLoss = cross_entropy_loss) -> None:
+        self.logits_fn = logits_fn
+        self.task_loss = task_loss
+
+    def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return self.task_loss(self.logits_fn(model, batch), batch)
+
+
+def training_loss(settings: ObjectiveSettings, logits_fn: LogitsFn,
+                  task_loss: TaskLoss = cross_entropy_loss) -> PlainLoss | Objective:
+    """The Trainer's ``loss_fn`` (with ``.callbacks`` to pass along) from a task's ``logits_fn``
+    and ``task_loss``: the plain loss (``PlainLoss``) unless the settings ask for an objective,
+    then ``methods.objectives.combined.Objective`` adding its terms (the same numbers when every
+    term is off)."""
+    if not settings.enabled:
+        return PlainLoss(logits_fn, task_loss)
+    # The objectives (R-Drop, SimCSE, SMART) load only when one is asked for: a plain run never imports them.
+    from methods.objectives.combined import build_objective
+
+    return build_objective(settings, logits_fn, task_loss)
 
 
 def fit_and_load_best(trainer: Trainer) -> dict[str, Any]:
@@ -96,7 +203,7 @@ def fit_task(
     ``efficiency.json`` in the run folder). Returns (best dev metrics, trainer)."""
     loader = make_loader(train_features, collate, batch_size, shuffle=True, num_workers=num_workers,
                          group_by_length=group_by_length)
-    ranks = distributed.world_size()
+    ranks = world_size()
     print(f"global batch {ranks * batch_size * config.grad_accum} = {ranks} process{'es' if ranks > 1 else ''} "
           f"x batch {batch_size} x {config.grad_accum} accumulated"
           + (f" ({'FSDP' if config.fsdp else 'DDP'})" if ranks > 1 else "")
@@ -106,18 +213,5 @@ def fit_task(
     return fit_and_load_best(trainer), trainer
 
 
-def add_classification_args(parser: argparse.ArgumentParser, **common_defaults: Any) -> argparse.ArgumentParser:
-    """The flags every classification task shares: the course's and the engine's
-    (``add_common_args`` with the task's defaults) and the training objectives'
-    (``methods.objectives.add_objective_args``: R-Drop, SimCSE, SMART, ``--pooling``)."""
-    return add_objective_args(add_common_args(parser, **common_defaults))
-
-
-def loader_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """``fit_task``'s loader keywords from the shared flags (``--batch_size``, ``--num_workers``,
-    ``--group_by_length``)."""
-    return {"batch_size": args.batch_size, "num_workers": args.num_workers, "group_by_length": args.group_by_length}
-
-
-__all__ = ["add_classification_args", "build_task_model", "fit_and_load_best", "loader_settings", "fit_task",
-           "prepare_model", "start"]
+__all__ = ["PlainLoss", "build_body", "build_task_model", "default_output_dir", "fit_and_load_best", "fit_task",
+           "open_task_run", "pick_device", "prepare_model", "start", "train_config", "training_loss"]

@@ -6,32 +6,32 @@ Pretraining reads the corpus as one token stream (a plain-text file as it is: wr
 ``<|endoftext|>`` between documents if it has several; a Poetry Foundation CSV as its poems
 joined by that token, ``--corpus_format``), cuts it into blocks of the context length, and holds out a small tail of
 blocks so that the best epoch is picked by held-out loss. Resume, checkpoints and logs are
-the Trainer's (``--resume`` continues from ``<output_dir>/last.pt``). The flags for sparse
-attention (``add_attention_args``) and for pretraining before fine-tuning
-(``add_pretrain_args``) are defined here once and shared by both scripts.
+the Trainer's (``--resume`` continues from ``<output_dir>/last.pt``). ``run_pretraining`` is
+``pretrain.py``'s run (``PretrainSettings``); ``pretrain_before_fine_tuning`` is the same
+pretraining as the first step of a task run (``CorpusPretraining``). Their flags are
+``cli.lm``'s, shared by both scripts.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from cli.common import build_from_args, default_output_dir, open_run, train_config_from_args
-from cli.validation import non_negative_int, positive_float, positive_int
-from config import ATTENTION_PATTERNS
-from engine.checkpoints import load_model, save_model
 from engine.data import DataFormatError, PadCollator, encode, make_loader, read_text
-from engine.trainer import EvalFn, TrainConfig, Trainer, count_lm_targets
-from models.heads import SonnetGPT
-from tasks.common import fit_task, start
-from tasks.poetry_corpus import FORMATS, is_poetry_csv, read_documents
+from engine.trainer import EvalFn, TrainConfig, Trainer
+from methods.restore import load_model, save_model
+from methods.sparse_attention import SparseAttention, apply_sparse_attention, attention_fields
+from models.sonnet_gpt import SonnetGPT
+from modules.losses import count_lm_targets
+from tasks.common import build_body, default_output_dir, fit_task, open_task_run, start, train_config
+from tasks.poetry_corpus import is_poetry_csv, read_documents
+from tasks.settings import TaskSettings
 
 EOS_TEXT = "<|endoftext|>"  # GPT-2's end-of-text token as text: the tokenizer reads it as that one token
 
@@ -168,79 +168,72 @@ def pretrain_lm(
     cfg = replace(train_config, metric="loss", mode="min")
     print(f"pretraining on {corpus}: {len(train)} blocks of <= {block_size} tokens, {len(held)} held out")
     best, _ = fit_task(lm, causal_lm_loss, train, collate, eval_fn, cfg, batch_size=batch_size,
-                       num_workers=num_workers, extra={"corpus": str(corpus)}, count_fn=count_lm_targets)
+                       num_workers=num_workers, extra={"corpus": str(corpus), **attention_fields(lm)},
+                       count_fn=count_lm_targets)
     return best
 
 
-# ----------------------------------------------------------------- flags
+# ----------------------------------------------------------------- runs
 
 
-def add_attention_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Sparse-attention flags (see modules/attention.py); weights are unaffected."""
-    g = parser.add_argument_group("sparse attention")
-    g.add_argument("--attn_pattern", choices=ATTENTION_PATTERNS, default="dense")
-    g.add_argument("--attn_window", type=positive_int, default=256, help="local window (window, strided)")
-    g.add_argument("--attn_block", type=positive_int, default=64, help="block size (block_global)")
-    g.add_argument("--attn_num_global", type=non_negative_int, default=1, help="leading global tokens (block_global)")
-    g.add_argument("--attn_stride", type=non_negative_int, default=0,
-                   help="strided: 0 = LogSparse (2^k), s = multiples of s")
-    g.add_argument("--attn_sparse_impl", choices=("blockwise", "mask"), default="blockwise")
-    return parser
+@dataclass(frozen=True)
+class CorpusPretraining:
+    """Causal-LM pretraining on ``corpus`` before a task fine-tunes (``--pretrain_corpus`` and its
+    ``--pretrain_*`` settings; ``corpus`` None: none). The rest of the engine's settings are the task's."""
+
+    corpus: str | None = None
+    corpus_format: str = "auto"
+    epochs: int = 10
+    batch_size: int = 4
+    lr: float = 1e-5
+    block_size: int = 0  # tokens per block (0: the context)
 
 
-def attention_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """GPT2Config fields from the sparse-attention flags (those the parser defined)."""
-    keys = ("attn_pattern", "attn_window", "attn_block", "attn_num_global", "attn_stride", "attn_sparse_impl")
-    return {k: getattr(args, k) for k in keys if hasattr(args, k)}
+@dataclass(frozen=True)
+class PretrainSettings(TaskSettings):
+    """A ``pretrain.py`` run: the ``corpus`` (``corpus_format``: ``read_corpus``'s ``fmt``), the share
+    of blocks held out, and the attention the model trains with; the block size is
+    ``data.max_length`` (0: the context)."""
+
+    corpus: str = ""
+    corpus_format: str = "auto"
+    held_out_fraction: float = 0.05
+    attention: SparseAttention = field(default_factory=SparseAttention)
 
 
-def add_pretrain_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``--pretrain_corpus`` and its epochs/batch/lr, for a task script that pretrains first."""
-    g = parser.add_argument_group("causal-LM pretraining before fine-tuning")
-    g.add_argument("--pretrain_corpus", type=str, default=None,
-                   help="plain-text corpus or Poetry Foundation CSV (Title,Poem,Poet,Tags)")
-    add_corpus_format_arg(g, "--pretrain_corpus_format")
-    g.add_argument("--pretrain_epochs", type=non_negative_int, default=10)
-    g.add_argument("--pretrain_batch_size", type=positive_int, default=4)
-    g.add_argument("--pretrain_lr", type=positive_float, default=1e-5)
-    g.add_argument("--pretrain_block_size", type=non_negative_int, default=0, help="tokens per block (0: the context)")
-    return parser
-
-
-def add_corpus_format_arg(group: Any, flag: str = "--corpus_format") -> None:
-    """The corpus-format flag of ``pretrain.py`` and of ``--pretrain_corpus``."""
-    group.add_argument(flag, choices=FORMATS, default="auto",
-                       help="csv: a Poetry Foundation CSV, its poems joined by <|endoftext|>; text: the file as "
-                            "it is; auto: csv for a .csv name")
-
-
-def pretrain_from_args(
-    model: nn.Module, tokenizer: Any, args: argparse.Namespace, device: torch.device, output_dir: str | Path,
-    trainable_only: bool = False,
+def pretrain_before_fine_tuning(
+    model: nn.Module, tokenizer: Any, settings: TaskSettings, pretraining: CorpusPretraining, device: torch.device,
+    output_dir: str | Path, trainable_only: bool = False,
 ) -> dict[str, Any]:
-    """``--pretrain_corpus`` for a task script: pretraining with the task's engine flags
-    but ``--pretrain_epochs/_batch_size/_lr``, in ``<output_dir>/pretrain`` (so ``--resume``
+    """A task's ``pretraining`` step: pretraining with the task's engine settings but the
+    pretraining's epochs, batch size and lr, in ``<output_dir>/pretrain`` (so ``--resume``
     resumes it too). With LoRA only the adapters train, as in the fine-tuning after it."""
-    cfg = train_config_from_args(args, device, epochs=args.pretrain_epochs, lr=args.pretrain_lr,
-                                 output_dir=str(Path(output_dir) / "pretrain"), save_trainable_only=trainable_only)
-    return pretrain_lm(model, tokenizer, args.pretrain_corpus, cfg, batch_size=args.pretrain_batch_size,
-                       block_size=args.pretrain_block_size, limit=args.limit, num_workers=args.num_workers,
-                       corpus_format=getattr(args, "pretrain_corpus_format", "auto"))
+    cfg = train_config(settings, device, Path(output_dir) / "pretrain", epochs=pretraining.epochs, lr=pretraining.lr,
+                       save_trainable_only=trainable_only)
+    return pretrain_lm(model, tokenizer, pretraining.corpus, cfg, batch_size=pretraining.batch_size,
+                       block_size=pretraining.block_size, limit=settings.data.limit,
+                       num_workers=settings.data.num_workers, corpus_format=pretraining.corpus_format)
 
 
-def run_pretraining(args: argparse.Namespace) -> dict[str, Any]:
-    """``pretrain.py``: pretrain the ``--model_size`` model on ``--corpus`` and save it as
-    ``<output_dir>/model.pt``; returns the best held-out metrics."""
-    args.output_dir = str(open_run(args, default_output_dir("pretrain", Path(args.corpus).stem), trains=True))
-    device = start(args)
-    model, tokenizer = build_from_args(args, hidden_dropout_prob=args.hidden_dropout_prob, **attention_overrides(args))
-    if args.load:  # continue from a model an earlier run saved (model.pt)
-        model = load_model(args.load)
-    cfg = train_config_from_args(args, device)
-    best = pretrain_lm(model, tokenizer, args.corpus, cfg, batch_size=args.batch_size, block_size=args.max_length,
-                       held_out_fraction=args.held_out_fraction, limit=args.limit, num_workers=args.num_workers,
-                       corpus_format=args.corpus_format)
-    save_model(model, Path(args.output_dir) / "model.pt", corpus=args.corpus)
-    print(f"best held-out {best}; weights in {Path(args.output_dir) / 'model.pt'}")
+def run_pretraining(settings: PretrainSettings) -> dict[str, Any]:
+    """``pretrain.py``: pretrain the ``model_size`` model on ``corpus`` and save it as
+    ``<run folder>/model.pt``; returns the best held-out metrics."""
+    out_dir = open_task_run(settings, default_output_dir("pretrain", Path(settings.corpus).stem), trains=True)
+    device = start(settings)
+    model, tokenizer = build_body(settings.model, hidden_dropout_prob=settings.model.hidden_dropout_prob)
+    apply_sparse_attention(model, settings.attention)
+    if settings.run.load:  # continue from a model an earlier run saved (model.pt)
+        model = load_model(settings.run.load)
+    cfg = train_config(settings, device, out_dir)
+    data = settings.data
+    best = pretrain_lm(model, tokenizer, settings.corpus, cfg, batch_size=data.batch_size, block_size=data.max_length,
+                       held_out_fraction=settings.held_out_fraction, limit=data.limit, num_workers=data.num_workers,
+                       corpus_format=settings.corpus_format)
+    save_model(model, Path(out_dir) / "model.pt", corpus=settings.corpus, **attention_fields(model))
+    print(f"best held-out {best}; weights in {Path(out_dir) / 'model.pt'}")
     return best
 
+
+__all__ = ["EOS_TEXT", "CorpusPretraining", "PretrainSettings", "causal_lm_loss", "corpus_blocks", "fine_tune_lm",
+           "held_out_loss", "pretrain_before_fine_tuning", "pretrain_lm", "read_corpus", "run_pretraining",
+           "sonnet_features", "split_held_out"]

@@ -3,11 +3,12 @@ task behind ``paraphrase_detection.py``, and the scoring the distillation pipeli
 
     score_paraphrase_pairs(model, tokenizer, pairs) -> P(yes) for (sentence1, sentence2) pairs
     load_paraphrase_scorer(path) -> ClozeParaphraseScorer saved by a run
-    run(paraphrase_settings(base, para_train=...)) -> {"dev": metrics, "checkpoint": path, ...};
-        trains on any Quora-format TSV, with every setting of ``base`` a paraphrase run shares
+    run(ParaphraseSettings(...)) -> {"dev": metrics, "checkpoint": path, ...}; trains on any
+        Quora-format TSV (``cli.paraphrase.paraphrase_settings`` builds the settings from flags)
 
-The training loss is ``methods.objectives.build_objective`` over the answer logits (or the
-vocabulary's, with ``--loss vocab``): the plain cross-entropy unless an objective flag is set.
+The training loss is the cross-entropy over the answer logits (or the vocabulary's, with
+``--loss vocab``), with the training objectives' terms added when one is asked for
+(``tasks.common.training_loss``).
 R-Drop and SMART regularise those logits; SimCSE's InfoNCE runs on the prompt's representation
 (unsupervised, two dropout views) or, with ``--contrastive_supervised``, on the two questions of
 each pair encoded alone (a positive pair's questions are positives). ``--pooling`` picks that
@@ -17,61 +18,51 @@ next-token prediction there).
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cli.common import default_output_dir, fine_tune_config, open_run, train_config_from_args
-from cli.validation import non_negative_int
-from engine import distributed
-from engine.checkpoints import load_model, save_model
+from engine import ranks
 from engine.data import PadCollator, make_eval_loader
 from engine.predict import predict_in_order
-from methods.fine_tune import mode_names, modes_help
 from methods.lora import unwrap_lora
-from methods.objectives import PairViewCollator, add_pair_views, build_objective
+from methods.restore import load_model, save_model
 from models.heads import ClozeParaphraseScorer
 from models.loading import load_tokenizer
-from tasks.common import add_classification_args, build_task_model, fit_task, loader_settings, prepare_model, start
+from tasks.common import (
+    build_task_model,
+    default_output_dir,
+    fit_task,
+    open_task_run,
+    prepare_model,
+    start,
+    train_config,
+    training_loss,
+)
 from tasks.course_data import ParaphrasePair, load_quora_splits, paraphrase_features, write_id_predictions
 from tasks.metrics import classification_metrics, majority_baseline
+from tasks.settings import ClassificationSettings
 
 
-def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """The flags of a paraphrase run (``paraphrase_detection.py``'s command line)."""
-    parser = argparse.ArgumentParser(description=description)
-    modes = mode_names(has_head=False)  # the cloze scorer has no head to train alone
-    parser.add_argument("--para_train", type=str, default="data/quora-train.csv")
-    parser.add_argument("--para_dev", type=str, default="data/quora-dev.csv")
-    parser.add_argument("--para_test", type=str, default="data/quora-test-student.csv")
-    parser.add_argument("--para_dev_out", type=str, default="predictions/para-dev-output.csv")
-    parser.add_argument("--para_test_out", type=str, default="predictions/para-test-output.csv")
-    parser.add_argument("--fine_tune_mode", "--fine-tune-mode", dest="fine_tune_mode", choices=modes,
-                        default="full-model", help=modes_help(modes))
-    parser.add_argument("--loss", choices=("answer", "vocab"), default="answer",
-                        help="cross-entropy among the two answer tokens (answer) or over the full vocabulary "
-                             "(vocab, the starter's)")
-    parser.add_argument("--padding_side", choices=("right", "left"), default="right")
-    parser.add_argument("--eval_batch_size", type=non_negative_int, default=0, help="0: 4 x --batch_size")
-    parser.add_argument("--filepath", type=str, default=None,
-                        help="where the best model is saved (default <output_dir>/paraphrase-model.pt)")
-    # --hidden_dropout_prob is GPT-2's own residual/embedding dropout here (there is no head).
-    add_classification_args(parser, batch_size=8, lr=1e-5, epochs=10, hidden_dropout_prob=0.1, model_size="gpt2")
-    return parser
+@dataclass(frozen=True)
+class ParaphraseSettings(ClassificationSettings):
+    """A paraphrase run (the fields are ``paraphrase_detection.py``'s flags): the Quora files read
+    and written, the loss over the two answer tokens or the full vocabulary, the padding side,
+    the evaluation batch size (0: 4 x the training one), and where the best model is saved
+    (None: ``<run folder>/paraphrase-model.pt``)."""
 
-def paraphrase_settings(base: argparse.Namespace | None = None, **overrides: Any) -> argparse.Namespace:
-    """The settings ``run`` takes: the flags' defaults, then every setting of ``base`` that a
-    paraphrase run also has (e.g. a pipeline's shared engine, LoRA and model flags, so none is
-    dropped), then ``overrides`` (which must be flags of a paraphrase run)."""
-    defaults = vars(build_parser().parse_args([]))
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise TypeError(f"not settings of a paraphrase run: {unknown}")
-    shared = {k: v for k, v in vars(base or argparse.Namespace()).items() if k in defaults}
-    return argparse.Namespace(**{**defaults, **shared, **overrides})
+    para_train: str = "data/quora-train.csv"
+    para_dev: str = "data/quora-dev.csv"
+    para_test: str = "data/quora-test-student.csv"
+    para_dev_out: str = "predictions/para-dev-output.csv"
+    para_test_out: str = "predictions/para-test-output.csv"
+    loss: str = "answer"
+    padding_side: str = "right"
+    eval_batch_size: int = 0
+    filepath: str | None = None
 
 
 # ----------------------------------------------------------------- public API
@@ -124,13 +115,15 @@ def write_paraphrase_predictions(path: str | Path, ids: Sequence[str], token_ids
 # ----------------------------------------------------------------- the run
 
 
-def build_scorer(args: argparse.Namespace) -> tuple[ClozeParaphraseScorer, Any, bool]:
-    """(scorer, tokenizer, checkpoints hold only trainable parameters) from the flags."""
-    if not args.load:
-        return build_task_model(args, ClozeParaphraseScorer, hidden_dropout_prob=args.hidden_dropout_prob)
-    model, tokenizer = ClozeParaphraseScorer(load_model(args.load)), load_tokenizer(args.tokenizer)
-    print(f"loaded {args.load}")
-    return model, tokenizer, prepare_model(model, fine_tune_config(args))
+def build_scorer(settings: ParaphraseSettings) -> tuple[ClozeParaphraseScorer, Any, bool]:
+    """(scorer, tokenizer, checkpoints hold only trainable parameters) from the settings."""
+    load = settings.run.load
+    if not load:
+        return build_task_model(settings, ClozeParaphraseScorer,
+                                hidden_dropout_prob=settings.model.hidden_dropout_prob)
+    model, tokenizer = ClozeParaphraseScorer(load_model(load)), load_tokenizer(settings.model.tokenizer)
+    print(f"loaded {load}")
+    return model, tokenizer, prepare_model(model, settings.fine_tune)
 
 
 def evaluate(p_yes: Sequence[float], pairs: Sequence[ParaphrasePair]) -> dict[str, float]:
@@ -138,58 +131,57 @@ def evaluate(p_yes: Sequence[float], pairs: Sequence[ParaphrasePair]) -> dict[st
     return classification_metrics([p.label for p in pairs], [int(p > 0.5) for p in p_yes])
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train (unless ``--epochs 0``), keep the best dev epoch, save it, write both prediction
-    files. ``args``: the parsed flags or ``paraphrase_settings(...)``."""
-    out_dir = open_run(args, default_output_dir("paraphrase", f"{args.fine_tune_mode}-{Path(args.model_size).name}"),
-                       outputs=(args.para_dev_out, args.para_test_out, args.filepath))
-    device = start(args)
-    data = load_quora_splits(args.para_train, args.para_dev, args.para_test, limit=args.limit)
+def run(settings: ParaphraseSettings) -> dict[str, Any]:
+    """Train (unless ``--epochs 0``), keep the best dev epoch, save it, write both prediction files."""
+    data_settings = settings.data
+    run_name = f"{settings.fine_tune.mode}-{Path(settings.model.model_size).name}"
+    out_dir = open_task_run(settings, default_output_dir("paraphrase", run_name),
+                            outputs=(settings.para_dev_out, settings.para_test_out, settings.filepath))
+    device = start(settings)
+    data = load_quora_splits(settings.para_train, settings.para_dev, settings.para_test, limit=data_settings.limit)
     for split, rows in data.items():
         print(f"{split}: {len(rows)} pairs")
-    model, tokenizer, trainable_only = build_scorer(args)
-    print(f"loss over {'the two answer tokens' if args.loss == 'answer' else 'the full vocabulary'}")
+    model, tokenizer, trainable_only = build_scorer(settings)
+    print(f"loss over {'the two answer tokens' if settings.loss == 'answer' else 'the full vocabulary'}")
 
-    max_len = args.max_length or model.gpt.config.max_position_embeddings
-    feats = {s: paraphrase_features(rows, tokenizer, max_len, f"quora {s}") for s, rows in data.items()}
-    collate = PadCollator(tokenizer.pad_token_id, padding_side=args.padding_side)
-    eval_bs = args.eval_batch_size or 4 * args.batch_size
-    bf16 = not args.no_bf16
-    filepath = args.filepath or str(Path(out_dir or ".") / "paraphrase-model.pt")  # no out_dir: predict only
+    max_len = data_settings.max_length or model.gpt.config.max_position_embeddings
+    feats = {k: paraphrase_features(rows, tokenizer, max_len, f"quora {k}") for k, rows in data.items()}
+    collate = PadCollator(tokenizer.pad_token_id, padding_side=settings.padding_side)
+    eval_bs = settings.eval_batch_size or 4 * data_settings.batch_size
+    bf16 = settings.train.bf16
+    filepath = settings.filepath or str(Path(out_dir or ".") / "paraphrase-model.pt")  # no out_dir: predict only
 
     best: dict[str, Any] = {}
-    if args.epochs > 0:
-        full_vocab = args.loss == "vocab"
-        objective = build_objective(
-            args, lambda m, b: m.scores(b["input_ids"], b["attention_mask"], full_vocab),
-            lambda logits, b: ClozeParaphraseScorer.answer_loss(logits, b["labels"], full_vocab))
+    if settings.train.epochs > 0:
+        full_vocab = settings.loss == "vocab"
+        loss = training_loss(settings.objective, lambda m, b: m.scores(b["input_ids"], b["attention_mask"], full_vocab),
+                             lambda logits, b: ClozeParaphraseScorer.answer_loss(logits, b["labels"], full_vocab))
         train_collate = collate
-        if objective.settings.contrastive_supervised:  # each question alone, for the pair's two views
-            add_pair_views(feats["train"], [p.sentence1 for p in data["train"]], [p.sentence2 for p in data["train"]],
-                           tokenizer, max_len)
-            train_collate = PairViewCollator(tokenizer.pad_token_id, padding_side=args.padding_side)
+        if settings.objective.contrastive_supervised:  # each question alone, for the pair's two views
+            train_collate = loss.pair_view_collate(feats["train"], [p.sentence1 for p in data["train"]],
+                                                   [p.sentence2 for p in data["train"]], tokenizer, max_len,
+                                                   settings.padding_side)
 
         def eval_fn(m: ClozeParaphraseScorer) -> dict[str, float]:
             return evaluate(predict_p_yes(m, feats["dev"], collate, eval_bs, bf16), data["dev"])
 
-        cfg = train_config_from_args(args, device, metric="accuracy", output_dir=str(out_dir),
-                                     save_trainable_only=trainable_only)
-        best, _ = fit_task(model, objective, feats["train"], train_collate, eval_fn, cfg, **loader_settings(args),
-                           callbacks=objective.callbacks, extra={"args": vars(args)})
+        cfg = train_config(settings, device, out_dir, metric="accuracy", save_trainable_only=trainable_only)
+        best, _ = fit_task(model, loss, feats["train"], train_collate, eval_fn, cfg, **data_settings.loader_kwargs(),
+                           callbacks=loss.callbacks, extra={"args": dict(settings.flags)})
     model.to(device)
     unwrap_lora(model)
-    if args.epochs > 0 or not args.load:  # predicting with a loaded model changes nothing worth saving
+    if settings.train.epochs > 0 or not settings.run.load:  # predicting with a loaded model: nothing worth saving
         save_model(model.gpt, filepath, task="paraphrase", dev=best)
         print(f"saved the model to {filepath}")
     else:
-        filepath = args.load
+        filepath = settings.run.load
 
     p_dev = predict_p_yes(model, feats["dev"], collate, eval_bs, bf16)
     p_test = predict_p_yes(model, feats["test"], collate, eval_bs, bf16)
     metrics = evaluate(p_dev, data["dev"])
     metrics["majority_baseline"] = majority_baseline([p.label for p in data["train"]], [p.label for p in data["dev"]])
-    for split, path, p in (("dev", args.para_dev_out, p_dev), ("test", args.para_test_out, p_test)):
-        if distributed.is_main():  # under torchrun: one writer
+    for split, path, p in (("dev", settings.para_dev_out, p_dev), ("test", settings.para_test_out, p_test)):
+        if ranks.is_main():  # under torchrun: one writer
             write_paraphrase_predictions(path, [x.id for x in data[split]], ClozeParaphraseScorer.answer_token(
                 [int(v > 0.5) for v in p]))
         print(f"wrote {path}")
@@ -203,5 +195,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-__all__ = ["build_parser", "load_paraphrase_scorer", "paraphrase_settings", "predict_p_yes", "run",
-           "score_paraphrase_pairs", "write_paraphrase_predictions"]
+__all__ = ["ParaphraseSettings", "load_paraphrase_scorer", "predict_p_yes", "run", "score_paraphrase_pairs",
+           "write_paraphrase_predictions"]

@@ -1,34 +1,51 @@
 """Sentence classification with ``GPT2SentimentClassifier``: sentiment on SST (5 classes) and
-CFIMDB (2), and grammatical acceptability on CoLA (2; ``tasks.cola``). The task behind
-``classifier.py``, callable with its parsed flags (``run(args, dataset)``).
+CFIMDB (2), and grammatical acceptability on CoLA (2; its reader ``read_cola`` is below). The task behind
+``classifier.py``, callable with its settings (``run(SentimentSettings(...), dataset)``).
 
-The training loss is ``methods.objectives.build_objective`` over the head's logits: plain
-cross-entropy unless an objective flag (R-Drop, SimCSE, SMART) is set. ``--pooling`` picks the
-head's sentence representation and is saved beside the weights (``extra["pooling"]``), so
-``--load``, the KD teacher and ensembles rebuild the head the same way.
+The training loss is the cross-entropy of the head's logits, with the training objectives'
+terms added when one is asked for (R-Drop, SimCSE, SMART: ``tasks.common.training_loss``).
+``--pooling`` picks the head's sentence representation and is saved beside the weights
+(``extra["pooling"]``), so ``--load``, the KD teacher and ensembles rebuild the head the same way.
 
 CoLA has no public test set (GLUE keeps its labels), so a CoLA run writes dev predictions only;
 it selects its best epoch on Matthews correlation, GLUE's CoLA metric, and reports accuracy
 beside it (every run's dev metrics, in ``metrics.jsonl`` too, include both).
+
+CoLA (Warstadt, Singh and Bowman 2019, "Neural Network Acceptability Judgments"; the GLUE
+grammatical-acceptability task) asks whether an English sentence is grammatical (1) or not (0).
+The files setup.sh fetches (``data/cola-train.tsv``, ``data/cola-dev.tsv``: the in-domain
+training set and the out-of-domain development set, tokenized and lower-cased) have no header
+and no ids: each line is ``sentence \\t label``. They are read into the sentiment reader's
+``SentimentExample`` so that the classifier's features, loaders and prediction files serve
+CoLA unchanged; each example's id is the file's name and its line (``cola-dev-12``), stable
+across runs. GLUE scores CoLA by Matthews correlation (``tasks.metrics.matthews_corr``),
+since 70% of the sentences are grammatical and accuracy flatters a majority guess.
 """
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cli.common import build_from_args, default_output_dir, fine_tune_config, open_run, train_config_from_args
-from engine import distributed
+from engine import ranks
 from engine.checkpoints import load_weights_into
-from engine.data import PadCollator, make_eval_loader, sample
+from engine.data import DataFormatError, PadCollator, Record, make_eval_loader, parse_int, sample
 from engine.predict import predict_in_order
-from methods.objectives import build_objective
 from models.heads import GPT2SentimentClassifier, pooling_of
-from tasks.cola import COLA_LABELS, read_cola
-from tasks.common import fit_task, loader_settings, prepare_model, start
+from tasks.common import (
+    build_body,
+    default_output_dir,
+    fit_task,
+    open_task_run,
+    prepare_model,
+    start,
+    train_config,
+    training_loss,
+)
 from tasks.course_data import (
     SENTIMENT_LABELS,
     SentimentExample,
@@ -37,6 +54,41 @@ from tasks.course_data import (
     write_id_predictions,
 )
 from tasks.metrics import classification_metrics, majority_baseline
+from tasks.settings import ClassificationSettings
+
+COLA_FILES = {"train": "cola-train.tsv", "dev": "cola-dev.tsv"}
+COLA_LABELS = 2
+
+
+def read_cola(path: str | Path, limit: int = 0, lowercase: bool = True) -> list[SentimentExample]:
+    """Labelled CoLA sentences of a ``sentence \\t label`` file (first ``limit`` when > 0).
+    Blank lines are skipped; a line without exactly two tab-separated fields, with an empty
+    sentence, or with a label other than 0/1 raises ``DataFormatError`` naming file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise DataFormatError(path, None, "file does not exist (run setup.sh to download the data, or pass the path)")
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = f.read().splitlines()
+    out: list[SentimentExample] = []
+    for lineno, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        fields = text.split("\t")
+        if len(fields) != 2:
+            raise DataFormatError(path, lineno, f"expected 2 tab-separated fields (sentence, label), found "
+                                                f"{len(fields)}")
+        sentence = fields[0].strip()
+        if not sentence:
+            raise DataFormatError(path, lineno, "empty sentence")
+        label = parse_int(Record(lineno, {"label": fields[1].strip()}), "label", path, allowed=(0, 1))
+        out.append(SentimentExample(id=f"{path.stem}-{lineno}", text=sentence.lower() if lowercase else sentence,
+                                    label=label, line=lineno, path=str(path)))
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise DataFormatError(path, None, "no sentences found; expected lines 'sentence<TAB>label'")
+    return out
+
 
 STARTER_DATASETS = ("sst", "cfimdb")  # --dataset both: the course starter's pair
 DATASETS = (*STARTER_DATASETS, "cola")
@@ -50,6 +102,21 @@ PREDICTION_COLUMN = {"sst": "Predicted_Sentiment", "cfimdb": "Predicted_Sentimen
 def default_path(dataset: str, split: str) -> str:
     """Where setup.sh puts a split of a dataset (the test files are the course's student versions)."""
     return FILE_NAMES[dataset].format("test-student" if split == "test" else split)
+
+
+@dataclass(frozen=True)
+class SentimentSettings(ClassificationSettings):
+    """A ``classifier.py`` run: ``dataset`` is one of ``DATASETS`` or ``both`` (SST then CFIMDB, each
+    in a subfolder of the run folder); ``files`` maps (dataset, split) to a file other than
+    ``default_path``'s; prediction files go to ``predictions_dir``."""
+
+    dataset: str = "both"
+    files: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    predictions_dir: str = "predictions"
+
+    def path(self, dataset: str, split: str) -> str:
+        """The file of ``split`` of ``dataset``."""
+        return self.files.get((dataset, split), default_path(dataset, split))
 
 
 def read_split(dataset: str, path: str | Path, limit: int = 0) -> list[SentimentExample]:
@@ -69,21 +136,22 @@ def predict_labels(model: torch.nn.Module, loader: Any) -> list[int]:
     return predict_in_order(model, loader, lambda m, b: logits(m, b).argmax(-1))
 
 
-def run(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
+def run(settings: SentimentSettings, dataset: str) -> dict[str, Any]:
     """Train on one dataset, write its dev (and test, where there is one) predictions; returns
     the dev metrics."""
-    print(f"Training sentence classifier on {dataset} ({args.fine_tune_mode})...")
+    mode, data_settings = settings.fine_tune.mode, settings.data
+    print(f"Training sentence classifier on {dataset} ({mode})...")
     splits = SPLITS[dataset]
-    pred_paths = {s: Path(args.predictions_dir) / f"{args.fine_tune_mode}-{dataset}-{s}-out.csv"
-                  for s in splits if s != "train"}
-    out_dir = open_run(args, default_output_dir("classifier", f"{args.fine_tune_mode}-{dataset}"),
-                       subdir=dataset if args.dataset == "both" else None, outputs=pred_paths.values())
-    device = start(args)
-    gpt, tokenizer = build_from_args(args)  # weights first: a bad --model_size fails before any data is read
-    paths = {split: getattr(args, f"{dataset}_{split}") for split in splits}
+    pred_paths = {s: Path(settings.predictions_dir) / f"{mode}-{dataset}-{s}-out.csv" for s in splits if s != "train"}
+    out_dir = open_task_run(settings, default_output_dir("classifier", f"{mode}-{dataset}"),
+                            subdir=dataset if settings.dataset == "both" else None, outputs=pred_paths.values())
+    device = start(settings)
+    gpt, tokenizer = build_body(settings.model)  # weights first: a bad --model_size fails before any data is read
+    paths = {split: settings.path(dataset, split) for split in splits}
     # --limit: a seeded sample of the training file (its rows are grouped by label), the first N of dev and test.
-    data = {split: read_split(dataset, p, limit=0 if split == "train" else args.limit) for split, p in paths.items()}
-    data["train"] = sample(data["train"], args.limit, args.seed)
+    data = {split: read_split(dataset, p, limit=0 if split == "train" else data_settings.limit)
+            for split, p in paths.items()}
+    data["train"] = sample(data["train"], data_settings.limit, settings.seed)
     for split, rows in data.items():
         print(f"loaded {len(rows)} {split} examples from {paths[split]}")
     for split in ("train", "dev"):
@@ -91,40 +159,40 @@ def run(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
             raise SystemExit(f"{paths[split]}: no 'sentiment' column; the {split} split needs labels")
     num_labels = NUM_LABELS[dataset]
     print(f"{num_labels} labels")
-    pooling = getattr(args, "pooling", "last")
-    model = GPT2SentimentClassifier(gpt, num_labels, args.hidden_dropout_prob, pooling)
-    fine_tune = fine_tune_config(args)
-    trainable_only = prepare_model(model, fine_tune)
+    model = GPT2SentimentClassifier(gpt, num_labels, settings.model.hidden_dropout_prob, settings.objective.pooling)
+    trainable_only = prepare_model(model, settings.fine_tune)
 
-    max_len = args.max_length or model.gpt.config.max_position_embeddings
+    max_len = data_settings.max_length or model.gpt.config.max_position_embeddings
     feats = {s: sentiment_features(rows, tokenizer, max_len, f"{dataset} {s}") for s, rows in data.items()}
     collate = PadCollator(tokenizer.pad_token_id)
-    loaders = {s: make_eval_loader(feats[s], collate, args.batch_size, args.num_workers) for s in pred_paths}
+    loaders = {s: make_eval_loader(feats[s], collate, data_settings.batch_size, data_settings.num_workers)
+               for s in pred_paths}
     dev_labels = [e.label for e in data["dev"]]
 
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:
         return classification_metrics(dev_labels, predict_labels(m, loaders["dev"]))
 
-    if args.load:
-        saved = pooling_of(load_weights_into(model, args.load).get("extra", {}))
+    load = settings.run.load
+    if load:
+        saved = pooling_of(load_weights_into(model, load).get("extra", {}))
         if saved != model.pooling:
-            print(f"--pooling {saved}: the pooling {args.load} was trained with (not {model.pooling})")
+            print(f"--pooling {saved}: the pooling {load} was trained with (not {model.pooling})")
             model.pooling = saved
-        print(f"loaded {args.load}")
+        print(f"loaded {load}")
     if out_dir is not None:  # None: --epochs 0 only predicts with the --load model
-        cfg = train_config_from_args(args, device, metric=SELECTION_METRIC[dataset], output_dir=str(out_dir),
-                                     save_trainable_only=trainable_only)
-        objective = build_objective(args, logits)
-        fit_task(model, objective, feats["train"], collate, eval_fn, cfg, **loader_settings(args),
-                 callbacks=objective.callbacks,
-                 extra={"args": vars(args), "dataset": dataset, "num_labels": num_labels,
-                        "fine_tune": fine_tune.to_dict(), "pooling": model.pooling})
+        cfg = train_config(settings, device, out_dir, metric=SELECTION_METRIC[dataset],
+                           save_trainable_only=trainable_only)
+        loss = training_loss(settings.objective, logits)
+        fit_task(model, loss, feats["train"], collate, eval_fn, cfg, **data_settings.loader_kwargs(),
+                 callbacks=loss.callbacks,
+                 extra={"args": dict(settings.flags), "dataset": dataset, "num_labels": num_labels,
+                        "fine_tune": settings.fine_tune.to_dict(), "pooling": model.pooling})
 
     preds = {split: predict_labels(model, loader) for split, loader in loaders.items()}
     metrics = classification_metrics(dev_labels, preds["dev"])
     metrics["majority_baseline"] = majority_baseline([e.label for e in data["train"]], dev_labels)
     for split, path in pred_paths.items():
-        if distributed.is_main():  # under torchrun: one writer
+        if ranks.is_main():  # under torchrun: one writer
             write_id_predictions(path, PREDICTION_COLUMN[dataset], [e.id for e in data[split]], preds[split])
         print(f"wrote {path}")
     mcc = f", Matthews corr. {metrics['matthews_corr']:.3f}" if dataset == "cola" else ""
@@ -133,5 +201,8 @@ def run(args: argparse.Namespace, dataset: str) -> dict[str, Any]:
     return metrics
 
 
-__all__ = ["DATASETS", "FILE_NAMES", "NUM_LABELS", "SELECTION_METRIC", "SPLITS", "STARTER_DATASETS", "default_path",
-           "logits", "predict_labels", "read_split", "run"]
+
+__all__ = [
+    "DATASETS", "FILE_NAMES", "NUM_LABELS", "SELECTION_METRIC", "SPLITS", "STARTER_DATASETS", "SentimentSettings",
+    "default_path", "logits", "predict_labels", "read_split", "run",
+]

@@ -10,19 +10,20 @@ built it, so adapters are where the weights expect them, then loads the weights.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cli.common import build_from_args, fine_tune_config, seed_everything
 from engine.checkpoints import load_checkpoint, load_checkpoint_weights
+from engine.rng import seed_everything
 from methods.fine_tune import FineTuneConfig, set_fine_tune_mode
 from models.heads import GPT2SentimentClassifier, pooling_of
 from models.loading import CheckpointError
+from tasks.common import build_body
+from tasks.settings import ModelSettings, fine_tune_from_flags, from_flags
 
 
 @dataclass
@@ -31,7 +32,7 @@ class LoadedClassifier:
 
     model: GPT2SentimentClassifier
     tokenizer: Any
-    args: argparse.Namespace  # the run's flags
+    flags: dict[str, Any]  # the run's command-line values (its checkpoints' ``extra["args"]``)
     dataset: str | None
     num_labels: int
     path: Path
@@ -50,16 +51,17 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu",
                               "pass runs/classifier/<mode>-<dataset>/<run>/best.pt")
     if check is not None:
         check(extra)
-    a = argparse.Namespace(**extra["args"])
-    seed_everything(a.seed)  # a frozen random-init body is rebuilt from the run's seed
-    gpt, tokenizer = build_from_args(argparse.Namespace(**{**vars(a), "compile": False}))  # as the run built it
-    model = GPT2SentimentClassifier(gpt, extra["num_labels"], a.hidden_dropout_prob, pooling_of(extra))
+    flags = dict(extra["args"])
+    seed_everything(flags["seed"])  # a frozen random-init body is rebuilt from the run's seed
+    model_settings = replace(from_flags(ModelSettings, flags), compile=False)
+    gpt, tokenizer = build_body(model_settings)  # as the run built it
+    model = GPT2SentimentClassifier(gpt, extra["num_labels"], model_settings.hidden_dropout_prob, pooling_of(extra))
     # Checkpoints written before the config was saved carry only the flags (maybe without --use_dora).
-    fine_tune = FineTuneConfig.from_dict(extra["fine_tune"]) if "fine_tune" in extra else fine_tune_config(a)
+    fine_tune = FineTuneConfig.from_dict(extra["fine_tune"]) if "fine_tune" in extra else fine_tune_from_flags(flags)
     set_fine_tune_mode(model, fine_tune, model.head)
     load_checkpoint_weights(model, ckpt, path, fits="the classifier its saved flags build")
-    return LoadedClassifier(model.to(device).eval(), tokenizer, a, extra.get("dataset"), int(extra["num_labels"]),
-                            Path(path))
+    return LoadedClassifier(model.to(device).eval(), tokenizer, flags, extra.get("dataset"),
+                            int(extra["num_labels"]), Path(path))
 
 
 __all__ = ["LoadedClassifier", "load_classifier"]

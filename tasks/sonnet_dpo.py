@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,30 @@ from torch import nn
 
 from engine.data import DataFormatError
 from engine.trainer import EvalFn, TrainConfig
-from methods.dpo import build_pairs, chrf_scores, encode_pair, frozen_reference, make_dpo_loss_fn, pair_collator
+from methods.dpo import build_pairs, encode_pair, frozen_reference, make_dpo_loss_fn, pair_collator
+from models.generation_config import GenerationConfig
 from tasks.common import fit_task
+from tasks.metrics import chrf
 from tasks.sonnet_eval import sonnet_prompt
 from tasks.sonnet_form import form_score
 
 RANKINGS = ("chrf", "form")
 PAIRINGS = ("best_worst", "all")
+
+
+@dataclass(frozen=True)
+class DpoSettings:
+    """A DPO run (the ``--dpo_*`` flags): ``samples`` completions per prompt, drawn with ``sampling``
+    (the sampling settings, whatever ``--decoding`` says), ranked by ``rank``, paired by ``pairs``
+    where their scores differ by more than ``min_margin``; ``beta`` bounds how far the policy may
+    leave the reference."""
+
+    sampling: GenerationConfig
+    samples: int = 4
+    rank: str = "chrf"
+    pairs: str = "best_worst"
+    min_margin: float = 0.0
+    beta: float = 0.1
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -72,6 +90,12 @@ def sample_completions(complete: Callable[[Sequence[str]], list[str]], prompts: 
     return out
 
 
+def chrf_scores(candidates: Sequence[str], reference: str) -> list[float]:
+    """Each candidate's chrF (sacrebleu, 0-100) against the one true continuation: the ranking
+    signal the handout suggests for sonnet DPO."""
+    return [chrf([c], [reference]) for c in candidates]
+
+
 def score_completions(prompts: Sequence[str], continuations: Sequence[str], candidates: Sequence[Sequence[str]],
                       rank: str) -> list[list[float]]:
     """Each candidate's score (higher is better): chrF against the true continuation, or the
@@ -90,43 +114,45 @@ def dpo_fine_tune(
     complete: Callable[[Sequence[str]], list[str]],
     eval_fn: EvalFn | None,
     config: TrainConfig,
-    settings: Mapping[str, Any],
+    settings: DpoSettings,
     *,
+    batch_size: int,
+    max_length: int = 0,
     source: str | Path = "training sonnets",
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Sample, rank and pair completions of the training prompts with ``model`` (``complete``:
     prompts -> sampled full texts), then DPO-train it in place against a frozen copy; leaves
-    the best epoch's weights in ``model``. ``settings``: ``samples``, ``rank``, ``pairs``,
-    ``min_margin``, ``beta``, ``batch_size``, ``max_length``. Returns the best dev metrics."""
+    the best epoch's weights in ``model``. ``batch_size`` pairs per step, each cut to
+    ``max_length`` tokens (0: the context). Returns the best dev metrics."""
     disable_dropout(model)
     reference = frozen_reference(model)
     prompts, continuations = prompts_and_continuations(train_texts)
-    candidates = sample_completions(complete, prompts, settings["samples"])
-    scores = score_completions(prompts, continuations, candidates, settings["rank"])
-    pairs = build_pairs(prompts, candidates, scores, strategy=settings["pairs"], min_margin=settings["min_margin"])
+    candidates = sample_completions(complete, prompts, settings.samples)
+    scores = score_completions(prompts, continuations, candidates, settings.rank)
+    pairs = build_pairs(prompts, candidates, scores, strategy=settings.pairs, min_margin=settings.min_margin)
     if not pairs:
         raise DataFormatError(source, None, f"no preference pairs from {len(prompts)} prompts x "
-                                            f"{settings['samples']} samples: every prompt's candidates scored "
+                                            f"{settings.samples} samples: every prompt's candidates scored "
                                             "alike; sample more (--dpo_samples) or lower --dpo_min_margin")
     mean_margin = sum(p.margin for p in pairs) / len(pairs)
-    print(f"DPO: {len(pairs)} pairs from {len(prompts)} prompts x {settings['samples']} samples, ranked by "
-          f"{settings['rank']} (mean margin {mean_margin:.3f}), beta {settings['beta']}")
+    print(f"DPO: {len(pairs)} pairs from {len(prompts)} prompts x {settings.samples} samples, ranked by "
+          f"{settings.rank} (mean margin {mean_margin:.3f}), beta {settings.beta}")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "dpo_pairs.jsonl", "w") as f:
         for p in pairs:
             f.write(json.dumps(p.__dict__) + "\n")
-    max_length = settings["max_length"] or model.gpt.config.max_position_embeddings
+    max_length = max_length or model.gpt.config.max_position_embeddings
     try:
         feats = [encode_pair(tokenizer, p, max_length) for p in pairs]
     except ValueError as e:  # a prompt that fills --max_length leaves nothing to score
         raise DataFormatError(source, None, f"{e}; raise --max_length") from None
-    best, _ = fit_task(model, make_dpo_loss_fn(reference, settings["beta"]), feats,
-                       pair_collator(tokenizer.pad_token_id), eval_fn, config, batch_size=settings["batch_size"],
+    best, _ = fit_task(model, make_dpo_loss_fn(reference, settings.beta), feats,
+                       pair_collator(tokenizer.pad_token_id), eval_fn, config, batch_size=batch_size,
                        extra=extra)
     return best
 
 
-__all__ = ["PAIRINGS", "RANKINGS", "disable_dropout", "dpo_fine_tune", "prompts_and_continuations",
+__all__ = ["PAIRINGS", "RANKINGS", "DpoSettings", "disable_dropout", "dpo_fine_tune", "prompts_and_continuations",
            "sample_completions", "score_completions"]

@@ -18,10 +18,12 @@ from config import GPT2Config
 from engine.data import PadCollator, make_loader
 from engine.trainer import TrainConfig, Trainer
 from methods.fine_tune import FineTuneConfig, LoraConfig, set_fine_tune_mode
+from methods.gradient_checkpointing import CheckpointedLayer
 from models.gpt2 import GPT2Model
 from models.heads import GPT2SentimentClassifier
 from models.loading import load_tokenizer
 from tasks.course_data import read_sentiment, sentiment_features
+from tasks.settings import DataSettings, RunSettings
 from tests.conftest import SHARED_DATA as SHARED
 
 
@@ -82,11 +84,11 @@ def test_cli_writes_starter_prediction_files(tmp_path, capsys, classifier_cli):
 
 def test_speed_flags_reach_the_model_and_loader(tmp_path, monkeypatch, classifier_cli):
     seen = {}
-    real_build = tasks.sentiment.build_from_args
+    real_build = tasks.sentiment.build_body
 
-    def spy(args, **kw):
-        gpt, tok = real_build(args, **kw)
-        seen["checkpointing"] = gpt.config.gradient_checkpointing
+    def spy(model_settings, **kw):
+        gpt, tok = real_build(model_settings, **kw)
+        seen["checkpointing"] = all(isinstance(block, CheckpointedLayer) for block in gpt.h)
         return gpt, tok
 
     def loader_spy(*a, **kw):
@@ -94,7 +96,7 @@ def test_speed_flags_reach_the_model_and_loader(tmp_path, monkeypatch, classifie
         return real_loader(*a, **kw)
 
     real_loader = tasks.common.make_loader
-    monkeypatch.setattr(tasks.sentiment, "build_from_args", spy)
+    monkeypatch.setattr(tasks.sentiment, "build_body", spy)
     monkeypatch.setattr(tasks.common, "make_loader", loader_spy)
     results = classifier.main(classifier_cli("full-model", "--dataset", "sst", "--group_by_length",
                                        "--gradient_checkpointing"))
@@ -120,10 +122,31 @@ def test_malformed_train_file_is_a_clear_error(tmp_path, classifier_cli):
 def test_shared_flags_reach_the_engine():
     args = classifier.get_args(["--fine_tune_mode", "full-model", "--grad_accum", "4", "--scheduler", "cosine",
                                 "--warmup_ratio", "0.1", "--patience", "2", "--resume", "--no_progress"])
-    cfg = train_config_from_args(args, torch.device("cpu"), metric="macro_f1", output_dir="x")
-    assert (cfg.grad_accum, cfg.scheduler, cfg.warmup_ratio, cfg.patience, cfg.resume, cfg.progress) == \
-        (4, "cosine", 0.1, 2, True, False)
-    assert (cfg.lr, cfg.seed, cfg.metric, cfg.output_dir, cfg.epochs) == (1e-5, 11711, "macro_f1", "x", 10)
+    typed = tasks.common.train_config(classifier.settings_from_args(args), torch.device("cpu"), "x",
+                                      metric="macro_f1")
+    for cfg in (train_config_from_args(args, torch.device("cpu"), metric="macro_f1", output_dir="x"), typed):
+        assert (cfg.grad_accum, cfg.scheduler, cfg.warmup_ratio, cfg.patience, cfg.resume, cfg.progress) == \
+            (4, "cosine", 0.1, 2, True, False)
+        assert (cfg.lr, cfg.seed, cfg.metric, cfg.output_dir, cfg.epochs) == (1e-5, 11711, "macro_f1", "x", 10)
+
+
+def test_the_flags_become_typed_settings():
+    """classifier.py parses argv once into SentimentSettings; the task reads nothing else, and the
+    flat flags stay whole for the checkpoints (extra["args"])."""
+    args = classifier.get_args(["--fine-tune-mode", "lora", "--lora_r", "4", "--model_size", "tiny", "--random_init",
+                                "--limit", "16", "--batch_size", "4", "--group_by_length", "--use_gpu",
+                                "--output_dir", "out", "--dataset", "sst", "--sst_dev", "dev.csv",
+                                "--rdrop_alpha", "1", "--pooling", "mean", "--seed", "3"])
+    s = classifier.settings_from_args(args)
+    assert (s.model.model_size, s.model.random_init, s.model.hidden_dropout_prob) == ("tiny", True, 0.3)
+    assert s.data == DataSettings(limit=16, batch_size=4, group_by_length=True)
+    assert s.run == RunSettings(use_gpu=True, output_dir="out")
+    assert s.fine_tune == FineTuneConfig("lora", LoraConfig(r=4))
+    assert (s.objective.rdrop_alpha, s.objective.pooling, s.objective.enabled) == (1.0, "mean", True)
+    assert (s.seed, s.train.lr, s.dataset) == (3, 3e-4, "sst")
+    assert s.path("sst", "dev") == "dev.csv" and s.path("cfimdb", "test") == "data/ids-cfimdb-test-student.csv"
+    assert s.flags == vars(args)
+    assert not classifier.settings_from_args(classifier.get_args([])).objective.enabled
 
 
 def test_device_choice():
@@ -160,18 +183,19 @@ def test_command_line_reports_bad_input_without_a_traceback(tmp_path, case):
 def test_model_size_takes_a_saved_model_file(tmp_path, classifier_cli, capsys):
     """pretrain.py's model.pt (or a task's *-model.pt) starts any task: its weights, or with
     --random_init its architecture with fresh weights; a file that is no saved model exits 2."""
-    from cli.common import build_from_args
-    from engine.checkpoints import save_model
+    from methods.restore import save_model
+    from tasks.common import build_body
 
     torch.manual_seed(3)
     body = GPT2Model(GPT2Config(max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
                                 num_attention_heads=2))
     save_model(body, tmp_path / "model.pt", task="pretrain")
-    args = classifier.get_args(["--model_size", str(tmp_path / "model.pt")])
-    loaded, _ = build_from_args(args)
+    settings = classifier.settings_from_args(classifier.get_args(["--model_size", str(tmp_path / "model.pt")]))
+    loaded, _ = build_body(settings.model)
     for (k, a), b in zip(body.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
-    fresh, _ = build_from_args(classifier.get_args(["--model_size", str(tmp_path / "model.pt"), "--random_init"]))
+    fresh, _ = build_body(classifier.settings_from_args(
+        classifier.get_args(["--model_size", str(tmp_path / "model.pt"), "--random_init"])).model)
     assert fresh.config.hidden_size == 32 and not torch.equal(fresh.wte.weight, body.wte.weight)
 
     argv = [a for a in classifier_cli("full-model", "--dataset", "sst") if a != "--random_init"]

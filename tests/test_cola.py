@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from engine.data import DataFormatError
-from tasks.cola import read_cola
 from tasks.course_data import SentimentExample, sentiment_features
+from tasks.sentiment import read_cola
 from tests.conftest import SHARED_DATA
 
 

@@ -12,8 +12,8 @@ import pytest
 import classifier
 from engine.checkpoints import load_checkpoint
 from engine.efficiency import EFFICIENCY_FILE, efficiency_table, read_efficiency
-from tasks.cola import read_cola
 from tasks.metrics import matthews_corr
+from tasks.sentiment import read_cola
 from tests.conftest import SHARED_DATA
 
 COLA = ["--cola_train", str(SHARED_DATA / "cola-train.tsv"), "--cola_dev", str(SHARED_DATA / "cola-dev.tsv")]

@@ -12,7 +12,6 @@ from config import get_config
 from methods.dpo import (
     PreferencePair,
     build_pairs,
-    chrf_scores,
     completion_logprobs,
     dpo_batch_loss,
     dpo_loss,
@@ -24,7 +23,8 @@ from methods.dpo import (
     pair_logprobs,
 )
 from models.gpt2 import GPT2Model
-from models.heads import SonnetGPT
+from models.sonnet_gpt import SonnetGPT
+from tasks.sonnet_dpo import chrf_scores
 
 
 def tiny_sonnet_model(seed: int) -> SonnetGPT:

@@ -4,6 +4,11 @@ rates taken from it."""
 
 from __future__ import annotations
 
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,18 +16,22 @@ import classifier
 import sonnet_generation
 from config import get_config
 from methods.fine_tune import (
+    DEFAULT_TARGETS,
     MODES,
     FineTuneConfig,
     FineTuneMode,
     LoraConfig,
+    PrefixConfig,
     mode_names,
     register,
     set_fine_tune_mode,
 )
-from methods.lora import LoRALinear
-from methods.prefix import PrefixConfig
+from methods.lora import LoRALinear, apply_lora
 from models.gpt2 import GPT2Model
-from models.heads import GPT2SentimentClassifier, SonnetGPT
+from models.heads import GPT2SentimentClassifier
+from models.sonnet_gpt import SonnetGPT
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def classifier_model() -> GPT2SentimentClassifier:
@@ -96,3 +105,20 @@ def test_adapter_settings_come_from_the_flags_the_registry_names():
     assert fine_tune_config(classifier.get_args(["--fine-tune-mode", "full-model"])) == FineTuneConfig("full-model")
     args = sonnet_generation.get_args(["--fine-tune-mode", "prefix", "--prefix_length", "4", "--prefix_hidden", "32"])
     assert fine_tune_config(args) == FineTuneConfig("prefix", PrefixConfig(4, 32)) and args.lr == 5e-4
+
+
+def test_lora_default_targets_are_the_registrys():
+    """``apply_lora``'s own default and the registry's (``LoraConfig``, ``--lora_targets``) are one list."""
+    assert inspect.signature(apply_lora).parameters["targets"].default == DEFAULT_TARGETS == LoraConfig().targets
+
+
+def test_full_fine_tuning_never_loads_the_adapter_machinery():
+    code = ("import sys\n"
+            "from methods.fine_tune import FineTuneConfig, set_fine_tune_mode\n"
+            "from models.gpt2 import GPT2Model\nfrom config import get_config\n"
+            "set_fine_tune_mode(GPT2Model(get_config('tiny')), FineTuneConfig('full-model'), ())\n"
+            "assert not {'methods.lora', 'methods.prefix', 'methods.layer_swap'} & set(sys.modules), sys.modules\n"
+            "set_fine_tune_mode(GPT2Model(get_config('tiny')), FineTuneConfig('lora'), ())\n"
+            "assert {'methods.lora', 'methods.prefix'} <= set(sys.modules)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+

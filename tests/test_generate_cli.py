@@ -10,7 +10,8 @@ import torch
 
 import generate as cli
 from config import get_config
-from engine.checkpoints import atomic_save, save_model
+from engine.checkpoints import atomic_save
+from methods.restore import save_model
 from models.generation import generate, trim
 from models.gpt2 import GPT2Model
 from models.loading import CheckpointError
@@ -143,5 +144,5 @@ def test_int4_where_no_kernel_fits_is_one_error_line(tokenizer, tmp_path, capsys
     path = tmp_path / "narrow.pt"
     save_model(GPT2Model(get_config("tiny", hidden_size=64, num_attention_heads=2)), path, task="test")
     with pytest.raises(SystemExit) as e:
-        cli.main(["--model", str(path), "--prompt", "Hello", "--quantize", "int4"])
+        cli.run_main(lambda: cli.main(["--model", str(path), "--prompt", "Hello", "--quantize", "int4"]))
     assert e.value.code == 2 and "--quantize int4: " in capsys.readouterr().err

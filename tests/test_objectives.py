@@ -9,26 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cli.common import add_objective_args, objective_settings_from_args
 from config import get_config
-from methods.objectives import (
-    MomentumTeacher,
-    ObjectiveSettings,
-    PairViewCollator,
-    add_objective_args,
-    adversarial_perturbation,
-    build_objective,
-    info_nce,
-    perturbed_embeddings,
-    pool,
-    rdrop_loss,
-    smoothness_loss,
-    supervised_pair_loss,
-    symmetric_kl,
-    two_passes,
-)
-from methods.objectives.combined import body_outputs
+from methods.objectives import ObjectiveSettings
+from methods.objectives.combined import body_outputs, build_objective
+from methods.objectives.contrastive import PairViewCollator, info_nce, supervised_pair_loss
+from methods.objectives.rdrop import rdrop_loss, symmetric_kl, two_passes
+from methods.objectives.smart import MomentumTeacher, adversarial_perturbation, perturbed_embeddings, smoothness_loss
 from models.gpt2 import GPT2Model
-from models.heads import GPT2SentimentClassifier
+from models.heads import GPT2SentimentClassifier, pool
+from tasks.common import PlainLoss, training_loss
 
 
 def tiny_classifier(dropout: float = 0.1, seed: int = 0) -> GPT2SentimentClassifier:
@@ -232,16 +222,21 @@ def test_momentum_teacher_update_and_prediction():
 # ----------------------------------------------------------- flags and the wrapper
 
 
-def parse(*argv: str) -> argparse.Namespace:
-    return add_objective_args(argparse.ArgumentParser()).parse_args(list(argv))
+def parse(*argv: str) -> ObjectiveSettings:
+    return objective_settings_from_args(add_objective_args(argparse.ArgumentParser()).parse_args(list(argv)))
 
 
 def test_flags_default_off_and_reject_bad_values(capsys):
-    s = ObjectiveSettings.from_args(parse())
-    assert s == ObjectiveSettings()
+    s = parse()
+    assert s == ObjectiveSettings() and not s.enabled
     assert s.rdrop_alpha == s.contrastive_weight == s.smart_weight == s.smart_proximal_weight == 0
-    s = ObjectiveSettings.from_args(parse("--rdrop_alpha", "1", "--pooling", "mean", "--contrastive_supervised"))
+    s = parse("--rdrop_alpha", "1", "--pooling", "mean", "--contrastive_supervised")
     assert (s.rdrop_alpha, s.pooling, s.contrastive_supervised) == (1.0, "mean", True)
+    # Any weight, or the pairs' views, asks for the objective; the pooling and a term's settings alone do not.
+    for flags in (["--rdrop_alpha", "1"], ["--contrastive_weight", "1"], ["--smart_weight", "1"],
+                  ["--smart_proximal_weight", "1"], ["--contrastive_supervised"]):
+        assert parse(*flags).enabled, flags
+    assert not parse("--pooling", "mean", "--smart_epsilon", "0.1", "--contrastive_temperature", "0.5").enabled
     for bad in (["--rdrop_alpha", "-1"], ["--contrastive_temperature", "0"], ["--smart_momentum", "1"],
                 ["--smart_steps", "-2"], ["--smart_weight", "x"], ["--pooling", "max"]):
         with pytest.raises(SystemExit) as e:
@@ -261,6 +256,23 @@ def test_objective_off_is_the_plain_cross_entropy():
     torch.manual_seed(5)
     assert torch.equal(got, F.cross_entropy(logits_fn(model, b), b["labels"]))
     assert objective.callbacks == []
+
+
+def test_a_run_without_objective_trains_on_the_plain_loss_with_the_same_gradients():
+    """Off, a task skips the wrapper (``training_loss`` gives ``PlainLoss``): same loss and
+    gradients, bit for bit, as the objective with every term off."""
+    plain = training_loss(parse(), logits_fn)
+    assert isinstance(plain, PlainLoss) and list(plain.callbacks) == []
+    assert not isinstance(training_loss(parse("--rdrop_alpha", "1"), logits_fn), PlainLoss)
+    grads = []
+    for loss_fn in (plain, build_objective(parse(), logits_fn)):
+        model = tiny_classifier(dropout=0.1).train()
+        torch.manual_seed(5)
+        loss = loss_fn(model, batch())
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
 
 
 def test_objective_combines_every_term_and_trains():

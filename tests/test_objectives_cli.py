@@ -7,6 +7,8 @@ weights, rebuilt by ``--load`` and by the KD teacher loader)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,9 @@ from methods.objectives import combined
 from models.gpt2 import GPT2Model
 from models.heads import GPT2SentimentClassifier
 from models.loading import SHARED_TOKENIZER
+from tasks.common import PlainLoss
 
+ROOT = Path(classifier.__file__).resolve().parent
 OFF = ["--pooling", "last", "--rdrop_alpha", "0", "--contrastive_weight", "0", "--smart_weight", "0",
        "--smart_proximal_weight", "0"]
 
@@ -75,7 +79,7 @@ def test_each_objective_flag_adds_its_term_to_the_loss(tmp_path, monkeypatch, cl
     (tmp_path / "runs").rename(tmp_path / "runs-plain")
     classifier.main(sst(classifier_cli, *flags))
     plain, regularised = calls[0]["objective"], calls[1]["objective"]
-    assert set(plain.last_terms) == {"task"}  # every term is off without its flag
+    assert isinstance(plain, PlainLoss)  # every term is off without its flag: the plain loss trains
     assert set(regularised.last_terms) == {"task", term}
     assert regularised.last_terms[term].item() > 0  # dropout 0.3 in the head: two passes differ
     assert epoch_losses(tmp_path / "runs") != epoch_losses(tmp_path / "runs-plain")
@@ -93,6 +97,20 @@ def test_smart_proximal_teacher_follows_the_model_in_a_real_run(monkeypatch, cla
     start, teacher, final = call["before"][name], objective.teacher.params[name], call["model"].classifier.weight
     assert not torch.equal(teacher, start) and not torch.equal(teacher, final.detach())
     assert (teacher - final).norm() < (start - final).norm()
+
+
+@pytest.mark.parametrize("flags, loaded", [([], False), (["--rdrop_alpha", "1"], True)])
+def test_the_objectives_load_only_when_one_is_asked_for(classifier_cli, flags, loaded):
+    """A plain run trains on the plain loss without importing the objectives' modules."""
+    code = ("import sys, classifier; classifier.main(sys.argv[1:]); "
+            "print(sorted(m for m in sys.modules if m.startswith('methods.objectives.')))")
+    argv = sst(classifier_cli, "--epochs", "1", *flags)
+    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    modules = proc.stdout.strip().splitlines()[-1]
+    want = "['methods.objectives.combined', 'methods.objectives.contrastive', 'methods.objectives.rdrop', " \
+           "'methods.objectives.smart']"
+    assert modules == (want if loaded else "[]")
 
 
 def test_supervised_contrastive_needs_pairs(classifier_cli):

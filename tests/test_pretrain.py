@@ -10,8 +10,10 @@ import torch
 
 from config import GPT2Config
 from engine.trainer import TrainConfig
+from methods.restore import load_model
+from methods.sparse_attention import SparseAttention, apply_sparse_attention, sparse_attention_of
 from models.gpt2 import GPT2Model
-from models.heads import SonnetGPT
+from models.sonnet_gpt import SonnetGPT
 from pretrain import main
 from tasks.lm import causal_lm_loss, corpus_blocks, pretrain_lm, read_corpus, split_held_out
 
@@ -27,10 +29,11 @@ class CharTokenizer:
         return {"input_ids": [b % 96 + 1 for b in text.encode()]}
 
 
-def tiny_lm(**kw) -> GPT2Model:
+def tiny_lm(attention: SparseAttention | None = None) -> GPT2Model:
     torch.manual_seed(0)
-    return GPT2Model(GPT2Config(vocab_size=97, max_position_embeddings=32, hidden_size=32, num_hidden_layers=2,
-                                num_attention_heads=2, **kw))
+    model = GPT2Model(GPT2Config(vocab_size=97, max_position_embeddings=32, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2))
+    return apply_sparse_attention(model, attention or SparseAttention())
 
 
 def test_corpus_blocks_cover_the_stream(tokenizer):
@@ -64,11 +67,11 @@ def held_out_loss_of(model: GPT2Model, text: str) -> float:
         return float(causal_lm_loss(SonnetGPT(model), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
 
 
-@pytest.mark.parametrize("pattern", [dict(), dict(attn_pattern="window", attn_window=8)])
+@pytest.mark.parametrize("pattern", [SparseAttention(), SparseAttention("window", window=8)], ids=str)
 def test_pretraining_lowers_the_loss(tmp_path, pattern):
     corpus = tmp_path / "poems.txt"
     corpus.write_text(CORPUS)
-    model = tiny_lm(**pattern)
+    model = tiny_lm(pattern)
     before = held_out_loss_of(model, CORPUS)
     cfg = TrainConfig(epochs=4, lr=3e-3, output_dir=str(tmp_path / "run"), progress=False)
     best = pretrain_lm(model, CharTokenizer(), corpus, cfg, batch_size=4)
@@ -108,7 +111,8 @@ def test_cli_pretrains_and_saves(tmp_path, tokenizer):
     assert (out / "model.pt").exists() and (out / "last.pt").exists()
     assert best["epoch"] == 1 and best["loss"] > 0
     saved = torch.load(out / "model.pt", weights_only=True)
-    assert saved["config"]["attn_pattern"] == "strided" and saved["config"]["attn_window"] == 4
+    assert saved["extra"]["attn_pattern"] == "strided" and saved["extra"]["attn_window"] == 4
+    assert sparse_attention_of(load_model(out / "model.pt")) == SparseAttention("strided", window=4)
 
 
 def test_sonnet_cli_pretrains_then_fine_tunes_with_lora_and_sparse_attention(tmp_path, tokenizer):
@@ -134,7 +138,7 @@ def test_sonnet_cli_pretrains_then_fine_tunes_with_lora_and_sparse_attention(tmp
     ckpt = torch.load(run / "pretrain" / "last.pt", weights_only=True)
     assert ckpt["trainable_only"] and all("lora" in k for k in ckpt["model"])  # LoRA: only adapters pretrain
     saved = torch.load(run / "sonnet-model.pt", weights_only=True)
-    assert saved["config"]["attn_pattern"] == "window" and saved["config"]["attn_window"] == 8
+    assert saved["extra"]["attn_pattern"] == "window" and saved["extra"]["attn_window"] == 8
     assert (tmp_path / "gen.txt").read_text().startswith("--Generated Sonnets--")
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from config import get_config
-from engine.checkpoints import save_model
+from methods.restore import save_model
 from models.gpt2 import GPT2Model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ import torch
 
 from benchmarks import sonnet_decoding
 from config import get_config
-from engine.checkpoints import save_model
+from methods.restore import save_model
 from models.gpt2 import GPT2Model
 from tests.conftest import SHARED_DATA
 

@@ -10,9 +10,9 @@ import torch
 
 import sonnet_generation
 from config import get_config
-from engine.checkpoints import load_model, save_model
+from methods.restore import load_model, save_model
 from models.gpt2 import GPT2Model
-from models.heads import SonnetGPT
+from models.sonnet_gpt import SonnetGPT
 from tasks.course_data import read_sonnets
 from tasks.sonnet_dpo import disable_dropout, prompts_and_continuations, sample_completions, score_completions
 from tests.conftest import SHARED_DATA, sonnet_data_flags

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import sonnet_generation
+from cli.sonnet import settings_from_args
 from config import GPT2Config, get_config
-from engine.checkpoints import load_model, save_model
 from engine.data import DataFormatError
+from methods.restore import load_model, save_model
 from models.gpt2 import GPT2Model
-from models.heads import SonnetGPT
+from models.sonnet_gpt import SonnetGPT
 from tasks.course_data import read_sonnets
 from tasks.lm import held_out_loss
 from tasks.metrics import chrf
@@ -109,15 +110,15 @@ def test_training_starts_from_a_saved_model_or_its_architecture(tmp_path):
     saved = GPT2Model(GPT2Config(hidden_size=64, num_hidden_layers=1, num_attention_heads=2))
     save_model(saved, tmp_path / "model.pt")
     args = sonnet_generation.get_args(["--checkpoint", str(tmp_path / "model.pt"), "--hidden_dropout_prob", "0.2"])
-    model, _, trainable_only = model_for_training(args)
+    model, _, trainable_only = model_for_training(settings_from_args(args))
     assert not trainable_only and model.gpt.config.num_hidden_layers == 1
     assert model.gpt.config.hidden_dropout_prob == 0.2  # the flag, not the saved model's dropout
     assert all(torch.equal(a, b) for a, b in zip(model.gpt.state_dict().values(), saved.state_dict().values()))
-    fresh, _, _ = model_for_training(argparse.Namespace(**{**vars(args), "random_init": True}))
+    fresh, _, _ = model_for_training(settings_from_args(argparse.Namespace(**{**vars(args), "random_init": True})))
     assert fresh.gpt.config.num_hidden_layers == 1
     assert not torch.equal(fresh.gpt.wte.weight, saved.wte.weight)
-    lora, _, trainable_only = model_for_training(sonnet_generation.get_args(
-        ["--checkpoint", str(tmp_path / "model.pt"), "--fine-tune-mode", "lora"]))
+    lora, _, trainable_only = model_for_training(settings_from_args(sonnet_generation.get_args(
+        ["--checkpoint", str(tmp_path / "model.pt"), "--fine-tune-mode", "lora"])))
     assert trainable_only and any("lora" in n for n, p in lora.named_parameters() if p.requires_grad)
 
 

@@ -10,16 +10,17 @@ import torch.nn.functional as F
 from sacrebleu.metrics import CHRF
 
 import sonnet_generation
+from cli.sonnet import DECODINGS, describe, settings_from_args
 from config import get_config
 from decoding.mbr import pool_candidates
 from engine.data import DataFormatError, PadCollator
 from models.generation_config import GenerationConfig
 from models.gpt2 import GPT2Model
-from models.heads import SonnetGPT
+from models.sonnet_gpt import SonnetGPT
 from tasks.course_data import read_sonnets, write_sonnets
 from tasks.lm import sonnet_features
 from tasks.metrics import chrf
-from tasks.sonnet import DECODINGS, candidate_pool, complete_prompts, decoding_kwargs, describe
+from tasks.sonnet import SonnetDecoding, complete_prompts
 from tests.conftest import SHARED_DATA, sonnet_data_flags
 
 FILES = {"sonnets.txt": 131, "sonnets_held_out_dev.txt": 12, "TRUE_sonnets_held_out_dev.txt": 12,
@@ -94,15 +95,21 @@ def test_training_examples_end_with_eos(tokenizer):
     assert len(feats[1]["input_ids"]) == 10
 
 
+def decoding_of(argv: list[str]) -> SonnetDecoding:
+    """The decoding settings ``sonnet_generation.py`` reads from ``argv``."""
+    return settings_from_args(sonnet_generation.get_args(argv)).decoding
+
+
 @pytest.mark.parametrize("decoding", DECODINGS)
 def test_every_decoding_completes_prompts(tiny, tokenizer, decoding):
-    args = sonnet_generation.get_args(["--decoding", decoding, "--max_new_tokens", "6", "--num_beams", "2",
-                                       "--mbr_candidates", "3", "--num_lines", "4"])
-    kw = decoding_kwargs(args, tokenizer)
+    settings = decoding_of(["--decoding", decoding, "--max_new_tokens", "6", "--num_beams", "2",
+                            "--mbr_candidates", "3", "--num_lines", "4"])
+    config = settings.generation(tokenizer)
     prompts = ["From fairest creatures we desire increase,\nThat thereby beauty's rose", "When I do count"]
-    pool = candidate_pool(args) if decoding == "mbr" else None
-    texts = complete_prompts(tiny, tokenizer, prompts, kw, batch_size=2, mbr_pool=pool)
-    again = complete_prompts(tiny, tokenizer, prompts, kw, batch_size=1, mbr_pool=pool)
+    pool = settings.pool
+    assert (pool is not None) == (decoding == "mbr")
+    texts = complete_prompts(tiny, tokenizer, prompts, config, batch_size=2, mbr_pool=pool)
+    again = complete_prompts(tiny, tokenizer, prompts, config, batch_size=1, mbr_pool=pool)
     for p, t in zip(prompts, texts):
         assert t.startswith(p) and len(t) > len(p) and t.count("\n") < 4
     if decoding in ("greedy", "beam", "contrastive"):  # deterministic: left padding in a batch changes nothing
@@ -112,14 +119,17 @@ def test_every_decoding_completes_prompts(tiny, tokenizer, decoding):
 def test_mbr_pool_of_strategies_picks_one_of_its_candidates(tiny, tokenizer):
     args = sonnet_generation.get_args(["--decoding", "mbr", "--mbr_pool", "beam:2,sample:2,contrastive",
                                        "--max_new_tokens", "6", "--num_lines", "4"])
-    pool = candidate_pool(args)
+    settings = settings_from_args(args).decoding
+    pool = settings.pool
     assert str(pool) == "beam:2,sample:2,contrastive:1" and describe(args).startswith("mbr mbr_pool=beam:2,")
-    kw = decoding_kwargs(args, tokenizer)
+    assert settings.label == describe(args)
+    config = settings.generation(tokenizer)
+    assert isinstance(config, GenerationConfig) and config.eos_token_id == tokenizer.eos_token_id
     prompts = ["When I do count the clock", "Shall I compare thee"]
-    texts = complete_prompts(tiny, tokenizer, prompts, kw, batch_size=2, mbr_pool=pool, seed=5)
+    texts = complete_prompts(tiny, tokenizer, prompts, config, batch_size=2, mbr_pool=pool, seed=5)
     batch = PadCollator(tokenizer.pad_token_id, padding_side="left")(
         [{"input_ids": tokenizer.encode(p)} for p in prompts])
-    groups = pool_candidates(tiny.gpt, batch["input_ids"], batch["attention_mask"], pool, GenerationConfig(**kw),
+    groups = pool_candidates(tiny.gpt, batch["input_ids"], batch["attention_mask"], pool, config,
                              torch.Generator().manual_seed(5))
     for text, group in zip(texts, groups):
         assert len(group) == 5 and text in [tokenizer.decode(c).strip() for c in group]
@@ -139,10 +149,43 @@ def test_bad_mbr_pool_is_a_usage_error(argv, message, capsys):
 def test_contrastive_variant_flags_reach_generate(tokenizer):
     args = sonnet_generation.get_args(["--decoding", "contrastive", "--contrastive_mean_sim",
                                        "--contrastive_dynamic_alpha"])
-    kw = decoding_kwargs(args, tokenizer)
-    assert kw["contrastive_mean_sim"] and kw["contrastive_dynamic_alpha"] and kw["penalty_alpha"] == 0.6
-    assert describe(args) == ("contrastive penalty_alpha=0.6 top_k=4 contrastive_mean_sim=True "
-                              "contrastive_dynamic_alpha=True")
+    settings = settings_from_args(args).decoding
+    config = settings.generation(tokenizer)
+    assert config.contrastive_mean_sim and config.contrastive_dynamic_alpha and config.penalty_alpha == 0.6
+    assert config.strategy == "contrastive" and config.top_k == 4
+    assert describe(args) == settings.label == ("contrastive penalty_alpha=0.6 top_k=4 contrastive_mean_sim=True "
+                                                "contrastive_dynamic_alpha=True")
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["--decoding", "greedy", "--no_repeat_ngram_size", "3", "--no_cache"],
+     dict(max_new_tokens=192, no_repeat_ngram_size=3, use_cache=False)),
+    (["--decoding", "sample", "--top_k", "5", "--repetition_penalty", "1.3"],
+     dict(max_new_tokens=192, do_sample=True, temperature=1.2, top_p=0.9, top_k=5, repetition_penalty=1.3)),
+    (["--decoding", "beam", "--num_beams", "3", "--length_penalty", "0.5", "--temperature", "0.7"],
+     dict(max_new_tokens=192, num_beams=3, length_penalty=0.5)),
+    (["--decoding", "mbr", "--penalty_alpha", "0.3", "--max_new_tokens", "24"],
+     dict(max_new_tokens=24, do_sample=True, temperature=1.2, top_p=0.9, length_penalty=1.0, penalty_alpha=0.3)),
+])
+def test_decoding_selects_which_flags_make_the_generation_config(argv, want, tokenizer):
+    """``--decoding`` picks the flags that reach ``generate``; the others keep GenerationConfig's defaults."""
+    settings = decoding_of(argv)
+    assert settings.config == GenerationConfig(**want)
+    config = settings.generation(tokenizer)
+    assert config.eos_token_id == tokenizer.eos_token_id and config.stop.num_lines == 14
+
+
+def test_the_settings_defaults_are_the_flags_defaults():
+    assert decoding_of([]) == SonnetDecoding()
+    settings = settings_from_args(sonnet_generation.get_args([]))
+    assert settings.dpo is None and settings.pretraining.corpus is None and settings.attention.pattern == "dense"
+    assert settings.flags == vars(sonnet_generation.get_args([]))  # what checkpoints keep as extra["args"]
+
+
+def test_a_generation_config_the_flags_cannot_make_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        sonnet_generation.get_args(["--decoding", "contrastive", "--contrastive_dynamic_alpha", "--penalty_alpha", "1"])
+    assert e.value.code == 2 and "--penalty_alpha must be < 1 with contrastive_dynamic_alpha" in capsys.readouterr().err
 
 
 data_flags = sonnet_data_flags
@@ -157,6 +200,8 @@ def test_cli_trains_writes_both_files_and_generates_from_the_checkpoint(tmp_path
     run = tmp_path / "run"
     assert len(list(run.glob("best-epoch*.pt"))) == epochs and (run / "sonnet-model.pt").exists()
     assert 1 <= result["best"]["epoch"] <= epochs
+    saved = torch.load(sorted(run.glob("best-epoch*.pt"))[0], weights_only=True)["extra"]["args"]
+    assert saved == vars(sonnet_generation.get_args([*common, "--epochs", str(epochs), "--lr", "1e-3"]))  # flat flags
     refs = [s.text for s in read_sonnets(SHARED_DATA / "TRUE_sonnets_held_out_dev.txt", 3)]
     assert result["dev_chrf"] == pytest.approx(chrf(result["dev"], refs))  # the score of the written sonnets
     prompts = {"test": read_sonnets(SHARED_DATA / "sonnets_held_out.txt", 3),

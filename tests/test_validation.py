@@ -85,7 +85,7 @@ def sonnet_trainer_checkpoint(tmp: Path) -> Path:
     """A training-engine checkpoint of a SonnetGPT with the micro config."""
     from config import GPT2Config
     from models.gpt2 import GPT2Model
-    from models.heads import SonnetGPT
+    from models.sonnet_gpt import SonnetGPT
 
     cfg = GPT2Config(vocab_size=50257, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
                      num_attention_heads=2)

@@ -1,32 +1,36 @@
-"""The shared objective flags and the one wrapper that turns a task's logits into its training
-loss with every regulariser asked for on the command line.
+"""The one wrapper that turns a task's logits into its training loss with every regulariser its
+``ObjectiveSettings`` ask for (``cli.common.add_objective_args`` has their flags).
 
 A task gives ``logits_fn(model, batch) -> (B, C) logits`` (and, if its loss is not the
 cross-entropy of ``batch["labels"]``, ``task_loss(logits, batch)``); the wiring is then::
 
-    add_objective_args(parser)                                   # once, beside add_common_args
-    objective = build_objective(args, logits_fn)                 # the loss_fn for the Trainer
+    objective = build_objective(settings, logits_fn)             # the loss_fn for the Trainer
     Trainer(model, objective, ..., callbacks=objective.callbacks)
 
-With every flag at its default the objective is exactly the task loss of one forward pass.
+With every setting at its default the objective is exactly the task loss of one forward pass
+(which is why a task without an objective asked for trains on that loss directly:
+``ObjectiveSettings.enabled``).
 Terms combine freely; one forward pass is shared wherever it can be (R-Drop's two passes are
 also unsupervised SimCSE's two views, and the first is SMART's clean prediction).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.trainer import Callback
-from methods.objectives.contrastive import pair_views_loss, unsupervised_contrastive_loss
+from methods.objectives import LogitsFn, ObjectiveSettings, TaskLoss, cross_entropy_loss
+from methods.objectives.contrastive import (
+    PairViewCollator,
+    add_pair_views,
+    pair_views_loss,
+    unsupervised_contrastive_loss,
+)
 from methods.objectives.rdrop import rdrop_loss
 from methods.objectives.smart import (
     MomentumTeacher,
@@ -35,97 +39,7 @@ from methods.objectives.smart import (
     proximal_loss,
     smoothness_loss,
 )
-from models.pooling import POOLINGS, pool
-
-LogitsFn = Callable[[nn.Module, Any], torch.Tensor]
-TaskLoss = Callable[[torch.Tensor, Any], torch.Tensor]
-
-
-@dataclass
-class ObjectiveSettings:
-    """What ``add_objective_args`` parses; every weight 0 (off) by default."""
-
-    rdrop_alpha: float = 0.0
-    contrastive_weight: float = 0.0
-    contrastive_temperature: float = 0.05
-    contrastive_supervised: bool = False
-    smart_weight: float = 0.0
-    smart_epsilon: float = 1e-3
-    smart_steps: int = 1
-    smart_step_size: float = 1e-3
-    smart_noise_std: float = 1e-5
-    smart_proximal_weight: float = 0.0
-    smart_momentum: float = 0.99
-    pooling: str = "last"
-
-    def __post_init__(self) -> None:
-        for name in ("rdrop_alpha", "contrastive_weight", "smart_weight", "smart_epsilon", "smart_step_size",
-                     "smart_noise_std", "smart_proximal_weight", "smart_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.contrastive_temperature <= 0:
-            raise ValueError(f"contrastive_temperature must be > 0, got {self.contrastive_temperature}")
-        if not 0.0 <= self.smart_momentum < 1.0:
-            raise ValueError(f"smart_momentum must be in [0, 1), got {self.smart_momentum}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ObjectiveSettings:
-        """The settings from parsed flags (flags a parser lacks keep their defaults)."""
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
-
-
-def _number(kind: type, low: float, low_open: bool = False, high: float | None = None) -> Callable[[str], Any]:
-    """An argparse type: ``kind`` parsed, then checked against [low, high) (or (low, ...) if ``low_open``)."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if value < low or (low_open and value == low) or (high is not None and value >= high):
-            bound = f"> {low}" if low_open else f">= {low}"
-            raise argparse.ArgumentTypeError(f"{value} must be {bound}" + (f" and < {high}" if high else ""))
-        return value
-
-    return parse
-
-
-def add_objective_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The flags of the training objectives (one group), all off by default; bad values (a negative
-    weight, a zero temperature) stop at parse time with argparse's usage error."""
-    d = ObjectiveSettings()
-    g = parser.add_argument_group("training objectives (off by default; combinable)")
-    g.add_argument("--rdrop_alpha", type=_number(float, 0), default=d.rdrop_alpha,
-                   help="R-Drop (Liang et al. 2021): weight of the symmetric KL between two dropout passes")
-    g.add_argument("--contrastive_weight", type=_number(float, 0), default=d.contrastive_weight,
-                   help="SimCSE (Gao et al. 2021): weight of the in-batch InfoNCE on sentence representations")
-    g.add_argument("--contrastive_temperature", type=_number(float, 0, low_open=True),
-                   default=d.contrastive_temperature, help="InfoNCE temperature tau")
-    g.add_argument("--contrastive_supervised", action="store_true",
-                   help="paraphrase pairs: the two questions of a positive pair are the positives "
-                        "(default: two dropout views of the same text)")
-    g.add_argument("--smart_weight", type=_number(float, 0), default=d.smart_weight,
-                   help="SMART (Jiang et al. 2020): weight lambda_s of the adversarial smoothness term")
-    g.add_argument("--smart_epsilon", type=_number(float, 0), default=d.smart_epsilon,
-                   help="radius of the inf-norm ball the embedding perturbation stays in")
-    g.add_argument("--smart_steps", type=_number(int, 0), default=d.smart_steps,
-                   help="projected gradient-ascent steps that find the perturbation")
-    g.add_argument("--smart_step_size", type=_number(float, 0), default=d.smart_step_size,
-                   help="ascent step eta (along the inf-norm-normalised gradient)")
-    g.add_argument("--smart_proximal_weight", type=_number(float, 0), default=d.smart_proximal_weight,
-                   help="weight mu of SMART's Bregman proximal term against the momentum teacher (paper: 1)")
-    g.add_argument("--smart_momentum", type=_number(float, 0, high=1.0), default=d.smart_momentum,
-                   help="beta of the momentum teacher, theta~ <- beta theta~ + (1 - beta) theta")
-    g.add_argument("--pooling", choices=POOLINGS, default=d.pooling,
-                   help="sentence representation: the last real token's state or the mean over real tokens")
-    return parser
-
-
-def cross_entropy_loss(logits: torch.Tensor, batch: Any) -> torch.Tensor:
-    """The default task loss: cross-entropy of ``batch["labels"]``."""
-    return F.cross_entropy(logits.float(), batch["labels"])
+from models.heads import pool
 
 
 @contextlib.contextmanager
@@ -160,6 +74,13 @@ class Objective(Callback):
     @property
     def callbacks(self) -> list[Callback]:
         return [self] if self.settings.smart_proximal_weight > 0 else []
+
+    def pair_view_collate(self, features: Sequence[dict[str, Any]], first: Sequence[str], second: Sequence[str],
+                          tokenizer: Any, max_length: int, padding_side: str = "right") -> PairViewCollator:
+        """Supervised SimCSE reads each pair's two texts encoded alone: add those views to the
+        training ``features`` (in place) and return the collate that pads them beside the prompt."""
+        add_pair_views(features, first, second, tokenizer, max_length)
+        return PairViewCollator(tokenizer.pad_token_id, padding_side=padding_side)
 
     def on_train_begin(self, trainer: Any) -> None:
         self.teacher = MomentumTeacher(trainer.model, self.settings.smart_momentum)
@@ -207,11 +128,10 @@ class Objective(Callback):
         return weighted
 
 
-def build_objective(
-    settings: ObjectiveSettings | argparse.Namespace, logits_fn: LogitsFn, task_loss: TaskLoss | None = None
-) -> Objective:
-    """The Trainer's ``loss_fn`` from parsed flags (or settings), a task's ``logits_fn(model, batch)``
-    and optionally its ``task_loss(logits, batch)`` (default: cross-entropy of ``batch["labels"]``)."""
-    if isinstance(settings, argparse.Namespace):
-        settings = ObjectiveSettings.from_args(settings)
+def build_objective(settings: ObjectiveSettings, logits_fn: LogitsFn, task_loss: TaskLoss | None = None) -> Objective:
+    """The Trainer's ``loss_fn`` from the settings, a task's ``logits_fn(model, batch)`` and
+    optionally its ``task_loss(logits, batch)`` (default: cross-entropy of ``batch["labels"]``)."""
     return Objective(settings, logits_fn, task_loss)
+
+
+__all__ = ["Objective", "body_outputs", "build_objective"]

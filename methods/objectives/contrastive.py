@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.data import PadCollator
-from models.pooling import pool
+from models.heads import pool
 
 PAIR_KEYS = ("sentence1_input_ids", "sentence2_input_ids")
 
