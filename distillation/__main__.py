@@ -2,25 +2,26 @@
 (contexts -> generate -> filter -> train -> self-distill) and knowledge distillation (kd).
 
 Each step is a module with ``add_args(parser)``, ``DEFAULTS`` (its defaults for the
-shared flags of ``cli.common``) and ``run(args)``; this file only dispatches.
+shared flags of ``cli.common``) and ``run(args, settings)``: its own flags, and the shared
+ones read once here into ``tasks.settings.TaskSettings``. This file only parses and dispatches.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 
-from cli.common import add_common_args, run_main
+from cli.common import add_common_args, run_main, task_settings_from_args
+from distillation import contexts, filter_step, generate, kd, self_distill, train
 
 STEPS = {
-    "contexts": ("distillation.contexts", "sample short contexts from GPT-2 or read them from a file"),
-    "generate": ("distillation.generate", "sample one-sentence continuations per context (resumable)"),
-    "filter": ("distillation.filter_step", "form and filter candidate paraphrase pairs"),
-    "train": ("distillation.train", "write Quora-format pair files and train the paraphrase models"),
-    "self-distill": ("distillation.self_distill", "the trained student paraphrases, the filters keep the best"),
-    "kd": ("distillation.kd", "knowledge distillation of a sentiment classifier into a small student"),
+    "contexts": (contexts, "sample short contexts from GPT-2 or read them from a file"),
+    "generate": (generate, "sample one-sentence continuations per context (resumable)"),
+    "filter": (filter_step, "form and filter candidate paraphrase pairs"),
+    "train": (train, "write Quora-format pair files and train the paraphrase models"),
+    "self-distill": (self_distill, "the trained student paraphrases, the filters keep the best"),
+    "kd": (kd, "knowledge distillation of a sentiment classifier into a small student"),
 }
 
 
@@ -29,17 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
     for name, (module, help_text) in STEPS.items():
-        mod = importlib.import_module(module)
-        p = sub.add_parser(name, help=help_text, description=mod.__doc__,
+        p = sub.add_parser(name, help=help_text, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        mod.add_args(p)
-        add_common_args(p, **getattr(mod, "DEFAULTS", {}))
+        module.add_args(p)
+        add_common_args(p, **getattr(module, "DEFAULTS", {}))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    return importlib.import_module(STEPS[args.step][0]).run(args)
+    return STEPS[args.step][0].run(args, task_settings_from_args(args))
 
 
 if __name__ == "__main__":

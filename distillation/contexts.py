@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from cli.validation import positive_int
 from decoding.inference import prepare_for_inference
 from distillation.records import write_jsonl, write_summary
 from distillation.sampling import SamplingConfig, add_sampling_args, sample_sentences, sampling_config
+from engine.data import read_tsv
+from engine.rng import seed_everything
+from tasks.common import build_body, pick_device
+from tasks.settings import TaskSettings
 
 DEFAULTS = {"batch_size": 32}
 
@@ -40,8 +46,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def read_contexts(path: str | Path, limit: int = 0) -> list[str]:
     """Distinct non-empty contexts of a text file, or the questions of a Quora-format TSV."""
-    from engine.data import read_tsv
-
     path = Path(path)
     if not path.exists():
         raise SystemExit(f"{path}: contexts file does not exist")
@@ -59,8 +63,6 @@ def sample_contexts(model, tokenizer, style: str, n: int, cfg: SamplingConfig, b
                     progress: bool = True) -> tuple[list[str], int]:
     """``n`` distinct one-sentence contexts (seed text + sampled sentence) and the
     number of samples drawn; gives up after 20 * n draws (a model that never ends a sentence)."""
-    from tqdm.auto import tqdm
-
     seeds = SEEDS[style]
     device = next(model.parameters()).device
     out: dict[str, None] = {}
@@ -83,25 +85,23 @@ def sample_contexts(model, tokenizer, style: str, n: int, cfg: SamplingConfig, b
     return list(out), drawn
 
 
-def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
-    from cli.common import build_from_args, pick_device, seed_everything
-
-    seed_everything(args.seed)
+def run(args: argparse.Namespace, settings: TaskSettings, model: Any = None, tokenizer: Any = None) -> dict:
+    seed_everything(settings.seed)
     cfg = sampling_config(args)
     if args.from_file:
         texts, drawn, source = read_contexts(args.from_file, args.num_contexts), 0, args.from_file
     else:
         if model is None:
-            model, tokenizer = build_from_args(args)
-        fast = prepare_for_inference(model.to(pick_device(args.use_gpu, args.device)).eval())
-        texts, drawn = sample_contexts(fast, tokenizer, args.style, args.num_contexts, cfg, args.batch_size,
-                                       args.seed, not args.no_progress)
+            model, tokenizer = build_body(settings.model)
+        fast = prepare_for_inference(model.to(pick_device(settings.run.use_gpu, settings.run.device)).eval())
+        texts, drawn = sample_contexts(fast, tokenizer, args.style, args.num_contexts, cfg, settings.data.batch_size,
+                                       settings.seed, settings.train.progress)
         source = f"sampled:{args.style}"
     write_jsonl(args.output, ({"id": f"ctx-{i:06d}", "text": t} for i, t in enumerate(texts)))
     summary = {"contexts": len(texts), "requested": args.num_contexts, "samples_drawn": drawn, "source": source,
                "settings": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
-                            "model_size": args.model_size, "random_init": args.random_init},
-               "seed": args.seed}
+                            "model_size": settings.model.model_size, "random_init": settings.model.random_init},
+               "seed": settings.seed}
     write_summary(args.output, "contexts", **summary)
     if not texts:
         raise SystemExit("no contexts: the model never finished a sentence; raise --max_new_tokens")

@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 
 from cli.validation import non_negative_int, positive_float, unit_interval
-from distillation.filters import FilterConfig, Pair, apply_filters, candidate_pairs
+from distillation.filters import FilterConfig, Pair, ScoreFn, apply_filters, candidate_pairs
 from distillation.records import read_jsonl, write_jsonl, write_summary
-from distillation.scorer import add_scorer_args, scorer_from_args
+from distillation.scorer import add_scorer_args, load_scorer
+from engine.rng import seed_everything
+from tasks.settings import TaskSettings
 
 DEFAULTS = {"batch_size": 64}
 
@@ -48,19 +50,17 @@ def side_paths(output: str | Path) -> tuple[Path, Path]:
     return output.with_name(f"{stem}.negatives.jsonl"), output.with_name(f"{stem}.scored.jsonl")
 
 
-def run(args: argparse.Namespace, score_fn=None) -> dict:
-    from cli.common import seed_everything
-
-    seed_everything(args.seed)
+def run(args: argparse.Namespace, settings: TaskSettings, score_fn: ScoreFn | None = None) -> dict:
+    seed_everything(settings.seed)
     records = list(read_jsonl(args.generations))
     if not records:
         raise SystemExit(f"{args.generations}: no generations (run the generate step first)")
-    rng = random.Random(args.seed)
+    rng = random.Random(settings.seed)
     candidates: list[Pair] = []
     for r in records:
         candidates += candidate_pairs(r["id"], r["continuations"], args.max_pairs_per_context, rng)
     if score_fn is None:
-        score_fn = scorer_from_args(args)
+        score_fn = load_scorer(settings, args.scorer)
     cfg = filter_config(args)
     t0 = time.time()
     result = apply_filters(candidates, score_fn, cfg)
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace, score_fn=None) -> dict:
         "seconds": round(time.time() - t0, 1),
         "files": {"kept": str(args.output), "negatives": str(negatives_path), "scored": str(scored_path)},
         "settings": {**vars(cfg), "max_pairs_per_context": args.max_pairs_per_context, "scorer": args.scorer},
-        "seed": args.seed,
+        "seed": settings.seed,
     }
     write_summary(args.output, "filter", **summary)
     c = result.counts

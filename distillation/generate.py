@@ -15,12 +15,17 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from cli.validation import positive_int
 from distillation.records import append_jsonl, read_jsonl, write_summary
 from distillation.sampling import add_sampling_args, sample_sentences, sampling_config
+from engine.rng import seed_everything
+from tasks.common import build_body, pick_device
+from tasks.settings import TaskSettings
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -49,33 +54,29 @@ def pending_batches(contexts: list[dict], done: set[str], per_batch: int) -> lis
     return out
 
 
-def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
-    from tqdm.auto import tqdm
-
-    from cli.common import build_from_args, pick_device, seed_everything
-
-    seed_everything(args.seed)
+def run(args: argparse.Namespace, settings: TaskSettings, model: Any = None, tokenizer: Any = None) -> dict:
+    seed_everything(settings.seed)
     contexts = list(read_jsonl(args.contexts))
     if not contexts:
         raise SystemExit(f"{args.contexts}: no contexts (run the contexts step first)")
-    if args.limit:
-        contexts = contexts[: args.limit]
+    if settings.data.limit:
+        contexts = contexts[: settings.data.limit]
     done = {r["id"] for r in read_jsonl(args.output)}
     batches = pending_batches(contexts, done, args.contexts_per_batch)
-    device = pick_device(args.use_gpu, args.device)
+    device = pick_device(settings.run.use_gpu, settings.run.device)
     if batches and model is None:
-        model, tokenizer = build_from_args(args)
+        model, tokenizer = build_body(settings.model)
     if model is not None:
         model.to(device).eval()
     cfg = sampling_config(args)
     already = sum(c["id"] in done for c in contexts)
-    bar = tqdm(total=len(contexts), initial=already, desc="generate", disable=args.no_progress)
+    bar = tqdm(total=len(contexts), initial=already, desc="generate", disable=not settings.train.progress)
     t0 = time.time()
     for start, todo in batches:
         prompts = [args.prompt_template.format(context=c["text"]) for c in todo]
         with torch.no_grad():
             sents = sample_sentences(model, tokenizer, prompts, args.num_samples, cfg,
-                                     batch_generator(args.seed, start, device))
+                                     batch_generator(settings.seed, start, device))
         append_jsonl(args.output, ({"id": c["id"], "context": c["text"], "continuations": s}
                                    for c, s in zip(todo, sents)))
         bar.update(len(todo))
@@ -88,9 +89,9 @@ def run(args: argparse.Namespace, model=None, tokenizer=None) -> dict:
         "continuations": n_cont, "complete_sentences": n_sent,
         "distinct_sentences": sum(len(set(filter(None, r["continuations"]))) for r in records),
         "seconds": round(time.time() - t0, 1),
-        "settings": {**vars(cfg).copy(), "num_samples": args.num_samples, "model_size": args.model_size,
-                     "random_init": args.random_init, "prompt_template": args.prompt_template},
-        "seed": args.seed,
+        "settings": {**vars(cfg).copy(), "num_samples": args.num_samples, "model_size": settings.model.model_size,
+                     "random_init": settings.model.random_init, "prompt_template": args.prompt_template},
+        "seed": settings.seed,
     }
     write_summary(Path(args.output), "generate", **summary)
     return summary

@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import Any
 
 from distillation.filters import ScoreFn
+from models.heads import ClozeParaphraseScorer
+from models.loading import load_tokenizer
+from tasks.common import build_body, pick_device
+from tasks.paraphrase import load_paraphrase_scorer, score_paraphrase_pairs
+from tasks.settings import TaskSettings
 
 
 def add_scorer_args(p: argparse.ArgumentParser) -> None:
@@ -21,10 +27,9 @@ def add_scorer_args(p: argparse.ArgumentParser) -> None:
                         "zero-shot from --model_size)")
 
 
-def cloze_score_fn(model, tokenizer, batch_size: int = 64, max_length: int = 0) -> ScoreFn:
+def cloze_score_fn(model: ClozeParaphraseScorer, tokenizer: Any, batch_size: int = 64, max_length: int = 0) -> ScoreFn:
     """A ScoreFn over a ``ClozeParaphraseScorer``, through the paraphrase task's own
     scoring (same prompt, features and batching as it trains and predicts with)."""
-    from tasks.paraphrase import score_paraphrase_pairs
 
     def score(pairs: Sequence[tuple[str, str]]) -> list[float]:
         return score_paraphrase_pairs(model, tokenizer, pairs, batch_size, max_length or None) if pairs else []
@@ -32,19 +37,14 @@ def cloze_score_fn(model, tokenizer, batch_size: int = 64, max_length: int = 0) 
     return score
 
 
-def scorer_from_args(args: argparse.Namespace) -> ScoreFn:
-    """The ScoreFn ``--scorer`` (or the zero-shot model) gives, on ``--device``."""
-    from cli.common import build_from_args, pick_device
-    from models.heads import ClozeParaphraseScorer
-    from models.loading import load_tokenizer
-
-    device = pick_device(args.use_gpu, args.device)
-    if args.scorer:
-        from tasks.paraphrase import load_paraphrase_scorer
-
-        model, tokenizer = load_paraphrase_scorer(args.scorer, device), load_tokenizer(args.tokenizer)
+def load_scorer(settings: TaskSettings, scorer: str | None) -> ScoreFn:
+    """The ScoreFn of the paraphrase model file ``scorer`` (``--scorer``), or of the zero-shot
+    model of ``settings.model``, on the run's device, in batches of ``--batch_size``."""
+    device = pick_device(settings.run.use_gpu, settings.run.device)
+    if scorer:
+        model, tokenizer = load_paraphrase_scorer(scorer, device), load_tokenizer(settings.model.tokenizer)
     else:
-        gpt, tokenizer = build_from_args(args)
+        gpt, tokenizer = build_body(settings.model)
         model = ClozeParaphraseScorer(gpt)
     model.to(device).eval()
-    return cloze_score_fn(model, tokenizer, args.batch_size, args.max_length)
+    return cloze_score_fn(model, tokenizer, settings.data.batch_size, settings.data.max_length)

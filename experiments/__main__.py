@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import experiments
 from cli.common import run_main
 from experiments import ensemble, seeds, sweep
 from experiments.launch import ExperimentError, split_task_argv
@@ -17,8 +18,6 @@ COMMANDS = {"seeds": seeds, "ensemble": ensemble, "sweep": sweep}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import experiments
-
     parser = argparse.ArgumentParser(prog="python -m experiments", description=experiments.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

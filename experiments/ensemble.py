@@ -19,23 +19,42 @@ ensemble's dev metrics.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from cli.validation import non_negative_int, positive_int
+from engine.data import PadCollator, make_eval_loader
+from engine.predict import predict_in_order
+from errors import CheckpointError
 from experiments.launch import ExperimentError
 from experiments.tables import write_tables
-from models.loading import CheckpointError
+from models.heads import ClozeParaphraseScorer
+from models.loading import load_tokenizer
+from tasks.course_data import (
+    SENTIMENT_LABELS,
+    load_quora_splits,
+    paraphrase_features,
+    read_sentiment,
+    sentiment_features,
+    write_id_predictions,
+)
 from tasks.metrics import classification_metrics
+from tasks.paraphrase import ParaphraseSettings, load_paraphrase_scorer, predict_p_yes, write_paraphrase_predictions
+from tasks.sentiment import DATASETS, SPLITS, SentimentSettings, logits, read_cola
+from tasks.sentiment_checkpoint import load_classifier
+from tasks.settings import DataSettings, ModelSettings, TaskSettings, from_flags
+
+S = TypeVar("S", bound=TaskSettings)
 
 
 @dataclass
 class Member:
-    """One checkpoint: its task, what it predicts from, and its class probabilities per split."""
+    """One checkpoint: its task, what it predicts from, and the settings of the run that trained it
+    (``ParaphraseSettings`` or ``SentimentSettings``: how that run read and tokenised its data)."""
 
     path: Path
     task: str  # classifier | paraphrase
@@ -44,7 +63,7 @@ class Member:
     max_length: int
     num_labels: int = 2
     dataset: str | None = None
-    args: argparse.Namespace | None = None
+    settings: TaskSettings = field(default_factory=TaskSettings)
 
 
 def checkpoint_task(path: str | Path) -> str:
@@ -74,31 +93,33 @@ def load_members(paths: Sequence[str | Path], device: torch.device) -> list[Memb
         if kinds[str(p)] == "classifier":
             members.append(_classifier_member(p, device, members[0] if members else None))
         else:
-            from models.loading import load_tokenizer
-            from tasks.paraphrase import load_paraphrase_scorer
-
             model = load_paraphrase_scorer(p, device)
-            args = run_args(Path(p).parent)
-            members.append(Member(Path(p), "paraphrase", model, load_tokenizer(getattr(args, "tokenizer", None),
-                                                                               verbose=False),
-                                  getattr(args, "max_length", 0) or model.gpt.config.max_position_embeddings,
-                                  args=args))
+            settings = settings_of(ParaphraseSettings, run_flags(Path(p).parent))
+            members.append(Member(Path(p), "paraphrase", model, load_tokenizer(settings.model.tokenizer, verbose=False),
+                                  settings.data.max_length or model.gpt.config.max_position_embeddings,
+                                  settings=settings))
     return members
 
 
-def run_args(folder: Path) -> argparse.Namespace | None:
+def run_flags(folder: Path) -> dict[str, Any]:
     """The flags of the run that wrote a paraphrase model file (its model file holds none; the
-    run's ``last.pt`` beside it does), so the member reads the data as its run did."""
+    run's ``last.pt`` beside it does), so the member reads the data as its run did ({}: unknown,
+    the paraphrase run's defaults)."""
     last = folder / "last.pt"
     if not last.exists():
-        return None
+        return {}
     extra = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("extra") or {}
-    return argparse.Namespace(**extra["args"]) if "args" in extra else None
+    return dict(extra.get("args", {}))
+
+
+def settings_of(cls: type[S], flags: Mapping[str, Any], **fields: Any) -> S:
+    """A task's settings (``cls``) as a saved run's flags set them: its model, data and own fields
+    (a flag the run predates keeps the field's default), with ``fields`` added."""
+    return replace(from_flags(cls, flags), model=from_flags(ModelSettings, flags),
+                   data=from_flags(DataSettings, flags), flags=dict(flags), **fields)
 
 
 def _classifier_member(path: str | Path, device: torch.device, first: Member | None) -> Member:
-    from tasks.sentiment_checkpoint import load_classifier
-
     def same_task(extra: Any) -> None:
         if first is not None and (extra.get("dataset"), extra["num_labels"]) != (first.dataset, first.num_labels):
             raise CheckpointError(f"{path}: trained on {extra.get('dataset')} ({extra['num_labels']} labels), but "
@@ -106,53 +127,43 @@ def _classifier_member(path: str | Path, device: torch.device, first: Member | N
                                   "checkpoints of one dataset")
 
     c = load_classifier(path, device, same_task)
-    max_len = c.args.max_length or c.model.gpt.config.max_position_embeddings
-    return Member(Path(path), "classifier", c.model, c.tokenizer, max_len, c.num_labels, c.dataset, c.args)
+    files = {(ds, split): c.flags[f"{ds}_{split}"] for ds in DATASETS for split in SPLITS[ds]
+             if f"{ds}_{split}" in c.flags}
+    settings = settings_of(SentimentSettings, c.flags, files=files)
+    max_len = settings.data.max_length or c.model.gpt.config.max_position_embeddings
+    return Member(Path(path), "classifier", c.model, c.tokenizer, max_len, c.num_labels, c.dataset, settings)
 
 
 def read_split(first: Member, split: str, path: str | None, limit: int | None = None) -> list[Any] | None:
     """The rows of ``split``: ``path`` or the file the first member's run used (None: no such file),
     the first ``limit`` of them (None: the first member's run's ``--limit``)."""
+    settings = first.settings
     if limit is None:
-        limit = getattr(first.args, "limit", 0) or 0
-    if first.task == "paraphrase":
-        from tasks.course_data import load_quora_splits
-
+        limit = settings.data.limit
+    if isinstance(settings, ParaphraseSettings):
         # The paraphrase run's defaults: offline, the same deterministic splits carved from quora-minbert-dev.csv.
-        files = {s: getattr(first.args, f"para_{s}", f"data/quora-{s}.csv") for s in ("train", "dev")}
-        files["test"] = getattr(first.args, "para_test", "data/quora-test-student.csv")
+        files = {"train": settings.para_train, "dev": settings.para_dev, "test": settings.para_test}
         files[split] = path or files[split]
         return load_quora_splits(files["train"], files["dev"], files["test"], limit=limit)[split]
-    path = path or getattr(first.args, f"{first.dataset}_{split}", None)
+    if isinstance(settings, SentimentSettings):
+        path = path or settings.files.get((first.dataset, split))
     if path is None:
         return None
     if first.dataset == "cola":
-        from tasks.cola import read_cola
-
         return read_cola(path, limit)
-    from tasks.course_data import SENTIMENT_LABELS, read_sentiment
-
     return read_sentiment(path, limit, labels=SENTIMENT_LABELS.get(first.dataset))
 
 
 @torch.no_grad()
 def probabilities(member: Member, rows: Sequence[Any], batch_size: int, name: str = "") -> torch.Tensor:
     """(N, C) class probabilities of ``rows`` in order, with the task's own prediction code."""
-    from engine.data import PadCollator
-
-    collate = PadCollator(member.tokenizer.pad_token_id, padding_side=getattr(member.args, "padding_side", "right"))
+    settings = member.settings
+    padding_side = settings.padding_side if isinstance(settings, ParaphraseSettings) else "right"
+    collate = PadCollator(member.tokenizer.pad_token_id, padding_side=padding_side)
     if member.task == "paraphrase":
-        from tasks.course_data import paraphrase_features
-        from tasks.paraphrase import predict_p_yes
-
         feats = paraphrase_features(rows, member.tokenizer, member.max_length, verbose=False)
         p_yes = torch.tensor(predict_p_yes(member.model, feats, collate, batch_size))
         return torch.stack([1 - p_yes, p_yes], dim=-1)
-    from engine.data import make_eval_loader
-    from engine.predict import predict_in_order
-    from tasks.course_data import sentiment_features
-    from tasks.sentiment import logits
-
     feats = sentiment_features(rows, member.tokenizer, member.max_length, f"{member.dataset} {name}".strip())
     out = predict_in_order(member.model, make_eval_loader(feats, collate, batch_size), logits)
     return torch.tensor(out).softmax(-1)
@@ -167,14 +178,9 @@ def write_predictions(first: Member, split: str, rows: Sequence[Any], preds: Seq
                       prefix: str) -> Path:
     """The starter's prediction file of ``split``, written by the task's own writer."""
     if first.task == "paraphrase":
-        from models.heads import ClozeParaphraseScorer
-        from tasks.paraphrase import write_paraphrase_predictions
-
         path = folder / f"para-{split}-output.csv"
         write_paraphrase_predictions(path, [r.id for r in rows], ClozeParaphraseScorer.answer_token(preds))
         return path
-    from tasks.course_data import write_id_predictions
-
     path = folder / f"{prefix}-{first.dataset}-{split}-out.csv"
     write_id_predictions(path, "Predicted_Sentiment", [r.id for r in rows], list(preds))
     return path

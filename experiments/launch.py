@@ -21,7 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from engine.run_dir import RunDirError, holds_checkpoint, run_files
+from tasks.sentiment import DATASETS
 
 ROOT = Path(__file__).resolve().parents[1]
 DONE = "experiment-run.json"  # written in a run folder by the runner once the run has finished
@@ -92,8 +95,6 @@ def one_run_each(task: str, argv: Sequence[str]) -> list[tuple[str, list[str]]]:
     becomes one run per dataset, each finished, resumed or restarted on its own (one process over
     both would have to resume a dataset that never reached its first checkpoint)."""
     if task == "classifier" and dataset_flag(argv) in (None, "both"):
-        from tasks.sentiment import DATASETS
-
         return [(ds, [*argv, "--dataset", ds]) for ds in DATASETS]
     return [("", list(argv))]
 
@@ -139,8 +140,6 @@ def run_task(task: str, argv: Sequence[str], folder: Path) -> bool:
 
 def selection(folder: Path) -> tuple[str, str]:
     """(metric, mode) the run in ``folder`` picked its best epoch by (its ``last.pt``'s TrainConfig)."""
-    import torch
-
     last = folder / "last.pt"
     if last.exists():
         try:

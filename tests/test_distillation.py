@@ -318,8 +318,7 @@ def test_first_sentence_cut() -> None:
 def test_train_step_passes_every_shared_flag_to_the_paraphrase_run(tmp_path, monkeypatch) -> None:
     """The engine, LoRA and speed flags of ``train`` reach the paraphrase training (they were
     dropped when the step rebuilt a command line by hand)."""
-    import tasks.paraphrase
-    from cli.common import train_config_from_args
+    import distillation.train
     from distillation.__main__ import main
     from distillation.filter_step import side_paths
     from distillation.records import write_jsonl
@@ -328,15 +327,16 @@ def test_train_step_passes_every_shared_flag_to_the_paraphrase_run(tmp_path, mon
     write_jsonl(pairs, [{"s1": "A cat sat.", "s2": "A cat was sitting."}])
     write_jsonl(side_paths(pairs)[0], [{"s1": "A cat sat.", "s2": "It rained."}])
     seen = []
-    monkeypatch.setattr(tasks.paraphrase, "run", lambda s: seen.append(s) or {"dev": {}, "checkpoint": "x"})
+    monkeypatch.setattr(distillation.train, "train_paraphrase",  # tasks.paraphrase.run, as the step calls it
+                        lambda s: seen.append(s) or {"dev": {}, "checkpoint": "x"})
     main(["train", "--pairs", str(pairs), "--approach", "1", "--output_dir", str(tmp_path / "out"), *TINY,
           "--weight_decay", "0.1", "--max_grad_norm", "0.5", "--group_by_length", "--lora_r", "4", "--use_dora",
           "--save_top_k", "2", "--gradient_checkpointing"])
-    (s,) = seen
-    assert (s.weight_decay, s.max_grad_norm, s.group_by_length, s.lora_r, s.use_dora, s.save_top_k,
-            s.gradient_checkpointing) == (0.1, 0.5, True, 4, True, 2, True)
-    assert (s.batch_size, s.epochs, s.lr, s.model_size, s.random_init) == (8, 4, 1.5e-5, "tiny", True)
+    (s,) = seen  # the paraphrase run's typed settings (tasks.paraphrase.ParaphraseSettings)
+    assert (s.train.weight_decay, s.train.max_grad_norm, s.data.group_by_length, s.flags["lora_r"],
+            s.flags["use_dora"], s.train.save_top_k, s.model.gradient_checkpointing) == \
+        (0.1, 0.5, True, 4, True, 2, True)
+    assert (s.data.batch_size, s.train.epochs, s.train.lr, s.model.model_size, s.model.random_init) == \
+        (8, 4, 1.5e-5, "tiny", True)
     assert s.para_train == str(tmp_path / "out" / "approach1" / "generated-pairs.csv")
-    assert s.fine_tune_mode == "full-model" and s.loss == "answer"  # the paraphrase run's own defaults
-    cfg = train_config_from_args(s, "cpu")
-    assert (cfg.weight_decay, cfg.max_grad_norm, cfg.save_top_k) == (0.1, 0.5, 2)
+    assert s.fine_tune.mode == "full-model" and s.loss == "answer"  # the paraphrase run's own defaults

@@ -177,7 +177,7 @@ def test_paraphrase_ensemble_reads_as_its_runs_did_and_averages_p_yes(tmp_path):
         (tmp_path / "run1" / "dev.csv").read_text()
     two = ensemble.run_ensemble(models, tmp_path / "two")
     (second,) = ensemble.load_members(models[1:], torch.device("cpu"))
-    assert second.max_length == 24 and second.args.padding_side == "left"
+    assert second.max_length == 24 and second.settings.padding_side == "left"
     p2 = ensemble.probabilities(second, ensemble.read_split(second, "dev", None), 4)
     assert torch.allclose(two["probs"]["dev"], (one["probs"]["dev"] + p2) / 2, atol=1e-6)
     assert not torch.allclose(one["probs"]["dev"], p2)
