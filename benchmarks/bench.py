@@ -16,7 +16,8 @@ processes hits both alike.
 Fairness: same weights, shapes and dtype; ``transformers`` uses its default
 attention implementation (``sdpa``) and ``generate(use_cache=True,
 do_sample=False)``, ours ``generate`` on ``prepare_for_inference(copy, quantize, inference_only=True)``;
-both sides train with the same optimizer (our ``optimizer.AdamW``, multi-tensor path) and dropout on (the configs' 0.1).
+both sides train with the same optimizer (our AdamW, multi-tensor: ``engine.fast_adamw.FastAdamW``) and
+dropout on (the configs' 0.1).
 
     python benchmarks/bench.py --model_size gpt2 --batch_size 8 --seq_len 128
     python benchmarks/bench.py --model_size gpt2 --threads 1 --clock cpu   # steadier on a busy machine
@@ -30,7 +31,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -41,53 +41,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from benchmarks.measure import CLOCK, matvec_bandwidth, peak_tflops, rss_mib, time_interleaved  # noqa: E402
 from config import SIZES, GPT2Config  # noqa: E402
-from decoding import cpu_kernels  # noqa: E402
-from decoding.quant import QUANTIZE_CHOICES  # noqa: E402
-from models.gpt2 import GPT2Model, maybe_compile  # noqa: E402
+from decoding.inference import held_bytes, prepare_for_inference  # noqa: E402
+from decoding.quant import QUANTIZE_CHOICES, QuantizationUnavailable, check_quantize  # noqa: E402
+from engine.device import maybe_compile  # noqa: E402
+from engine.fast_adamw import FastAdamW  # noqa: E402
+from methods.gradient_checkpointing import enable_gradient_checkpointing  # noqa: E402
+from models.generation import generate  # noqa: E402
+from models.gpt2 import GPT2Model  # noqa: E402
+from models.loading import convert_hf_state_dict  # noqa: E402
 from modules.losses import lm_loss  # noqa: E402
-from optimizer import AdamW  # noqa: E402
-
-# Dense bf16 tensor-core peak (TFLOPS, no sparsity) by a substring of the device name; first match wins.
-PEAK_BF16_TFLOPS = [
-    ("H100 SXM", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0),
-    ("GH200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0),
-    ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("A6000", 155.0),
-]
-
-
-# Wall-clock by default; --clock cpu uses this process's CPU time, which other processes
-# on a shared machine barely disturb (meaningful with --threads 1, where it equals
-# wall-clock time on an idle machine; with more threads it also counts spin-waiting).
-CLOCK = [time.perf_counter]
-
-
-def peak_tflops(name: str, override: float | None) -> float | None:
-    if override:
-        return override
-    return next((v for k, v in PEAK_BF16_TFLOPS if k.lower() in name.lower()), None)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def rss_mib(field: str = "VmRSS") -> float:
-    """This process's resident set size (VmRSS) or its peak (VmHWM), Linux only. Unlike
-    ``ru_maxrss``, VmHWM is not inherited from the parent across fork/exec."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def build_config(args: argparse.Namespace) -> GPT2Config:
     """A named size, optionally with its width, depth or head count overridden."""
     d, n_layer, n_head = SIZES[args.model_size]
     return GPT2Config(hidden_size=args.n_embd or d, num_hidden_layers=args.n_layer or n_layer,
-                      num_attention_heads=args.n_head or n_head, gradient_checkpointing=args.grad_ckpt)
+                      num_attention_heads=args.n_head or n_head)
 
 
 def build_hf(cfg: GPT2Config, device: torch.device, seed: int = 0):
@@ -110,29 +81,10 @@ def build_hf(cfg: GPT2Config, device: torch.device, seed: int = 0):
 
 def build_pair(cfg: GPT2Config, device: torch.device, seed: int = 0):
     """``transformers``' GPT2LMHeadModel and our GPT2Model holding the same weights."""
-    from models.loading import convert_hf_state_dict
-
     hf = build_hf(cfg, device, seed)
     ours = GPT2Model(cfg)
     ours.load_state_dict(convert_hf_state_dict(hf.state_dict(), cfg, ours.state_dict()))
     return ours.to(device), hf
-
-
-def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, reps: int):
-    """Median seconds per call of each function, calls interleaved rep by rep."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    sync(device)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            sync(device)
-            t0 = CLOCK[0]()
-            fn()
-            sync(device)
-            times[k].append(CLOCK[0]() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}, times
 
 
 def train_step(model, side: str, args: argparse.Namespace) -> Callable[[], torch.Tensor]:
@@ -141,9 +93,11 @@ def train_step(model, side: str, args: argparse.Namespace) -> Callable[[], torch
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), generator=g).to(device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-    opt = AdamW(model.parameters(), lr=1e-4, foreach=True)
+    opt = FastAdamW(model.parameters(), lr=1e-4)
     model.train()
     if side == "ours":
+        if args.grad_ckpt:
+            enable_gradient_checkpointing(model)
         run = maybe_compile(model, enabled=args.compile)
 
         def loss_fn() -> torch.Tensor:
@@ -170,9 +124,6 @@ def decode_fn(model, side: str, args: argparse.Namespace, batch_size: int) -> Ca
     ``transformers`` or ``ours/<quantize>``: ours decodes a copy of ``model`` prepared
     inference-only (``prepare_for_inference(..., quantize, inference_only=True)``: each weight
     held once, in its decoding layout), prepared once here as a caller decoding many batches would."""
-    from decoding.inference import prepare_for_inference
-    from models.generation import generate
-
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, args.prompt_len), generator=g).to(device)
@@ -194,9 +145,6 @@ def memory_probe(args: argparse.Namespace) -> None:
     peak is reset (``/proc/self/clear_refs``) after the first call, so it is the decoding
     peak, not that of building, converting or quantising the model (transient on both sides)."""
     import transformers  # noqa: F401  (both sides import the same libraries before the baseline)
-
-    from decoding.inference import prepare_for_inference  # noqa: F401
-    from models.generation import generate  # noqa: F401
 
     kind, side, batch = args.probe.split(":")
     base = rss_mib()
@@ -236,54 +184,6 @@ def peak_memory(fns: dict[str, Callable[[], object]], kind: str, batch: int, dev
     return mem
 
 
-def matvec_bandwidth(device: torch.device, kind: str, reps: int = 20) -> dict[str, float]:
-    """Weight bytes per second of a large matrix-vector product with each kernel available for
-    ``kind`` (float32, bf16, int8, int4), the ceiling of batch-1 decoding. Floats: the (out, in)
-    layout F.linear uses, the (in, out) layout, and on CPU oneDNN's weight prepacked for one row
-    (much the fastest: F.linear does not reach the machine's bandwidth). int8 / int4: the
-    layouts' kernels (``decoding.quant``: the project's own kernel where it builds), PyTorch's
-    int8 kernel, and dequantise-then-F.linear; bf16 adds the project's kernel."""
-    from decoding.quant import Int4Layout, Int8Layout, dequantize_int8
-
-    W = torch.randn(16384, 4096, device=device)  # 256 MB in float32, far beyond the caches
-    x = torch.randn(1, 4096, device=device)
-    if kind in ("int8", "int4"):
-        layout = Int8Layout(W) if kind == "int8" else Int4Layout(W)
-        nbytes = layout.nbytes()
-        kernels = {f"{kind} layout": lambda: layout.matmul(x, None)}
-        if kind == "int8":
-            kernels["dequantise + F.linear"] = lambda: torch.nn.functional.linear(
-                x, dequantize_int8(layout.q, layout.scale))
-            if device.type == "cpu":
-                xb, sb = x.to(torch.bfloat16), layout.scale.to(torch.bfloat16)
-                kernels["aten int8pack"] = lambda: torch.ops.aten._weight_int8pack_mm(xb, layout.q, sb)
-    else:
-        dtype = torch.bfloat16 if kind == "bf16" else torch.float32
-        x0 = x  # float32 activations: what the project kernel takes
-        W, x = W.to(dtype), x.to(dtype)
-        Wt = W.t().contiguous()
-        nbytes = W.numel() * W.element_size()
-        kernels = {"F.linear": lambda: torch.nn.functional.linear(x, W), "x @ W^T": lambda: x @ Wt}
-        if device.type == "cpu" and torch.backends.mkldnn.is_available():
-            packed = torch.ops.mkldnn._reorder_linear_weight(W, 1)
-            kernels["oneDNN packed"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-        if kind == "bf16" and cpu_kernels.serves(x0, W):
-            kernels["project kernel"] = lambda: cpu_kernels.lowbit_linear(x0, W)
-    out = {}
-    for name, fn in kernels.items():
-        for _ in range(3):
-            fn()
-        sync(device)
-        ts = []
-        for _ in range(reps):
-            t0 = CLOCK[0]()
-            fn()
-            sync(device)
-            ts.append(CLOCK[0]() - t0)
-        out[name] = nbytes / statistics.median(ts)
-    return out
-
-
 def bench_train(ours, hf, args, device) -> None:
     fns = {"ours": train_step(ours, "ours", args), "transformers": train_step(hf, "transformers", args)}
     med, raw = time_interleaved(fns, device, args.warmup, args.reps)
@@ -311,8 +211,6 @@ def bench_decode(ours, hf, args, device) -> None:
     ``transformers`` (identical weights: float32 should agree exactly; the others' agreement on
     these random weights, whose logits are near ties, says nothing of quality: see
     ``benchmarks/quant_quality.py``)."""
-    from decoding.quant import QuantizationUnavailable, check_quantize
-
     P = args.prompt_len
     quants = list(dict.fromkeys(args.quantize + (["bf16"] if args.bf16_decode else [])))
     for q in list(quants):
@@ -344,8 +242,6 @@ def bench_decode(ours, hf, args, device) -> None:
 def print_bound(model: GPT2Model, quantize: str, step_s: float, device: torch.device) -> None:
     """The batch-1 bound of one representation: the bytes an inference-only model holds (less the
     position table, of which a step reads one row) over the fastest matrix-vector rate measured."""
-    from decoding.inference import held_bytes, prepare_for_inference
-
     fast = prepare_for_inference(copy.deepcopy(model), quantize=quantize, inference_only=True)
     nbytes = held_bytes(fast) - held_bytes(fast.body.wpe)
     kind = "float32" if quantize == "none" else quantize
@@ -400,7 +296,7 @@ def main() -> None:
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f", {args.threads} threads")
           + f", clock {args.clock}"
           + f", config {args.model_size} d={cfg.hidden_size} L={cfg.num_hidden_layers} h={cfg.num_attention_heads}, "
-          f"{cfg.num_parameters() / 1e6:.1f}M params; transformers attention: sdpa; optimizer: optimizer.AdamW "
+          f"{cfg.num_parameters() / 1e6:.1f}M params; transformers attention: sdpa; optimizer: FastAdamW "
           f"(foreach) on both sides; load average {os.getloadavg()[0]:.2f}")
     ours, hf = build_pair(cfg, device)
     if not args.skip_train:

@@ -1,11 +1,11 @@
 """Trainable parameters and peak training memory of LoRA / DoRA on an int8 base against the
-same adapters on a float32 base (``apply_lora(quantize_base=...)``), one process per variant.
+same adapters on a float32 base (``apply_lora(base_layer=Int8Linear.from_linear)``), one process per variant.
 
     python benchmarks/qlora_memory.py --model_size gpt2 --batch_size 4 --seq_len 128
 
 Each variant builds the model, wraps the targets, and resets the process's peak RSS
 (``/proc/self/clear_refs``) so that building and quantising do not count; the peak is then
-taken over ``--steps`` training steps (forward, backward, ``optimizer.AdamW`` on the
+taken over ``--steps`` training steps (forward, backward, ``FastAdamW``, the Trainer's AdamW, on the
 adapters), less the RSS of the bare process. Weights are random (memory does not depend on
 them). The tied embedding stays float32 and frozen in every variant. The probes run with
 glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``): with its default dynamic threshold,
@@ -38,19 +38,20 @@ def rss_mib(field: str) -> float:
 def probe(args: argparse.Namespace) -> dict[str, float]:
     """In this process: one variant's trainable parameters and peak training memory."""
     from config import get_config
+    from decoding.quant import Int8Linear
+    from engine.fast_adamw import FastAdamW
     from methods.lora import apply_lora, mark_only_lora_trainable
     from models.gpt2 import GPT2Model
     from modules.losses import lm_loss
-    from optimizer import AdamW
 
     use_dora, quantize = VARIANTS[args.probe]
     base = rss_mib("VmRSS")
     torch.manual_seed(0)
     model = GPT2Model(get_config(args.model_size))
-    apply_lora(model, r=args.r, use_dora=use_dora, quantize_base=quantize)
+    apply_lora(model, r=args.r, use_dora=use_dora, base_layer=Int8Linear.from_linear if quantize else None)
     trainable = mark_only_lora_trainable(model)
     model.train()
-    opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = FastAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := current RSS: the model as trained, not its construction

@@ -36,8 +36,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from decoding.inference import prepare_for_inference  # noqa: E402
 from decoding.quant import QUANTIZE_CHOICES, QuantizationUnavailable, check_quantize  # noqa: E402
-from engine.checkpoints import load_any_model  # noqa: E402
+from methods.restore import load_any_model  # noqa: E402
 from models.generation import LineStop  # noqa: E402
+from models.generation_config import GenerationConfig  # noqa: E402
 from models.loading import CheckpointError, load_tokenizer  # noqa: E402
 from tasks.course_data import read_sonnets  # noqa: E402
 from tasks.metrics import chrf  # noqa: E402
@@ -48,9 +49,9 @@ def greedy_continuations(model, tokenizer, prompts: list[str], new_tokens: int, 
     """Greedy continuations (new tokens only): exactly ``new_tokens`` each without ``stop``,
     else cut at EOS or the 14th line."""
     eos = tokenizer.eos_token_id
-    kw = dict(max_new_tokens=new_tokens, eos_token_id=eos if stop else None, pad_token_id=eos,
-              stop=LineStop(tokenizer, 14) if stop else None)
-    return [new for _, new in continue_prompts(model, tokenizer, prompts, kw, batch_size=8)]
+    config = GenerationConfig(max_new_tokens=new_tokens, eos_token_id=eos if stop else None, pad_token_id=eos,
+                              stop=LineStop(tokenizer, 14) if stop else None)
+    return [new for _, new in continue_prompts(model, tokenizer, prompts, config, batch_size=8)]
 
 
 @torch.no_grad()

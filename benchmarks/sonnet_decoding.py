@@ -25,10 +25,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sonnet_generation  # noqa: E402
+from cli.sonnet import settings_from_args  # noqa: E402
 from experiments.tables import mean_std, mean_std_table  # noqa: E402
 from tasks.course_data import read_sonnets  # noqa: E402
 from tasks.metrics import chrf  # noqa: E402
-from tasks.sonnet import candidate_pool, complete_prompts, decoding_kwargs, load_sonnet_model  # noqa: E402
+from tasks.sonnet import complete_prompts, load_sonnet_model  # noqa: E402
 from tasks.sonnet_form import summarize_form  # noqa: E402
 
 # name -> sonnet_generation.py decoding flags
@@ -54,11 +55,10 @@ COLUMNS = (("dev chrF", "chrf", ".2f"), ("lines", "mean_lines", ".1f"), ("14 lin
 def evaluate(model: Any, tokenizer: Any, flags: list[str], prompts: list[str], refs: list[str],
              seed: int, common: list[str]) -> dict[str, float]:
     """chrF, form and seconds of one strategy under one seed."""
-    args = sonnet_generation.get_args([*common, *flags, "--seed", str(seed)])
-    pool = candidate_pool(args) if args.decoding == "mbr" else None
+    decoding = settings_from_args(sonnet_generation.get_args([*common, *flags, "--seed", str(seed)])).decoding
     t0 = time.perf_counter()
-    texts = complete_prompts(model, tokenizer, prompts, decoding_kwargs(args, tokenizer),
-                             batch_size=args.gen_batch_size, seed=seed, mbr_pool=pool)
+    texts = complete_prompts(model, tokenizer, prompts, decoding.generation(tokenizer),
+                             batch_size=decoding.batch_size, seed=seed, mbr_pool=decoding.pool)
     seconds = time.perf_counter() - t0
     return {"chrf": chrf(texts, refs), **summarize_form(texts).as_dict(), "seconds": seconds}
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prompts = [s.text for s in read_sonnets(data / "sonnets_held_out_dev.txt", args.limit)]
     refs = [s.text for s in read_sonnets(data / "TRUE_sonnets_held_out_dev.txt", args.limit)]
     common = ["--max_new_tokens", str(args.max_new_tokens)]
-    model, tokenizer = load_sonnet_model(sonnet_generation.get_args(common), args.model)
+    model, tokenizer = load_sonnet_model(settings_from_args(sonnet_generation.get_args(common)), args.model)
     model.eval()
     rows = []
     for name in chosen:

@@ -1,14 +1,16 @@
 """The project's own CPU kernel for decoding steps: weight-only int8 and bfloat16
 matrix-vector products with float32 activations (``csrc/lowbit_matvec.cpp``), compiled
-once per machine with ``torch.utils.cpp_extension`` (about 30 s; ``setup.sh`` does it).
+once per machine with ``torch.utils.cpp_extension`` (``setup.sh`` does it; otherwise the
+first use compiles it and says so).
 
-Why a kernel of our own: a batch-1 decoding step streams every weight once, and the
-library kernels leave bandwidth unused on CPU. Measured on the 2-core AVX-512 machine
-(2 threads, gpt2's 48 block matrices, each read from DRAM): ``aten._weight_int8pack_mm``
-6.4-7.1 ms per pass (about 12 GB/s, and it needs the activations rounded to bfloat16),
-this kernel 3.0-3.8 ms (22-28 GB/s) with the activations kept in float32; the (50257, 768)
-int8 head 9-13 GB/s against about 20. It converts each 64-byte line of weights to float32
-in registers and accumulates in float32, each thread on its own block of rows.
+Why a kernel of our own: a batch-1 decoding step streams every weight once, so its speed is
+the memory bandwidth it reaches, and the library kernels leave bandwidth unused on CPU:
+``aten._weight_int8pack_mm`` also needs the activations rounded to bfloat16. This kernel
+converts each 64-byte line of weights to float32 in registers (no dequantised copy goes
+through memory) and accumulates in float32 with the activations kept in float32, each thread
+on its own block of rows, so it streams the block matrices and the int8 head closer to the
+bandwidth. ``benchmarks/decode_kernels.py`` measures it against PyTorch's and oneDNN's kernels;
+README.md's "Quantized decoding" section has the numbers.
 
 It is used only where it fits: x86-64 Linux with AVX-512 or AVX2 + FMA
 (``torch.backends.cpu``'s capability; the widest the CPU has is chosen at run time), float32

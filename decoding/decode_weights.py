@@ -1,10 +1,11 @@
 """Faster weight layouts for CPU decoding steps, and the linear layer that uses them.
 
 A batch-1 decoding step only streams weights through matrix-vector products, and
-``F.linear`` reads the (out, in) layout at about half the machine's bandwidth; oneDNN's
-prepacked layout reads it at about the speed of one large product (gpt2, 2 threads: 48
-block products 24 ms -> 14 ms). A one-row product with the tall (V, d) embedding is
-fastest through a plain transposed copy on one thread or at small width.
+``F.linear`` reads the (out, in) layout well below the machine's memory bandwidth; oneDNN's
+prepacked layout arranges the weight for the product's access pattern and streams it at
+about the speed of one large product. A one-row product with the tall (V, d) embedding is
+fastest through a plain transposed copy on one thread or at small width. README.md's
+"Performance" section and ``benchmarks/bench.py`` give the measured decoding speed.
 
 Nothing here touches a model: ``decoding.inference.prepare_for_inference`` builds a
 separate inference copy whose linears are ``DecodeLinear``, so the model, training and
@@ -39,7 +40,7 @@ from torch import nn
 # Up to this many rows, products without autograd on CPU use the decoding layouts.
 DECODE_ROWS = 64
 # Smaller block weights stay on F.linear: a matrix that fits in cache gains nothing from packing, and
-# the packed call's fixed cost made a d=256 model's float32 decoding ~7% slower.
+# the packed call's fixed cost then makes small models (d=256) decode slower, not faster.
 PACKED_MIN_NUMEL = 1 << 18
 # Below this width, one-row logits multiply by a transposed embedding copy even on several threads.
 ONE_ROW_PACKED_MIN_D = 512
@@ -156,9 +157,10 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 class PackedLayout(WeightLayout):
     """oneDNN-prepacked copies, one per row regime: one row gets the layout packed for a
-    matrix-vector product, which streams a large matrix far faster (gpt2's (V, d)
-    embedding: 35 GB/s against 26 GB/s); 2 to DECODE_ROWS rows the one packed for 8 rows
-    (hint 1 at 8 rows is ~1.6x slower). Each is built the first time its regime is used."""
+    matrix-vector product, which streams a large matrix (such as the (V, d) embedding) faster
+    than the one packed for several rows; 2 to DECODE_ROWS rows get the one packed for 8 rows,
+    since the matrix-vector layout falls well behind once several rows share each weight read.
+    Each is built the first time its regime is used."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         if not packing_available(weight):
@@ -180,8 +182,8 @@ class PackedLayout(WeightLayout):
 class StandalonePackedLayout(WeightLayout):
     """One oneDNN copy, built at once, packed for the row count decoding will use (``hint`` 1
     for batch-1 steps, 8 for batches); it serves every row count, so that an inference-only
-    model holds each weight once (the one-row packing at 8 rows is ~1.3x slower than the
-    8-row one, and at prefill about as fast)."""
+    model holds each weight once (the trade-off: at several rows the one-row packing is
+    slower than the 8-row one, at prefill about as fast)."""
 
     replaces_weight = True
 

@@ -8,8 +8,8 @@ checkpoints, copies and LoRA wrapping work on ordinary ``nn.Linear``. The infere
 model shares the original parameters (no second copy of the weights) and adds the
 layouts beside them; it is a snapshot, so prepare again after the weights change
 (each epoch's evaluation, after a LoRA merge). Preparation itself is cheap: the layouts
-are built at the first decoding step that needs them (packing gpt2 takes ~0.4 s), so
-prepare once and decode many batches.
+are built at the first decoding step that needs them (oneDNN packing copies and reorders
+every weight, a cost paid once per prepared copy), so prepare once and decode many batches.
 
     fast = prepare_for_inference(model)
     out = generate(fast, ids, mask, max_new_tokens=64)   # same tokens, faster on CPU
@@ -19,15 +19,14 @@ per weight; ``quantize`` names one: ``"bf16"`` (bfloat16 copies of the linears a
 ``"int8"`` / ``"int4"`` (weight-only, ``decoding.quant``). ``inference_only=True`` consumes
 the model: every weight given a layout is held only in that layout (the float layouts'
 ``standalone`` form), the tied embedding too, and the original tensors are released, so
-decoding holds one copy of the weights (less than ``transformers``). Command lines get all
-of this from ``add_inference_args`` and ``inference_from_args``.
+decoding holds one copy of the weights (less than ``transformers``). Tasks and scripts get all
+of this from ``prepare_for_decoding`` (``--quantize``, adapters folded in, the rows of a step).
 
     fast = prepare_for_inference(model, quantize="int8", inference_only=True)  # model unusable after
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import ctypes
 import itertools
@@ -45,9 +44,8 @@ from decoding.quant import (
     int4_layouts,
     int8_layouts,
 )
-from methods.lora import LoRALinear, unwrap_lora
 from models.gpt2 import GPT2Model
-from modules.kv_cache import BaseKVCache, new_kv_cache
+from modules.kv_cache import BaseKVCache
 
 POLICIES: dict[str, LayoutPolicy] = {"none": default_layouts, "bf16": bf16_layouts, "int8": int8_layouts,
                                      "int4": int4_layouts}
@@ -85,7 +83,7 @@ class InferenceModel(nn.Module):
         return self.head(hidden_state)
 
     def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> BaseKVCache:
-        return new_kv_cache(self.config, batch_size, max_length, self.device, dtype or self.body.wpe.weight.dtype)
+        return self.body.new_cache(batch_size, max_length, dtype)  # on wpe's device and dtype: wte may be a layout
 
 
 def prepare_for_inference(model: GPT2Model, layouts: LayoutPolicy | None = None, *, quantize: str = "none",
@@ -105,9 +103,9 @@ def prepare_for_inference(model: GPT2Model, layouts: LayoutPolicy | None = None,
     if quantize not in POLICIES:
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
     policy = layouts or POLICIES[quantize]
-    if (quantize != "none" or inference_only) and any(isinstance(m, LoRALinear) for m in model.modules()):
+    if (quantize != "none" or inference_only) and any(_foldable(m) for m in model.modules()):
         raise ValueError("quantised or inference-only preparation needs plain linears: "
-                         "fold the adapters in first (methods.lora.unwrap_lora)")
+                         "fold the adapters in first (fold_adapters, or methods.lora.unwrap_lora)")
     originals = list(itertools.chain(model.parameters(), model.buffers()))
     body = copy.deepcopy(model, {id(t): t for t in originals})  # new modules, the same tensors
     body.__dict__.pop("forward", None)  # maybe_compile's wrapper would call the original modules
@@ -159,30 +157,33 @@ def decoding_rows(prompts: int, num_beams: int = 1, num_return_sequences: int = 
     return prompts * max(num_beams, num_return_sequences, 8 if pooled else 1)
 
 
-def add_inference_args(parser: argparse.ArgumentParser) -> None:
-    """``--quantize``: the weights decoding multiplies by (every command that decodes)."""
-    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
-                        help="decode with weight-only bf16, int8 (per-row scales) or int4 "
-                             "(groups of 128, CPU only); none: float32 as trained")
+def _foldable(module: nn.Module) -> bool:
+    return callable(getattr(module, "folded", None))
 
 
-def inference_from_args(model: GPT2Model, args: argparse.Namespace, *, inference_only: bool | None = None,
-                        decode_rows: int = 1) -> InferenceModel:
-    """The model prepared for decoding as ``--quantize`` asks. With ``inference_only`` (default:
-    ``--generate_only``) the model is consumed (its LoRA adapters folded in, its weights held
-    once in the decoding layouts, laid out for steps of ``decode_rows`` rows). An impossible
-    choice (int4 on a GPU) ends in one ``error:`` line and exit status 2."""
-    quantize = getattr(args, "quantize", "none")
-    if inference_only is None:
-        inference_only = bool(getattr(args, "generate_only", False))
+def fold_adapters(model: nn.Module) -> None:
+    """Put a plain layer back wherever a module can fold itself into one: the protocol is a
+    ``folded()`` method that returns the plain layer (LoRA and DoRA adapters merged into their base
+    linear), so this wing needs no knowledge of the methods that implement it."""
+    for name, m in list(model.named_modules()):
+        if name and _foldable(m):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, m.folded())
+
+
+def prepare_for_decoding(model: GPT2Model, quantize: str = "none", *, inference_only: bool = False,
+                         decode_rows: int = 1) -> InferenceModel:
+    """The model prepared for decoding as ``--quantize`` asks. With ``inference_only`` the model is
+    consumed (adapters folded in, its weights held once in the decoding layouts, laid out for steps
+    of ``decode_rows`` rows). An impossible choice (int4 on a GPU) raises ``QuantizationUnavailable``
+    naming the flag, which the command line prints as one ``error:`` line with exit status 2."""
     device = next(model.parameters()).device
     try:
         check_quantize(quantize, device, model.config.hidden_size)
     except QuantizationUnavailable as e:
-        print(f"error: --quantize {quantize}: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise QuantizationUnavailable(f"--quantize {quantize}: {e}") from None
     if quantize != "none" or inference_only:
-        unwrap_lora(model)
+        fold_adapters(model)
     return prepare_for_inference(model, quantize=quantize, inference_only=inference_only, decode_rows=decode_rows)
 
 

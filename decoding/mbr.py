@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from sacrebleu.metrics import CHRF
 
 from models.generation import generate, trim
 from models.generation_config import GenerationConfig
@@ -128,10 +129,9 @@ def mbr_select(candidates: Sequence[str], utility: Utility) -> int:
 
 
 def chrf_utility(candidate: str, reference: str) -> float:
-    """Sentence chrF (sacrebleu defaults, as the course grades) of one candidate against one other."""
-    from tasks.metrics import chrf
-
-    return chrf([candidate], [reference])
+    """Sentence chrF (sacrebleu defaults, as the course grades: ``tasks.metrics.chrf`` of one pair)
+    of one candidate against one other."""
+    return float(CHRF().corpus_score([candidate], [[reference]]).score)
 
 
 @torch.no_grad()

@@ -7,19 +7,22 @@ the weights' bytes over the memory bandwidth; int8 halves bf16's bytes and int4 
 int8's, while activations stay in floating point, so the error is the weights' rounding
 alone (per-row int8: ~0.4% relative, well under the model's own noise).
 
-Kernels (2-core AVX-512 CPU, 2 threads, gpt2's 48 block matrices at one row, each read from
-DRAM): the project's own kernel (``decoding.cpu_kernels``: float32 activations, int8 or bfloat16
-weights converted in registers, float32 accumulation) takes 3.0-3.8 ms per pass in int8 and
-7.7 ms in bfloat16, against 6.4-7.1 ms for PyTorch's ``aten._weight_int8pack_mm`` (which also
-rounds the activations to bfloat16) and ~10 ms for oneDNN's packed bfloat16. It serves up to 8
-rows in int8 (at 8 rows 14.9 ms against 19.5) and up to ``KERNEL_BF16_ROWS`` in bfloat16, where
-oneDNN's bfloat16 dot products win from 4 rows. Where it cannot build or run
-(``cpu_kernels.unavailable()``), PyTorch's kernels serve: ``aten._weight_int8pack_mm`` with
-bfloat16 activations (in float32 it falls back to a 1.2 GB/s reference loop), and
-dequantise-then-``F.linear`` for prefill (0.23 ms per 2304x768 matrix at one row against
-0.095). ``aten._weight_int4pack_mm_for_cpu`` serves int4 (4.8 ms per pass in bfloat16, 148 ms
-in float32). ``torchao`` wraps these same ops on CPU; it is not a dependency. On CUDA the int8
-layout dequantises then multiplies (simple, untested here); int4 has no CUDA path here and says so.
+Kernels: the project's own kernel (``decoding.cpu_kernels``: float32 activations, int8 or
+bfloat16 weights converted to float32 in registers, float32 accumulation) comes closest to the
+memory bandwidth at decoding row counts, ahead of PyTorch's ``aten._weight_int8pack_mm`` (which
+also rounds the activations to bfloat16) and of oneDNN's packed bfloat16, and its only error is
+the weights' rounding. It serves up to 8 rows in int8, where it stays ahead, and up to
+``KERNEL_BF16_ROWS`` in bfloat16, beyond which oneDNN's bfloat16 dot products win (see below).
+Where it cannot build or run (``cpu_kernels.unavailable()``), PyTorch's kernels serve:
+``aten._weight_int8pack_mm`` with bfloat16 activations (with float32 activations it falls back
+to a slow reference loop), and dequantise-then-``F.linear`` for prefill, where one dequantisation
+is shared by many rows (at one row it costs more than the int8 op). ``aten._weight_int4pack_mm_for_cpu``
+serves int4, again fed bfloat16 activations (its float32 path is a reference loop too).
+``torchao`` wraps these same ops on CPU; it is not a dependency. On CUDA the int8 layout
+dequantises then multiplies (simple, untested here); int4 has no CUDA path here and says so.
+The measurements behind these choices are printed by ``benchmarks/decode_kernels.py`` (kernels
+per row count) and ``benchmarks/bench.py --quantize ...`` (whole decoding), and tabulated in
+README.md's "Quantized decoding" section.
 
 The tied embedding is quantised once as the LM head (int8 for both int8 and int4, as is usual:
 the head is the most sensitive matrix) and serves the input embedding lookups from the same
@@ -42,17 +45,19 @@ from decoding.decode_weights import (
     packing_available,
     rows_of,
 )
+from errors import InputError
 
 INT4_GROUP = 128
 QUANTIZE_CHOICES = ("none", "bf16", "int8", "int4")
 _KERNEL_DTYPE = torch.bfloat16  # the activations' dtype inside PyTorch's CPU int8/int4 kernels (see the docstring)
-# Rows up to which the project's kernel multiplies bfloat16 weights: its float32 FMAs fall behind
-# oneDNN's bfloat16 dot products (which round the activations) from 4 rows (gpt2's 48 block
-# matrices, 2 threads: 7.7 / 8.0 / 12.5 / 22.7 ms at 1 / 2 / 4 / 8 rows against ~10 for oneDNN).
+# Rows up to which the project's kernel multiplies bfloat16 weights: at one or two rows the step is
+# bound by reading the weights and the kernel wins; from 4 rows its float32 FMAs become the limit and
+# oneDNN's bfloat16 dot products (which round the activations) overtake it
+# (``benchmarks/decode_kernels.py`` prints both at 1 / 2 / 4 / 8 rows).
 KERNEL_BF16_ROWS = 2
 
 
-class QuantizationUnavailable(ValueError):
+class QuantizationUnavailable(InputError, ValueError):
     """The requested quantisation has no kernel for this device or weight shape."""
 
 

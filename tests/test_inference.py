@@ -19,9 +19,10 @@ import decoding.decode_weights as dw
 from config import GPT2Config
 from decoding.decode_weights import DecodeLinear, PackedLayout, WeightLayout
 from decoding.inference import InferenceModel, prepare_for_inference
+from engine.device import maybe_compile
 from methods.lora import apply_lora
 from models.generation import generate
-from models.gpt2 import GPT2Model, maybe_compile
+from models.gpt2 import GPT2Model
 
 pytestmark = pytest.mark.skipif(not dw._HAS_ONEDNN, reason="this PyTorch build has no oneDNN")
 

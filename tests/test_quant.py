@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 
 import decoding.decode_weights as dw
+from cli.common import run_main
+from cli.decoding import add_inference_args
 from config import GPT2Config
 from decoding import cpu_kernels
-from decoding.inference import add_inference_args, held_bytes, inference_from_args, prepare_for_inference
+from decoding.inference import held_bytes, prepare_for_decoding, prepare_for_inference
 from decoding.quant import (
     KERNEL_BF16_ROWS,
     Int4Layout,
@@ -169,10 +171,10 @@ def test_quantize_flag_is_validated(capsys) -> None:
         parse(["--quantize", "int3"])
     assert e.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # no int4 kernel fits a width of 64: refused before decoding
-        inference_from_args(model_of(width=64), parse(["--quantize", "int4"]))
+        run_main(lambda: prepare_for_decoding(model_of(width=64), parse(["--quantize", "int4"]).quantize))
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --quantize int4: ")
     model = model_of()
-    fast = inference_from_args(model, parse(["--quantize", "int8", "--generate_only"]))
+    fast = prepare_for_decoding(model, parse(["--quantize", "int8"]).quantize, inference_only=True)
     assert isinstance(fast.head.layout.inner, Int8Layout) and model.wte.weight.numel() == 0
 
 
@@ -192,7 +194,7 @@ def test_inference_only_folds_lora_adapters_in() -> None:
     apply_lora(model, r=2)
     with pytest.raises(ValueError, match="unwrap_lora"):
         prepare_for_inference(copy.deepcopy(model), quantize="int8")
-    fast = inference_from_args(model, parse(["--quantize", "int8"]))
+    fast = prepare_for_decoding(model, "int8")
     generate(fast, torch.randint(0, 300, (1, 4)), max_new_tokens=3)
 
 

@@ -1,4 +1,4 @@
-"""LoRA and DoRA on a frozen int8 base (``apply_lora(quantize_base=True)``, ``decoding.quant.Int8Linear``):
+"""LoRA and DoRA on a frozen int8 base (``apply_lora(base_layer=decoding.quant.Int8Linear.from_linear)``):
 gradients reach the adapters only, the output is close to LoRA on the float base, and the base
 holds a quarter of the float bytes."""
 
@@ -34,7 +34,7 @@ def test_int8_base_trains_the_adapters_only_and_stays_close_to_float_lora(use_do
     float_lora = model_of()
     quant_lora = copy.deepcopy(float_lora)
     apply_lora(float_lora, r=4, use_dora=use_dora)
-    apply_lora(quant_lora, r=4, use_dora=use_dora, quantize_base=True)
+    apply_lora(quant_lora, r=4, use_dora=use_dora, base_layer=Int8Linear.from_linear)
     n_float = mark_only_lora_trainable(float_lora)
     n_quant = mark_only_lora_trainable(quant_lora)
     assert n_quant == n_float > 0
