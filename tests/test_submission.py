@@ -27,15 +27,15 @@ def fake_project(root: Path) -> Path:
     write(root / "optimizer.py", "class AdamW: ...\n")
     write(root / "utils.py", "def model_size_to_params(size): ...\n")
     write(root / "config.py", "SIZES = {}\n")
-    write(root / "classifier.py", "from cli.common import x\nimport numpy\n")
+    write(root / "classifier.py", "from training.cli import x\nimport numpy\n")
     write(root / "models/__init__.py")
     write(root / "models/gpt2.py", "from config import SIZES\nclass GPT2Model: ...\n")
     write(root / "modules/__init__.py")
     write(root / "modules/attention.py", "")
     write(root / "training/__init__.py")
-    write(root / "cli/common.py", "from training.helpers import y\nx = 1\n")
+    write(root / "training/cli.py", "from training.helpers import y\nx = 1\n")
     write(root / "training/helpers.py", "y = 2\n")
-    write(root / "methods/objectives/__init__.py")
+    write(root / "training/objectives/__init__.py")
     write(root / "distillation/__init__.py")  # imported by nothing packed: left out
     write(root / "tests/test_x.py", "")
     for junk in ("data/ids-sst-train.csv", "runs/sst/best.pt", "models/weights.pt", "models/__pycache__/gpt2.pyc",
@@ -60,8 +60,8 @@ def test_packs_the_starter_set_and_imported_packages_only(tmp_path):
         names = sorted(z.namelist())
     assert names == sorted([  # zipfile drops the starter's "./" prefix: same names as its zip
         "classifier.py", "config.py", "optimizer.py", "utils.py", "models/__init__.py", "models/gpt2.py",
-        "modules/__init__.py", "modules/attention.py", "training/__init__.py", "cli/common.py",
-        "training/helpers.py", "methods/objectives/__init__.py",
+        "modules/__init__.py", "modules/attention.py", "training/__init__.py", "training/cli.py",
+        "training/helpers.py", "training/objectives/__init__.py",
         "predictions/full-model-sst-dev-out.csv", "predictions/para-test-output.csv",
         "predictions/generated_sonnets.txt"])
     assert "predictions/full-model-sst-test-out.csv" in report.missing
@@ -141,7 +141,7 @@ def test_real_models_import_from_the_zip_alone(tmp_path):
     root = tmp_path / "proj"
     for d in ("models", "modules"):
         shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
-    for f in ("config.py", "optimizer.py"):
+    for f in ("config.py", "errors.py", "optimizer.py"):  # root .py files: the starter zips every one
         shutil.copy(REPO / f, root / f)
     if not (REPO / "utils.py").exists():
         write(root / "utils.py", "def model_size_to_params(size): ...\n")
