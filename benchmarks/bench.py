@@ -211,6 +211,8 @@ def bench_decode(ours, hf, args, device) -> None:
     ``transformers`` (identical weights: float32 should agree exactly; the others' agreement on
     these random weights, whose logits are near ties, says nothing of quality: see
     ``benchmarks/quant_quality.py``)."""
+    if not torch.equal(ours.wte.weight, hf.transformer.wte.weight.to(ours.wte.weight.device)):
+        raise RuntimeError("greedy agreement compares the two sides on identical weights, and these differ")
     P = args.prompt_len
     quants = list(dict.fromkeys(args.quantize + (["bf16"] if args.bf16_decode else [])))
     for q in list(quants):
@@ -301,6 +303,7 @@ def main() -> None:
     ours, hf = build_pair(cfg, device)
     if not args.skip_train:
         bench_train(ours, hf, args, device)
+        ours, hf = build_pair(cfg, device)  # training moved each side's weights its own way
     if not args.skip_decode:
         bench_decode(ours, hf, args, device)
 
