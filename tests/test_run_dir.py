@@ -43,8 +43,9 @@ def sst_args(tmp_path: Path, *extra: str, output_dir: bool = True) -> list[str]:
     return args if output_dir else without_output_dir(args)
 
 
-def cli(script: str, args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def cli(script: str, args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
 
 
 def trainer(tmp_path: Path, name: str = "run", batch_size: int = 8, extra: dict | None = None, callbacks=(),
@@ -201,12 +202,11 @@ def test_sonnet_epochs_0_decodes_the_checkpoint_and_saves_nothing(tmp_path):
 # ----------------------------------------------------------------- resume rules
 
 
-def test_resume_with_nothing_to_resume_is_an_error(tmp_path, monkeypatch):
+def test_resume_with_nothing_to_resume_is_an_error(tmp_path):
     with pytest.raises(RunDirError, match="no checkpoint"):
         trainer(tmp_path, resume=True).fit()
-    monkeypatch.chdir(tmp_path)
     args = sst_args(tmp_path, output_dir=False)
-    proc = cli("classifier.py", [*args, "--resume"])
+    proc = cli("classifier.py", [*args, "--resume"], cwd=tmp_path)  # the default runs/ of a fresh folder
     assert proc.returncode == 2 and "no earlier run to resume" in proc.stderr
     proc = cli("classifier.py", sst_args(tmp_path, "--resume"))
     assert proc.returncode == 2 and "no checkpoint (last.pt) to resume" in proc.stderr
