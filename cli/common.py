@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from cli.validation import (
+    check_objectives,
     model_size_or_folder,
     name_list,
     non_negative_float,
@@ -275,7 +276,9 @@ def add_classification_args(parser: argparse.ArgumentParser, **common_defaults: 
 
 
 def objective_settings_from_args(args: argparse.Namespace) -> ObjectiveSettings:
-    """The objectives' settings from parsed flags (flags a parser lacks keep their defaults)."""
+    """The objectives' settings from parsed flags (flags a parser lacks keep their defaults); an
+    objective the run's distribution cannot train is refused first (``check_objectives``)."""
+    check_objectives(args)
     return from_flags(ObjectiveSettings, vars(args))
 
 

@@ -12,7 +12,9 @@ or never (``--num_beams 0`` decoded greedily). Each numeric flag therefore gets 
 - ``model_size_or_folder`` (``--model_size``) accepts a named size (``config.SIZES``) or an
   existing local folder, and names the choices otherwise (``--model_size huge --random_init``
   was a traceback).
-- ``check_decoding`` is the post-parse check of decoding flags that are fine alone but not together.
+- ``check_decoding`` is the post-parse check of decoding flags that are fine alone but not together;
+  ``check_objectives`` refuses a training objective the distribution asked for cannot run (SMART
+  under ``--fsdp``).
 - ``name_list`` refuses an empty comma-separated list (``--lora_targets ""`` adapted nothing).
 - ``report_to`` (``--report_to``) names a tracker whose package is installed.
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from config import SIZES
 from engine.tracking import INSTALL_HINT, REPORT_TO
+from errors import InputError
 
 ArgType = Callable[[str], object]
 
@@ -120,8 +123,20 @@ def check_decoding(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
                          f"{args.penalty_alpha} and {args.top_k}); with these it would decode greedily")
 
 
+def check_objectives(args: argparse.Namespace) -> None:
+    """Post-parse, before any model work: SMART under ``--fsdp`` is refused (``InputError``, which a
+    command prints as one ``error:`` line with exit status 2). Its gradient ascent calls
+    ``torch.autograd.grad`` inside FSDP2's root forward, which fires FSDP's backward hooks and
+    reshards, so the next forward mixes tensors and DTensors; its momentum teacher swaps ``.data``
+    of parameters FSDP2 has unsharded, and the worker dies (SIGSEGV). Under DDP it runs."""
+    smart = getattr(args, "smart_weight", 0) > 0 or getattr(args, "smart_proximal_weight", 0) > 0
+    if smart and getattr(args, "fsdp", False):
+        raise InputError("SMART (--smart_weight, --smart_proximal_weight) cannot train under --fsdp (FSDP2 shards "
+                         "what its adversarial step and momentum teacher use); drop --fsdp to train it under DDP")
+
+
 __all__ = [
-    "check_decoding", "float_in", "int_in", "model_size_or_folder", "name_list", "non_negative_float",
-    "non_negative_int", "positive_float", "positive_int", "probability", "report_to", "unit_fraction",
-    "unit_interval",
+    "check_decoding", "check_objectives", "float_in", "int_in", "model_size_or_folder", "name_list",
+    "non_negative_float", "non_negative_int", "positive_float", "positive_int", "probability", "report_to",
+    "unit_fraction", "unit_interval",
 ]

@@ -16,7 +16,8 @@ What the engine takes from here:
 - ``DataParallel`` (DDP) and ``FullySharded`` (FSDP2, ``fully_shard`` per transformer block):
   the strategies the Trainer calls at its fixed points. The model goes under DDP or FSDP, the
   gradient all-reduce is held back for all but the last micro-batch of an accumulation group,
-  numbers are summed over the ranks on the device the process group serves, and FSDP
+  numbers are summed (and a loss's rows gathered) over the ranks on the device the process
+  group serves -- every tensor collective goes through ``DataParallel.on_group`` --, and FSDP
   checkpoints are gathered into the usual single file and read back from it.
 
 Evaluation runs on rank 0 alone, over the whole dev set, while the others wait, rather than
@@ -185,15 +186,32 @@ class DataParallel(SingleProcess):
     def sync_gradients(self, sync: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if sync else self.wrapped.no_sync()
 
+    def on_group(self, x: torch.Tensor) -> torch.Tensor:
+        """The one way into this strategy's tensor collectives (``sum``, ``all_gather``): a copy of
+        ``x``, detached, on the process group's device. A count made on the host would otherwise
+        reach NCCL as a CPU tensor, which it refuses, and stop a GPU run at its first step; the
+        copy also keeps in-place collectives off the caller's tensor."""
+        return x.detach().to(self.collective_device, copy=True)
+
     def sum(self, x: torch.Tensor) -> torch.Tensor:
-        """On the process group's device: a count made on the host would otherwise reach NCCL as
-        a CPU tensor, which it refuses, and stop a GPU run at its first step."""
-        x = x.to(self.collective_device, copy=True)  # a copy: all_reduce works in place
+        x = self.on_group(x)
         dist.all_reduce(x)
         return x
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         return self.sum(x) / self.world_size
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The ranks' batches may differ in rows (a short last batch split unevenly): each pads to
+        the longest for the collective, which needs one shape, and the padding is cut off again."""
+        rows = self.gather_objects(x.size(0))
+        local = self.on_group(x)
+        if local.size(0) < max(rows):
+            local = torch.cat([local, local.new_zeros(max(rows) - local.size(0), *local.shape[1:])])
+        parts = [torch.empty_like(local) for _ in rows]
+        dist.all_gather(parts, local)
+        pieces = [x if r == self.rank else part[:n].to(x.device) for r, (part, n) in enumerate(zip(parts, rows))]
+        return torch.cat(pieces)
 
     def on_main(self, fn: Callable[[], T]) -> T:
         return ranks.on_main(fn)

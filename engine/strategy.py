@@ -1,7 +1,7 @@
 """How many processes train, as one object the Trainer calls at a few fixed points (as Lightning
 Fabric's strategies are): wrap the model, switch the gradient all-reduce off for the first
-micro-batches of an accumulation group, sum and average numbers over the ranks, evaluate on
-rank 0, gather what a checkpoint holds and put it back.
+micro-batches of an accumulation group, sum and average numbers over the ranks, gather a
+loss's rows from every rank, evaluate on rank 0, gather what a checkpoint holds and put it back.
 
 ``SingleProcess`` is the plain run: every hook is the identity, so the loop reads as the one
 process it is. Under torchrun ``engine.launch.strategy_for`` returns ``engine.distributed``'s DDP
@@ -48,6 +48,12 @@ class SingleProcess:
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` averaged over the ranks."""
+        return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of ``x`` (B_r, ...), concatenated in rank order on ``x``'s device; this
+        rank's rows are ``x`` itself, so gradients reach them (the others' carry none). For a loss
+        over the whole global batch, such as SimCSE's in-batch negatives."""
         return x
 
     def on_main(self, fn: Callable[[], T]) -> T:

@@ -190,9 +190,16 @@ def build_pairs(
 def encode_completion(tokenizer: Any, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
     """(ids, completion mask) of prompt + completion, tokenised apart and joined, as decoding
     produces them (prompt ids, then generated ids; joint BPE could merge across the seam).
-    Too long: the completion is cut on the right, the prompt is kept whole."""
+    A completion the model ended with EOS (its text ends with ``tokenizer.eos_token``, as
+    ``tasks.sonnet.continue_prompts(keep_eos=True)`` decodes it) is scored with that EOS token, as
+    TRL's DPOTrainer appends one: the ending is part of what is preferred. One cut off at
+    ``max_new_tokens`` has none, so a finished sonnet can be preferred over a cut one.
+    Too long: the completion is cut on the right (its EOS first), the prompt is kept whole."""
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    eos = getattr(tokenizer, "eos_token", None)
+    ended = bool(eos) and completion.endswith(eos)
+    c = tokenizer(completion.removesuffix(eos) if ended else completion, add_special_tokens=False)["input_ids"]
+    c = c + [tokenizer.eos_token_id] if ended else c
     if not c:
         raise ValueError("empty completion: nothing to score")
     room = max_length - len(p)
@@ -243,13 +250,33 @@ def frozen_reference(model: nn.Module) -> nn.Module:
     return ref
 
 
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of ``model``'s weights as it runs: its token embedding's (a GPT-2 body's ``wte``),
+    else its first floating parameter's. Under FSDP2 the loss runs inside the root's forward, where
+    the root's own weights (embeddings, final LayerNorm) are unsharded in the policy's parameter
+    dtype while the blocks' are still float32 shards."""
+    wte = getattr(getattr(model, "gpt", model), "wte", None)
+    if isinstance(wte, nn.Embedding):
+        return wte.weight.dtype
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def follow_policy(reference: nn.Module, policy: nn.Module, device: torch.device) -> None:
+    """The reference computes as the policy does: on ``device``, its weights in the policy's dtype.
+    FSDP2 on CUDA runs the policy with bf16 weights, embeddings and LayerNorms included, where
+    autocast alone would keep a float32 reference's in float32, and the loss would not start at
+    log 2. Cast in place, once: a bf16 copy of the reference is what FSDP2 makes of its weights."""
+    weight = next(reference.parameters())
+    dtype = compute_dtype(policy)
+    if weight.device != device or weight.dtype != dtype:
+        reference.to(device=device, dtype=dtype)
+
+
 def dpo_batch_loss(policy: nn.Module, reference: nn.Module, batch: dict[str, torch.Tensor],
                    beta: float = 0.1) -> DPOOutput:
     """DPO on a ``pair_collator`` batch: policy log-probabilities with gradients, the reference's
-    without (moved to the batch's device first if it is elsewhere)."""
-    device = batch["chosen_input_ids"].device
-    if next(reference.parameters()).device != device:
-        reference.to(device)
+    without (moved first to the batch's device and the policy's dtype: ``follow_policy``)."""
+    follow_policy(reference, policy, batch["chosen_input_ids"].device)
     policy_c, policy_r = pair_logprobs(policy, batch)
     with torch.no_grad():
         ref_c, ref_r = pair_logprobs(reference, batch)

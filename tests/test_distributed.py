@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -137,22 +138,52 @@ def test_sharded_sampler_splits_every_global_batch():
 
 
 def fake_process_group(monkeypatch, backend: str, device: torch.device) -> list[torch.Tensor]:
-    """Rank 0 of a 2-rank process group as the strategy sees it, emulated in this one process.
-    Its all_reduce keeps NCCL's rule -- a tensor on any other device than the one the group
-    serves is refused, with NCCL's message -- and records what it was given."""
-    reduced: list[torch.Tensor] = []
+    """Rank 0 of a 2-rank process group as the strategy sees it, emulated in this one process
+    (rank 1 holds what rank 0 holds). Its tensor collectives -- all_reduce, all_gather,
+    broadcast -- keep NCCL's rule: a tensor on any other device than the one the group serves is
+    refused, with NCCL's message. It records the tensors it was given."""
+    given: list[torch.Tensor] = []
 
-    def all_reduce(tensor: torch.Tensor, *args, **kwargs) -> None:
-        if tensor.device != device:
-            raise RuntimeError(f"No backend type associated with device type {tensor.device.type}")
-        reduced.append(tensor)
+    def serve(*tensors: torch.Tensor) -> None:
+        for t in tensors:
+            if t.device != device:
+                raise RuntimeError(f"No backend type associated with device type {t.device.type}")
+        given.append(tensors[-1])
+
+    def all_gather(out: list[torch.Tensor], tensor: torch.Tensor, *args, **kwargs) -> None:
+        serve(*out, tensor)
+        for o in out:
+            o.copy_(tensor)
+
+    def all_gather_object(out: list, obj, *args, **kwargs) -> None:  # objects: pickled by torch itself
+        out[:] = [obj] * len(out)
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
     monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
-    monkeypatch.setattr(dist, "all_reduce", all_reduce)
-    return reduced
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *a, **k: serve(tensor))
+    monkeypatch.setattr(dist, "broadcast", lambda tensor, *a, **k: serve(tensor))
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    return given
+
+
+def test_the_nccl_emulation_refuses_a_tensor_on_another_device(monkeypatch):
+    """The emulated NCCL group is strict where NCCL is: it refuses the count the Trainer's
+    ``_group_total`` all-reduced before the fix (bug 1, written here as it was), and a CPU tensor
+    given to all_gather or broadcast, while it serves tensors on its own device."""
+    gpu = torch.device("meta")
+    fake_process_group(monkeypatch, "nccl", gpu)
+    counts = [3.0, 4.0]
+    with pytest.raises(RuntimeError, match="device type cpu"):
+        dist.all_reduce(torch.tensor(sum(counts), dtype=torch.float64))  # the old _group_total
+    with pytest.raises(RuntimeError, match="device type cpu"):
+        dist.all_gather([torch.empty(2, device=gpu)] * 2, torch.zeros(2))
+    with pytest.raises(RuntimeError, match="device type cpu"):
+        dist.broadcast(torch.zeros(2), src=0)
+    dist.all_reduce(torch.zeros(2, device=gpu))
+    dist.broadcast(torch.zeros(2, device=gpu), src=0)
 
 
 def test_reductions_reach_nccl_on_its_device(monkeypatch):
@@ -174,6 +205,37 @@ def test_reductions_reach_nccl_on_its_device(monkeypatch):
     reduced = fake_process_group(monkeypatch, "gloo", torch.device("cpu"))
     assert distributed.strategy(torch.device("cpu"), fsdp=True).sum(count) == count
     assert [t.device.type for t in reduced] == ["cpu"] and reduced[0] is not count  # a copy: reduced in place
+
+
+def test_all_gather_reaches_the_group_on_its_device_and_keeps_the_local_gradient(monkeypatch):
+    """The strategy's all_gather (SimCSE's views) goes to the group on its device (NCCL: the
+    GPU, the meta device here), returns every rank's rows in rank order, and only this rank's
+    rows carry gradients. The emulated rank 1 holds rank 0's rows."""
+    gpu = torch.device("meta")
+    fake_process_group(monkeypatch, "nccl", gpu)
+    assert distributed.strategy(gpu).all_gather(torch.ones(3, 4, device=gpu)).shape == (6, 4)
+
+    fake_process_group(monkeypatch, "gloo", torch.device("cpu"))
+    x = torch.arange(6.0).view(3, 2).requires_grad_()
+    both = distributed.strategy(torch.device("cpu")).all_gather(x)
+    assert torch.equal(both, torch.cat([x, x]).detach())
+    both.sum().backward()
+    assert torch.equal(x.grad, torch.ones(3, 2))  # through rank 0's slice only
+
+
+def test_tensor_collectives_have_one_place():
+    """Every tensor collective of the project's code is in ``engine.distributed``'s strategies,
+    behind ``DataParallel.on_group``, which puts the tensor on the group's device; the object
+    collectives (``ranks``) are pickled and placed by torch itself."""
+    pattern = re.compile(r"\bdist\.(all_reduce|all_gather|all_gather_into_tensor|broadcast|reduce|reduce_scatter|"
+                         r"reduce_scatter_tensor|scatter|gather|send|recv|all_to_all)\(")
+    found = {}
+    for path in ROOT.rglob("*.py"):
+        if not {".venv", "tests"} & set(path.relative_to(ROOT).parts):
+            for line in path.read_text().splitlines():
+                if pattern.search(line):
+                    found.setdefault(str(path.relative_to(ROOT)), []).append(line.strip())
+    assert found == {"engine/distributed.py": ["dist.all_reduce(x)", "dist.all_gather(parts, local)"]}
 
 
 def test_two_ranks_equal_one_process(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from methods.dpo import (
     PreferencePair,
     build_pairs,
     completion_logprobs,
+    compute_dtype,
     dpo_batch_loss,
     dpo_loss,
     encode_completion,
@@ -198,13 +200,50 @@ def test_encode_completion_masks_the_prompt(tokenizer):
         encode_completion(tokenizer, "Shall I", "", max_length=64)
 
 
+def two_pairs(tokenizer) -> dict[str, torch.Tensor]:
+    pairs = [PreferencePair(0, "Shall I compare thee", " to a summer's day?", " lorem ipsum dolor", 1.0, 0.0),
+             PreferencePair(1, "When forty winters", " shall besiege thy brow", " and so on and so on", 1.0, 0.0)]
+    return pair_collator(tokenizer.pad_token_id)([encode_pair(tokenizer, p, 64) for p in pairs])
+
+
+def test_reference_computes_in_the_policys_dtype(tokenizer):
+    """Issue 25, bug 7: FSDP2 on CUDA runs the policy with bf16 weights (embeddings and LayerNorms
+    too; emulated here by casting a copy) while the frozen reference was float32, so the loss did
+    not start at log 2. The reference now follows the policy's dtype (and a float32 policy keeps a
+    float32 reference)."""
+    start = tiny_sonnet_model(3)
+    reference = frozen_reference(start)
+    policy = copy.deepcopy(start).to(torch.bfloat16)  # what FSDP2's bf16 parameter policy computes with
+    batch = two_pairs(tokenizer)
+    out = make_dpo_loss_fn(reference, beta=0.5)(policy, batch)
+    assert out.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert {p.dtype for p in reference.parameters()} == {torch.bfloat16} == {compute_dtype(policy)}
+    fp32_reference = frozen_reference(start)
+    dpo_batch_loss(start, fp32_reference, batch)
+    assert {p.dtype for p in fp32_reference.parameters()} == {torch.float32}
+
+
+def test_a_completion_the_model_ended_is_scored_with_its_eos(tokenizer, sonnet_model):
+    prompt, text, eos = "Shall I compare thee", " to a summer's day?", tokenizer.eos_token_id
+    cut, cut_mask = encode_completion(tokenizer, prompt, text, max_length=64)
+    ended, ended_mask = encode_completion(tokenizer, prompt, text + tokenizer.eos_token, max_length=64)
+    assert ended == cut + [eos] and ended_mask == cut_mask + [1] and eos not in cut
+    # log p(ended) = log p(cut) + log p(EOS | prompt + completion): DPO sees the ending
+    lp = [completion_logprobs(sonnet_model, torch.tensor([ids]), torch.ones(1, len(ids)), torch.tensor([m]))
+          for ids, m in ((cut, cut_mask), (ended, ended_mask))]
+    with torch.no_grad():
+        eos_lp = sonnet_model(torch.tensor([cut]), torch.ones(1, len(cut))).float().log_softmax(-1)[0, -1, eos]
+    assert lp[1].item() == pytest.approx(lp[0].item() + eos_lp.item(), abs=1e-4)
+    # cut to fit, the EOS goes first: the completion is unfinished within the window
+    assert encode_completion(tokenizer, prompt, text + tokenizer.eos_token, max_length=len(cut))[0] == cut
+    assert encode_completion(tokenizer, prompt, tokenizer.eos_token, max_length=64)[1][-1:] == [1]  # ended at once
+
+
 def test_batch_loss_trains_the_policy_toward_chosen(tokenizer):
     policy = tiny_sonnet_model(3)
     reference = frozen_reference(policy)
     assert all(not p.requires_grad for p in reference.parameters()) and not reference.training
-    pairs = [PreferencePair(0, "Shall I compare thee", " to a summer's day?", " lorem ipsum dolor", 1.0, 0.0),
-             PreferencePair(1, "When forty winters", " shall besiege thy brow", " and so on and so on", 1.0, 0.0)]
-    batch = pair_collator(tokenizer.pad_token_id)([encode_pair(tokenizer, p, 64) for p in pairs])
+    batch = two_pairs(tokenizer)
     assert batch["chosen_input_ids"].shape == batch["chosen_completion_mask"].shape
     # one pass over both sides equals scoring each side alone
     c, r = pair_logprobs(policy, batch)

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cli.common import add_objective_args, objective_settings_from_args
+from classifier import main as classifier_main
+from cli.common import add_objective_args, objective_settings_from_args, run_main
 from config import get_config
 from methods.objectives import ObjectiveSettings
 from methods.objectives.combined import body_outputs, build_objective
@@ -247,6 +248,22 @@ def test_flags_default_off_and_reject_bad_values(capsys):
         ObjectiveSettings(contrastive_temperature=0.0)
 
 
+def test_smart_under_fsdp_is_refused_in_one_line(capsys):
+    """Issue 25, bug 2: SMART under ``--fsdp`` crashed inside FSDP2 (a mixed Tensor/DTensor forward,
+    then SIGSEGV); the command refuses it while reading its flags, in one line, exit status 2.
+    Other objectives under --fsdp, and SMART without it, are accepted."""
+    for flags in (["--smart_weight", "1"], ["--smart_proximal_weight", "1"]):
+        with pytest.raises(SystemExit) as e:
+            run_main(lambda flags=flags: classifier_main(["--fsdp", *flags]))
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: SMART") and "--fsdp" in err
+    parser = add_objective_args(argparse.ArgumentParser())
+    parser.add_argument("--fsdp", action="store_true")
+    assert objective_settings_from_args(parser.parse_args(["--fsdp", "--contrastive_weight", "1"])).enabled
+    assert objective_settings_from_args(parser.parse_args(["--smart_weight", "1"])).enabled
+
+
 def test_objective_off_is_the_plain_cross_entropy():
     model = tiny_classifier(dropout=0.1).train()
     b = batch()
@@ -281,12 +298,29 @@ def test_objective_combines_every_term_and_trains():
     args = parse("--rdrop_alpha", "1", "--contrastive_weight", "0.5", "--smart_weight", "2", "--smart_epsilon",
                  "0.01", "--smart_proximal_weight", "1", "--pooling", "mean")
     objective = build_objective(args, logits_fn)
+    torch.manual_seed(7)
     loss = objective(model, b)
     terms = objective.last_terms
     assert set(terms) == {"task", "rdrop", "contrastive", "smart", "proximal"}
     want = terms["task"] + terms["rdrop"] + 0.5 * terms["contrastive"] + 2 * terms["smart"] + terms["proximal"]
     assert torch.allclose(loss.detach(), want, atol=1e-5)
     assert all(v > 0 for v in terms.values())
+    # Replay the two dropout passes from the same seed: each term is its formula of *those* passes.
+    torch.manual_seed(7)
+    with torch.no_grad(), body_outputs(model) as seen:
+        first, second = logits_fn(model, b), logits_fn(model, b)
+        views = [pool(h, m, "mean") for h, m in seen]
+        teacher = logits_fn(model.eval(), b)  # the momentum teacher starts at the live weights, no dropout
+    model.train()
+    assert len(views) == 2 and not torch.allclose(views[0], views[1])  # two dropout masks, two views
+    y = b["labels"]
+    torch.testing.assert_close(terms["task"], (F.cross_entropy(first, y) + F.cross_entropy(second, y)) / 2)
+    torch.testing.assert_close(terms["rdrop"], 0.5 * symmetric_kl(first, second))
+    # SimCSE: each text's first view against the second views of all, at the set temperature;
+    # one pass used twice (the views equal) would give a different, smaller loss.
+    torch.testing.assert_close(terms["contrastive"], info_nce(views[0], views[1], temperature=0.05))
+    assert terms["contrastive"] > info_nce(views[0], views[0], temperature=0.05) + 1e-3
+    torch.testing.assert_close(terms["proximal"], symmetric_kl(first, teacher))
     loss.backward()
     assert model.gpt.wte.weight.grad is not None and model.classifier.weight.grad.abs().sum() > 0
     assert objective.callbacks == [objective]
@@ -333,19 +367,30 @@ def test_body_outputs_records_each_pass_with_its_mask():
 
 
 def test_trainer_runs_the_objective_and_updates_the_momentum_teacher(tmp_path):
-    from engine.trainer import TrainConfig, Trainer
+    from engine.trainer import Callback, TrainConfig, Trainer
+
+    class Record(Callback):  # every parameter after each step, once the teacher has followed it
+        def __init__(self) -> None:
+            self.steps: list[dict[str, torch.Tensor]] = []
+
+        def on_step_end(self, trainer, step, loss):
+            self.steps.append({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
 
     model = tiny_classifier(dropout=0.1)
     b = batch()
     objective = build_objective(parse("--rdrop_alpha", "1", "--smart_weight", "1", "--smart_epsilon", "0.01",
                                       "--smart_proximal_weight", "1", "--smart_momentum", "0.5"), logits_fn)
     cfg = TrainConfig(epochs=1, lr=1e-2, output_dir=str(tmp_path), progress=False, plot=False, save_top_k=0)
-    start = model.classifier.weight.detach().clone()
-    trainer = Trainer(model, objective, [b, b], None, cfg, callbacks=objective.callbacks)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    record = Record()
+    trainer = Trainer(model, objective, [b, b], None, cfg, callbacks=[*objective.callbacks, record])
     trainer.fit()
-    assert trainer.global_step == 2
-    now = model.classifier.weight.detach()
-    assert not torch.allclose(now, start)
-    # Two updates at beta 0.5 from theta_0: theta~ = 0.25 theta_0 + 0.25 theta_1 + 0.5 theta_2, strictly between.
-    ema = objective.teacher.params["classifier.weight"]
-    assert not torch.allclose(ema, start) and not torch.allclose(ema, now)
+    assert trainer.global_step == 2 and len(record.steps) == 2
+    theta1, theta2 = record.steps
+    assert not torch.allclose(theta1["classifier.weight"], start["classifier.weight"])
+    assert not torch.allclose(theta2["classifier.weight"], theta1["classifier.weight"])
+    # theta~ <- m theta~ + (1 - m) theta after each step, from theta_0 at m = 0.5:
+    # theta~ = 0.25 theta_0 + 0.25 theta_1 + 0.5 theta_2, for every parameter the teacher holds.
+    assert set(objective.teacher.params) == set(start)
+    for n, ema in objective.teacher.params.items():
+        torch.testing.assert_close(ema, 0.25 * start[n] + 0.25 * theta1[n] + 0.5 * theta2[n], msg=n)

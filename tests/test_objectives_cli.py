@@ -20,12 +20,14 @@ import paraphrase_detection as para
 import tasks.paraphrase
 import tasks.sentiment
 from config import GPT2Config
+from distillation.kd import same_task
 from engine.checkpoints import load_checkpoint
 from methods.objectives import combined
 from models.gpt2 import GPT2Model
 from models.heads import GPT2SentimentClassifier
 from models.loading import SHARED_TOKENIZER
 from tasks.common import PlainLoss
+from tasks.restore import restore_task_model
 
 ROOT = Path(classifier.__file__).resolve().parent
 OFF = ["--pooling", "last", "--rdrop_alpha", "0", "--contrastive_weight", "0", "--smart_weight", "0",
@@ -83,7 +85,8 @@ def test_each_objective_flag_adds_its_term_to_the_loss(tmp_path, monkeypatch, cl
     assert set(regularised.last_terms) == {"task", term}
     assert regularised.last_terms[term].item() > 0  # dropout 0.3 in the head: two passes differ
     assert epoch_losses(tmp_path / "runs") != epoch_losses(tmp_path / "runs-plain")
-    assert calls[1]["callbacks"] == []  # only the proximal term needs the Trainer's help
+    # only the proximal term (its teacher) and SimCSE (the strategy's gather) need the Trainer's help
+    assert calls[1]["callbacks"] == ([regularised] if term == "contrastive" else [])
 
 
 def test_smart_proximal_teacher_follows_the_model_in_a_real_run(monkeypatch, classifier_cli):
@@ -143,8 +146,8 @@ def test_supervised_simcse_runs_on_paraphrase_pairs(tmp_path, monkeypatch):
     seen = []
     real = combined.pair_views_loss
 
-    def spy(body, batch, pooling, temperature):
-        loss = real(body, batch, pooling, temperature)
+    def spy(body, batch, pooling, temperature, gather):
+        loss = real(body, batch, pooling, temperature, gather)
         seen.append((batch["sentence1_input_ids"].shape[0], pooling, loss.item()))
         return loss
 
@@ -196,12 +199,10 @@ def test_mean_pooling_head_is_padding_correct():
 
 
 def test_pooling_is_saved_and_rebuilt_by_load_and_the_kd_teacher(tmp_path, capsys, classifier_cli):
-    from distillation.kd import load_teacher
-
     trained = classifier.main(sst(classifier_cli, "--pooling", "mean"))
     ckpt = tmp_path / "runs" / "best.pt"
     assert load_checkpoint(ckpt)["extra"]["pooling"] == "mean"
-    teacher, _, _ = load_teacher(ckpt, torch.device("cpu"), "sst")
+    teacher = restore_task_model(ckpt, "classifier", check=same_task(ckpt, "sst")).model
     assert teacher.pooling == "mean"
     # --load without --pooling: the checkpoint's pooling, so the same predictions.
     again = classifier.main(sst(classifier_cli, "--epochs", "0", "--load", str(ckpt), "--output_dir",

@@ -26,8 +26,10 @@ from torch import nn
 from engine.trainer import Callback
 from methods.objectives import LogitsFn, ObjectiveSettings, TaskLoss, cross_entropy_loss
 from methods.objectives.contrastive import (
+    Gather,
     PairViewCollator,
     add_pair_views,
+    local,
     pair_views_loss,
     unsupervised_contrastive_loss,
 )
@@ -62,18 +64,21 @@ def body_outputs(model: nn.Module) -> Iterator[list[tuple[torch.Tensor, torch.Te
 class Objective(Callback):
     """``loss_fn(model, batch)`` for the Trainer: the task loss plus the terms the settings switch
     on. Also a Trainer callback (pass ``objective.callbacks``) that keeps SMART's momentum teacher
-    up to date. ``last_terms`` holds the detached unweighted terms of the last call, for logs."""
+    up to date and gives SimCSE the strategy's ``all_gather`` (its negatives come from every rank).
+    ``last_terms`` holds the detached unweighted terms of the last call, for logs."""
 
     def __init__(self, settings: ObjectiveSettings, logits_fn: LogitsFn, task_loss: TaskLoss | None = None) -> None:
         self.settings = settings
         self.logits_fn = logits_fn
         self.task_loss = task_loss or cross_entropy_loss
         self.teacher: MomentumTeacher | None = None
+        self.gather: Gather = local  # the Trainer strategy's all_gather, from on_train_begin
         self.last_terms: dict[str, torch.Tensor] = {}
 
     @property
     def callbacks(self) -> list[Callback]:
-        return [self] if self.settings.smart_proximal_weight > 0 else []
+        """SMART's teacher follows the steps; SimCSE takes its negatives from every rank's rows."""
+        return [self] if self.settings.smart_proximal_weight > 0 or self.settings.contrastive_weight > 0 else []
 
     def pair_view_collate(self, features: Sequence[dict[str, Any]], first: Sequence[str], second: Sequence[str],
                           tokenizer: Any, max_length: int, padding_side: str = "right") -> PairViewCollator:
@@ -83,7 +88,9 @@ class Objective(Callback):
         return PairViewCollator(tokenizer.pad_token_id, padding_side=padding_side)
 
     def on_train_begin(self, trainer: Any) -> None:
-        self.teacher = MomentumTeacher(trainer.model, self.settings.smart_momentum)
+        self.gather = trainer.strategy.all_gather
+        if self.settings.smart_proximal_weight > 0:
+            self.teacher = MomentumTeacher(trainer.model, self.settings.smart_momentum)
 
     def on_step_end(self, trainer: Any, step: int, loss: float | None) -> None:
         if self.teacher is not None:
@@ -106,10 +113,12 @@ class Objective(Callback):
             weighted = weighted + s.rdrop_alpha * terms["rdrop"]
         if s.contrastive_weight > 0:
             if s.contrastive_supervised:
-                terms["contrastive"] = pair_views_loss(find_body(model), batch, s.pooling, s.contrastive_temperature)
+                terms["contrastive"] = pair_views_loss(find_body(model), batch, s.pooling, s.contrastive_temperature,
+                                                       self.gather)
             else:
                 reps = [pool(h, m, s.pooling) for h, m in states]  # type: ignore[misc]
-                terms["contrastive"] = unsupervised_contrastive_loss(reps[0], reps[1], s.contrastive_temperature)
+                terms["contrastive"] = unsupervised_contrastive_loss(reps[0], reps[1], s.contrastive_temperature,
+                                                                     self.gather)
             weighted = weighted + s.contrastive_weight * terms["contrastive"]
         if s.smart_weight > 0:
             hidden, mask = states[0]  # type: ignore[misc]

@@ -16,11 +16,16 @@ sim, temperature tau), with h'_{t(i)} the positive of anchor i,
 The two questions of a pair reach the loss as their own padded token ids: ``add_pair_views``
 puts each question's token ids in its example's features, and ``PairViewCollator`` pads
 ``sentence1_input_ids`` / ``sentence2_input_ids`` beside the prompt and gives each its mask.
+
+Under torchrun every rank holds a slice of the batch; the negatives must still be the whole
+batch's, or N processes would not train as one process of N times the batch. Both views are
+gathered from every rank through the strategy (``gather``), this rank's rows keeping their
+gradients, and every rank computes the whole batch's loss (``global_batch_loss``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,6 +36,7 @@ from engine.data import PadCollator
 from models.heads import pool
 
 PAIR_KEYS = ("sentence1_input_ids", "sentence2_input_ids")
+Gather = Callable[[torch.Tensor], torch.Tensor]  # (B_r, ...) -> the global batch's rows (strategy.all_gather)
 
 
 def info_nce(
@@ -46,18 +52,44 @@ def info_nce(
     return F.cross_entropy(sim / temperature, targets)
 
 
+def local(x: torch.Tensor) -> torch.Tensor:
+    """The gather of one process: ``x``'s own rows."""
+    return x
+
+
+def global_batch_loss(loss: torch.Tensor, local_rows: int, global_rows: int) -> torch.Tensor:
+    """``loss`` (the same value on every rank, each with gradients through its own rows only) with
+    its gradient scaled by ``global_rows / local_rows``. The Trainer weighs a rank's loss by its
+    share of the batch and DDP averages the ranks' gradients, while the ranks' gradients of this
+    loss *add up* to the global batch's; the value stays ``loss``, for the logs."""
+    scale = global_rows / local_rows
+    return loss if scale == 1 else loss * scale - loss.detach() * (scale - 1)
+
+
 def unsupervised_contrastive_loss(
-    view_a: torch.Tensor, view_b: torch.Tensor, temperature: float = 0.05
+    view_a: torch.Tensor, view_b: torch.Tensor, temperature: float = 0.05, gather: Gather = local
 ) -> torch.Tensor:
-    """Unsupervised SimCSE: (B, d) representations of the same B texts under two dropout masks."""
-    return info_nce(view_a, view_b, temperature=temperature)
+    """Unsupervised SimCSE: (B, d) representations of the same B texts under two dropout masks.
+    ``gather`` (the Trainer strategy's ``all_gather``) brings in both views of the other ranks'
+    texts, so that under DDP/FSDP the negatives are those of the global batch, as in one process
+    (and as SimCSE's own ``cl_forward`` does)."""
+    a, b = gather(view_a), gather(view_b)
+    return global_batch_loss(info_nce(a, b, temperature=temperature), view_a.size(0), a.size(0))
 
 
 def supervised_pair_loss(
-    first: torch.Tensor, second: torch.Tensor, labels: torch.Tensor, temperature: float = 0.05
+    first: torch.Tensor, second: torch.Tensor, labels: torch.Tensor, temperature: float = 0.05,
+    gather: Gather = local,
 ) -> torch.Tensor:
     """Supervised SimCSE on pairs: (B, d) representations of the first and second questions and
-    (B,) 0/1 labels. A batch without a positive pair contributes zero (still attached to the graph)."""
+    (B,) 0/1 labels, the other ranks' gathered as in ``unsupervised_contrastive_loss``. A batch
+    without a positive pair contributes zero (still attached to the graph)."""
+    rows = first.size(0)
+    first, second, labels = gather(first), gather(second), gather(labels)
+    return global_batch_loss(_pair_loss(first, second, labels, temperature), rows, first.size(0))
+
+
+def _pair_loss(first: torch.Tensor, second: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     positive = labels.bool()
     if not positive.any():
         return (first.sum() + second.sum()) * 0.0
@@ -74,14 +106,15 @@ def encode_sentences(
 
 
 def pair_views_loss(
-    body: nn.Module, batch: Mapping[str, Any], pooling: str = "last", temperature: float = 0.05
+    body: nn.Module, batch: Mapping[str, Any], pooling: str = "last", temperature: float = 0.05,
+    gather: Gather = local,
 ) -> torch.Tensor:
     """``supervised_pair_loss`` on a batch from ``PairViewCollator`` (two extra body passes)."""
     missing = [k for k in (*PAIR_KEYS, "labels") if k not in batch]
     if missing:
         raise KeyError(f"supervised contrastive loss needs batch keys {missing}; build batches with PairViewCollator")
     first, second = (encode_sentences(body, batch[k], batch[mask_key(k)], pooling) for k in PAIR_KEYS)
-    return supervised_pair_loss(first, second, batch["labels"], temperature)
+    return supervised_pair_loss(first, second, batch["labels"], temperature, gather)
 
 
 def add_pair_views(
