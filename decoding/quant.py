@@ -77,15 +77,21 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
 def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float -> (int32 values in [0, 15] (out, in), scales and zeros (in/group, out, 2)),
     per group of ``group`` inputs, in the layout ``aten._weight_int4pack_mm_for_cpu`` reads:
-    ``w ~= (q - 8) * scale + zero`` (asymmetric: min and max of each group are kept)."""
+    ``w ~= (q - 8) * scale + zero`` (asymmetric: min and max of each group are kept).
+
+    The kernel stores scale and zero in bfloat16, so they are rounded to it first (held here in
+    float32) and q is derived from the rounded values, as gpt-fast does: rounding with the exact
+    ones would put a group with an offset up to a step and a half away from what the kernel
+    reconstructs; this way every weight stays within half a stored step."""
     n, k = w.shape
     if k % group:
         raise QuantizationUnavailable(f"int4 groups of {group} need in_features divisible by {group}, got {k}")
     g = w.detach().float().reshape(n, k // group, group)
     lo, hi = g.amin(-1), g.amax(-1)  # (out, groups)
-    scale = ((hi - lo) / 15).clamp(min=1e-12)
-    zero = lo + 8 * scale
-    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
+    scale = ((hi - lo) / 15).clamp(min=1e-12).to(_KERNEL_DTYPE).float()
+    zero = (lo + 8 * scale).to(_KERNEL_DTYPE).float()
+    low = zero - 8 * scale  # (out, groups): the value q = 0 stands for, as the kernel computes it
+    q = torch.round((g - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
     return q, torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # (groups, out, 2)
 
 

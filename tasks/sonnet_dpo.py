@@ -2,8 +2,8 @@
 
 From a fine-tuned sonnet model: prompt it with the first 3 lines of each training sonnet,
 sample ``--dpo_samples`` completions per prompt, score each (``--dpo_rank chrf``: chrF against
-the sonnet's true continuation; ``form``: ``tasks.sonnet_form.form_score`` of the whole
-sonnet), pair the better against the worse (``methods.dpo.build_pairs``), and train the model
+the sonnet's true continuation; ``form``: ``tasks.sonnet_form.form_score`` of the lines
+generated after the prompt), pair the better against the worse (``methods.dpo.build_pairs``), and train the model
 with the DPO loss against a frozen copy of itself (``--dpo_beta``) on the shared Trainer. The
 pairs are written to ``<run>/dpo_pairs.jsonl``.
 
@@ -12,8 +12,10 @@ step the policy equals the reference and the loss is exactly log 2; with dropout
 would disagree from the start and the implicit reward would be noise. Candidates are sampled
 with the sampling settings (``--temperature``, ``--top_p``, ``--top_k``) whatever ``--decoding``
 says: pairs need different completions; ``--decoding`` applies to the prediction files.
-Completions that are empty (the model ended the sonnet at once) cannot be scored by
-log-probability and are dropped.
+Completions that are empty (the model ended the sonnet at once) are dropped. A completion the
+model ended with EOS keeps the EOS text at its end (``continue_prompts(keep_eos=True)``), so DPO
+scores the ending too (``methods.dpo.encode_completion``) while ranking ignores it; one cut off at
+``max_new_tokens`` has none.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from engine.trainer import EvalFn, TrainConfig
 from methods.dpo import build_pairs, encode_pair, frozen_reference, make_dpo_loss_fn, pair_collator
 from models.generation_config import GenerationConfig
 from tasks.common import fit_task
+from tasks.lm import EOS_TEXT
 from tasks.metrics import chrf
 from tasks.sonnet_eval import sonnet_prompt
-from tasks.sonnet_form import form_score
+from tasks.sonnet_form import form_score, sonnet_lines
 
 RANKINGS = ("chrf", "form")
 PAIRINGS = ("best_worst", "all")
@@ -80,14 +83,20 @@ def prompts_and_continuations(texts: Sequence[str]) -> tuple[list[str], list[str
 
 def sample_completions(complete: Callable[[Sequence[str]], list[str]], prompts: Sequence[str],
                        n: int) -> list[list[str]]:
-    """``n`` sampled completions (the text after the prompt) of each prompt, in one batched
-    decode of every prompt repeated ``n`` times; empty completions dropped."""
+    """``n`` sampled completions (the text after the prompt, with the EOS text where the model
+    ended it) of each prompt, in one batched decode of every prompt repeated ``n`` times; empty
+    completions dropped."""
     texts = complete([p for p in prompts for _ in range(n)])
     out = []
     for i, p in enumerate(prompts):
         rows = texts[i * n:(i + 1) * n]
-        out.append([t[len(p):] for t in rows if t.startswith(p) and t[len(p):].strip()])
+        out.append([t[len(p):] for t in rows if t.startswith(p) and _text(t[len(p):]).strip()])
     return out
+
+
+def _text(completion: str) -> str:
+    """A completion without the EOS text that marks it finished: what ranking reads."""
+    return completion.removesuffix(EOS_TEXT)
 
 
 def chrf_scores(candidates: Sequence[str], reference: str) -> list[float]:
@@ -99,12 +108,14 @@ def chrf_scores(candidates: Sequence[str], reference: str) -> list[float]:
 def score_completions(prompts: Sequence[str], continuations: Sequence[str], candidates: Sequence[Sequence[str]],
                       rank: str) -> list[list[float]]:
     """Each candidate's score (higher is better): chrF against the true continuation, or the
-    form score of prompt + candidate."""
+    form score of the candidate's lines after the prompt (which they rhyme with)."""
     if rank not in RANKINGS:
         raise ValueError(f"rank must be one of {RANKINGS}, got {rank!r}")
     if rank == "chrf":
-        return [chrf_scores(c, ref) if c else [] for c, ref in zip(candidates, continuations, strict=True)]
-    return [[form_score(p + c) for c in cs] for p, cs in zip(prompts, candidates, strict=True)]
+        return [chrf_scores([_text(x) for x in c], ref) if c else []
+                for c, ref in zip(candidates, continuations, strict=True)]
+    return [[form_score(p + _text(c), len(sonnet_lines(p))) for c in cs]
+            for p, cs in zip(prompts, candidates, strict=True)]
 
 
 def dpo_fine_tune(

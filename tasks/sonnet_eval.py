@@ -64,9 +64,11 @@ def loss_loader(texts: Sequence[str], tokenizer: Any, max_length: int, batch_siz
     return make_loader(feats, PadCollator(tokenizer.pad_token_id), batch_size, shuffle=False)
 
 
-def form_metrics(texts: Sequence[str]) -> dict[str, float]:
-    """The form summary of generated sonnets as flat ``form_*`` numbers, for metric logs."""
-    summary = summarize_form(texts).as_dict()
+def form_metrics(texts: Sequence[str], prompt_lines: int = PROMPT_LINES) -> dict[str, float]:
+    """The form summary of generated sonnets as flat ``form_*`` numbers, for metric logs: the
+    syllables and rhymes of the lines after the ``prompt_lines`` given ones, the line counts of
+    the whole sonnets (``tasks.sonnet_form``)."""
+    summary = summarize_form(texts, prompt_lines).as_dict()
     return {f"form_{k}": float(v) for k, v in summary.items() if k != "num_sonnets"}
 
 
@@ -80,18 +82,20 @@ def evaluate_sonnets(model: nn.Module, complete: Complete, prompts: Sequence[str
 
 def form_line(name: str, summary: FormSummary) -> str:
     """One printed line: a form summary in words."""
-    return (f"{name} form: {summary.mean_lines:.1f} lines ({summary.frac_14_lines:.0%} with 14), "
-            f"{summary.mean_syllables:.1f} syllables/line (mean |syl - 10| {summary.mean_syllable_error:.2f}), "
-            f"rhyme adherence {summary.rhyme_adherence:.2f}")
+    return (f"{name} form: {summary.mean_lines:.1f} lines in the whole sonnet ({summary.frac_14_lines:.0%} with 14); "
+            f"generated lines: {summary.mean_syllables:.1f} syllables/line "
+            f"(mean |syl - 10| {summary.mean_syllable_error:.2f}), rhyme adherence {summary.rhyme_adherence:.2f}")
 
 
 def write_form_report(folder: str | Path | None, outputs: Mapping[str, Sequence[str]],
-                      extra: Mapping[str, Any] | None = None) -> dict[str, dict[str, float]]:
-    """Print a form line per output (e.g. ``dev``, ``test``) and, given a run folder, write them with
+                      extra: Mapping[str, Any] | None = None, prompt_lines: int = PROMPT_LINES
+                      ) -> dict[str, dict[str, float]]:
+    """Print a form line per output (e.g. ``dev``, ``test``: sonnets whose first ``prompt_lines``
+    lines were given, scored on the lines after them) and, given a run folder, write them with
     ``extra`` (e.g. dev chrF and perplexity) to ``<folder>/form.json``. Returns the summaries."""
     report = {}
     for name, texts in outputs.items():
-        summary = summarize_form(texts)
+        summary = summarize_form(texts, prompt_lines)
         print(form_line(name, summary))
         report[name] = summary.as_dict()
     if folder is not None:

@@ -22,7 +22,16 @@ the three things that make the form of Shakespeare's sonnets:
 
 ``sonnet_form(text)`` measures one sonnet; ``summarize_form(texts)`` averages a
 corpus, each sonnet weighing the same (``form_table`` prints summaries side by side);
-``form_score`` folds the three into one number for ranking candidates. Measured on the 131 Shakespeare sonnets of
+``form_score`` folds the three into one number for ranking candidates.
+
+A generated sonnet begins with the lines it was given (the course's prompts: 3). Those say
+nothing about the model, so with ``prompt_lines`` the syllables and the rhymes are scored on the
+generated lines only: a rhyme pair counts when it holds a generated line (line 4 must rhyme with
+the given line 2; lines 1 and 3 rhyme or not before the model writes a word), and the line term
+of ``form_score`` compares the generated lines with the 14 - ``prompt_lines`` the form asks for.
+The line count itself (``num_lines``, "14 lines") stays a figure of the whole sonnet, and is
+labelled so. Without this, the bare prompt of sonnet 18 with nothing generated would score a
+rhyme adherence of 1/7 and a form score of 0.44. Measured on the 131 Shakespeare sonnets of
 the course's ``sonnets.txt`` (see ``tests/test_sonnet_form.py`` for the asserted
 ranges): 98.5% have 14 lines, 10.17 syllables per line (mean distance to 10: 0.23),
 and 0.80 of the rhyme pairs found. The misses are mostly rhymes of Shakespeare's
@@ -190,46 +199,57 @@ def sonnet_lines(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class SonnetForm:
-    """Form of one sonnet. ``syllables`` holds every line's count; the means are over its lines.
-    ``rhyme_adherence`` is the fraction of the 7 ABAB CDCD EFEF GG pairs that rhyme."""
+    """Form of one sonnet whose first ``prompt_lines`` lines were given. ``num_lines`` counts the
+    whole sonnet's lines, the given ones included; ``syllables`` holds the count of every generated
+    line, and the means are over those; ``rhyme_adherence`` is the fraction of the ABAB CDCD EFEF GG
+    pairs holding a generated line that rhyme (all 7 pairs when nothing was given)."""
 
-    num_lines: int
+    num_lines: int  # the whole sonnet
     syllables: tuple[int, ...]
     mean_syllables: float
-    mean_syllable_error: float  # mean |syllables - 10| over lines
-    rhyme_pairs: tuple[bool, ...]  # one per pair of RHYME_PAIRS
+    mean_syllable_error: float  # mean |syllables - 10| over the generated lines
+    rhyme_pairs: tuple[bool, ...]  # one per pair of RHYME_PAIRS that holds a generated line, in order
     rhyme_adherence: float
+    prompt_lines: int = 0
 
     @property
     def has_14_lines(self) -> bool:
         return self.num_lines == TARGET_LINES
 
 
-def sonnet_form(text: str) -> SonnetForm:
-    """Line count, syllables per line and rhyme-scheme adherence of one sonnet's text (the
-    prompt included, as the course's prediction files hold it)."""
+def sonnet_form(text: str, prompt_lines: int = 0) -> SonnetForm:
+    """Line count, syllables per line and rhyme-scheme adherence of one sonnet's text, as the
+    course's prediction files hold it, whose first ``prompt_lines`` non-empty lines were given:
+    those count as lines and are what generated lines rhyme with, but are not scored."""
+    if not 0 <= prompt_lines < TARGET_LINES:
+        raise ValueError(f"prompt_lines must be in [0, {TARGET_LINES}), got {prompt_lines}")
     lines = sonnet_lines(text)
-    syl = tuple(line_syllables(ln) for ln in lines)
+    syl = tuple(line_syllables(ln) for ln in lines[prompt_lines:])
     ends = [end_word(ln) for ln in lines[:TARGET_LINES]]
-    pairs = tuple(i < len(ends) and j < len(ends) and rhymes(ends[i], ends[j]) for i, j in RHYME_PAIRS)
+    pairs = tuple(i < len(ends) and j < len(ends) and rhymes(ends[i], ends[j])
+                  for i, j in RHYME_PAIRS if j >= prompt_lines)
     n = len(syl)
     return SonnetForm(
-        num_lines=n,
+        num_lines=len(lines),
         syllables=syl,
         mean_syllables=sum(syl) / n if n else 0.0,
         mean_syllable_error=sum(abs(s - TARGET_SYLLABLES) for s in syl) / n if n else float(TARGET_SYLLABLES),
         rhyme_pairs=pairs,
-        rhyme_adherence=sum(pairs) / len(RHYME_PAIRS),
+        rhyme_adherence=sum(pairs) / len(pairs),
+        prompt_lines=prompt_lines,
     )
 
 
-def form_score(form: SonnetForm | str) -> float:
+def form_score(form: SonnetForm | str, prompt_lines: int = 0) -> float:
     """One number in [0, 1] for ranking candidates by form (e.g. DPO pairs): the mean of
-    ``1 - |lines - 14| / 14``, ``1 - mean |syllables - 10| / 10`` (each floored at 0) and the
-    rhyme adherence. 1 only for 14 rhyming lines of 10 syllables each; equal weights, since
-    no one of the three matters more to the form."""
-    f = sonnet_form(form) if isinstance(form, str) else form
-    lines = max(0.0, 1 - abs(f.num_lines - TARGET_LINES) / TARGET_LINES)
+    ``1 - |generated lines - wanted| / wanted`` (wanted: 14 less the given lines),
+    ``1 - mean |syllables - 10| / 10`` (each floored at 0) and the rhyme adherence, all of the
+    generated lines (a text is measured with ``prompt_lines`` given; a ``SonnetForm`` knows its
+    own). 1 only for 14 rhyming lines of 10 syllables each; equal weights, since no one of the
+    three matters more to the form."""
+    f = sonnet_form(form, prompt_lines) if isinstance(form, str) else form
+    wanted = TARGET_LINES - f.prompt_lines
+    lines = max(0.0, 1 - abs(max(0, f.num_lines - f.prompt_lines) - wanted) / wanted)
     meter = max(0.0, 1 - f.mean_syllable_error / TARGET_SYLLABLES)
     return (lines + meter + f.rhyme_adherence) / 3
 
@@ -237,7 +257,8 @@ def form_score(form: SonnetForm | str) -> float:
 @dataclass(frozen=True)
 class FormSummary:
     """Corpus means of the form metrics, each sonnet weighing the same (so one long degenerate
-    output does not outweigh thirteen good ones)."""
+    output does not outweigh thirteen good ones): the line counts of whole sonnets, the syllables
+    and rhymes of the generated lines (``SonnetForm``)."""
 
     num_sonnets: int
     mean_lines: float
@@ -251,9 +272,10 @@ class FormSummary:
         return asdict(self)
 
 
-def summarize_form(texts: Iterable[str] | Sequence[SonnetForm]) -> FormSummary:
-    """Mean form metrics of a corpus of sonnet texts (or of already computed ``SonnetForm``s)."""
-    forms = [t if isinstance(t, SonnetForm) else sonnet_form(t) for t in texts]
+def summarize_form(texts: Iterable[str] | Sequence[SonnetForm], prompt_lines: int = 0) -> FormSummary:
+    """Mean form metrics of a corpus of sonnet texts, each with ``prompt_lines`` given (or of
+    already computed ``SonnetForm``s)."""
+    forms = [t if isinstance(t, SonnetForm) else sonnet_form(t, prompt_lines) for t in texts]
     if not forms:
         raise ValueError("summarize_form needs at least one sonnet")
     k = len(forms)
@@ -273,7 +295,7 @@ def summarize_form(texts: Iterable[str] | Sequence[SonnetForm]) -> FormSummary:
 
 def form_table(rows: dict[str, FormSummary]) -> str:
     """A Markdown table of form summaries, one row per name (e.g. per decoding strategy)."""
-    head = "| | sonnets | lines | 14 lines | syllables/line | mean abs(syl - 10) | rhyme adherence |"
+    head = "| | sonnets | lines (whole sonnet) | 14 lines | syllables/line | mean abs(syl - 10) | rhyme adherence |"
     out = [head, "|" + " --- |" * 7]
     for name, s in rows.items():
         out.append(f"| {name} | {s.num_sonnets} | {s.mean_lines:.2f} | {s.frac_14_lines:.2f} | {s.mean_syllables:.2f} "

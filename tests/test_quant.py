@@ -63,6 +63,36 @@ def test_int4_round_trip_is_within_half_a_step() -> None:
         quantize_int4(torch.randn(4, 96), 128)
 
 
+def offset_groups(n: int = 64, k: int = 512, group: int = 128, seed: int = 0) -> torch.Tensor:
+    """(n, k) weights whose groups of ``group`` inputs sit around offsets of up to +-4 (a bias-like
+    shift per group), the case where bfloat16 rounding of the zero moves the whole grid."""
+    g = torch.Generator().manual_seed(seed)
+    offsets = (torch.rand(n, k // group, 1, generator=g) - 0.5) * 8
+    return (torch.randn(n, k // group, group, generator=g) * 0.5 + offsets).reshape(n, k)
+
+
+def test_int4_rounds_against_the_scale_and_zero_the_kernel_stores() -> None:
+    w = offset_groups()
+    q, sz = quantize_int4(w, 128)
+    assert torch.equal(sz, sz.to(torch.bfloat16).float())  # already what the kernel holds: nothing rounds later
+    step = sz[..., 0].t().repeat_interleave(128, dim=1)  # (out, in): each weight's stored group scale
+    err = (dequantize_int4(q, sz, 128) - w).abs() / step  # in stored quantisation steps
+    assert err.max() <= 0.5 + 1e-3, err.max()
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no int4 CPU kernel")
+def test_int4_kernel_reconstructs_offset_groups_within_half_a_step() -> None:
+    w = offset_groups(256, 384)
+    layout = Int4Layout(w)
+    q, sz = quantize_int4(w)
+    assert torch.equal(layout.scale_zero.float(), sz)
+    # The identity's rows (exact in bfloat16) read back the weights as the kernel reconstructs them.
+    seen = layout.matmul(torch.eye(384), None).t()  # (out, in)
+    step = sz[..., 0].t().repeat_interleave(128, dim=1)
+    err = ((seen - w).abs() - w.abs() * 2**-8) / step  # less the rounding of the kernel's bfloat16 output
+    assert err.max() <= 0.5 + 1e-3, err.max()
+
+
 @pytest.mark.parametrize("rows", [1, 8, 100])  # the kernel (decoding) and dequantise (prefill) paths
 def test_int8_layout_product_is_close_to_float(rows: int) -> None:
     torch.manual_seed(0)

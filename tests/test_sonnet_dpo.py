@@ -9,12 +9,23 @@ import pytest
 import torch
 
 import sonnet_generation
+import tasks.sonnet
 from config import get_config
+from methods.dpo import PreferencePair, encode_pair
 from methods.restore import load_model, save_model
+from models.generation import LineStop
+from models.generation_config import GenerationConfig
 from models.gpt2 import GPT2Model
 from models.sonnet_gpt import SonnetGPT
 from tasks.course_data import read_sonnets
-from tasks.sonnet_dpo import disable_dropout, prompts_and_continuations, sample_completions, score_completions
+from tasks.lm import EOS_TEXT
+from tasks.sonnet_dpo import (
+    RANKINGS,
+    disable_dropout,
+    prompts_and_continuations,
+    sample_completions,
+    score_completions,
+)
 from tests.conftest import SHARED_DATA, sonnet_data_flags
 
 
@@ -45,8 +56,48 @@ def test_ranking_by_chrf_and_by_form():
     assert chrf_scores[1] == pytest.approx(100.0) and chrf_scores[0] < 20
     (form,) = score_completions(prompts, rest, [[junk, rest[0]]], "form")
     assert form[1] > 0.8 > form[0]  # the true sonnet has the form, three lines and junk do not
+    (nothing,) = score_completions(prompts, rest, [["\n"]], "form")
+    assert nothing == [0.0]  # the prompt alone earns no form: only the generated lines are scored
     with pytest.raises(ValueError, match="rank"):
         score_completions(prompts, rest, [[junk]], "bleu")
+
+
+def test_continuations_keep_the_eos_the_model_ended_with_and_only_that(tokenizer, monkeypatch):
+    """A row ended with EOS keeps it; one cut at max_new_tokens, or ended by the stop rule (then
+    padded with EOS, the pad token), has none; without ``keep_eos`` every row is cut as before."""
+    eos, nl = tokenizer.eos_token_id, tokenizer.encode("\n")[0]
+    a, b = tokenizer.encode(" rose")[0], tokenizer.encode(" thee")[0]
+    new = [[a, b, eos, eos], [a, b, a, b], [a, nl, eos, eos], [b, eos, eos, eos]]
+
+    def fake_generate(gpt, x, mask, config, generator):
+        assert config.max_new_tokens == 4
+        return torch.cat([x, torch.tensor(new[: x.size(0)])], 1)
+
+    monkeypatch.setattr(tasks.sonnet, "generate", fake_generate)
+    gpt = GPT2Model(get_config("tiny"))
+    config = GenerationConfig(max_new_tokens=4, eos_token_id=eos, stop=LineStop(tokenizer, 1))
+    prompts = ["Shall I compare thee", "Thou art", "Rough winds do shake", "So long"]
+    got = tasks.sonnet.continue_prompts(gpt, tokenizer, prompts, config, batch_size=4, keep_eos=True)
+    assert [p for p, _ in got] == [tokenizer.encode(p) for p in prompts]
+    assert [c for _, c in got] == [[a, b, eos], [a, b, a, b], [a, nl], [b, eos]]
+    plain = tasks.sonnet.continue_prompts(gpt, tokenizer, prompts, config, batch_size=4)
+    assert [c for _, c in plain] == [[a, b], [a, b, a, b], [a, nl], [b]]
+    # Through the DPO pipeline: the ended completion is scored with its EOS, the cut one without.
+    text = tokenizer.decode(got[0][0] + got[0][1])
+    assert text.endswith(tokenizer.eos_token)
+    pair = PreferencePair(0, prompts[0], text[len(prompts[0]):], tokenizer.decode(got[1][1]), 1.0, 0.0)
+    ex = encode_pair(tokenizer, pair, 64)
+    assert ex["chosen_input_ids"][-3:] == [a, b, eos] and ex["chosen_completion_mask"][-3:] == [1, 1, 1]
+    assert eos not in ex["rejected_input_ids"]
+
+
+def test_ranking_ignores_the_eos_that_marks_a_finished_completion():
+    prompts, rest = prompts_and_continuations([s.text for s in read_sonnets(SHARED_DATA / "sonnets.txt", 1)])
+    for rank in RANKINGS:
+        (scores,) = score_completions(prompts, rest, [[rest[0] + EOS_TEXT, rest[0]]], rank)
+        assert scores[0] == scores[1], rank
+    calls = [p + x for p, x in (("A", EOS_TEXT), ("A", " end" + EOS_TEXT))]
+    assert sample_completions(lambda ps: calls, ["A"], 2) == [[" end" + EOS_TEXT]]  # nothing generated: dropped
 
 
 def test_disable_dropout_makes_training_mode_deterministic():

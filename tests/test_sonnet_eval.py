@@ -21,7 +21,7 @@ from tasks.course_data import read_sonnets
 from tasks.lm import held_out_loss
 from tasks.metrics import chrf
 from tasks.sonnet import model_for_training
-from tasks.sonnet_eval import evaluate_sonnets, form_metrics, loss_loader, sonnet_prompt, split_train
+from tasks.sonnet_eval import PROMPT_LINES, evaluate_sonnets, form_metrics, loss_loader, sonnet_prompt, split_train
 from tasks.sonnet_form import summarize_form
 from tests.conftest import SHARED_DATA, sonnet_data_flags
 
@@ -63,6 +63,17 @@ def test_evaluate_sonnets_reports_chrf_held_out_loss_and_form(tokenizer):
     assert got["form_mean_lines"] == 4.0
 
 
+def test_form_metrics_score_only_the_generated_lines():
+    refs = [s.text for s in read_sonnets(SHARED_DATA / "TRUE_sonnets_held_out_dev.txt", 4)]
+    prompts = [sonnet_prompt(t) for t in refs]
+    bare = form_metrics(prompts)  # nothing generated: no form, though lines 1 and 3 of a prompt may rhyme
+    assert bare["form_rhyme_adherence"] == 0.0 and bare["form_mean_syllable_error"] == 10.0
+    assert bare["form_mean_lines"] == 3.0  # the line count is of the whole sonnet
+    assert summarize_form(prompts).rhyme_adherence > 0  # what scoring the whole text would have credited
+    whole = form_metrics(refs)  # the true sonnets: their lines 4-14 measured, in the rhyme scheme with 1-3
+    assert whole["form_rhyme_adherence"] > 0.8 and whole["form_mean_syllable_error"] < 0.5
+
+
 def test_cli_early_stops_on_dev_loss_and_logs_every_metric(tmp_path):
     result = sonnet_generation.main([*FAST, "--limit", "3", "--epochs", "3", "--early_stop_metric", "loss",
                                      *sonnet_data_flags(tmp_path)])
@@ -79,7 +90,8 @@ def test_cli_early_stops_on_dev_loss_and_logs_every_metric(tmp_path):
     assert result["dev_loss"] == pytest.approx(best["dev"]["loss"], rel=1e-5)
     report = json.loads((run / "form.json").read_text())
     written = read_sonnets(tmp_path / "pred" / "generated_sonnets_dev.txt")
-    assert report["form"]["dev"] == summarize_form([s.text for s in written]).as_dict() == result["form"]["dev"]
+    assert report["form"]["dev"] == summarize_form([s.text for s in written], PROMPT_LINES).as_dict()
+    assert report["form"]["dev"] == result["form"]["dev"]
     assert report["dev_chrf"] == result["dev_chrf"] and report["dev_perplexity"] == result["dev_perplexity"]
 
 

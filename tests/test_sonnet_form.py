@@ -164,3 +164,22 @@ def test_form_score_ranks_form(shakespeare):
     assert min(form_score(t) for t in shakespeare[:10]) > 0.8
     assert form_score("one long line of prose " * 20) < 0.2 and form_score("") == 0.0
     assert form_score(SONNET_18) > form_score("\n".join(sonnet_lines(SONNET_18)[:7])) > form_score("")
+
+
+def test_the_given_lines_are_not_scored():
+    prompt = "\n".join(sonnet_lines(SONNET_18)[:3])  # the course's prompt: nothing generated yet
+    whole = sonnet_form(prompt)  # measured as a whole text, the prompt earns form
+    assert whole.rhyme_adherence == pytest.approx(1 / 7) and form_score(prompt) == pytest.approx(0.44, abs=0.01)
+    bare = sonnet_form(prompt, prompt_lines=3)
+    assert bare.num_lines == 3 and bare.syllables == () and bare.rhyme_adherence == 0.0
+    assert bare.mean_syllable_error == 10 and form_score(bare) == 0.0 == form_score(prompt, prompt_lines=3)
+    # Sonnet 18 continued by its own lines: the pair (1, 3) holds a generated line, (0, 2) does not.
+    f = sonnet_form(SONNET_18, prompt_lines=3)
+    assert f.num_lines == 14 and len(f.syllables) == 11  # the line count is of the whole sonnet
+    assert f.rhyme_pairs == (False, True, True, True, True, True) and f.rhyme_adherence == pytest.approx(5 / 6)
+    assert f.mean_syllables == pytest.approx(sum(line_syllables(ln) for ln in sonnet_lines(SONNET_18)[3:]) / 11)
+    assert form_score(f) == pytest.approx((1 + (1 - f.mean_syllable_error / 10) + 5 / 6) / 3)
+    s = summarize_form([SONNET_18, prompt], prompt_lines=3)
+    assert s.mean_lines == 8.5 and s.rhyme_adherence == pytest.approx(5 / 12)
+    with pytest.raises(ValueError, match="prompt_lines"):
+        sonnet_form(SONNET_18, prompt_lines=14)
