@@ -36,9 +36,9 @@ from cli.generate import GenerateSettings, parse_settings
 from decoding.inference import decoding_rows, prepare_for_decoding
 from decoding.mbr import mbr_pool_generate
 from engine.data import PadCollator, encode
-from methods.restore import load_any_model
 from models.generation import LineStop, generate, trim
 from models.loading import load_tokenizer
+from tasks.restore import restore_task_model
 
 
 @torch.no_grad()
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     settings = parse_settings(argv, description=__doc__.split("\n\n")[0])
     seed_everything(settings.seed)
     device = pick_device(device=settings.device)
-    model = load_any_model(settings.model).to(device).eval()
+    model = restore_task_model(settings.model, "body").model.to(device).eval()
     tokenizer = load_tokenizer(settings.tokenizer, verbose=False)
     prompts = list(settings.prompts)
     completions = complete(model, tokenizer, prompts, settings)

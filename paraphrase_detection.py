@@ -9,7 +9,7 @@ and test) and the answer is read at its last real token as "yes" (8505) or "no" 
 Without the course's Quora files (offline), train/dev/test are carved from
 ``data/quora-minbert-dev.csv`` and a notice says so. Writes
 ``predictions/para-{dev,test}-output.csv`` in the starter's format, and the best model as a
-plain GPT-2 checkpoint (LoRA merged) that ``load_paraphrase_scorer`` reads back.
+plain GPT-2 checkpoint (LoRA merged) that ``tasks.restore.restore_task_model`` reads back.
 
 The task (scoring, the run) is ``tasks.paraphrase``, its flags ``cli.paraphrase``; this file only
 parses and calls.

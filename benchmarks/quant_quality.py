@@ -36,12 +36,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from decoding.inference import prepare_for_inference  # noqa: E402
 from decoding.quant import QUANTIZE_CHOICES, QuantizationUnavailable, check_quantize  # noqa: E402
-from methods.restore import load_any_model  # noqa: E402
 from models.generation import LineStop  # noqa: E402
 from models.generation_config import GenerationConfig  # noqa: E402
 from models.loading import CheckpointError, load_tokenizer  # noqa: E402
 from tasks.course_data import read_sonnets  # noqa: E402
 from tasks.metrics import chrf  # noqa: E402
+from tasks.restore import restore_task_model  # noqa: E402
 from tasks.sonnet import continue_prompts  # noqa: E402
 
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model = load_any_model(args.model).eval()
+        model = restore_task_model(args.model, "body").model.eval()
         for q in args.quantize:
             check_quantize(q, "cpu", model.config.hidden_size)
         tok = load_tokenizer(args.tokenizer, verbose=False)

@@ -29,7 +29,9 @@ from cli.sonnet import settings_from_args  # noqa: E402
 from experiments.tables import mean_std, mean_std_table  # noqa: E402
 from tasks.course_data import read_sonnets  # noqa: E402
 from tasks.metrics import chrf  # noqa: E402
-from tasks.sonnet import complete_prompts, load_sonnet_model  # noqa: E402
+from tasks.restore import restore_task_model  # noqa: E402
+from tasks.sonnet import complete_prompts  # noqa: E402
+from tasks.sonnet_eval import PROMPT_LINES  # noqa: E402
 from tasks.sonnet_form import summarize_form  # noqa: E402
 
 # name -> sonnet_generation.py decoding flags
@@ -60,7 +62,7 @@ def evaluate(model: Any, tokenizer: Any, flags: list[str], prompts: list[str], r
     texts = complete_prompts(model, tokenizer, prompts, decoding.generation(tokenizer),
                              batch_size=decoding.batch_size, seed=seed, mbr_pool=decoding.pool)
     seconds = time.perf_counter() - t0
-    return {"chrf": chrf(texts, refs), **summarize_form(texts).as_dict(), "seconds": seconds}
+    return {"chrf": chrf(texts, refs), **summarize_form(texts, PROMPT_LINES).as_dict(), "seconds": seconds}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prompts = [s.text for s in read_sonnets(data / "sonnets_held_out_dev.txt", args.limit)]
     refs = [s.text for s in read_sonnets(data / "TRUE_sonnets_held_out_dev.txt", args.limit)]
     common = ["--max_new_tokens", str(args.max_new_tokens)]
-    model, tokenizer = load_sonnet_model(settings_from_args(sonnet_generation.get_args(common)), args.model)
+    restored = restore_task_model(args.model, "sonnet", settings_from_args(sonnet_generation.get_args(common)))
+    model, tokenizer = restored.model, restored.tokenizer
     model.eval()
     rows = []
     for name in chosen:

@@ -34,8 +34,8 @@ from models.heads import GPT2SentimentClassifier
 from tasks.common import fit_task, pick_device, train_config
 from tasks.course_data import sentiment_features
 from tasks.metrics import classification_metrics
+from tasks.restore import restore_task_model
 from tasks.sentiment import DATASETS, NUM_LABELS, SELECTION_METRIC, default_path, logits, read_split
-from tasks.sentiment_checkpoint import load_classifier
 from tasks.settings import ModelSettings, TaskSettings, from_flags
 
 DEFAULTS = {"batch_size": 32, "lr": 1e-3, "epochs": 5, "hidden_dropout_prob": 0.1}
@@ -76,22 +76,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no_baseline", action="store_true", help="skip the student trained without the teacher")
 
 
-def load_teacher(path: str | Path, device: torch.device,
-                 dataset: str | None = None) -> tuple[GPT2SentimentClassifier, Any, dict[str, Any]]:
-    """(GPT2SentimentClassifier, tokenizer, the run's saved flags) from a ``classifier.py``
-    checkpoint, rebuilt by ``tasks.sentiment_checkpoint.load_classifier``. With ``dataset``, a
-    teacher trained on another task (an SST teacher for CFIMDB would make 5-way students of a
-    2-class task) is refused before anything is built."""
+def same_task(path: str | Path, dataset: str) -> Callable[[Mapping[str, Any]], None]:
+    """``restore_task_model``'s check of a teacher: one trained on another task (an SST teacher for
+    CFIMDB would make 5-way students of a 2-class task) is refused before anything is built."""
 
-    def same_task(extra: Mapping[str, Any]) -> None:
+    def check(extra: Mapping[str, Any]) -> None:
         theirs, n = extra.get("dataset"), extra["num_labels"]
-        if dataset is not None and (theirs != dataset or n != NUM_LABELS[dataset]):
+        if theirs != dataset or n != NUM_LABELS[dataset]:
             raise CheckpointError(f"{path}: the teacher was trained on {theirs} ({n} labels) but --dataset {dataset} "
                                   f"has {NUM_LABELS[dataset]}; pass a teacher trained on {dataset} "
                                   f"or --dataset {theirs}")
 
-    teacher = load_classifier(path, device, same_task)
-    return teacher.model, teacher.tokenizer, teacher.flags
+    return check
 
 
 def logits_of(model: torch.nn.Module, loader: Any) -> list[list[float]]:
@@ -142,7 +138,8 @@ def run(args: argparse.Namespace, settings: TaskSettings) -> dict:
     kd = from_flags(KDSettings, vars(args))
     seed_everything(settings.seed)
     device = pick_device(settings.run.use_gpu, settings.run.device)
-    teacher, tokenizer, teacher_flags = load_teacher(kd.teacher, device, kd.dataset)
+    restored = restore_task_model(kd.teacher, "classifier", device=device, check=same_task(kd.teacher, kd.dataset))
+    teacher, tokenizer, teacher_flags = restored.model, restored.tokenizer, restored.flags
     paths = {"train": kd.train or default_path(kd.dataset, "train"),
              "dev": kd.dev or default_path(kd.dataset, "dev")}
     max_len = settings.data.max_length or min(512, teacher.gpt.config.max_position_embeddings)

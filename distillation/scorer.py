@@ -1,8 +1,8 @@
 """The entailment scorer of the filters: P("yes") of our cloze paraphrase model
 for ordered (s1, s2) pairs, as a plain function (``filters.ScoreFn``).
 
-The model is a checkpoint trained by ``paraphrase_detection.py`` (``--scorer``, read and
-scored by ``tasks.paraphrase``),
+The model is a checkpoint trained by ``paraphrase_detection.py`` (``--scorer``, read by
+``tasks.restore`` and scored by ``tasks.paraphrase``),
 or, without one, GPT-2 asked the cloze question zero-shot (``--model_size``,
 ``--random_init``: what the tiny end-to-end test uses).
 """
@@ -15,9 +15,9 @@ from typing import Any
 
 from distillation.filters import ScoreFn
 from models.heads import ClozeParaphraseScorer
-from models.loading import load_tokenizer
 from tasks.common import build_body, pick_device
-from tasks.paraphrase import load_paraphrase_scorer, score_paraphrase_pairs
+from tasks.paraphrase import score_paraphrase_pairs
+from tasks.restore import restore_task_model
 from tasks.settings import TaskSettings
 
 
@@ -42,7 +42,8 @@ def load_scorer(settings: TaskSettings, scorer: str | None) -> ScoreFn:
     model of ``settings.model``, on the run's device, in batches of ``--batch_size``."""
     device = pick_device(settings.run.use_gpu, settings.run.device)
     if scorer:
-        model, tokenizer = load_paraphrase_scorer(scorer, device), load_tokenizer(settings.model.tokenizer)
+        restored = restore_task_model(scorer, "paraphrase", settings, device=device)
+        model, tokenizer = restored.model, restored.tokenizer
     else:
         gpt, tokenizer = build_body(settings.model)
         model = ClozeParaphraseScorer(gpt)

@@ -43,9 +43,9 @@ from tasks.course_data import (
     write_id_predictions,
 )
 from tasks.metrics import classification_metrics
-from tasks.paraphrase import ParaphraseSettings, load_paraphrase_scorer, predict_p_yes, write_paraphrase_predictions
+from tasks.paraphrase import ParaphraseSettings, predict_p_yes, write_paraphrase_predictions
+from tasks.restore import restore_task_model
 from tasks.sentiment import DATASETS, SPLITS, SentimentSettings, logits, read_cola
-from tasks.sentiment_checkpoint import load_classifier
 from tasks.settings import DataSettings, ModelSettings, TaskSettings, from_flags
 
 S = TypeVar("S", bound=TaskSettings)
@@ -93,7 +93,7 @@ def load_members(paths: Sequence[str | Path], device: torch.device) -> list[Memb
         if kinds[str(p)] == "classifier":
             members.append(_classifier_member(p, device, members[0] if members else None))
         else:
-            model = load_paraphrase_scorer(p, device)
+            model = restore_task_model(p, "paraphrase", device=device).model.eval()
             settings = settings_of(ParaphraseSettings, run_flags(Path(p).parent))
             members.append(Member(Path(p), "paraphrase", model, load_tokenizer(settings.model.tokenizer, verbose=False),
                                   settings.data.max_length or model.gpt.config.max_position_embeddings,
@@ -126,7 +126,7 @@ def _classifier_member(path: str | Path, device: torch.device, first: Member | N
                                   f"{first.path} on {first.dataset} ({first.num_labels}); ensemble "
                                   "checkpoints of one dataset")
 
-    c = load_classifier(path, device, same_task)
+    c = restore_task_model(path, "classifier", device=device, check=same_task)
     files = {(ds, split): c.flags[f"{ds}_{split}"] for ds in DATASETS for split in SPLITS[ds]
              if f"{ds}_{split}" in c.flags}
     settings = settings_of(SentimentSettings, c.flags, files=files)

@@ -1,8 +1,8 @@
 """Saved GPT-2 bodies: written with what the methods changed in them, and rebuilt from what a file
 holds: its config, its weights, and what the weights do not show (a sparse attention pattern; a
-prefix, which the weights do show). ``save_model`` / ``load_model`` are the task scripts' final
-models (``model.pt``, ``sonnet-model.pt``...); ``load_any_model`` also takes a Trainer checkpoint
-with every weight, or a Hugging Face folder or hub id (``generate.py --model``).
+prefix, which the weights do show). ``save_model`` / ``load_model`` are the file format of the task
+scripts' final models (``model.pt``, ``sonnet-model.pt``...): the mechanics under
+``tasks.restore.restore_task_model``, the one way callers get a trained model back.
 
 A sparse model's file keeps its pattern as flag-named fields (``attn_pattern``...) beside
 the config: in ``extra`` (``methods.sparse_attention.attention_fields``, which the tasks
@@ -74,24 +74,4 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", rando
                               "run wrote (e.g. <output_dir>/paraphrase-model.pt or sonnet-model.pt)")
     return rebuild_model(ckpt["config"], None if random_init else ckpt["model"], ckpt.get("extra"),
                          **config_overrides)
-
-
-def load_any_model(spec: str | Path) -> GPT2Model:
-    """A GPT2Model from a ``save_model`` file, a Trainer checkpoint with every weight (keys of a
-    task head's ``gpt.`` body), or a Hugging Face folder / hub id."""
-    if not Path(spec).is_file():
-        return GPT2Model.from_pretrained(spec)
-    ckpt = load_checkpoint(spec)
-    if "config" in ckpt:
-        return load_model(spec)
-    if "model" not in ckpt or "model_config" not in ckpt:
-        raise CheckpointError(f"{spec}: neither a saved model, a Trainer checkpoint nor a Hugging Face folder")
-    if ckpt.get("trainable_only", False):
-        raise CheckpointError(f"{spec} holds only the trained parameters (LoRA, prefix or a frozen body); pass the "
-                              "model file the run saved (e.g. sonnet-model.pt)")
-    state = {k.removeprefix("gpt."): v for k, v in ckpt["model"].items()}
-    try:
-        return rebuild_model(ckpt["model_config"], state, ckpt.get("extra"))
-    except RuntimeError as e:
-        raise CheckpointError(f"{spec}: not a plain GPT-2 language model ({str(e).splitlines()[0]})") from e
 

@@ -25,12 +25,13 @@ from torch import nn
 
 from engine.data import DataFormatError, PadCollator, encode, make_loader, read_text
 from engine.trainer import EvalFn, TrainConfig, Trainer
-from methods.restore import load_model, save_model
+from methods.restore import save_model
 from methods.sparse_attention import SparseAttention, apply_sparse_attention, attention_fields
 from models.sonnet_gpt import SonnetGPT
 from modules.losses import count_lm_targets
 from tasks.common import build_body, default_output_dir, fit_task, open_task_run, start, train_config
 from tasks.poetry_corpus import is_poetry_csv, read_documents
+from tasks.restore import restore_task_model
 from tasks.settings import TaskSettings
 
 EOS_TEXT = "<|endoftext|>"  # GPT-2's end-of-text token as text: the tokenizer reads it as that one token
@@ -223,7 +224,7 @@ def run_pretraining(settings: PretrainSettings) -> dict[str, Any]:
     model, tokenizer = build_body(settings.model, hidden_dropout_prob=settings.model.hidden_dropout_prob)
     apply_sparse_attention(model, settings.attention)
     if settings.run.load:  # continue from a model an earlier run saved (model.pt)
-        model = load_model(settings.run.load)
+        model = restore_task_model(settings.run.load).model
     cfg = train_config(settings, device, out_dir)
     data = settings.data
     best = pretrain_lm(model, tokenizer, settings.corpus, cfg, batch_size=data.batch_size, block_size=data.max_length,

@@ -2,7 +2,7 @@
 task behind ``paraphrase_detection.py``, and the scoring the distillation pipeline uses.
 
     score_paraphrase_pairs(model, tokenizer, pairs) -> P(yes) for (sentence1, sentence2) pairs
-    load_paraphrase_scorer(path) -> ClozeParaphraseScorer saved by a run
+    tasks.restore.restore_task_model(path, "paraphrase").model -> ClozeParaphraseScorer saved by a run
     run(ParaphraseSettings(...)) -> {"dev": metrics, "checkpoint": path, ...}; trains on any
         Quora-format TSV (``cli.paraphrase.paraphrase_settings`` builds the settings from flags)
 
@@ -23,15 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from engine import ranks
 from engine.data import PadCollator, make_eval_loader
 from engine.predict import predict_in_order
 from methods.lora import unwrap_lora
-from methods.restore import load_model, save_model
+from methods.restore import save_model
 from models.heads import ClozeParaphraseScorer
-from models.loading import load_tokenizer
 from tasks.common import (
     build_task_model,
     default_output_dir,
@@ -44,6 +41,7 @@ from tasks.common import (
 )
 from tasks.course_data import ParaphrasePair, load_quora_splits, paraphrase_features, write_id_predictions
 from tasks.metrics import classification_metrics, majority_baseline
+from tasks.restore import restore_task_model
 from tasks.settings import ClassificationSettings
 
 
@@ -66,11 +64,6 @@ class ParaphraseSettings(ClassificationSettings):
 
 
 # ----------------------------------------------------------------- public API
-
-
-def load_paraphrase_scorer(path: str | Path, device: str | torch.device = "cpu") -> ClozeParaphraseScorer:
-    """The scorer a run saved (``<output_dir>/paraphrase-model.pt`` or ``--filepath``), in eval mode."""
-    return ClozeParaphraseScorer(load_model(path, map_location=device)).eval()
 
 
 def predict_p_yes(
@@ -115,13 +108,14 @@ def write_paraphrase_predictions(path: str | Path, ids: Sequence[str], token_ids
 # ----------------------------------------------------------------- the run
 
 
-def build_scorer(settings: ParaphraseSettings) -> tuple[ClozeParaphraseScorer, Any, bool]:
+def _build_scorer(settings: ParaphraseSettings) -> tuple[ClozeParaphraseScorer, Any, bool]:
     """(scorer, tokenizer, checkpoints hold only trainable parameters) from the settings."""
     load = settings.run.load
     if not load:
         return build_task_model(settings, ClozeParaphraseScorer,
                                 hidden_dropout_prob=settings.model.hidden_dropout_prob)
-    model, tokenizer = ClozeParaphraseScorer(load_model(load)), load_tokenizer(settings.model.tokenizer)
+    restored = restore_task_model(load, "paraphrase", settings)
+    model, tokenizer = restored.model, restored.tokenizer
     print(f"loaded {load}")
     return model, tokenizer, prepare_model(model, settings.fine_tune)
 
@@ -141,7 +135,7 @@ def run(settings: ParaphraseSettings) -> dict[str, Any]:
     data = load_quora_splits(settings.para_train, settings.para_dev, settings.para_test, limit=data_settings.limit)
     for split, rows in data.items():
         print(f"{split}: {len(rows)} pairs")
-    model, tokenizer, trainable_only = build_scorer(settings)
+    model, tokenizer, trainable_only = _build_scorer(settings)
     print(f"loss over {'the two answer tokens' if settings.loss == 'answer' else 'the full vocabulary'}")
 
     max_len = data_settings.max_length or model.gpt.config.max_position_embeddings
@@ -195,5 +189,5 @@ def run(settings: ParaphraseSettings) -> dict[str, Any]:
     return result
 
 
-__all__ = ["ParaphraseSettings", "load_paraphrase_scorer", "predict_p_yes", "run", "score_paraphrase_pairs",
+__all__ = ["ParaphraseSettings", "predict_p_yes", "run", "score_paraphrase_pairs",
            "write_paraphrase_predictions"]

@@ -9,7 +9,7 @@ real token, an EOS appended).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +20,12 @@ from torch import nn
 from decoding.inference import decoding_rows, prepare_for_decoding, prepare_for_inference
 from decoding.mbr import CandidatePool, mbr_pool_generate
 from engine import ranks
-from engine.checkpoints import load_checkpoint, load_checkpoint_weights
+from engine.checkpoints import load_checkpoint
 from engine.data import DataFormatError, PadCollator, encode
 from methods.lora import unwrap_lora
 from methods.prefix import fold_prefix
-from methods.restore import load_model, rebuild_model, save_model
-from methods.sparse_attention import SparseAttention, apply_sparse_attention, attention_fields
+from methods.restore import save_model
+from methods.sparse_attention import SparseAttention, attention_fields
 from models.generation import LineStop, generate, trim
 from models.generation_config import GenerationConfig
 from models.loading import CheckpointError, load_tokenizer
@@ -34,6 +34,7 @@ from tasks.common import build_task_model, default_output_dir, open_task_run, pr
 from tasks.course_data import read_sonnets, write_sonnets
 from tasks.lm import CorpusPretraining, fine_tune_lm, held_out_loss, pretrain_before_fine_tuning
 from tasks.metrics import chrf
+from tasks.restore import restore_task_model, sonnet_head
 from tasks.settings import TaskSettings
 from tasks.sonnet_dpo import DpoSettings, dpo_fine_tune
 from tasks.sonnet_eval import (
@@ -110,16 +111,22 @@ def prompt_batches(gpt: nn.Module, tokenizer: Any, prompts: Sequence[str], max_n
 
 @torch.no_grad()
 def continue_prompts(gpt: nn.Module, tokenizer: Any, prompts: Sequence[str], config: GenerationConfig,
-                     *, batch_size: int = 12, generator: torch.Generator | None = None
+                     *, batch_size: int = 12, generator: torch.Generator | None = None, keep_eos: bool = False
                      ) -> list[tuple[list[int], list[int]]]:
     """Each prompt's tokens (without padding) and the tokens ``gpt`` (a ``GPT2Model`` or a
     prepared ``InferenceModel``, decoded as it is) continues it with under ``config``, cut before
-    the first EOS when ``config`` names one."""
-    pairs = []
+    the first EOS when ``config`` names one. With ``keep_eos`` a continuation the model ended with
+    EOS keeps it (DPO scores the ending); one cut by ``max_new_tokens`` or ended by the stop rule
+    (after which the row is padded, with EOS by default) has none."""
+    eos, stop, pairs = config.eos_token_id, config.stop, []
     for x, mask in prompt_batches(gpt, tokenizer, prompts, config.max_new_tokens, batch_size):
         out = generate(gpt, x, mask, config=config, generator=generator)
         for row, n_pad in zip(out, (mask == 0).sum(-1).tolist()):
-            tokens, length = trim(row, x.size(1), n_pad, config.eos_token_id), x.size(1) - n_pad
+            tokens, length = trim(row, x.size(1), n_pad, eos), x.size(1) - n_pad
+            end = n_pad + len(tokens)  # where the row's first EOS (or padding) is, if it has one
+            if keep_eos and end < row.numel() and row[end] == eos:
+                if stop is None or not bool(stop(row[None, :end])[0]):  # else the EOS is padding
+                    tokens.append(eos)
             pairs.append((tokens[:length], tokens[length:]))
     return pairs
 
@@ -134,8 +141,10 @@ def complete_prompts(
     batch_size: int = 12,
     seed: int = 11711,
     mbr_pool: CandidatePool | None = None,
+    keep_eos: bool = False,
 ) -> list[str]:
-    """Each prompt continued into a full sonnet (prompt included) under ``config``, decoded to text.
+    """Each prompt continued into a full sonnet (prompt included) under ``config``, decoded to text
+    (with ``keep_eos``, and no pool, ending in the EOS text where the model ended it: ``continue_prompts``).
 
     Sampling draws from a generator seeded with ``seed``, so every call (each epoch's dev
     evaluation) sees the same random stream. With ``mbr_pool`` each prompt gets the pool's
@@ -144,7 +153,8 @@ def complete_prompts(
     gen = torch.Generator(model.gpt.device).manual_seed(seed)
     gpt = prepare_for_inference(model.gpt)  # faster CPU decoding layouts, built once for every batch
     if mbr_pool is None:
-        pairs = continue_prompts(gpt, tokenizer, prompts, config, batch_size=batch_size, generator=gen)
+        pairs = continue_prompts(gpt, tokenizer, prompts, config, batch_size=batch_size, generator=gen,
+                                 keep_eos=keep_eos)
         return [tokenizer.decode(p + c).strip() for p, c in pairs]
     texts: list[str] = []
     for x, mask in prompt_batches(gpt, tokenizer, prompts, config.max_new_tokens, batch_size):
@@ -163,27 +173,6 @@ def dev_chrf(model: SonnetGPT, tokenizer: Any, prompts: Sequence[str], reference
 # ----------------------------------------------------------------- model building
 
 
-def sonnet_head(attention: SparseAttention) -> Callable[[Any], SonnetGPT]:
-    """``tasks.common.build_task_model``'s head: the body under ``attention`` (given before the
-    fine-tune mode: a prefix needs dense attention), as a ``SonnetGPT``."""
-    return lambda gpt: SonnetGPT(apply_sparse_attention(gpt, attention))
-
-
-def load_sonnet_model(settings: SonnetSettings, path: str | Path) -> tuple[SonnetGPT, Any]:
-    """A model saved by this task (plain GPT-2: ``sonnet-model.pt``) or a Trainer checkpoint of a
-    run with the same model size and fine-tune mode (``best-epochN.pt``, ``last.pt``)."""
-    ckpt = load_checkpoint(path)
-    if "config" in ckpt:
-        return SonnetGPT(load_model(path)), load_tokenizer(settings.model.tokenizer)
-    if "model" not in ckpt:
-        raise CheckpointError(f"{path}: neither a saved sonnet model nor a Trainer checkpoint")
-    model, tokenizer, _ = build_task_model(settings, sonnet_head(settings.attention),
-                                           hidden_dropout_prob=settings.model.hidden_dropout_prob)
-    load_checkpoint_weights(model, ckpt, path, fits=f"--model_size {settings.model.model_size} --fine-tune-mode "
-                                                    f"{settings.fine_tune.mode}")
-    return model, tokenizer
-
-
 def model_for_training(settings: SonnetSettings) -> tuple[SonnetGPT, Any, bool]:
     """(model, tokenizer, checkpoints hold only trainable parameters) to train: the ``model_size``
     model, or with ``checkpoint`` a saved model (``pretrain.py``'s ``model.pt`` or a
@@ -199,10 +188,10 @@ def model_for_training(settings: SonnetSettings) -> tuple[SonnetGPT, Any, bool]:
         if "config" not in saved:
             raise CheckpointError(f"{checkpoint} is not a saved model; --random_init --checkpoint takes the "
                                   "architecture of a model file (model.pt, sonnet-model.pt)")
-        gpt = rebuild_model(saved["config"], None, saved.get("extra"), hidden_dropout_prob=dropout)
+        gpt = restore_task_model(checkpoint, random_init=True, hidden_dropout_prob=dropout).model
         print(f"random weights in the architecture of {checkpoint}")
     else:
-        gpt = load_model(checkpoint, hidden_dropout_prob=dropout)
+        gpt = restore_task_model(checkpoint, hidden_dropout_prob=dropout).model
         print(f"starting from {checkpoint}")
     model = SonnetGPT(gpt)
     return model, load_tokenizer(settings.model.tokenizer), prepare_model(model, settings.fine_tune)
@@ -235,7 +224,8 @@ def run(settings: SonnetSettings) -> dict[str, Any]:
     except ValueError as e:
         raise DataFormatError(s.sonnet_path, None, f"{e}; change --train_size or --limit") from None
     if generate_only:
-        model, tokenizer = load_sonnet_model(s, s.checkpoint)
+        restored = restore_task_model(s.checkpoint, "sonnet", s)
+        model, tokenizer = restored.model, restored.tokenizer
         print(f"loaded {s.checkpoint}")
     else:
         model, tokenizer, trainable_only = model_for_training(s)
@@ -271,7 +261,7 @@ def run(settings: SonnetSettings) -> dict[str, Any]:
             best = dpo_fine_tune(
                 model, tokenizer, train,
                 lambda prompts: complete_prompts(model, tokenizer, prompts, sampling,
-                                                 **{**complete_kw, "mbr_pool": None}),
+                                                 **{**complete_kw, "mbr_pool": None}, keep_eos=True),
                 eval_fn, cfg, s.dpo, batch_size=data.batch_size, max_length=data.max_length, source=s.sonnet_path,
                 extra=extra)
         else:
@@ -310,4 +300,4 @@ def run(settings: SonnetSettings) -> dict[str, Any]:
 
 
 __all__ = ["SonnetDecoding", "SonnetSettings", "complete_prompts", "continue_prompts", "dev_chrf",
-           "load_sonnet_model", "model_for_training", "prompt_batches", "run", "sonnet_head"]
+           "model_for_training", "prompt_batches", "run"]

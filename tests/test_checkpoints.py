@@ -31,7 +31,7 @@ def test_own_checkpoint_roundtrip_and_config_mismatch(tmp_path):
 
 def test_save_model_works_in_a_fresh_process(tmp_path):
     """save_model right after ``import torch`` (no torch.distributed submodule loaded by
-    anything else first), as a user script calling load_any_model then save_model does."""
+    anything else first), as a user script calling restore_task_model then save_model does."""
     import subprocess
     import sys
 

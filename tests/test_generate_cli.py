@@ -97,7 +97,7 @@ def test_other_model_formats(saved, tokenizer, tmp_path):
 ])
 def test_bad_flags_exit_2_before_loading(saved, flags, message, capsys, monkeypatch):
     _, path = saved
-    monkeypatch.setattr(cli, "load_any_model", lambda spec: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(cli, "restore_task_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit) as e:
         cli.main(["--model", str(path), "--prompt", "A", *flags])
     assert e.value.code == 2 and message in capsys.readouterr().err

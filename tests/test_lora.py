@@ -13,6 +13,7 @@ from engine.checkpoints import trainable_state_dict
 from methods.lora import LoRALinear, apply_lora, lora_modules, mark_only_lora_trainable, unwrap_lora
 from models.gpt2 import GPT2Model
 from models.heads import GPT2SentimentClassifier
+from tasks.restore import restore_task_model
 
 
 def merge_all(model: nn.Module) -> None:
@@ -210,7 +211,6 @@ def test_dora_from_the_classifier_cli_and_as_a_kd_teacher(tmp_path, classifier_c
     """``--use_dora`` reaches the model: the checkpoint holds the magnitudes, and the kd teacher
     is rebuilt from the saved args as DoRA with the trained outputs."""
     import classifier
-    from distillation.kd import load_teacher
 
     classifier.main(classifier_cli("lora", "--use_dora", "--dataset", "sst", "--lr", "1e-2"))
     ckpt = torch.load(tmp_path / "runs" / "best.pt", map_location="cpu", weights_only=False)
@@ -218,7 +218,7 @@ def test_dora_from_the_classifier_cli_and_as_a_kd_teacher(tmp_path, classifier_c
     assert ckpt["extra"]["args"]["use_dora"] is True and ckpt["extra"]["fine_tune"]["adapter"]["use_dora"] is True
     assert any(k.endswith("lora_magnitude") for k in saved) and any(k.startswith("classifier.") for k in saved)
     assert all(k.startswith("classifier.") or k.endswith(("lora_A", "lora_B", "lora_magnitude")) for k in saved)
-    teacher, _, _ = load_teacher(tmp_path / "runs" / "best.pt", torch.device("cpu"))
+    teacher = restore_task_model(tmp_path / "runs" / "best.pt", "classifier").model
     mods = [m for m in teacher.modules() if isinstance(m, LoRALinear)]
     assert mods and all(m.use_dora for m in mods)
     for k, v in ckpt["model"].items():
@@ -226,6 +226,6 @@ def test_dora_from_the_classifier_cli_and_as_a_kd_teacher(tmp_path, classifier_c
     # A checkpoint from before the FineTuneConfig was saved: the teacher is rebuilt from the flags.
     del ckpt["extra"]["fine_tune"]
     torch.save(ckpt, tmp_path / "old.pt")
-    old, _, _ = load_teacher(tmp_path / "old.pt", torch.device("cpu"))
+    old = restore_task_model(tmp_path / "old.pt", "classifier").model
     assert all(m.use_dora for m in old.modules() if isinstance(m, LoRALinear))
     torch.testing.assert_close(old.state_dict(), teacher.state_dict())

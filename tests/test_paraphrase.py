@@ -22,7 +22,8 @@ from tasks.course_data import (
     paraphrase_features,
     read_quora,
 )
-from tasks.paraphrase import load_paraphrase_scorer, score_paraphrase_pairs
+from tasks.paraphrase import score_paraphrase_pairs
+from tasks.restore import restore_task_model
 from tests.conftest import SHARED_DATA
 
 
@@ -263,7 +264,7 @@ def test_cli_writes_one_row_per_example_and_saves_a_reloadable_scorer(tmp_path, 
     assert set(result["dev"]) >= {"accuracy", "macro_f1"} and result["best"]["epoch"] == 1
 
     # The saved model reproduces the written predictions through the public scoring function.
-    scorer = load_paraphrase_scorer(result["checkpoint"])
+    scorer = restore_task_model(result["checkpoint"], "paraphrase").model.eval()
     pairs = [(p.sentence1, p.sentence2) for p in read_quora(test)]
     p_yes = score_paraphrase_pairs(scorer, tokenizer, pairs, batch_size=2)
     assert [ClozeParaphraseScorer.answer_token([int(p > 0.5)])[0] for p in p_yes] == [t for _, t in test_rows]
@@ -275,6 +276,6 @@ def test_cli_writes_one_row_per_example_and_saves_a_reloadable_scorer(tmp_path, 
     # LoRA: only adapters train, and the saved model is a plain GPT-2 with the adapters merged in.
     lora = para.main([*args, "--fine_tune_mode", "lora", "--output_dir", str(tmp_path / "lora"),
                     "--load", result["checkpoint"]])
-    merged = load_paraphrase_scorer(lora["checkpoint"])
+    merged = restore_task_model(lora["checkpoint"], "paraphrase").model.eval()
     assert not any("lora" in k for k in merged.state_dict())
     assert score_paraphrase_pairs(merged, tokenizer, pairs[:2]) != p_yes[:2]

@@ -14,7 +14,7 @@ from config import GPT2Config
 from engine.checkpoints import atomic_save, check_config
 from errors import CheckpointError
 from methods.prefix import PrefixCausalSelfAttention, apply_prefix
-from methods.restore import load_any_model, load_model, rebuild_model, save_model, split_saved_config
+from methods.restore import load_model, rebuild_model, save_model, split_saved_config
 from methods.sparse_attention import (
     SparseAttention,
     SparseCausalSelfAttention,
@@ -23,7 +23,10 @@ from methods.sparse_attention import (
     sparse_attention_of,
 )
 from models.gpt2 import GPT2Model
+from models.heads import ClozeParaphraseScorer
 from modules.attention import CausalSelfAttention
+from tasks.restore import restore_task_model
+from tasks.sonnet import SonnetSettings
 
 WINDOW = SparseAttention("window", window=4)
 # What GPT2Config.to_dict() wrote before the restructuring, besides the architecture
@@ -64,7 +67,7 @@ def test_an_old_dense_file_loads_as_the_plain_model(tmp_path):
     model = tiny()
     atomic_save({"config": legacy_config(model, gradient_checkpointing=True), "model": model.state_dict(),
                  "extra": {"task": "sonnet"}}, tmp_path / "old.pt")
-    for back in (load_model(tmp_path / "old.pt"), load_any_model(str(tmp_path / "old.pt"))):
+    for back in (load_model(tmp_path / "old.pt"), restore_task_model(str(tmp_path / "old.pt"), "body").model):
         assert type(back.h[0].attn) is CausalSelfAttention and not hasattr(back.config, "attn_pattern")
         assert torch.equal(hidden(back), hidden(model))
 
@@ -82,7 +85,7 @@ def test_an_old_sparse_file_is_rebuilt_sparse(tmp_path):
     trainer = {"model": {f"gpt.{k}": v for k, v in sparse.state_dict().items()}, "model_config": old["config"],
                "train_config": {}, "extra": {"args": {}}}
     atomic_save(trainer, tmp_path / "last.pt")
-    assert torch.equal(hidden(load_any_model(str(tmp_path / "last.pt"))), hidden(sparse))
+    assert torch.equal(hidden(restore_task_model(str(tmp_path / "last.pt"), "body").model), hidden(sparse))
     check_config(old["config"], sparse.config, tmp_path / "last.pt")  # resume compares the architecture only
     with pytest.raises(CheckpointError, match="hidden_size: checkpoint 16 vs model 32"):
         check_config(old["config"], dataclasses.replace(sparse.config, hidden_size=32), tmp_path / "last.pt")
@@ -102,3 +105,33 @@ def test_split_saved_config_reads_the_fields_of_either_place():
         "strided", window=8)
     assert split_saved_config(config, {"args": {}, **WINDOW.fields()}) == (config, WINDOW)
     assert isinstance(rebuild_model(config, None, WINDOW.fields()).h[1].attn, SparseCausalSelfAttention)
+
+
+def test_restore_task_model_reads_each_kind_and_names_what_to_pass(tmp_path):
+    """One function for every file a run writes: each task takes the kinds it can use and refuses
+    the others with the file to pass."""
+    model = tiny()
+    save_model(model, tmp_path / "m.pt", task="paraphrase")
+    assert torch.equal(hidden(restore_task_model(tmp_path / "m.pt").model), hidden(model))
+    scorer = restore_task_model(tmp_path / "m.pt", "paraphrase").model
+    assert isinstance(scorer, ClozeParaphraseScorer) and torch.equal(hidden(scorer.gpt), hidden(model))
+    trainer = {"model": {f"gpt.{k}": v for k, v in model.state_dict().items()},
+               "model_config": model.config.to_dict(), "train_config": {}, "extra": {}}
+    atomic_save(trainer, tmp_path / "best.pt")
+    with pytest.raises(CheckpointError, match="best.pt is a training-engine checkpoint"):
+        restore_task_model(tmp_path / "best.pt")
+    assert torch.equal(hidden(restore_task_model(tmp_path / "best.pt", "body").model), hidden(model))
+    with pytest.raises(CheckpointError, match="best.pt: not a classifier.py checkpoint"):
+        restore_task_model(tmp_path / "best.pt", "classifier")
+    atomic_save({**trainer, "trainable_only": True}, tmp_path / "lora.pt")
+    with pytest.raises(CheckpointError, match="holds only the trained parameters"):
+        restore_task_model(tmp_path / "lora.pt", "body")
+    atomic_save({"weights": {}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="neither a saved model, a Trainer checkpoint nor a Hugging Face"):
+        restore_task_model(tmp_path / "other.pt", "body")
+    with pytest.raises(CheckpointError, match="neither a saved sonnet model nor a Trainer checkpoint"):
+        restore_task_model(tmp_path / "other.pt", "sonnet", SonnetSettings())
+    with pytest.raises(ValueError, match="needs the run's settings"):
+        restore_task_model(tmp_path / "m.pt", "sonnet")
+    with pytest.raises(ValueError, match="unknown task 'summary'"):
+        restore_task_model(tmp_path / "m.pt", "summary")

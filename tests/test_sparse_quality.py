@@ -9,8 +9,8 @@ import math
 import pytest
 
 from benchmarks import sparse_quality
-from methods.restore import load_any_model
 from methods.sparse_attention import sparse_attention_of
+from tasks.restore import restore_task_model
 
 
 def test_every_pattern_gets_a_row(tmp_path, capsys):
@@ -25,7 +25,7 @@ def test_every_pattern_gets_a_row(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "block_global" in printed and "--attn_pattern strided --attn_window 8" in printed
     for pattern in ("dense", "window", "strided", "block_global"):  # each run is the sonnet task's own
-        settings = sparse_attention_of(load_any_model(tmp_path / "runs" / pattern / "sonnet-model.pt"))
+        settings = sparse_attention_of(restore_task_model(tmp_path / "runs" / pattern / "sonnet-model.pt").model)
         assert (settings.pattern if settings else "dense") == pattern
 
 
