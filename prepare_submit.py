@@ -5,7 +5,7 @@
     python prepare_submit.py --dry_run       # only list and check
 
 Packs what the course's prepare_submit.py packs (every root .py file, predictions/, models/,
-modules/) plus the local packages those files import (training/), and never the virtual
+modules/) plus the local packages those files import (cli/, tasks/, engine/...), and never the virtual
 environment, data, run folders, caches or checkpoints. Before writing it checks that the
 prediction files the autograder reads are in the starter's exact format (one prediction per
 example of the matching data/ file) and that the graders' imports work from the zip alone;

@@ -2,8 +2,8 @@
 
 The course's ``prepare_submit.py`` zips every root ``.py`` file and the folders
 ``predictions/``, ``models/`` and ``modules/``. This keeps that layout (paths ``./<file>``) and
-adds the local packages those files import (``training/`` for the task scripts), found by
-reading their imports, so the zip runs as it is. It never packs the virtual environment,
+adds the local packages those files import (``cli/``, ``tasks/``, ``engine/``... for the task
+scripts), found by reading their imports, so the zip runs as it is. It never packs the virtual environment,
 data, run folders, caches or weights (``*.pt``, ``*.bin``, ``*.safetensors``): those are
 what make a zip too large to upload.
 
