@@ -38,6 +38,7 @@ from decoding.mbr import mbr_pool_generate
 from engine.data import PadCollator, encode
 from models.generation import LineStop, generate, trim
 from models.loading import load_tokenizer
+from tasks.common import check_context
 from tasks.restore import restore_task_model
 
 
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     seed_everything(settings.seed)
     device = pick_device(device=settings.device)
     model = restore_task_model(settings.model, "body").model.to(device).eval()
+    check_context(model.config.max_position_embeddings, max_new_tokens=settings.generation.max_new_tokens)
     tokenizer = load_tokenizer(settings.tokenizer, verbose=False)
     prompts = list(settings.prompts)
     completions = complete(model, tokenizer, prompts, settings)

@@ -32,6 +32,7 @@ from cli.validation import (
     positive_float,
     positive_int,
     report_to,
+    seed_int,
     unit_fraction,
 )
 from engine import ranks
@@ -71,7 +72,7 @@ def add_common_args(
     flag is range-checked while parsing (``cli.validation``): a bad value is one argparse
     error line and exit status 2, before any work."""
     g = parser.add_argument_group("course starter")
-    g.add_argument("--seed", type=int, default=seed)
+    g.add_argument("--seed", type=seed_int, default=seed)
     g.add_argument("--epochs", type=non_negative_int, default=epochs)
     g.add_argument("--use_gpu", action="store_true", help="train on CUDA (error if there is none)")
     g.add_argument("--batch_size", type=positive_int, default=batch_size)

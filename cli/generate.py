@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.decoding import add_inference_args
+from cli.validation import seed_int
 from decoding.mbr import CandidatePool
 from models.generation_config import GenerationConfig
 
@@ -56,7 +57,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--tokenizer", type=str, default=None, help="GPT-2 tokenizer folder (vocab.json + merges.txt)")
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=11711, help="seeds sampling")
+    p.add_argument("--seed", type=seed_int, default=11711, help="seeds sampling")
     p.add_argument("--device", type=str, default="auto")
     add_inference_args(p)  # --quantize
     g = p.add_argument_group("decoding (GenerationConfig's settings and meanings)")
@@ -101,6 +102,8 @@ def parse_settings(argv: list[str] | None = None, description: str | None = None
         parser.error("give at least one --prompt or a --prompts_file")
     if not Path(args.model).exists() and (args.model.endswith((".pt", ".bin")) or args.model.count("/") > 1):
         parser.error(f"--model {args.model} does not exist (a saved model, checkpoint, Hugging Face folder or hub id)")
+    if args.output is not None and Path(args.output).is_dir():
+        parser.error(f"--output {args.output} is a directory; name a file, e.g. {Path(args.output) / 'out.jsonl'}")
     if args.output is not None and Path(args.output).exists() and not args.overwrite:
         parser.error(f"--output {args.output} exists; pass --overwrite to replace it")
     return GenerateSettings(model=args.model, prompts=tuple(prompts), generation=generation, pool=pool,

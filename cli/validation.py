@@ -96,6 +96,18 @@ def model_size_or_folder(text: str) -> str:
                                      "folder nor a saved model file")
 
 
+MAX_SEED = 2**32 - 1  # numpy's seeds stop here
+
+
+def seed_int(text: str) -> int:
+    """``--seed``: an integer numpy, torch and python can all be seeded with, so a bad one is a
+    parse error rather than a traceback after the run folder is made."""
+    value = int_in()(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {MAX_SEED} (2**32 - 1), got {value}")
+    return value
+
+
 def name_list(text: str) -> str:
     """A comma-separated list with at least one name (``--lora_targets``); kept as the string."""
     if not any(t.strip() for t in text.split(",")):
@@ -138,5 +150,5 @@ def check_objectives(args: argparse.Namespace) -> None:
 __all__ = [
     "check_decoding", "check_objectives", "float_in", "int_in", "model_size_or_folder", "name_list",
     "non_negative_float", "non_negative_int", "positive_float", "positive_int", "probability", "report_to",
-    "unit_fraction", "unit_interval",
+    "seed_int", "unit_fraction", "unit_interval",
 ]

@@ -14,12 +14,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from engine.data import DataFormatError
+
 QUORA_HEADER = ["", "id", "sentence1", "sentence2", "is_duplicate"]
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
     """Records of a JSON-lines file. A truncated last line (a run killed mid-write)
-    is skipped; a bad line elsewhere is an error naming file and line."""
+    is skipped; a bad line elsewhere is one ``error: file:line: ...`` (``DataFormatError``)."""
     path = Path(path)
     if not path.exists():
         return
@@ -28,11 +30,14 @@ def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             if i == len(lines):  # no newline after it: interrupted write
                 return
-            raise ValueError(f"{path}: line {i}: invalid JSON ({e.msg})") from e
+            raise DataFormatError(path, i, f"invalid JSON ({e.msg}: column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataFormatError(path, i, "not a JSON object ({...}); every line must be one")
+        yield record
 
 
 def append_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:

@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from errors import InputError
+
 DEFAULT_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+class LoraTargetError(InputError, ValueError):
+    """``--lora_targets`` naming no linear layer: a bad flag (one ``error:`` line), not a bug."""
 
 
 class LoRALinear(nn.Module):
@@ -157,7 +163,8 @@ def apply_lora(
     if not names:
         linear = sorted({n.split(".")[-2] + "." + n.split(".")[-1] for n, m in model.named_modules()
                          if isinstance(m, nn.Linear) and n.count(".")})
-        raise ValueError(f"no nn.Linear matches LoRA targets {targets}; candidates: {linear}")
+        raise LoraTargetError(f"no nn.Linear matches --lora_targets {','.join(targets)}; the model's linear "
+                              f"layers: {', '.join(linear)}")
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

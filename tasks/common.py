@@ -37,6 +37,7 @@ from engine.ranks import launched, world_size
 from engine.rng import seed_everything
 from engine.run_dir import open_run_on_main
 from engine.trainer import Callback, CountFn, EvalFn, LossFn, TrainConfig, Trainer
+from errors import InputError
 from methods.fine_tune import FineTuneConfig, set_fine_tune_mode
 from methods.objectives import LogitsFn, ObjectiveSettings, TaskLoss, cross_entropy_loss
 from models.gpt2 import GPT2Model, build_model
@@ -50,19 +51,43 @@ if TYPE_CHECKING:  # the objectives load only when one is asked for (training_lo
 def pick_device(use_gpu: bool = False, device: str = "auto") -> torch.device:
     """``--use_gpu`` demands CUDA (the starter's flag); otherwise ``--device``, where ``auto``
     takes CUDA, then Apple's MPS, then the CPU -- with one line on what the CPU costs."""
+    check_device(use_gpu, device)
     if use_gpu:
-        if not torch.cuda.is_available():
-            raise SystemExit("--use_gpu was given but CUDA is not available; drop the flag to run on the CPU")
         return torch.device("cuda")
     if device == "auto":
         dev = best_device()
         if dev.type == "cpu":
             print(cpu_hint(), file=sys.stderr)
         return dev
-    dev = torch.device(device)
+    return torch.device(device)
+
+
+def check_device(use_gpu: bool = False, device: str = "auto") -> None:
+    """Refuse a device this machine lacks before a run folder is claimed (``open_task_run``):
+    one ``error:`` line (``InputError``), exit status 2."""
+    if use_gpu and not torch.cuda.is_available():
+        raise InputError("--use_gpu was given but CUDA is not available; drop the flag to run on the CPU")
+    if device == "auto" or use_gpu:
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device!r} is not a device; give auto, cpu, cuda, cuda:1 or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device} was given but CUDA is not available")
-    return dev
+        raise InputError(f"--device {device} was given but CUDA is not available")
+
+
+def check_context(context: int, *, max_length: int = 0, max_new_tokens: int = 0) -> None:
+    """Refuse, right after the model is built, lengths its ``context`` (position embeddings) cannot
+    hold: a longer ``--max_length`` would fail on the first long input mid-training, and a
+    ``--max_new_tokens`` that leaves no position for the prompt would decode (and allocate a KV
+    cache for) steps the model has no positions for, then fail."""
+    if max_length > context:
+        raise InputError(f"--max_length {max_length} is longer than the model's context of {context} positions; "
+                         f"use at most {context} (0: the context)")
+    if max_new_tokens >= context:
+        raise InputError(f"--max_new_tokens {max_new_tokens} leaves no room for the prompt in the model's context of "
+                         f"{context} positions; use at most {context - 1}")
 
 
 def default_output_dir(task: str, *parts: str) -> str:
@@ -78,6 +103,7 @@ def open_task_run(settings: TaskSettings, default_parent: str | Path, **kw: Any)
     the other ranks get the same one. ``kw``: ``open_run``'s (``outputs``, ``subdir``, ``trains``;
     ``model``, the saved model a run that does not train predicts with, is ``settings.run.load``
     unless given)."""
+    check_device(settings.run.use_gpu, settings.run.device)  # a missing GPU leaves no empty run folder
     if launched():  # one process: nothing happens before open_run, as always
         launch(pick_device(settings.run.use_gpu, settings.run.device))
     kw.setdefault("model", settings.run.load)
@@ -132,6 +158,7 @@ def build_task_model(
     ``settings.model`` (``config_overrides`` change its config), ``head(body)``, and the fine-tune
     mode applied."""
     gpt, tokenizer = build_body(settings.model, **config_overrides)
+    check_context(gpt.config.max_position_embeddings, max_length=settings.data.max_length)
     model = head(gpt)
     return model, tokenizer, prepare_model(model, settings.fine_tune)
 
@@ -213,5 +240,6 @@ def fit_task(
     return fit_and_load_best(trainer), trainer
 
 
-__all__ = ["PlainLoss", "build_body", "build_task_model", "default_output_dir", "fit_and_load_best", "fit_task",
-           "open_task_run", "pick_device", "prepare_model", "start", "train_config", "training_loss"]
+__all__ = ["PlainLoss", "build_body", "build_task_model", "check_context", "check_device", "default_output_dir",
+           "fit_and_load_best", "fit_task", "open_task_run", "pick_device", "prepare_model", "start", "train_config",
+           "training_loss"]

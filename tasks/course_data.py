@@ -7,7 +7,8 @@ prediction files written back byte-for-byte in the starter's format.
   deterministic train/dev/test splits from ``quora-minbert-dev.csv`` when the course's
   files are not there (offline).
 - Sonnets: ``read_sonnets`` / ``write_sonnets``.
-- ``write_id_predictions``: the starter's ``id, value`` output of the classification tasks.
+- ``write_id_predictions``: the starter's ``id, value`` output of the classification tasks, and
+  ``check_ids``: ids that this output can hold (unique, without its ``, `` separator).
 
 Generic reading, tokenisation and batching live in ``engine.data``; this module holds
 only what is particular to the course's files.
@@ -55,6 +56,7 @@ def read_sentiment(
             raise DataFormatError(path, r.line, f"column 'sentiment': negative label {label}")
         text = r["sentence"].lower() if lowercase else r["sentence"]
         out.append(SentimentExample(id=r["id"].lower(), text=text, label=label, line=r.line, path=str(path)))
+    check_ids(path, [(e.id, e.line) for e in out])
     return out
 
 
@@ -123,8 +125,10 @@ def read_quora(
     ``unquote_twice_quoted``). A labeled row whose label is empty or not 0/1 cannot be used:
     it is left out and reported with its line (the starter dropped such rows silently). An
     empty question is kept, since the test file needs a prediction for every id, and reported.
-    A row with the wrong number of fields raises ``DataFormatError`` with its line."""
+    A row with the wrong number of fields raises ``DataFormatError`` with its line, and so does a
+    labeled file none of whose rows has a usable label (it would train on nothing)."""
     records = read_tsv(path, required=("id",), optional=("sentence1", "sentence2", "is_duplicate"), limit=limit)
+    check_ids(path, [(r["id"].lower(), r.line) for r in records])
     if records:
         absent = [c for c in ("sentence1", "sentence2") if c not in records[0].fields]
         if absent:
@@ -148,6 +152,9 @@ def read_quora(
         if not s1 or not s2:
             empty.append(r.line)
         pairs.append(ParaphrasePair(r["id"].lower(), s1, s2, label, r.line, str(path)))
+    if not pairs:
+        raise DataFormatError(path, None, f"no usable rows: none of its {len(records)} row(s) has an is_duplicate "
+                                          f"label of 0 or 1 (first: {unlabeled[0]}); fix the labels")
     if verbose and unlabeled:
         print(f"warning: {path}: left out {len(unlabeled)} row(s) without a usable is_duplicate label: "
               + "; ".join(unlabeled))
@@ -165,8 +172,11 @@ def carve_quora_splits(
     """Deterministic ``train``/``dev``/``test`` splits of one labeled Quora file (a seeded
     shuffle cut by ``fractions``), for offline runs. Test pairs keep their labels."""
     pairs = read_quora(source, labeled=True, verbose=verbose)
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
     n_train, n_dev = int(fractions[0] * len(pairs)), int(fractions[1] * len(pairs))
+    if min(n_train, n_dev, len(pairs) - n_train - n_dev) == 0:
+        raise DataFormatError(source, None, f"{len(pairs)} usable pair(s) are too few to carve train, dev and test "
+                                            "splits from (each needs one); pass --para_train/--para_dev/--para_test")
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
     cuts = {"train": order[:n_train], "dev": order[n_train:n_train + n_dev], "test": order[n_train + n_dev:]}
     return {split: [pairs[i] for i in idx] for split, idx in cuts.items()}
 
@@ -319,3 +329,25 @@ def write_id_predictions(path: str | Path, column: str, ids: Sequence[str], valu
         f.write(f"id \t {column} \n")
         for i, v in zip(ids, values):
             f.write(f"{i}, {v} \n")
+
+
+ID_SEPARATOR = ", "  # between id and value on each line of a prediction file
+
+
+def check_ids(path: str | Path, ids: Sequence[tuple[str, int]]) -> None:
+    """Refuse (id, line) pairs that a prediction file cannot hold unambiguously: an id given twice
+    gets two predictions that no grader can tell apart, and an id containing ``, `` cannot be
+    split from its value. The error names the file, the first such line and the others."""
+    seen: dict[str, list[int]] = {}
+    for ident, line in ids:
+        if ID_SEPARATOR in ident:
+            raise DataFormatError(path, line, f"id {ident!r} contains {ID_SEPARATOR!r}, the separator of the "
+                                              "'<id>, <value> ' prediction lines, so no reader can tell where it "
+                                              "ends: remove it from the id")
+        seen.setdefault(ident, []).append(line)
+    repeated = [(ident, lines) for ident, lines in seen.items() if len(lines) > 1]
+    if repeated:
+        ident, lines = min(repeated, key=lambda x: x[1][1])
+        more = f" ({len(repeated) - 1} more id(s) repeated)" if len(repeated) > 1 else ""
+        raise DataFormatError(path, lines[0], f"id {ident!r} is repeated on line(s) {', '.join(map(str, lines[1:]))}"
+                                              f"{more}; each id needs one prediction: remove or rename the repeats")

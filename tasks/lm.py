@@ -231,7 +231,11 @@ def run_pretraining(settings: PretrainSettings) -> dict[str, Any]:
                        held_out_fraction=settings.held_out_fraction, limit=data.limit, num_workers=data.num_workers,
                        corpus_format=settings.corpus_format)
     save_model(model, Path(out_dir) / "model.pt", corpus=settings.corpus, **attention_fields(model))
-    print(f"best held-out {best}; weights in {Path(out_dir) / 'model.pt'}")
+    if "loss" in best:
+        print(f"best held-out {best}; weights in {Path(out_dir) / 'model.pt'}")
+    else:  # no epoch was scored: say so rather than print a "best" of nothing
+        print(f"no held-out text (the corpus fills one block, or --held_out_fraction is 0), so no epoch was scored; "
+              f"the last epoch's weights in {Path(out_dir) / 'model.pt'}")
     return best
 
 

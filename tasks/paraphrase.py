@@ -26,11 +26,13 @@ from typing import Any
 from engine import ranks
 from engine.data import PadCollator, make_eval_loader
 from engine.predict import predict_in_order
+from errors import InputError
 from methods.lora import unwrap_lora
 from methods.restore import save_model
 from models.heads import ClozeParaphraseScorer
 from tasks.common import (
     build_task_model,
+    check_context,
     default_output_dir,
     fit_task,
     open_task_run,
@@ -39,7 +41,13 @@ from tasks.common import (
     train_config,
     training_loss,
 )
-from tasks.course_data import ParaphrasePair, load_quora_splits, paraphrase_features, write_id_predictions
+from tasks.course_data import (
+    PARAPHRASE_PROMPT,
+    ParaphrasePair,
+    load_quora_splits,
+    paraphrase_features,
+    write_id_predictions,
+)
 from tasks.metrics import classification_metrics, majority_baseline
 from tasks.restore import restore_task_model
 from tasks.settings import ClassificationSettings
@@ -120,6 +128,15 @@ def _build_scorer(settings: ParaphraseSettings) -> tuple[ClozeParaphraseScorer, 
     return model, tokenizer, prepare_model(model, settings.fine_tune)
 
 
+def check_prompt_room(tokenizer: Any, max_length: int) -> None:
+    """Refuse a ``--max_length`` (0: the context) that the cloze prompt's own words fill, leaving
+    not one token for the two questions: every pair would fail to encode."""
+    around = len(tokenizer.encode(PARAPHRASE_PROMPT.format(s1="a", s2="a"))) - 2  # the prompt without its questions
+    if 0 < max_length <= around:
+        raise InputError(f"--max_length {max_length} leaves no room for the questions: the paraphrase prompt around "
+                         f"them takes {around} tokens; use at least {around + 1} (0: the context)")
+
+
 def evaluate(p_yes: Sequence[float], pairs: Sequence[ParaphrasePair]) -> dict[str, float]:
     """Accuracy and macro-F1 of thresholding P(yes) at 0.5 (= the larger of the two answer logits)."""
     return classification_metrics([p.label for p in pairs], [int(p > 0.5) for p in p_yes])
@@ -132,10 +149,12 @@ def run(settings: ParaphraseSettings) -> dict[str, Any]:
     out_dir = open_task_run(settings, default_output_dir("paraphrase", run_name),
                             outputs=(settings.para_dev_out, settings.para_test_out, settings.filepath))
     device = start(settings)
+    model, tokenizer, trainable_only = _build_scorer(settings)  # bad lengths stop before any data is read
+    check_context(model.gpt.config.max_position_embeddings, max_length=data_settings.max_length)
+    check_prompt_room(tokenizer, data_settings.max_length)
     data = load_quora_splits(settings.para_train, settings.para_dev, settings.para_test, limit=data_settings.limit)
     for split, rows in data.items():
         print(f"{split}: {len(rows)} pairs")
-    model, tokenizer, trainable_only = _build_scorer(settings)
     print(f"loss over {'the two answer tokens' if settings.loss == 'answer' else 'the full vocabulary'}")
 
     max_len = data_settings.max_length or model.gpt.config.max_position_embeddings

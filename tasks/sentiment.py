@@ -38,6 +38,7 @@ from engine.predict import predict_in_order
 from models.heads import GPT2SentimentClassifier, pooling_of
 from tasks.common import (
     build_body,
+    check_context,
     default_output_dir,
     fit_task,
     open_task_run,
@@ -147,6 +148,7 @@ def run(settings: SentimentSettings, dataset: str) -> dict[str, Any]:
                             subdir=dataset if settings.dataset == "both" else None, outputs=pred_paths.values())
     device = start(settings)
     gpt, tokenizer = build_body(settings.model)  # weights first: a bad --model_size fails before any data is read
+    check_context(gpt.config.max_position_embeddings, max_length=settings.data.max_length)
     paths = {split: settings.path(dataset, split) for split in splits}
     # --limit: a seeded sample of the training file (its rows are grouped by label), the first N of dev and test.
     data = {split: read_split(dataset, p, limit=0 if split == "train" else data_settings.limit)

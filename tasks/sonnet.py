@@ -30,7 +30,15 @@ from models.generation import LineStop, generate, trim
 from models.generation_config import GenerationConfig
 from models.loading import CheckpointError, load_tokenizer
 from models.sonnet_gpt import SonnetGPT
-from tasks.common import build_task_model, default_output_dir, open_task_run, prepare_model, start, train_config
+from tasks.common import (
+    build_task_model,
+    check_context,
+    default_output_dir,
+    open_task_run,
+    prepare_model,
+    start,
+    train_config,
+)
 from tasks.course_data import read_sonnets, write_sonnets
 from tasks.lm import CorpusPretraining, fine_tune_lm, held_out_loss, pretrain_before_fine_tuning
 from tasks.metrics import chrf
@@ -212,6 +220,16 @@ def run(settings: SonnetSettings) -> dict[str, Any]:
                             model_flag="checkpoint")
     generate_only = not trains  # --epochs 0: decode with the --checkpoint model, save nothing
     device = start(s)
+    if generate_only:
+        restored = restore_task_model(s.checkpoint, "sonnet", s)
+        model, tokenizer = restored.model, restored.tokenizer
+        print(f"loaded {s.checkpoint}")
+    else:
+        model, tokenizer, trainable_only = model_for_training(s)
+    # lengths the model cannot hold stop here, before any data is read or any sonnet decoded
+    check_context(model.gpt.config.max_position_embeddings, max_length=data.max_length,
+                  max_new_tokens=decoding.config.max_new_tokens)
+    model.to(device)
     train = [x.text for x in read_sonnets(s.sonnet_path, data.limit)]
     dev_prompts = read_sonnets(s.dev_held_out_sonnet_path, data.limit)
     dev_refs = [x.text for x in read_sonnets(s.dev_true_sonnet_path, data.limit)]
@@ -223,13 +241,6 @@ def run(settings: SonnetSettings) -> dict[str, Any]:
         train, valid = split_train(train, s.train_size, s.seed)
     except ValueError as e:
         raise DataFormatError(s.sonnet_path, None, f"{e}; change --train_size or --limit") from None
-    if generate_only:
-        restored = restore_task_model(s.checkpoint, "sonnet", s)
-        model, tokenizer = restored.model, restored.tokenizer
-        print(f"loaded {s.checkpoint}")
-    else:
-        model, tokenizer, trainable_only = model_for_training(s)
-    model.to(device)
     config = decoding.generation(tokenizer)
     complete_kw = dict(batch_size=decoding.batch_size, seed=s.seed, mbr_pool=decoding.pool)
     dev_texts = [x.text for x in dev_prompts]

@@ -9,8 +9,9 @@ what make a zip too large to upload.
 
 Checks, before the zip is written:
 - the prediction files the autograder reads exist and are in the starter's exact format
-  (header, ``<id>, <value> `` lines, values in range; sonnets readable by the starter's
-  split), and hold one prediction per example of the data file beside them when that is there;
+  (header, ``<id>, <value> `` lines, values in range, each id once and without ``, ``; sonnets
+  readable by the starter's split), and hold one prediction per example of the data file beside
+  them when that is there;
 - the graders' imports (``models.gpt2.GPT2Model``, ``utils.model_size_to_params``,
   ``optimizer.AdamW``) succeed from the unpacked zip alone.
 """
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.data import DataFormatError
-from tasks.course_data import SONNETS_HEADER, read_quora, read_sentiment, read_sonnets
+from tasks.course_data import SONNETS_HEADER, check_ids, read_quora, read_sentiment, read_sonnets
 
 ZIP_NAME = "cs224n_default_final_project_submission.zip"
 STARTER_FOLDERS = ("predictions", "models", "modules")
@@ -65,7 +66,7 @@ def expected_predictions() -> list[Expected]:
 
 def read_id_predictions(path: str | Path, column: str) -> list[tuple[str, int]]:
     """(id, value) pairs of a file in the starter's format: the header ``id \\t <column> `` and
-    lines ``<id>, <value> `` (what ``tasks.course_data.write_id_predictions`` writes)."""
+    lines ``<id>, <value> `` (what ``tasks.course_data.write_id_predictions`` writes), each id once."""
     path = Path(path)
     lines = path.read_text(encoding="utf-8").split("\n")
     if lines and lines[-1] == "":
@@ -80,6 +81,7 @@ def read_id_predictions(path: str | Path, column: str) -> list[tuple[str, int]]:
         if not sep or not ident or not value.endswith(" ") or not value[:-1].lstrip("-").isdigit():
             raise DataFormatError(path, lineno, f"expected '<id>, <integer> ' (a space at the end), found {text!r}")
         out.append((ident, int(value[:-1])))
+    check_ids(path, [(ident, lineno) for lineno, (ident, _) in enumerate(out, start=2)])
     return out
 
 

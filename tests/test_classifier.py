@@ -17,6 +17,7 @@ from cli.common import pick_device, train_config_from_args
 from config import GPT2Config
 from engine.data import PadCollator, make_loader
 from engine.trainer import TrainConfig, Trainer
+from errors import InputError
 from methods.fine_tune import FineTuneConfig, LoraConfig, set_fine_tune_mode
 from methods.gradient_checkpointing import CheckpointedLayer
 from models.gpt2 import GPT2Model
@@ -153,7 +154,7 @@ def test_device_choice():
     assert pick_device(False, "cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
         assert pick_device(False, "auto") == torch.device("cpu")
-        with pytest.raises(SystemExit, match="CUDA is not available"):
+        with pytest.raises(InputError, match="CUDA is not available"):
             pick_device(True)
 
 

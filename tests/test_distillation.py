@@ -210,7 +210,7 @@ def test_jsonl_append_resume_and_truncated_tail(tmp_path) -> None:
     append_jsonl(path, [{"id": "c"}])  # the resumed run replaces the broken tail
     assert [r["id"] for r in read_jsonl(path)] == ["a", "b", "c"]
     path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
-    with pytest.raises(ValueError, match="line 2"):
+    with pytest.raises(ValueError, match=r"gen\.jsonl:2: invalid JSON"):
         list(read_jsonl(path))
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from errors import InputError
 from models import loading
 from models.gpt2 import GPT2Model
 from models.loading import CheckpointError, load_tokenizer
@@ -289,7 +290,7 @@ def test_default_device_is_cuda_then_mps_then_cpu_with_a_cpu_hint(monkeypatch, c
     hint = capsys.readouterr().err.strip().splitlines()
     assert len(hint) == 1 and "full fine-tuning of gpt2 takes about" in hint[0]
     assert "--limit 64 --epochs 1" in hint[0]
-    with pytest.raises(SystemExit, match="--use_gpu was given but CUDA is not available"):
+    with pytest.raises(InputError, match="--use_gpu was given but CUDA is not available"):
         pick_device(True, "auto")  # the starter's flag keeps its meaning
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert pick_device(False, "auto") == pick_device(True, "auto") == torch.device("cuda")

@@ -159,7 +159,7 @@ def test_repository_zip_holds_no_weights_data_or_tests():
 
 def test_id_prediction_reader_round_trips_the_writer(tmp_path):
     p = tmp_path / "x.csv"
-    write_id_predictions(p, "Predicted_Sentiment", ["abc", "d, e"], [3, 0])
-    assert read_id_predictions(p, "Predicted_Sentiment") == [("abc", 3), ("d, e", 0)]
+    write_id_predictions(p, "Predicted_Sentiment", ["abc", "d,e"], [3, 0])  # ", " in an id is refused
+    assert read_id_predictions(p, "Predicted_Sentiment") == [("abc", 3), ("d,e", 0)]
     with pytest.raises(DataFormatError, match="header should be"):
         read_id_predictions(p, "Predicted_Is_Paraphrase")
