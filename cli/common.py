@@ -35,7 +35,7 @@ from cli.validation import (
     seed_int,
     unit_fraction,
 )
-from engine import ranks
+from engine import ranks, run_dir
 from engine.rng import seed_everything
 from engine.train_config import SCHEDULES
 from engine.trainer import TrainConfig
@@ -186,8 +186,12 @@ def run_main(main: Callable[[], Any]) -> None:
     try:
         main()
     except (InputError, FileNotFoundError) as e:
+        run_dir.discard_unused_runs()
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except BaseException:  # a traceback, Ctrl-C, an exit: a run that wrote nothing leaves no folder
+        run_dir.discard_unused_runs()
+        raise
     # Under torchrun, leave the process group together: exiting while Gloo's threads still run
     # can abort the process after a successful run.
     ranks.barrier()

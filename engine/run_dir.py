@@ -17,7 +17,9 @@ A run folder (``last.pt``, ``best*.pt``, ``metrics.jsonl``, ...) belongs to one 
 - Output files are checked writable before any training (``check_writable``).
 
 Task scripts call ``open_run`` once, before building the model; ``Trainer.fit`` runs inside
-``engine.resume.fit_guard`` (re-entrant for a folder this process already holds).
+``engine.resume.fit_guard`` (re-entrant for a folder this process already holds). A run that fails
+before writing into its new default folder leaves no folder and does not move ``latest``
+(``discard_unused_runs``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class RunDirError(InputError):
 
 
 _HELD: set[Path] = set()  # folders this process holds (claimed by open_run, then by Trainer.fit)
+# New default folders this process made -> what ``latest`` named before (``discard_unused_runs``).
+_NEW: dict[Path, Path | None] = {}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -191,8 +195,11 @@ def claim(folder: str | Path, *, resume: bool = False, overwrite: bool = False) 
 
 
 def release(folder: str | Path) -> None:
-    """Give up ``folder``: its lock is removed (also at process exit for folders still held)."""
+    """Give up ``folder``: its lock is removed (also at process exit for folders still held). A
+    folder given up this way has served its run (``Trainer.fit`` ends here), so it is no longer a
+    new folder that a later failure in the same process may discard."""
     folder = Path(folder).resolve()
+    _NEW.pop(folder, None)
     if folder in _HELD:
         _HELD.discard(folder)
         release_lock(folder)
@@ -246,9 +253,32 @@ def new_run_folder(parent: str | Path) -> Path:
             run.mkdir()
         except FileExistsError:
             continue
+        _NEW[run.resolve()] = latest_run(parent)
         _point_latest(parent, run)
         return run
     raise RunDirError(f"{parent}: could not make a new run folder")
+
+
+def discard_unused_runs() -> list[Path]:
+    """Undo the new default run folders of a run that failed before writing anything (a refused
+    flag, an unreachable hub): each one left empty once its lock is released is removed, and
+    ``latest``, if it still names it, names the earlier run again (or is removed), so a plain
+    ``--resume`` continues that run. A folder holding any file stays; explicit folders are not
+    touched. Called on ``cli.common.run_main``'s error path; returns the folders removed."""
+    removed = []
+    for run, previous in list(_NEW.items()):
+        release(run)
+        try:
+            run.rmdir()
+        except OSError:  # it holds something (a checkpoint, metrics), or is already gone
+            continue
+        removed.append(run)
+        if (latest_run(run.parent) or Path()).resolve() == run:
+            if previous is None:
+                (run.parent / LATEST).unlink(missing_ok=True)
+            else:
+                _point_latest(run.parent, previous)
+    return removed
 
 
 def check_writable(paths: Iterable[str | Path | None]) -> None:
