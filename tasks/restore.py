@@ -101,8 +101,8 @@ def _any_body(spec: str | Path, device: str | torch.device) -> GPT2Model:
     if not Path(spec).is_file():
         return GPT2Model.from_pretrained(spec)
     ckpt = load_checkpoint(spec, device)
-    if "config" in ckpt:
-        return load_model(spec, map_location=device)
+    if "config" in ckpt:  # a saved model: built from the file already read
+        return rebuild_model(ckpt["config"], ckpt["model"], ckpt.get("extra"))
     if "model" not in ckpt or "model_config" not in ckpt:
         raise CheckpointError(f"{spec}: neither a saved model, a Trainer checkpoint nor a Hugging Face folder")
     if ckpt.get("trainable_only", False):
@@ -143,8 +143,9 @@ def _sonnet(path: str | Path, settings: TaskSettings) -> RestoredModel:
     """A sonnet model file (a plain GPT-2) or a Trainer checkpoint of a run with ``settings``'
     model size and fine-tune mode, rebuilt with them."""
     ckpt = load_checkpoint(path)
-    if "config" in ckpt:
-        return RestoredModel(SonnetGPT(load_model(path)), Path(path), load_tokenizer(settings.model.tokenizer))
+    if "config" in ckpt:  # a saved model: built from the file already read
+        gpt = rebuild_model(ckpt["config"], ckpt["model"], ckpt.get("extra"))
+        return RestoredModel(SonnetGPT(gpt), Path(path), load_tokenizer(settings.model.tokenizer))
     if "model" not in ckpt:
         raise CheckpointError(f"{path}: neither a saved sonnet model nor a Trainer checkpoint")
     model, tokenizer, _ = build_task_model(settings, sonnet_head(settings.attention),

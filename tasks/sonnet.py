@@ -24,7 +24,7 @@ from engine.checkpoints import load_checkpoint
 from engine.data import DataFormatError, PadCollator, encode
 from methods.lora import unwrap_lora
 from methods.prefix import fold_prefix
-from methods.restore import save_model
+from methods.restore import rebuild_model, save_model
 from methods.sparse_attention import SparseAttention, attention_fields
 from models.generation import LineStop, generate, trim
 from models.generation_config import GenerationConfig
@@ -196,7 +196,7 @@ def model_for_training(settings: SonnetSettings) -> tuple[SonnetGPT, Any, bool]:
         if "config" not in saved:
             raise CheckpointError(f"{checkpoint} is not a saved model; --random_init --checkpoint takes the "
                                   "architecture of a model file (model.pt, sonnet-model.pt)")
-        gpt = restore_task_model(checkpoint, random_init=True, hidden_dropout_prob=dropout).model
+        gpt = rebuild_model(saved["config"], None, saved.get("extra"), hidden_dropout_prob=dropout)  # read once
         print(f"random weights in the architecture of {checkpoint}")
     else:
         gpt = restore_task_model(checkpoint, hidden_dropout_prob=dropout).model
