@@ -102,16 +102,17 @@ def _full_model(model: nn.Module, head: tuple[str, ...], adapter: None) -> bool:
     return False
 
 
-def _adapters() -> tuple[ModuleType, ModuleType]:
-    """``methods.lora`` and ``methods.prefix``, imported when an adapter mode is applied."""
+def _adapters() -> tuple[ModuleType, ModuleType, ModuleType]:
+    """``methods.lora``, ``methods.prefix`` and ``methods.peft_adapters``, imported when an adapter
+    mode is applied."""
     # A function-level import: runs without adapters never load the adapter machinery.
-    from methods import lora, prefix
+    from methods import lora, peft_adapters, prefix
 
-    return lora, prefix
+    return lora, prefix, peft_adapters
 
 
 def _lora(model: nn.Module, head: tuple[str, ...], cfg: LoraConfig) -> bool:
-    lora, _ = _adapters()
+    lora, _, _ = _adapters()
     lora.apply_lora(model, cfg.targets, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_dora=cfg.use_dora)
     lora.mark_only_lora_trainable(model, extra_trainable=head)
     return True
@@ -119,7 +120,7 @@ def _lora(model: nn.Module, head: tuple[str, ...], cfg: LoraConfig) -> bool:
 
 def _prefix(model: nn.Module, head: tuple[str, ...], cfg: PrefixConfig) -> bool:
     """A prefix on every attention layer; only it and ``head`` train."""
-    _, prefix = _adapters()
+    _, prefix, _ = _adapters()
     prefix.apply_prefix(model, cfg.length, cfg.hidden)
     prefix.mark_only_prefix_trainable(model, head)
     return True
@@ -138,10 +139,13 @@ register(FineTuneMode("prefix", "learned key/value prefixes per layer (Li and Li
 
 @dataclass(frozen=True)
 class FineTuneConfig:
-    """A mode and its adapter settings (None: the adapter's defaults, or no adapter)."""
+    """A mode and its adapter settings (None: the adapter's defaults, or no adapter). ``load_adapter``:
+    a PEFT adapter folder whose weights the lora mode's adapters start from (``--load_adapter``); it is
+    not saved (``to_dict``): a checkpoint holds the adapters as trained."""
 
     mode: str = "full-model"
     adapter: Any = None
+    load_adapter: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -150,6 +154,8 @@ class FineTuneConfig:
         if self.adapter is not None and (want is None or not isinstance(self.adapter, want)):
             raise ValueError(f"fine-tune mode {self.mode!r} takes {want.__name__ if want else 'no adapter'} "
                              f"settings, got {type(self.adapter).__name__}")
+        if self.load_adapter is not None and self.mode != "lora":
+            raise ValueError(f"a PEFT adapter loads in the lora mode, not {self.mode!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, for a checkpoint's ``extra`` (loadable with ``weights_only``)."""
@@ -183,7 +189,11 @@ def set_fine_tune_mode(model: nn.Module, config: FineTuneConfig, head: Sequence[
     if mode.needs_head and not tuple(head):
         raise ValueError(f"fine-tune mode {mode.name!r} trains only the head, and this model has none")
     adapter = config.adapter if config.adapter is not None or mode.adapter is None else mode.adapter()
-    return mode.prepare(model, tuple(head), adapter)
+    trainable_only = mode.prepare(model, tuple(head), adapter)
+    if config.load_adapter is not None:
+        _, _, peft_adapters = _adapters()
+        peft_adapters.load_peft_adapter(model, config.load_adapter)
+    return trainable_only
 
 
 __all__ = ["DEFAULT_TARGETS", "MODES", "FineTuneConfig", "FineTuneMode", "LoraConfig", "PrefixConfig", "default_lr",

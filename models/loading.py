@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
+from safetensors.torch import load_file
 
 from config import GPT2Config
 from errors import CheckpointError
@@ -178,14 +179,17 @@ def read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{f}: broken link (its cached blob {os.readlink(f)} is missing); {fix}")
         if f.exists():
             try:
-                if name.endswith(".safetensors"):
-                    from safetensors.torch import load_file
-
-                    return load_file(str(f))
-                return torch.load(f, map_location="cpu", weights_only=True)
+                return read_weight_file(f)
             except Exception as e:
                 raise CheckpointError(f"{f}: cannot read weights ({type(e).__name__}: {e}); {fix}") from e
     raise CheckpointError(f"{folder}: no weights file; expected one of {WEIGHT_FILES}")
+
+
+def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` or torch weights file, read onto the CPU without running any code it holds."""
+    if path.name.endswith(".safetensors"):
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def convert_hf_state_dict(
@@ -261,6 +265,28 @@ def read_pretrained(
         detail = ", ".join(f"{k}={asked} asked but the checkpoint has {k}={has}" for k, (asked, has) in wrong.items())
         raise CheckpointError(f"{folder / 'config.json'}: {detail}; drop the size arguments or pick the matching model")
     return config, read_hf_state_dict(folder)
+
+
+def hf_config_dict(config: GPT2Config, architecture: str = "GPT2LMHeadModel") -> dict[str, Any]:
+    """``config_from_hf`` backwards: the ``config.json`` of a Hugging Face GPT-2 folder with our
+    weights (``to_hf_state_dict``); GPT-2's end-of-text token is the last of its vocabulary."""
+    eos = config.vocab_size - 1
+    return {
+        "architectures": [architecture], "model_type": "gpt2", "vocab_size": config.vocab_size,
+        "n_positions": config.max_position_embeddings, "n_ctx": config.max_position_embeddings,
+        "n_embd": config.hidden_size, "n_layer": config.num_hidden_layers, "n_head": config.num_attention_heads,
+        "n_inner": config.intermediate_size, "activation_function": "gelu_new",
+        "resid_pdrop": config.hidden_dropout_prob, "embd_pdrop": config.hidden_dropout_prob,
+        "attn_pdrop": config.attention_probs_dropout_prob, "layer_norm_epsilon": config.layer_norm_eps,
+        "initializer_range": config.initializer_range, "scale_attn_weights": True, "use_cache": True,
+        "bos_token_id": eos, "eos_token_id": eos, "tie_word_embeddings": True,
+    }
+
+
+def to_hf_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``convert_hf_state_dict`` backwards: a GPT2Model state dict under ``transformers``' names
+    (``transformer.`` prefix, Conv1D weights transposed), the LM head left to the tied embedding."""
+    return {f"transformer.{k}": (v.t() if k.endswith(TRANSPOSED) else v).contiguous() for k, v in state.items()}
 
 
 # --------------------------------------------------------------------- tokenizer
