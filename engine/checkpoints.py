@@ -26,7 +26,10 @@ Trainer's strategy (``engine.strategy``): under FSDP the weights are gathered fr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import io
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -36,25 +39,60 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine import ranks
+from engine import ranks, run_dir
 from engine.rng import get_rng_state, sampler_rng_state, set_rng_state, set_sampler_rng_state
 from engine.tracking import append_record
-from errors import CheckpointError
+from errors import CheckpointError, InputError
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, an exhausted quota
+
+
+class NoSpaceError(InputError):
+    """The disk filled while a checkpoint was written: the half-written file is gone and the
+    previous one kept, so ``run_main`` says so in one line instead of torch's "unexpected pos"."""
+
+
+class _Writer(io.BufferedWriter):
+    """A file that keeps the first ``OSError`` a write raised: ``torch.save`` turns it into its own
+    "unexpected pos 7424 vs 7318" error, which no longer says that the disk is full."""
+
+    error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return super().write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash
-    never leaves a half-written checkpoint."""
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a
+    half-written checkpoint. A full disk removes the temporary file and raises ``NoSpaceError``;
+    the file is recorded as the run's in its run folder's manifest (``run_dir.note_written``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with _Writer(open(tmp, "wb", buffering=0)) as f:
+            try:
+                torch.save(obj, f)
+            except RuntimeError:
+                if f.error is None:
+                    raise
+                raise f.error from None
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno not in NO_SPACE:
+            raise
+        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+        raise NoSpaceError(f"no space left on {path.parent} while saving {path.name}; {kept}") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    run_dir.note_written(path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -203,8 +241,33 @@ def load_weights_into(model: nn.Module, path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``Trainer.fit``, with where it stopped: the epoch it was in, the optimizer steps
+    done, the run ``folder``, and the ``last.pt`` a ``--resume`` continues from (None: not saved yet)
+    with its step (``saved_step``, None where unknown). ``cli.common.run_main`` makes it one line."""
+
+    def __init__(self, epoch: int, step: int, folder: Path, checkpoint: Path | None, saved_step: int | None) -> None:
+        super().__init__(f"interrupted at epoch {epoch} step {step}")
+        self.epoch, self.step, self.folder = epoch, step, folder
+        self.checkpoint, self.saved_step = checkpoint, saved_step
+
+
 class CheckpointMixin:
     """Checkpoint save/resume bookkeeping and the log of a ``Trainer``."""
+
+    @contextlib.contextmanager
+    def _reporting_interrupts(self) -> Iterator[None]:
+        """Turn Ctrl-C inside the block into ``TrainingInterrupted`` (still a ``KeyboardInterrupt``)."""
+        try:
+            yield
+        except KeyboardInterrupt as e:
+            if isinstance(e, TrainingInterrupted):
+                raise
+            last = self.output_dir / "last.pt"
+            raise TrainingInterrupted(
+                max(1, getattr(self, "running_epoch", 0)), self.global_step, self.output_dir,
+                last if last.exists() else None, getattr(self, "_saved_step", None),
+            ).with_traceback(e.__traceback__) from None
 
     def _keep_top_k(self, score: float) -> None:
         """Offer this epoch to the top k; rank 0 writes (FSDP weights are gathered by every rank
@@ -265,6 +328,7 @@ class CheckpointMixin:
             "model_config": model_config_of(self.model),
             "extra": self.extra,
         }, self.output_dir / "last.pt")
+        self._saved_step = self.global_step
 
     def _resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device)
@@ -273,7 +337,7 @@ class CheckpointMixin:
         self.strategy.load_optimizer_state(self.model, self.optimizer, ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.epoch = ckpt["epoch"]
-        self.global_step = ckpt["global_step"]
+        self.global_step = self._saved_step = ckpt["global_step"]
         self.step_in_epoch = ckpt["step_in_epoch"]
         self._partial_loss = (float(ckpt["partial_loss"][0]), int(ckpt["partial_loss"][1]))
         self.epoch_rng = ckpt["epoch_rng"]

@@ -7,7 +7,9 @@ A run folder (``last.pt``, ``best*.pt``, ``metrics.jsonl``, ...) belongs to one 
   rerunning a command never collides with an earlier run. ``--resume`` without ``--output_dir``
   continues ``latest``.
 - **An explicit ``--output_dir`` that already holds a run is refused** unless ``--resume`` (continue
-  it) or ``--overwrite`` (delete its run files and start afresh).
+  it) or ``--overwrite`` (delete what runs made: the engine's own files and those listed in the
+  folder's manifest ``.run-files``, where ``atomic_save`` records each checkpoint or model it
+  writes into a claimed folder; any other file, e.g. a model placed there by hand, is kept and named).
 - **A lock** (``run.lock``: pid, host, start time; created atomically) is held while a run is
   active, so a second run on the same folder stops at once, naming the holder. The lock of a
   process that died on this host is taken over with a note.
@@ -41,7 +43,10 @@ from errors import InputError
 LOCK_NAME = "run.lock"
 LATEST = "latest"
 # What a run writes into its folder: any of these means "this folder holds a run".
-RUN_FILES = ("last.pt", "best.pt", "best-epoch*.pt", "metrics.jsonl", "curves.png", "*-model.pt", "model.pt")
+# Names only the training engine writes: ``--overwrite`` deletes them even without a manifest.
+ENGINE_FILES = ("last.pt", "best.pt", "best-epoch*.pt", "metrics.jsonl", "curves.png")
+RUN_FILES = (*ENGINE_FILES, "*-model.pt", "model.pt")
+MANIFEST = ".run-files"  # the names of the files runs wrote into their folder, one a line (``note_written``)
 
 
 class RunDirError(InputError):
@@ -55,6 +60,10 @@ class RunDirError(InputError):
 _HELD: set[Path] = set()  # folders this process holds (claimed by open_run, then by Trainer.fit)
 # New default folders this process made -> what ``latest`` named before (``discard_unused_runs``).
 _NEW: dict[Path, Path | None] = {}
+# Folders this process claimed, in order -> the run folder a command names (``run_root``); files
+# saved in them are recorded in their manifest, also after the fit (a task's final model).
+_CLAIMED: dict[Path, Path] = {}
+_CLEARED: set[Path] = set()  # held folders whose earlier run --overwrite has already deleted
 
 
 def _pid_alive(pid: int) -> bool:
@@ -144,9 +153,61 @@ def release_lock(folder: str | Path) -> None:
 
 
 def run_files(folder: str | Path) -> list[Path]:
-    """The files of a run in ``folder`` (not in its subfolders)."""
+    """The files of a run in ``folder`` (not in its subfolders): any that a run makes by name, and
+    any the manifest lists."""
     folder = Path(folder)
-    return sorted({p for pattern in RUN_FILES for p in folder.glob(pattern) if p.is_file()})
+    return sorted({p for pattern in RUN_FILES for p in folder.glob(pattern) if p.is_file()}
+                  | set(_recorded(folder)))
+
+
+def _recorded(folder: Path) -> list[Path]:
+    """The files of ``folder`` its manifest lists that are still there."""
+    names = (folder / MANIFEST).read_text().splitlines() if (folder / MANIFEST).is_file() else []
+    return [folder / n for n in dict.fromkeys(names) if n and "/" not in n and (folder / n).is_file()]
+
+
+def note_written(path: str | Path) -> None:
+    """Record in its folder's manifest that a run wrote ``path``, if the folder is a run folder this
+    process claimed (``--overwrite`` then knows the file for the run's, not a hand-placed one)."""
+    path = Path(path).resolve()
+    if path.parent in _CLAIMED and path not in _recorded(path.parent):
+        with open(path.parent / MANIFEST, "a") as f:
+            f.write(path.name + "\n")
+
+
+def made_by_runs(folder: str | Path) -> list[Path]:
+    """What ``--overwrite`` deletes in ``folder``: the engine's own files and those the manifest lists."""
+    folder = Path(folder)
+    return sorted({p for pattern in ENGINE_FILES for p in folder.glob(pattern) if p.is_file()}
+                  | set(_recorded(folder)))
+
+
+def _overwrite(folder: Path) -> None:
+    """Delete the earlier run's files in ``folder`` (once while this process holds it: later claims
+    of the same run must not delete what it has written since), keeping and naming the others."""
+    if folder in _CLEARED:
+        return
+    made = made_by_runs(folder)
+    for p in made:
+        p.unlink(missing_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)
+    _CLEARED.add(folder)
+    kept = [p.name for p in run_files(folder)]
+    print(f"--overwrite: {'deleted the earlier run' if made else 'no earlier run'}'s files in {folder}"
+          + (f"; kept {', '.join(kept)}, which no run recorded writing there" if kept else ""))
+
+
+def run_root(folder: str | Path) -> Path:
+    """The run folder a command names for ``folder`` (its ``--output_dir``, or the default folder
+    made for it), which may hold ``folder`` as a stage's subfolder (``<run>/pretrain``)."""
+    folder = Path(folder).resolve()
+    roots = [r for r in _CLAIMED.values() if r.resolve() == folder or r.resolve() in folder.parents]
+    return min(roots, key=lambda r: len(r.resolve().parts)) if roots else folder
+
+
+def last_claimed() -> Path | None:
+    """The run folder (``run_root``) this process claimed last, if any."""
+    return run_root(next(reversed(_CLAIMED))) if _CLAIMED else None
 
 
 def holds_checkpoint(folder: str | Path) -> bool:
@@ -173,6 +234,7 @@ def claim(folder: str | Path, *, resume: bool = False, overwrite: bool = False) 
         check_writable([folder / LOCK_NAME])
         acquire_lock(folder)
         _HELD.add(folder)
+    _CLAIMED.setdefault(folder, folder)
     try:
         old = run_files(folder)
         if resume and not holds_checkpoint(folder):
@@ -183,9 +245,7 @@ def claim(folder: str | Path, *, resume: bool = False, overwrite: bool = False) 
                 raise RunDirError(f"{folder}: already holds a run ({', '.join(p.name for p in old[:4])}); "
                                   "add --resume to continue it, --overwrite to replace it, or pick another "
                                   "--output_dir")
-            for p in old:
-                p.unlink()
-            print(f"--overwrite: deleted the earlier run's files in {folder}")
+            _overwrite(folder)
         for p in remove_temp_files(folder):
             print(f"removed {p}, a half-written file of an interrupted run")
     except BaseException:
@@ -200,6 +260,7 @@ def release(folder: str | Path) -> None:
     new folder that a later failure in the same process may discard."""
     folder = Path(folder).resolve()
     _NEW.pop(folder, None)
+    _CLEARED.discard(folder)
     if folder in _HELD:
         _HELD.discard(folder)
         release_lock(folder)
@@ -325,10 +386,12 @@ def open_run(default_parent: str | Path, *, epochs: int, output_dir: str | None 
             raise RunDirError(f"{parent}: --resume, but no earlier run to resume (no {LATEST}); drop --resume "
                               "or give the run's --output_dir")
         print(f"run folder: {folder}")
-    if overwrite and model and Path(model).resolve() in {p.resolve() for p in run_files(folder)}:
+    if overwrite and model and Path(model).resolve() in {p.resolve() for p in made_by_runs(folder)}:
         raise RunDirError(f"{folder}: --overwrite would delete {model}, the model --{model_flag} starts from; "
                           "copy it elsewhere first or pick another --output_dir")
-    return claim(folder, resume=resume, overwrite=overwrite)
+    claimed = claim(folder, resume=resume, overwrite=overwrite)
+    _CLAIMED[claimed] = Path(output_dir) if output_dir else folder
+    return claimed
 
 
 def open_run_on_main(default_parent: str | Path, **kw: Any) -> Path | None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from cli.failures import nesting
 from engine.run_dir import RunDirError, holds_checkpoint, run_files
 from tasks.sentiment import DATASETS
 
@@ -131,7 +132,8 @@ def run_task(task: str, argv: Sequence[str], folder: Path) -> bool:
     saved_argv = sys.argv
     sys.argv = [str(ROOT / spec.script), *full]
     try:
-        runpy.run_path(str(ROOT / spec.script), run_name="__main__")
+        with nesting():  # Ctrl-C reaches the experiment, which says how to continue all of it
+            runpy.run_path(str(ROOT / spec.script), run_name="__main__")
     finally:
         sys.argv = saved_argv
     (folder / DONE).write_text(json.dumps({"task": task, "argv": list(argv)}) + "\n")

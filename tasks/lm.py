@@ -29,7 +29,7 @@ from methods.restore import save_model
 from methods.sparse_attention import SparseAttention, apply_sparse_attention, attention_fields
 from models.sonnet_gpt import SonnetGPT
 from modules.losses import count_lm_targets
-from tasks.common import build_body, default_output_dir, fit_task, open_task_run, start, train_config
+from tasks.common import build_body, check_context, default_output_dir, fit_task, open_task_run, start, train_config
 from tasks.poetry_corpus import is_poetry_csv, read_documents
 from tasks.restore import restore_task_model
 from tasks.settings import TaskSettings
@@ -225,6 +225,7 @@ def run_pretraining(settings: PretrainSettings) -> dict[str, Any]:
     apply_sparse_attention(model, settings.attention)
     if settings.run.load:  # continue from a model an earlier run saved (model.pt)
         model = restore_task_model(settings.run.load).model
+    check_context(model.config.max_position_embeddings, max_length=settings.data.max_length)  # not cut silently
     cfg = train_config(settings, device, out_dir)
     data = settings.data
     best = pretrain_lm(model, tokenizer, settings.corpus, cfg, batch_size=data.batch_size, block_size=data.max_length,
