@@ -10,7 +10,10 @@ environment, data, run folders, caches or checkpoints. Before writing it checks 
 prediction files the autograder reads are in the starter's exact format (one prediction per
 example of the matching data/ file) and that the graders' imports work from the zip alone;
 with a problem it writes nothing and exits with status 2 (``--force`` writes anyway).
-Missing prediction files (tasks not done yet) are listed, not fatal.
+Missing prediction files (tasks not done yet) are listed, not fatal. It names the files the
+autograder reads and the run each packed one came from (``predictions/provenance.json``):
+a file from a partial run (``--limit``, splits carved offline) is an error, a file of unknown
+origin a warning, and so is a file the autograder never reads (``lora-sst-dev-out.csv``).
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tasks.submission import ZIP_NAME, Report, prepare
+from cli.defaults import DefaultsHelpFormatter
+from tasks.submission import ZIP_NAME, Report, graded_names, prepare
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                formatter_class=DefaultsHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[2:]))
     p.add_argument("--output", default=ZIP_NAME, help=f"zip to write (default {ZIP_NAME})")
     p.add_argument("--root", default=".", help="project folder to pack (default: here)")
@@ -44,6 +48,9 @@ def print_report(report: Report, output: str) -> None:
     print(f"packed {len(report.packed)} files ({total / 1e6:.1f} MB before compression):")
     for path, n in report.packed:
         print(f"  {path.as_posix():60s} {n / 1e3:10.1f} kB")
+    print(f"the autograder reads predictions/{{{','.join(graded_names())}}}")
+    for line in report.origins:
+        print(line)
     if report.missing:
         print(f"not there (those tasks will not be graded): {', '.join(report.missing)}")
     for w in report.warnings:

@@ -39,6 +39,7 @@ from tasks.common import (
     prepare_model,
     start,
     train_config,
+    train_metrics_fn,
     training_loss,
 )
 from tasks.course_data import (
@@ -49,6 +50,7 @@ from tasks.course_data import (
     write_id_predictions,
 )
 from tasks.metrics import classification_metrics, majority_baseline
+from tasks.publish import RunPredictions, Target, is_explicit, partial_reason, shown
 from tasks.restore import restore_task_model
 from tasks.settings import ClassificationSettings
 
@@ -137,17 +139,25 @@ def check_prompt_room(tokenizer: Any, max_length: int) -> None:
                          f"them takes {around} tokens; use at least {around + 1} (0: the context)")
 
 
+def answers(p_yes: Sequence[float]) -> list[int]:
+    """1 (a paraphrase) where P(yes) > 0.5 (= the larger of the two answer logits), else 0."""
+    return [int(p > 0.5) for p in p_yes]
+
+
 def evaluate(p_yes: Sequence[float], pairs: Sequence[ParaphrasePair]) -> dict[str, float]:
-    """Accuracy and macro-F1 of thresholding P(yes) at 0.5 (= the larger of the two answer logits)."""
-    return classification_metrics([p.label for p in pairs], [int(p > 0.5) for p in p_yes])
+    """Accuracy and macro-F1 of thresholding P(yes) at 0.5 (``answers``)."""
+    return classification_metrics([p.label for p in pairs], answers(p_yes))
 
 
 def run(settings: ParaphraseSettings) -> dict[str, Any]:
     """Train (unless ``--epochs 0``), keep the best dev epoch, save it, write both prediction files."""
     data_settings = settings.data
-    run_name = f"{settings.fine_tune.mode}-{Path(settings.model.model_size).name}"
-    out_dir = open_task_run(settings, default_output_dir("paraphrase", run_name),
-                            outputs=(settings.para_dev_out, settings.para_test_out, settings.filepath))
+    parent = default_output_dir("paraphrase", f"{settings.fine_tune.mode}-{Path(settings.model.model_size).name}")
+    carved = tuple(p for p in (settings.para_train, settings.para_dev, settings.para_test) if not Path(p).exists())
+    files = RunPredictions({split: Target(Path(getattr(settings, f"para_{split}_out")),
+                                          is_explicit(settings, f"para_{split}_out")) for split in ("dev", "test")},
+                           partial_reason(limit=data_settings.limit, carved=carved, max_steps=settings.train.max_steps))
+    out_dir = open_task_run(settings, parent, outputs=(*files.published(), settings.filepath))
     device = start(settings)
     model, tokenizer, trainable_only = _build_scorer(settings)  # bad lengths stop before any data is read
     check_context(model.gpt.config.max_position_embeddings, max_length=data_settings.max_length)
@@ -178,9 +188,11 @@ def run(settings: ParaphraseSettings) -> dict[str, Any]:
         def eval_fn(m: ClozeParaphraseScorer) -> dict[str, float]:
             return evaluate(predict_p_yes(m, feats["dev"], collate, eval_bs, bf16), data["dev"])
 
+        on_train = train_metrics_fn(feats["train"], len(feats["dev"]), settings.seed, lambda m, rows: answers(
+            predict_p_yes(m, rows, collate, eval_bs, bf16)))
         cfg = train_config(settings, device, out_dir, metric="accuracy", save_trainable_only=trainable_only)
         best, _ = fit_task(model, loss, feats["train"], train_collate, eval_fn, cfg, **data_settings.loader_kwargs(),
-                           callbacks=loss.callbacks, extra={"args": dict(settings.flags)})
+                           callbacks=loss.callbacks, extra={"args": dict(settings.flags)}, train_eval_fn=on_train)
     model.to(device)
     unwrap_lora(model)
     if settings.train.epochs > 0 or not settings.run.load:  # predicting with a loaded model: nothing worth saving
@@ -193,11 +205,13 @@ def run(settings: ParaphraseSettings) -> dict[str, Any]:
     p_test = predict_p_yes(model, feats["test"], collate, eval_bs, bf16)
     metrics = evaluate(p_dev, data["dev"])
     metrics["majority_baseline"] = majority_baseline([p.label for p in data["train"]], [p.label for p in data["dev"]])
-    for split, path, p in (("dev", settings.para_dev_out, p_dev), ("test", settings.para_test_out, p_test)):
-        if ranks.is_main():  # under torchrun: one writer
-            write_paraphrase_predictions(path, [x.id for x in data[split]], ClozeParaphraseScorer.answer_token(
-                [int(v > 0.5) for v in p]))
-        print(f"wrote {path}")
+    if ranks.is_main():  # under torchrun: one writer
+        files.open(out_dir, settings.run, parent)
+        for split, p in (("dev", p_dev), ("test", p_test)):
+            write_paraphrase_predictions(files.path(split), [x.id for x in data[split]],
+                                         ClozeParaphraseScorer.answer_token([int(v > 0.5) for v in p]))
+            print(f"wrote {shown(files.path(split))}")
+        files.publish("accuracy", metrics["accuracy"])
     print(f"dev accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
           f"(majority-class baseline accuracy {metrics['majority_baseline']:.3f})")
     result: dict[str, Any] = {"dev": metrics, "best": best, "checkpoint": filepath}

@@ -42,6 +42,7 @@ from tasks.common import (
 from tasks.course_data import read_sonnets, write_sonnets
 from tasks.lm import CorpusPretraining, fine_tune_lm, held_out_loss, pretrain_before_fine_tuning
 from tasks.metrics import chrf
+from tasks.publish import RunPredictions, Target, is_explicit, partial_reason, shown
 from tasks.restore import restore_task_model, sonnet_head
 from tasks.settings import TaskSettings
 from tasks.sonnet_dpo import DpoSettings, dpo_fine_tune
@@ -99,6 +100,7 @@ class SonnetSettings(TaskSettings):
     checkpoint: str | None = None
     early_stop_metric: str = "chrf"
     train_size: float = 1.0
+    generate_from: str = "last"  # the epoch whose weights are saved and generate: last (the starter's) or best
     quantize: str = "none"
     decoding: SonnetDecoding = field(default_factory=SonnetDecoding)
     attention: SparseAttention = field(default_factory=SparseAttention)
@@ -215,8 +217,11 @@ def run(settings: SonnetSettings) -> dict[str, Any]:
     s, data, decoding = settings, settings.data, settings.decoding
     trains = not s.generate_only and (s.train.epochs > 0 or bool(s.pretraining.corpus))
     kind = "dpo" if s.dpo is not None else s.fine_tune.mode
-    out_dir = open_task_run(s, default_output_dir("sonnet", f"{kind}-{Path(s.model.model_size).name}"),
-                            outputs=(s.sonnet_out, s.dev_sonnet_out), trains=trains, model=s.checkpoint,
+    parent = default_output_dir("sonnet", f"{kind}-{Path(s.model.model_size).name}")
+    files = RunPredictions({"dev": Target(Path(s.dev_sonnet_out), is_explicit(s, "dev_sonnet_out")),
+                            "test": Target(Path(s.sonnet_out), is_explicit(s, "sonnet_out"))},
+                           partial_reason(limit=data.limit, max_steps=s.train.max_steps))
+    out_dir = open_task_run(s, parent, outputs=files.published(), trains=trains, model=s.checkpoint,
                             model_flag="checkpoint")
     generate_only = not trains  # --epochs 0: decode with the --checkpoint model, save nothing
     device = start(s)
@@ -265,7 +270,7 @@ def run(settings: SonnetSettings) -> dict[str, Any]:
         pretrain_before_fine_tuning(model, tokenizer, s, s.pretraining, device, out_dir, trainable_only)
     if not generate_only and s.train.epochs > 0:
         cfg = train_config(s, device, out_dir, metric=s.early_stop_metric, mode=EARLY_STOP_METRICS[s.early_stop_metric],
-                           save_trainable_only=trainable_only)
+                           save_trainable_only=trainable_only, final_weights=s.generate_from)
         extra = {"args": dict(s.flags), **attention_fields(model)}
         if s.dpo is not None:
             sampling = decoding.generation(tokenizer, s.dpo.sampling)
@@ -293,13 +298,17 @@ def run(settings: SonnetSettings) -> dict[str, Any]:
     # --quantize; --generate_only keeps one copy of the weights, laid out for the rows of a decoding step
     rows = decoding_rows(decoding.batch_size, config.num_beams, pooled=decoding.pool is not None)
     model.gpt = prepare_for_decoding(model.gpt, s.quantize, inference_only=generate_only, decode_rows=rows)
-    for name, prompts, out in (("dev", dev_prompts, s.dev_sonnet_out), ("test", test_prompts, s.sonnet_out)):
+    if ranks.is_main():  # under torchrun: one writer
+        files.open(out_dir, s.run, parent)
+    for name, prompts in (("dev", dev_prompts), ("test", test_prompts)):
         texts = complete_prompts(model, tokenizer, [x.text for x in prompts], config, **complete_kw)
-        if ranks.is_main():  # under torchrun: one writer
-            write_sonnets(out, list(enumerate(texts)))  # the starter numbers sonnets by position
-        print(f"wrote {out}")
+        if ranks.is_main():
+            write_sonnets(files.path(name), list(enumerate(texts)))  # the starter numbers sonnets by position
+            print(f"wrote {shown(files.path(name))}")
         result[name] = texts
     result["dev_chrf"] = chrf(result["dev"], dev_refs)
+    if ranks.is_main():
+        files.publish("chrF", result["dev_chrf"])
     print(f"dev chrF {result['dev_chrf']:.2f}, dev sonnet loss {held['loss']:.4f} (perplexity "
           f"{held['perplexity']:.2f}) ({decoding.label})")
     scores = {k: result[k] for k in ("dev_chrf", "dev_loss", "dev_perplexity")}

@@ -13,13 +13,19 @@ Checks, before the zip is written:
   readable by the starter's split), and hold one prediction per example of the data file beside
   them when that is there;
 - the graders' imports (``models.gpt2.GPT2Model``, ``utils.model_size_to_params``,
-  ``optimizer.AdamW``) succeed from the unpacked zip alone.
+  ``optimizer.AdamW``) succeed from the unpacked zip alone;
+- each prediction file came from a complete run: ``predictions/provenance.json``
+  (``tasks.publish``) names the run of each file; a partial run's file (``--limit``, splits
+  carved offline) is an error, a file without a record (or changed since) a warning. Files the
+  autograder never reads (``lora-sst-dev-out.csv``) get a warning naming the file it reads.
+  The record and the ``replaced/`` files kept beside it stay out of the zip.
 """
 
 from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,6 +36,7 @@ from pathlib import Path
 
 from engine.data import DataFormatError
 from tasks.course_data import SONNETS_HEADER, check_ids, read_quora, read_sentiment, read_sonnets
+from tasks.publish import PROVENANCE, REPLACED, read_records, score_text, sha256, shown
 
 ZIP_NAME = "cs224n_default_final_project_submission.zip"
 STARTER_FOLDERS = ("predictions", "models", "modules")
@@ -62,6 +69,43 @@ def expected_predictions() -> list[Expected]:
     out.append(Expected("generated_sonnets.txt", None, reference="sonnets_held_out.txt"))
     out.append(Expected("generated_sonnets_dev.txt", None, reference="sonnets_held_out_dev.txt"))
     return out
+
+
+def graded_names() -> list[str]:
+    """The file names under ``predictions/`` that the autograder reads."""
+    return [exp.name for exp in expected_predictions()]
+
+
+def graded_instead(name: str) -> list[str]:
+    """The graded files for the predictions a file named ``name`` holds: another fine-tune mode's
+    ``<mode>-<sst|cfimdb>-<split>-out.csv`` stands for the starter modes' files of that dataset and split."""
+    m = re.fullmatch(r".+-(sst|cfimdb)-(dev|test)-out\.csv", name)
+    return [n for n in graded_names() if m and n.endswith(f"-{m[1]}-{m[2]}-out.csv")]
+
+
+def ungraded_note(names: Iterable[str]) -> str | None:
+    """One line saying which of ``names`` the autograder never reads, and what it reads instead."""
+    extra = [n for n in names if n not in graded_names()]
+    if not extra:
+        return None
+    reads = {n: " or ".join(graded_instead(n)) for n in extra}
+    return "note: the autograder never reads " + ", ".join(
+        f"{n} ({'it reads ' + reads[n] if reads[n] else 'no graded file holds these predictions'})" for n in extra)
+
+
+def origin(folder: Path, name: str, records: dict) -> tuple[str, str]:
+    """(kind, line) of the run a published prediction file came from: kind ``complete``,
+    ``partial`` (a refused file) or ``unknown`` (no record, or the file changed since)."""
+    path, record = folder / name, records.get(name)
+    if record is None:
+        return "unknown", f"{shown(path)}: origin unknown (no record in {shown(folder / PROVENANCE)})"
+    if record.get("sha256") != sha256(path):
+        return "unknown", f"{shown(path)}: origin unknown (changed since {shown(record.get('run', '?'))} wrote it)"
+    run = f"{shown(record.get('run', '?'))} ({score_text(record)}, {record.get('time', '?')})"
+    if not record.get("complete"):
+        return "partial", (f"{shown(path)}: from {run}, a partial run ({record.get('partial')}); the autograder "
+                           "would grade it as your submission: rerun without that, or pass --force")
+    return "complete", f"{shown(path)}: from {run}"
 
 
 def read_id_predictions(path: str | Path, column: str) -> list[tuple[str, int]]:
@@ -130,6 +174,8 @@ def local_imports(py_file: Path, root: Path) -> set[str]:
 
 
 def _skipped(rel: Path) -> bool:
+    if rel.parts[:1] == ("predictions",) and rel.parts[1:2] in ((PROVENANCE,), (REPLACED,)):
+        return True  # the publication record and replaced files: not for the autograder
     return any(p in SKIP_DIRS or p.startswith(".") for p in rel.parts) or rel.name.endswith(SKIP_SUFFIXES)
 
 
@@ -176,6 +222,7 @@ class Report:
     packed: list[tuple[Path, int]] = field(default_factory=list)  # (path, bytes)
     missing: list[str] = field(default_factory=list)  # expected prediction files not there
     errors: list[str] = field(default_factory=list)  # what would fail grading
+    origins: list[str] = field(default_factory=list)  # the run each packed prediction file came from
     warnings: list[str] = field(default_factory=list)
     written: bool = False
 
@@ -192,11 +239,20 @@ def prepare(root: str | Path, output: str | Path, overwrite: bool = False, force
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it, or --output another name")
     data_dir = Path(data_dir) if data_dir else root / "data"
     report = Report()
+    folder = root / "predictions"
+    records = read_records(folder)
     for exp in expected_predictions():
-        if (root / "predictions" / exp.name).exists():
-            report.errors += check_prediction(root / "predictions", exp, data_dir)
+        if (folder / exp.name).exists():
+            report.errors += check_prediction(folder, exp, data_dir)
+            kind, line = origin(folder, exp.name, records)
+            {"complete": report.origins, "partial": report.errors, "unknown": report.warnings}[kind].append(line)
         else:
             report.missing.append(f"predictions/{exp.name}")
+    for path in sorted(folder.glob("*")) if folder.is_dir() else ():
+        if path.is_file() and path.name not in graded_names() and not _skipped(path.relative_to(root)):
+            instead = graded_instead(path.name)
+            report.warnings.append(f"{shown(path)}: the autograder never reads this file" + (
+                f"; it reads {' or '.join(instead)} (rename it to have it graded)" if instead else ""))
     files = collect_files(root)
     tmp = output.with_name(output.name + ".part")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:

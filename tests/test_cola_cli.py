@@ -30,8 +30,10 @@ def test_cola_reports_matthews_correlation_and_writes_dev_predictions(tmp_path, 
     assert {"accuracy", "macro_f1", "matthews_corr", "majority_baseline"} <= set(metrics)
     assert "Matthews corr." in capsys.readouterr().out
 
-    pred = tmp_path / "pred"
-    assert sorted(p.name for p in pred.iterdir()) == ["full-model-cola-dev-out.csv"]  # no public test set
+    pred = tmp_path / "pred"  # --predictions_dir: published there, with the record of the run it came from
+    assert sorted(p.name for p in pred.iterdir()) == ["full-model-cola-dev-out.csv", "provenance.json"]  # no test set
+    assert (pred / "full-model-cola-dev-out.csv").read_bytes() == (
+        tmp_path / "runs" / "predictions" / "full-model-cola-dev-out.csv").read_bytes()  # the run keeps its own
     lines = (pred / "full-model-cola-dev-out.csv").read_text().split("\n")
     assert lines[0] == "id \t Predicted_Acceptability " and lines[-1] == ""
     rows = [line.split(", ") for line in lines[1:-1]]

@@ -176,7 +176,12 @@ def test_epochs_0_needs_a_model_and_leaves_it_untouched(tmp_path):
     pred.unlink()
     again = classifier.main(sst_args(tmp_path, "--epochs", "0", "--load", str(best)))["sst"]
     assert again["accuracy"] == trained["accuracy"] and pred.read_text() == written  # the loaded model's
-    assert hashes(tmp_path / "run") == before
+    # the run's files are untouched; the predicting run keeps its own prediction files in a folder of its own
+    after = hashes(tmp_path / "run")
+    own = {k: after.pop(k) for k in list(after) if k.startswith("predict-")}
+    assert after == before
+    assert [Path(k).parts[1:] for k in own] == [("predictions", name) for name in sorted(
+        ("last-linear-layer-sst-dev-out.csv", "last-linear-layer-sst-test-out.csv"))]
 
 
 def test_epochs_0_in_paraphrase_and_sonnets_refuses_without_a_model(tmp_path):
@@ -196,7 +201,9 @@ def test_sonnet_epochs_0_decodes_the_checkpoint_and_saves_nothing(tmp_path):
     again = sonnet_generation.main([*common, "--epochs", "0", "--load", str(model), "--output_dir",
                                     str(tmp_path / "other")])
     assert again["test"] == first["test"] and hashes(tmp_path / "run") == before
-    assert not (tmp_path / "other").exists()
+    # no model, no checkpoint: only the decoding run's own prediction files, in a folder of their own
+    assert [p.relative_to(tmp_path / "other").parts[1:] for p in sorted((tmp_path / "other").rglob("*"))
+            if p.is_file()] == [("predictions", "generated_sonnets.txt"), ("predictions", "generated_sonnets_dev.txt")]
 
 
 # ----------------------------------------------------------------- resume rules
