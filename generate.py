@@ -1,6 +1,6 @@
 """Complete arbitrary prompts with a saved model and any decoding strategy.
 
-    python generate.py --model runs/sonnet/full-model-gpt2/sonnet-model.pt --prompt "Shall I compare thee"
+    python generate.py --model runs/sonnet/full-model-gpt2/latest/sonnet-model.pt --prompt "Shall I compare thee"
     python generate.py --model gpt2 --prompt "Hello" --prompt "Once upon" --num_beams 4 --no_repeat_ngram_size 3
     python generate.py --model MODEL --prompts_file prompts.txt --penalty_alpha 0.6 --top_k 4 --contrastive_mean_sim
     python generate.py --model MODEL --prompt "..." --mbr_pool beam:4,sample:8,contrastive:1 --output out.jsonl

@@ -1,21 +1,28 @@
 """Sonnet generation: fine-tune GPT-2 on Shakespeare's sonnets, then complete held-out prompts.
 
     python sonnet_generation.py --use_gpu                                  # full model, nucleus sampling
+    python sonnet_generation.py --use_gpu --recipe recommended             # 50 epochs, early stopping, best epoch
     python sonnet_generation.py --fine-tune-mode lora --lr 3e-4            # LoRA on attention and MLP
     python sonnet_generation.py --decoding beam --num_beams 4 --no_repeat_ngram_size 3
-    python sonnet_generation.py --generate_only --checkpoint runs/sonnet/full-model-gpt2/sonnet-model.pt --decoding mbr
+    python sonnet_generation.py --generate_only --decoding mbr \
+        --checkpoint runs/sonnet/full-model-gpt2/latest/sonnet-model.pt
     python sonnet_generation.py --model_size tiny --random_init --epochs 1 --limit 8 --max_new_tokens 24  # smoke run
     python sonnet_generation.py --checkpoint runs/pretrain/tinyshakespeare/<run>/model.pt --lr 1e-3  # from pretrain.py
-    python sonnet_generation.py --dpo --checkpoint runs/sonnet/full-model-gpt2/<run>/sonnet-model.pt --epochs 2 \
+    python sonnet_generation.py --dpo --checkpoint runs/sonnet/full-model-gpt2/latest/sonnet-model.pt --epochs 2 \
         --dpo_samples 4 --dpo_beta 0.1 --dpo_rank chrf                      # DPO on ranked samples
 
 Training: the LM loss over every real token of each sonnet (padding ignored, an EOS
-appended so the model learns where a sonnet ends), through the shared Trainer
-(warm-up, clipping, early stopping, the top-3 checkpoints by dev chrF). Each epoch the
+appended so the model learns where a sonnet ends), through the shared Trainer. The defaults
+are the starter's (``--recipe starter``): 10 epochs at a constant lr, no clipping, no early
+stopping, and the sonnets written by the last epoch's weights (``--generate_from last``);
+``--recipe recommended`` trains up to 50 epochs with warm-up and linear decay, clipping and
+early stopping (patience 3), and writes with the best epoch's. The top-3 checkpoints by dev
+chrF are kept either way. Each epoch the
 dev prompts (the first 3 lines of each held-out sonnet) are completed and scored with
 sacrebleu chrF against the true sonnets. Then ``predictions/generated_sonnets.txt``
 (test prompts) and ``predictions/generated_sonnets_dev.txt`` are written in the
-starter's format, and the best model is saved as a plain GPT-2 checkpoint.
+starter's format (in the run folder; in ``predictions/`` too from a run without ``--limit``),
+and the model they came from is saved as a plain GPT-2 checkpoint.
 
 Evaluation, each epoch (``metrics.jsonl``): dev chrF, the held-out loss and perplexity of the
 whole true dev sonnets (the handout's metric; an EOS appended as in training), and the form of

@@ -25,10 +25,11 @@ import classifier  # noqa: E402
 # split: it shortens training to minutes on a shared CPU while dev stays whole (SST dev 1,101, CFIMDB dev 245).
 FLAGS = {
     "sst": ["--limit", "3000", "--epochs", "2", "--batch_size", "32", "--lr", "1e-3", "--max_length", "64"],
-    "cfimdb": ["--limit", "800", "--epochs", "3", "--batch_size", "16", "--lr", "1e-3", "--max_length", "128"],
+    "cfimdb": ["--limit", "800", "--epochs", "3", "--cfimdb_batch_size", "16", "--lr", "1e-3", "--max_length", "128"],
 }
 COMMON = ["--fine-tune-mode", "full-model", "--model_size", "tiny", "--random_init", "--scheduler", "linear",
-          "--warmup_ratio", "0.1", "--hidden_dropout_prob", "0.1", "--weight_decay", "0.01", "--no_progress"]
+          "--warmup_ratio", "0.1", "--hidden_dropout_prob", "0.1", "--weight_decay", "0.01", "--max_grad_norm", "1",
+          "--no_progress"]
 
 
 def main() -> None:

@@ -9,9 +9,11 @@ For each seed and each start (``pretrained``: the weights of ``--pretrained``, a
 saved by ``pretrain.py``; ``random``: its architecture with fresh weights, ``--random_init``) it
 drives ``sonnet_generation.main`` with the same flags, printed: no early stopping and no best-epoch
 reload (``--patience 0 --save_top_k 0``), so both train exactly ``--epochs`` epochs and are
-judged on their last weights. Reported on the dev sonnets, mean ± std over the seeds: chrF of
-the generated sonnets, held-out perplexity of the true sonnets, and the form of the generated
-ones (lines, syllables per line, rhyme adherence). Flags after ``--`` go to every run. Prints a
+judged on their last weights, with linear warm-up and decay and clipping at norm 1 (given
+explicitly: the task's defaults are the course starter's constant lr without clipping).
+Reported on the dev sonnets, mean ± std over the seeds: chrF of the generated sonnets,
+held-out perplexity of the true sonnets, and the form of the generated ones (lines, syllables
+per line, rhyme adherence). Flags after ``--`` go to every run. Prints a
 Markdown table and writes ``<out>/results.json``; each run's folder is ``<out>/<start>-seed<N>``.
 """
 
@@ -45,6 +47,7 @@ def run_flags(args: argparse.Namespace, start: str, seed: int) -> list[str]:
         "--checkpoint", args.pretrained, *(["--random_init"] if start == "random" else []),
         "--seed", str(seed), "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch_size", str(args.batch_size),
         "--limit", str(args.limit), "--max_new_tokens", str(args.max_new_tokens),
+        "--scheduler", "linear", "--warmup_ratio", "0.1", "--max_grad_norm", "1",
         "--patience", "0", "--save_top_k", "0", "--no_progress", "--overwrite",
         *sonnet_run_flags(data, folder), *args.extra,
     ]

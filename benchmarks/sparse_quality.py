@@ -7,7 +7,8 @@ Each pattern is one run of the sonnet task (``sonnet_generation.main``, the flag
 from the same weights (patterns change only which keys a query sees, never the weights),
 with the same seed, so the same batches in the same order; no early stopping and no
 best-epoch reload (``--patience 0 --save_top_k 0``), so every run trains exactly
-``--epochs`` epochs and is judged on its last weights. The row: the training seconds per
+``--epochs`` epochs and is judged on its last weights (linear warm-up and decay, clipping at
+norm 1, given explicitly: the task's defaults are the starter's). The row: the training seconds per
 epoch from the run's ``efficiency.json``, the dev perplexity of the true dev sonnets and the
 dev chrF of the completed dev prompts (``--decoding greedy`` unless flags after ``--`` say
 otherwise). Times are wall clock on this machine, so compare rows of one run, not runs of
@@ -78,6 +79,7 @@ def run_flags(args: argparse.Namespace, pattern: str) -> list[str]:
         "--seed", str(args.seed), "--epochs", str(args.epochs), "--lr", str(args.lr),
         "--batch_size", str(args.batch_size), "--limit", str(args.limit), "--max_length", str(args.max_length),
         "--max_new_tokens", str(args.max_new_tokens), "--decoding", "greedy",
+        "--scheduler", "linear", "--warmup_ratio", "0.1", "--max_grad_norm", "1",
         "--patience", "0", "--save_top_k", "0", "--no_progress", "--overwrite",
         *sonnet_run_flags(data, folder), *args.extra,
     ]

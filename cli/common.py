@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from cli.failures import failure_line, nesting
 from cli.validation import (
     check_objectives,
     model_size_or_folder,
@@ -40,8 +41,9 @@ from engine.rng import seed_everything
 from engine.train_config import SCHEDULES
 from engine.trainer import TrainConfig
 from errors import InputError
-from methods.fine_tune import DEFAULT_TARGETS, FineTuneConfig
+from methods.fine_tune import DEFAULT_TARGETS, FineTuneConfig, LoraConfig
 from methods.objectives import ObjectiveSettings
+from methods.peft_adapters import read_peft_adapter
 from models.heads import POOLINGS
 from tasks.common import default_output_dir, pick_device
 from tasks.settings import (
@@ -66,9 +68,12 @@ def add_common_args(
     scheduler: str = "constant",
     warmup_ratio: float = 0.0,
     patience: int = 0,
+    max_grad_norm: float = 1.0,
+    lr_help: str = "default depends on the mode",
 ) -> argparse.ArgumentParser:
     """Add the course starter's flags (same names and defaults) and the engine's.
-    ``lr=None`` lets the task choose a default later (e.g. by fine-tuning mode). Every numeric
+    ``lr=None`` lets the task choose a default later (e.g. by fine-tuning mode; ``lr_help`` says
+    how); the starter's scripts pass ``max_grad_norm=0`` (the starter never clips). Every numeric
     flag is range-checked while parsing (``cli.validation``): a bad value is one argparse
     error line and exit status 2, before any work."""
     g = parser.add_argument_group("course starter")
@@ -77,7 +82,7 @@ def add_common_args(
     g.add_argument("--use_gpu", action="store_true", help="train on CUDA (error if there is none)")
     g.add_argument("--batch_size", type=positive_int, default=batch_size)
     g.add_argument("--lr", type=positive_float, default=lr, help="learning rate" + ("" if lr is not None else
-                                                                          " (default depends on the mode)"))
+                                                                          f" ({lr_help})"))
     g.add_argument("--hidden_dropout_prob", type=unit_fraction, default=hidden_dropout_prob)
     g.add_argument("--model_size", type=model_size_or_folder, default=model_size,
                    help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny, a local Hugging Face folder, or a model "
@@ -99,7 +104,8 @@ def add_common_args(
     g.add_argument("--warmup_ratio", type=unit_fraction, default=warmup_ratio,
                    help="fraction of steps of linear warm-up")
     g.add_argument("--weight_decay", type=non_negative_float, default=0.0)
-    g.add_argument("--max_grad_norm", type=non_negative_float, default=1.0, help="gradient clipping norm (0: off)")
+    g.add_argument("--max_grad_norm", type=non_negative_float, default=max_grad_norm,
+                   help="gradient clipping norm (0: off)")
     g.add_argument("--patience", type=non_negative_int, default=patience,
                    help="early-stopping patience in epochs (0: off)")
     g.add_argument("--save_top_k", type=non_negative_int, default=1, help="best checkpoints kept")
@@ -139,6 +145,10 @@ def add_common_args(
                    help="comma-separated Linear name suffixes to adapt")
     g.add_argument("--use_dora", action="store_true",
                    help="DoRA: adapters that also learn a magnitude per output row (Liu et al. 2024)")
+    g.add_argument("--load_adapter", metavar="DIR",
+                   help="start from a PEFT LoRA/DoRA adapter folder (adapter_config.json + adapter_model."
+                        "safetensors; needs --fine-tune-mode lora): its r, alpha, dropout, targets and DoRA "
+                        "replace the flags above")
     g = parser.add_argument_group("prefix tuning")
     g.add_argument("--prefix_length", type=positive_int, default=10, help="prefix positions per layer")
     g.add_argument("--prefix_hidden", type=positive_int, default=512, help="hidden width of the prefix MLP")
@@ -163,8 +173,17 @@ def run_settings_from_args(args: argparse.Namespace) -> RunSettings:
 
 def fine_tune_config(args: argparse.Namespace) -> FineTuneConfig:
     """``--fine-tune-mode`` and its adapter settings from the flags the registry names for it
-    (``--lora_r`` ... for lora), so every task script builds the same ``FineTuneConfig``."""
-    return fine_tune_from_flags(vars(args))
+    (``--lora_r`` ... for lora), so every task script builds the same ``FineTuneConfig``. With
+    ``--load_adapter DIR`` the adapter settings are the PEFT folder's, and its weights load into them."""
+    folder = getattr(args, "load_adapter", None)
+    if folder is None:
+        return fine_tune_from_flags(vars(args))
+    if "fine_tune_mode" not in vars(args):
+        raise InputError(f"--load_adapter {folder}: this script trains the full model; a LoRA/DoRA adapter loads in "
+                         "the task scripts' --fine-tune-mode lora")
+    if args.fine_tune_mode != "lora":
+        raise InputError(f"--load_adapter {folder} loads a LoRA/DoRA adapter: add --fine-tune-mode lora")
+    return FineTuneConfig("lora", LoraConfig(**read_peft_adapter(folder)[0]), load_adapter=folder)
 
 
 def task_settings_from_args(args: argparse.Namespace, cls: type[TaskSettings] = TaskSettings,
@@ -172,7 +191,8 @@ def task_settings_from_args(args: argparse.Namespace, cls: type[TaskSettings] = 
     """Every shared setting of a task from its parsed flags, as ``cls`` (a task's own settings
     class) with its own ``fields`` added. ``flags`` keeps every parsed value, for the checkpoints.
     A script without ``--fine-tune-mode`` (pretraining) trains the full model."""
-    fine_tune = fine_tune_config(args) if "fine_tune_mode" in vars(args) else FineTuneConfig()
+    adapter = "fine_tune_mode" in vars(args) or vars(args).get("load_adapter") is not None
+    fine_tune = fine_tune_config(args) if adapter else FineTuneConfig()
     return cls(model=model_settings_from_args(args), data=data_settings_from_args(args),
                run=run_settings_from_args(args), train=train_config_from_args(args), fine_tune=fine_tune,
                flags=dict(vars(args)), **fields)
@@ -181,17 +201,20 @@ def task_settings_from_args(args: argparse.Namespace, cls: type[TaskSettings] = 
 def run_main(main: Callable[[], Any]) -> None:
     """Run a task's ``main()`` as a command: bad input (a malformed or missing file, weights
     that do not fit) ends in one ``error: file:line: problem`` line and exit status 2, not
-    a traceback. Called from each script's ``if __name__ == "__main__"`` block only, so
-    tests and callers of ``main`` still get the exception."""
+    a traceback; so does a full disk, and Ctrl-C in one ``interrupted ...; resume with: ...``
+    line and status 130 (``cli.failures``). Called from each script's ``if __name__ ==
+    "__main__"`` block only, so tests and callers of ``main`` still get the exception."""
     try:
-        main()
-    except (InputError, FileNotFoundError) as e:
+        with nesting() as around:
+            main()
+    except BaseException as e:  # whatever ended it: a run that wrote nothing leaves no folder
         run_dir.discard_unused_runs()
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except BaseException:  # a traceback, Ctrl-C, an exit: a run that wrote nothing leaves no folder
-        run_dir.discard_unused_runs()
-        raise
+        failure = failure_line(e, outer=not around)
+        if failure is None:  # a bug, or an exit: its own traceback or status
+            raise
+        if ranks.is_main() or not isinstance(e, KeyboardInterrupt):  # torchrun: every rank gets Ctrl-C
+            print(failure[0], file=sys.stderr)
+        raise SystemExit(failure[1]) from None
     # Under torchrun, leave the process group together: exiting while Gloo's threads still run
     # can abort the process after a successful run.
     ranks.barrier()

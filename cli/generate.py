@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.decoding import add_inference_args
+from cli.defaults import RawTextDefaultsHelpFormatter
 from cli.validation import seed_int
 from decoding.mbr import CandidatePool
 from models.generation_config import GenerationConfig
@@ -49,7 +50,7 @@ class GenerateSettings:
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """``generate.py``'s flags."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=RawTextDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="saved model (.pt), Trainer checkpoint, or Hugging Face folder/id")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat the flag for several)")
     p.add_argument("--prompts_file", type=str, default=None, help="one prompt per line (\\n for a newline)")

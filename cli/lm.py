@@ -9,6 +9,7 @@ import argparse
 from typing import Any
 
 from cli.common import add_common_args, task_settings_from_args
+from cli.defaults import DefaultsHelpFormatter
 from cli.validation import non_negative_int, positive_float, positive_int, unit_fraction
 from methods.sparse_attention import ATTENTION_PATTERNS, SparseAttention
 from tasks.lm import CorpusPretraining, PretrainSettings
@@ -63,7 +64,7 @@ def add_corpus_format_arg(group: Any, flag: str = "--corpus_format") -> None:
 
 def build_pretrain_parser(description: str | None = None) -> argparse.ArgumentParser:
     """``pretrain.py``'s command line."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--corpus", type=str, required=True,
                         help="plain-text corpus, or a Poetry Foundation CSV (Title,Poem,Poet,Tags)")
     add_corpus_format_arg(parser)

@@ -9,16 +9,19 @@ from dataclasses import fields
 from typing import Any
 
 from cli.common import add_classification_args, objective_settings_from_args, task_settings_from_args
+from cli.defaults import DefaultsHelpFormatter, add_recipe_arg, parse_with_recipe
 from cli.validation import non_negative_int
 from methods.fine_tune import mode_names, modes_help
 from tasks.paraphrase import ParaphraseSettings
 from tasks.settings import ClassificationSettings
 
+RECOMMENDED = {"max_grad_norm": 1.0}  # the starter never clips
+
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """The flags of a paraphrase run (``paraphrase_detection.py``'s command line)."""
     d = ParaphraseSettings()
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelpFormatter)
     modes = mode_names(has_head=False)  # the cloze scorer has no head to train alone
     parser.add_argument("--para_train", type=str, default=d.para_train)
     parser.add_argument("--para_dev", type=str, default=d.para_dev)
@@ -36,8 +39,15 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--filepath", type=str, default=d.filepath,
                         help="where the best model is saved (default <output_dir>/paraphrase-model.pt)")
     # --hidden_dropout_prob is GPT-2's own residual/embedding dropout here (there is no head).
-    add_classification_args(parser, batch_size=8, lr=1e-5, epochs=10, hidden_dropout_prob=0.1, model_size="gpt2")
+    add_classification_args(parser, batch_size=8, lr=1e-5, epochs=10, hidden_dropout_prob=0.1, model_size="gpt2",
+                            max_grad_norm=0.0)
+    add_recipe_arg(parser, RECOMMENDED)
     return parser
+
+
+def parse_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
+    """The parsed flags, the starter's defaults or, with ``--recipe recommended``, ``RECOMMENDED``."""
+    return parse_with_recipe(build_parser(description), argv, RECOMMENDED)
 
 
 def settings_from_args(args: argparse.Namespace) -> ParaphraseSettings:
@@ -59,4 +69,4 @@ def paraphrase_settings(base: argparse.Namespace | None = None, **overrides: Any
     return settings_from_args(argparse.Namespace(**{**defaults, **shared, **overrides}))
 
 
-__all__ = ["build_parser", "paraphrase_settings", "settings_from_args"]
+__all__ = ["RECOMMENDED", "build_parser", "parse_args", "paraphrase_settings", "settings_from_args"]

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from cli.common import add_common_args, run_main, task_settings_from_args
+from cli.defaults import DefaultsHelpFormatter
 from distillation import contexts, filter_step, generate, kd, self_distill, train
 
 STEPS = {
@@ -27,11 +28,11 @@ STEPS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m distillation", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
     for name, (module, help_text) in STEPS.items():
         p = sub.add_parser(name, help=help_text, description=module.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=DefaultsHelpFormatter)
         module.add_args(p)
         add_common_args(p, **getattr(module, "DEFAULTS", {}))
     return parser

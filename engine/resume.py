@@ -28,7 +28,7 @@ IGNORED_SETTINGS = frozenset({
     "max_steps", "save_every_steps", "save_top_k", "patience", "epochs", "device", "use_gpu", "num_workers",
     "no_bf16", "predictions_dir", "filepath", "load", "checkpoint", "generate_only", "tokenizer", "compile",
     "no_cache", "gen_batch_size", "eval_batch_size", "gradient_checkpointing", "pretrain_epochs",
-    "report_to", "fsdp",
+    "report_to", "fsdp", "final_weights", "generate_from", "recipe",
 })
 # Resumed from the saved optimizer, so a changed value would not take effect.
 OPTIMIZER_SETTINGS = ("lr", "weight_decay", "betas", "eps")

@@ -55,10 +55,13 @@ class TrainConfig:
     max_steps: int = 0  # stop (as if interrupted) after this many optimizer steps; 0 = no limit
     report_to: str = "none"  # none | tensorboard | wandb: a tracker mirroring metrics.jsonl (engine.tracking)
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of replicating with DDP
+    final_weights: str = "best"  # best | last: the epoch whose weights a task keeps after fit (tasks.common)
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULES:
             raise ValueError(f"scheduler must be one of {SCHEDULES}, got {self.scheduler!r}")
+        if self.final_weights not in FINAL_WEIGHTS:
+            raise ValueError(f"final_weights must be one of {FINAL_WEIGHTS}, got {self.final_weights!r}")
         if self.mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {self.mode!r}")
         if self.grad_accum < 1:
@@ -84,6 +87,7 @@ class Callback:
 
 
 SCHEDULES = ("constant", "linear", "cosine")
+FINAL_WEIGHTS = ("best", "last")
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -102,4 +106,4 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
     return f
 
 
-__all__ = ["Callback", "CountFn", "EvalFn", "LossFn", "SCHEDULES", "TrainConfig", "lr_lambda"]
+__all__ = ["FINAL_WEIGHTS", "Callback", "CountFn", "EvalFn", "LossFn", "SCHEDULES", "TrainConfig", "lr_lambda"]

@@ -105,7 +105,8 @@ def test_speed_flags_reach_the_model_and_loader(tmp_path, monkeypatch, classifie
 
 
 def test_default_lr_depends_on_mode():
-    assert classifier.get_args(["--fine-tune-mode", "full-model"]).lr == 1e-5
+    assert classifier.get_args(["--fine-tune-mode", "full-model"]).lr == 1e-3  # the starter's, in both its modes
+    assert classifier.get_args(["--fine-tune-mode", "full-model", "--recipe", "recommended"]).lr == 1e-5
     assert classifier.get_args([]).lr == 1e-3 and classifier.get_args([]).fine_tune_mode == "last-linear-layer"
     args = classifier.get_args(["--fine-tune-mode", "lora", "--lr", "0.5"])
     assert args.lr == 0.5 and args.batch_size == 8 and args.epochs == 10 and args.seed == 11711
@@ -122,7 +123,8 @@ def test_malformed_train_file_is_a_clear_error(tmp_path, classifier_cli):
 
 def test_shared_flags_reach_the_engine():
     args = classifier.get_args(["--fine_tune_mode", "full-model", "--grad_accum", "4", "--scheduler", "cosine",
-                                "--warmup_ratio", "0.1", "--patience", "2", "--resume", "--no_progress"])
+                                "--warmup_ratio", "0.1", "--patience", "2", "--resume", "--no_progress",
+                                "--lr", "1e-5"])
     typed = tasks.common.train_config(classifier.settings_from_args(args), torch.device("cpu"), "x",
                                       metric="macro_f1")
     for cfg in (train_config_from_args(args, torch.device("cpu"), metric="macro_f1", output_dir="x"), typed):

@@ -76,7 +76,7 @@ def test_form_metrics_score_only_the_generated_lines():
 
 def test_cli_early_stops_on_dev_loss_and_logs_every_metric(tmp_path):
     result = sonnet_generation.main([*FAST, "--limit", "3", "--epochs", "3", "--early_stop_metric", "loss",
-                                     *sonnet_data_flags(tmp_path)])
+                                     "--generate_from", "best", *sonnet_data_flags(tmp_path)])
     run = tmp_path / "run"
     epochs = epochs_of(run)
     assert len(epochs) == 3

@@ -227,7 +227,9 @@ def test_generate_only_needs_a_checkpoint():
 
 def test_defaults_are_the_reported_settings():
     a = sonnet_generation.get_args([])
-    assert (a.epochs, a.batch_size, a.patience, a.save_top_k) == (50, 8, 3, 3)  # up to 50 epochs, early stopping
+    assert (a.epochs, a.batch_size, a.patience, a.save_top_k) == (10, 8, 0, 3)  # the starter's 10 epochs
+    r = sonnet_generation.get_args(["--recipe", "recommended"])
+    assert (r.epochs, r.batch_size, r.patience, r.save_top_k) == (50, 8, 3, 3)  # up to 50 epochs, early stopping
     assert (a.pretrain_epochs, a.pretrain_batch_size) == (10, 4)
     assert (a.decoding, a.top_p, a.temperature, a.num_lines) == ("sample", 0.9, 1.2, 14)
     assert a.lr == 1e-5 and sonnet_generation.get_args(["--fine-tune-mode", "lora"]).lr == 3e-4
