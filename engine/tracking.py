@@ -1,7 +1,8 @@
 """What a run leaves to be read while and after it trains: ``metrics.jsonl`` (one JSON record per
 logging step and per epoch, ``append_record``; ``trim_metrics`` drops what a resumed run will
-write again), ``curves.png`` (redrawn after each epoch, ``plot_curves``; kept here so that the
-loop carries no plotting code), and experiment tracking in the formats users already read.
+write again; ``read_history`` reads its epochs back), ``curves.png`` (redrawn after each epoch,
+``plot_curves``; kept here so that the loop carries no plotting code; ``draw_panels`` also draws
+``python -m experiments plot``'s overlays), and experiment tracking in the formats users already read.
 
 ``--report_to none|tensorboard|wandb`` (``TrainConfig.report_to``) adds one Trainer callback:
 
@@ -14,8 +15,9 @@ loop carries no plotting code), and experiment tracking in the formats users alr
 
 Both mirror ``metrics.jsonl`` rather than recompute anything: after each logging step and each
 epoch the callback reads the records the engine has just appended and sends them on (step
-records as ``train/<key>``, epoch records as ``train/loss_epoch`` and ``dev/<metric>``, all
-at the global optimizer step), so what TensorBoard or W&B show is exactly what the log holds,
+records as ``train/<key>``, epoch records as ``train/loss_epoch``, ``dev/<metric>`` and, for the
+classifiers, which also score a sample of their training set, ``train/<metric>``; all at the global
+optimizer step), so what TensorBoard or W&B show is exactly what the log holds,
 on a resumed run too.
 
 ``attach(*callbacks)`` is the other way in: callbacks added to every Trainer built inside a
@@ -31,6 +33,7 @@ import json
 import os
 import socket
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +73,7 @@ def scalars(record: Mapping[str, Any]) -> dict[str, float]:
         out = {"train/loss_epoch": record["train_loss"]} if record.get("train_loss") is not None else {}
         out["train/epoch"] = record["epoch"]
         out.update({f"dev/{k}": v for k, v in (record.get("dev") or {}).items()})
+        out.update({f"train/{k}": v for k, v in (record.get("train") or {}).items()})  # training-set metrics
         return {k: float(v) for k, v in out.items()}
     return {}
 
@@ -215,39 +219,103 @@ def trim_metrics(path: str | Path, epoch: int, step: int) -> int:
     return len(lines) - len(keep)
 
 
-def plot_curves(history: Sequence[Mapping[str, Any]], metric: str, path: str | Path) -> None:
-    """Losses and a dev metric per epoch, side by side, saved as a PNG at ``path``. ``history``
-    holds the Trainer's epoch records (``epoch``, ``train_loss``, ``dev``). A dev ``loss`` (held-out
-    cross-entropy) is drawn beside the training loss; the right panel shows the selection
-    ``metric``, or when that is the dev loss, the first other dev metric (e.g. chrF)."""
+def read_history(path: str | Path) -> list[dict[str, Any]]:
+    """The epoch records of a ``metrics.jsonl`` (``epoch``, ``train_loss``, ``dev``, and ``train`` where
+    the task scores the training set), in order; a line cut short by a kill is skipped."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("type") == "epoch":
+            out.append(rec)
+    return out
+
+
+def shown_metric(history: Sequence[Mapping[str, Any]], metric: str) -> str:
+    """The metric a curves panel shows: ``metric``, or when that is the dev loss (drawn beside the
+    training loss already), the first other dev metric (e.g. chrF)."""
+    names = [k for h in history for k in h.get("dev") or {}]
+    return metric if metric != "loss" or "loss" not in names else next(
+        (k for k in names if k not in ("loss", "perplexity")), metric)
+
+
+def epoch_values(history: Sequence[Mapping[str, Any]], split: str, name: str) -> list[float]:
+    """``name`` in each epoch record's ``split`` (``dev`` or ``train``; ``train_loss`` for the training
+    loss); NaN where a record lacks it (matplotlib leaves a gap)."""
+    if name == "train_loss":
+        return [float("nan") if h.get("train_loss") is None else h["train_loss"] for h in history]
+    return [float((h.get(split) or {}).get(name, float("nan"))) for h in history]
+
+
+@dataclass
+class Line:
+    """One curve of a panel: a value per epoch, with a band of +- ``spread`` where given (seeds).
+    Dev curves are drawn solid and training curves dashed, in every plot the project makes."""
+
+    label: str | None
+    epochs: Sequence[float]
+    values: Sequence[float]
+    spread: Sequence[float] | None = None
+    color: str | None = None
+    dashed: bool = False
+
+
+def draw_panels(panels: Sequence[tuple[str, str, Sequence[Line]]], path: str | Path, title: str = "",
+                panel_width: float = 4.5, legend_below: bool = False) -> None:
+    """Panels side by side, each (title, y label, lines) over integer epochs, saved as a PNG at ``path``;
+    ``legend_below``: one legend of every labelled line under the panels (long labels hide no curve)."""
     import matplotlib
     import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [h["epoch"] for h in history]
-    dev_names = list(history[-1]["dev"]) if history else []
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.plot(epochs, [h["train_loss"] if h["train_loss"] is not None else float("nan") for h in history],
-           marker="o", label="training")
-    if "loss" in dev_names:
-        a.plot(epochs, [h["dev"].get("loss", float("nan")) for h in history], marker="o", label="dev")
-        a.legend()
-    a.set(xlabel="epoch", ylabel="loss", title="loss")
-    shown = metric if metric != "loss" or "loss" not in dev_names else next(
-        (k for k in dev_names if k not in ("loss", "perplexity")), metric)
-    dev = [h["dev"].get(shown, float("nan")) for h in history]
-    b.plot(epochs, dev, marker="o", color="tab:orange")
-    b.set(xlabel="epoch", ylabel=shown, title=f"dev {shown}")
-    for ax in (a, b):
+    fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 3.5), squeeze=False)
+    for ax, (name, ylabel, lines) in zip(axes[0], panels):
+        for line in lines:
+            drawn = ax.plot(line.epochs, line.values, marker="o", markersize=3, label=line.label, color=line.color,
+                            linestyle="--" if line.dashed else "-")
+            if line.spread is not None:
+                low = [v - s for v, s in zip(line.values, line.spread)]
+                high = [v + s for v, s in zip(line.values, line.spread)]
+                ax.fill_between(line.epochs, low, high, color=drawn[0].get_color(), alpha=0.2, linewidth=0)
+        if any(line.label for line in lines) and not legend_below:
+            ax.legend(fontsize="small")
+        ax.set(xlabel="epoch", ylabel=ylabel, title=name)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if title:
+        fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    if legend_below:
+        handles = [h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]]
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize="small")
+    fig.savefig(path, dpi=100, bbox_inches="tight" if legend_below else None)
     plt.close(fig)
 
 
+def plot_curves(history: Sequence[Mapping[str, Any]], metric: str, path: str | Path) -> None:
+    """Losses and a metric per epoch, side by side, saved as a PNG at ``path``. ``history`` holds the
+    Trainer's epoch records (``epoch``, ``train_loss``, ``dev``, ``train``). A dev ``loss`` (held-out
+    cross-entropy) is drawn beside the training loss; the right panel shows ``shown_metric`` on dev,
+    and on the training set where the task scores it (classifiers), for the train-dev gap."""
+    epochs = [h["epoch"] for h in history]
+    loss = [Line("training", epochs, epoch_values(history, "", "train_loss"), color="tab:blue", dashed=True)]
+    if any("loss" in (h.get("dev") or {}) for h in history):
+        loss.append(Line("dev", epochs, epoch_values(history, "dev", "loss"), color="tab:orange"))
+    shown = shown_metric(history, metric)
+    scores = [Line("dev", epochs, epoch_values(history, "dev", shown), color="tab:orange")]
+    if any(shown in (h.get("train") or {}) for h in history):
+        scores.append(Line("training set (eval mode)", epochs, epoch_values(history, "train", shown), color="tab:blue",
+                           dashed=True))
+    else:
+        scores[0].label = None
+    draw_panels([("loss", "loss", loss), (f"dev {shown}" if len(scores) == 1 else shown, shown, scores)], path)
+
+
 __all__ = [
-    "INSTALL_HINT", "LogMirror", "REPORT_TO", "TensorBoardCallback", "WandbCallback", "append_record", "attach",
-    "callbacks_for", "plot_curves", "scalars", "wandb_reachable",
+    "INSTALL_HINT", "Line", "LogMirror", "REPORT_TO", "TensorBoardCallback", "WandbCallback", "append_record",
+    "attach", "callbacks_for", "draw_panels", "epoch_values", "plot_curves", "read_history", "scalars", "shown_metric",
+    "wandb_reachable",
 ]

@@ -62,7 +62,7 @@ from engine.fast_adamw import FastAdamW
 from engine.launch import strategy_for
 from engine.predict import predict
 from engine.resume import fit_guard, run_settings
-from engine.rng import seed_everything
+from engine.rng import get_rng_state, seed_everything, set_rng_state
 from engine.tracking import callbacks_for, plot_curves
 from engine.train_config import Callback, CountFn, EvalFn, LossFn, TrainConfig, lr_lambda
 
@@ -91,6 +91,7 @@ class Trainer(CheckpointMixin):
             global torch RNG (the DataLoader default) or a generator on its sampler; both resume exactly.
         eval_fn: ``eval_fn(model) -> {name: value}`` on dev, called each epoch in eval mode under
             no_grad and autocast; must contain ``config.metric``. None: no evaluation, last epoch is "best".
+        train_eval_fn: the same on (a sample of) the training set: the epoch's ``train`` metrics, beside ``dev``.
         config: TrainConfig.
         optimizer: optional; default ``AdamW`` over trainable parameters (run by its multi-tensor
             variant ``engine.fast_adamw.FastAdamW``, the same numbers), no weight decay on biases
@@ -117,7 +118,7 @@ class Trainer(CheckpointMixin):
         optimizer: torch.optim.Optimizer | None = None,
         callbacks: Sequence[Callback] = (),
         extra: Mapping[str, Any] | None = None,
-        count_fn: CountFn | None = None,
+        count_fn: CountFn | None = None, train_eval_fn: EvalFn | None = None,
     ) -> None:
         self.config = config or TrainConfig()
         self.count_fn = count_fn or count_examples
@@ -130,7 +131,7 @@ class Trainer(CheckpointMixin):
         self.wrapped = self.strategy.wrap(self.model)
         self.loss_fn = loss_fn
         self.train_loader = train_loader
-        self.eval_fn = eval_fn
+        self.eval_fn, self.train_eval_fn = eval_fn, train_eval_fn
         self.callbacks = [*callbacks, *callbacks_for(self.config)]  # --report_to's tracker, attached ones
         self.extra = dict(extra or {})
         self.output_dir = Path(self.config.output_dir)
@@ -183,7 +184,7 @@ class Trainer(CheckpointMixin):
         one that holds another run is refused, and so is a resume with nothing to resume or with
         changed settings."""
         current = run_settings(self._config_dict(), model_config_of(self.model), self.extra)
-        with fit_guard(self.output_dir, self.config, current):
+        with self._reporting_interrupts(), fit_guard(self.output_dir, self.config, current):
             return self._fit()
 
     def _fit(self) -> dict[str, Any]:
@@ -199,6 +200,7 @@ class Trainer(CheckpointMixin):
             cb.on_train_begin(self)
         self.model.train()
         while self.epoch < cfg.epochs and not self.stop:
+            self.running_epoch = self.epoch + 1  # what a Ctrl-C reports, through the epoch's evaluation too
             train_loss = self._train_epoch()
             if self.step_in_epoch < self.steps_per_epoch:  # stopped mid-epoch (max_steps): last.pt is saved
                 break
@@ -325,17 +327,17 @@ class Trainer(CheckpointMixin):
         self.interrupted = True
         return self.step_in_epoch < self.steps_per_epoch
 
-    def _evaluate(self) -> dict[str, float]:
-        """``eval_fn`` once over the whole dev set, with the task's own module (under torchrun by
-        rank 0, its metrics handed to every rank: ``strategy.evaluate``)."""
-        if self.eval_fn is None:
+    def _evaluate(self, fn: EvalFn | None) -> dict[str, float]:
+        """``fn`` (``eval_fn``: the whole dev set; ``train_eval_fn``) once, with the task's own module
+        (under torchrun by rank 0, its metrics handed to every rank: ``strategy.evaluate``)."""
+        if fn is None:
             return {}
 
         def run() -> dict[str, float]:
             with torch.no_grad(), self.autocast():
                 self.model.eval()
                 try:
-                    return {k: float(v) for k, v in self.eval_fn(self.model).items()}
+                    return {k: float(v) for k, v in fn(self.model).items()}
                 finally:
                     self.model.train()
 
@@ -360,11 +362,13 @@ class Trainer(CheckpointMixin):
         cfg = self.config
         self.epoch += 1
         self.step_in_epoch = 0
-        metrics: dict[str, Any] = self._evaluate()
-        if self.eval_fn is not None:
-            if cfg.metric not in metrics:
-                raise KeyError(f"eval_fn returned {sorted(metrics)}, not the metric to select on {cfg.metric!r}")
-        record = {"epoch": self.epoch, "step": self.global_step, "train_loss": train_loss, "dev": metrics}
+        metrics: dict[str, Any] = self._evaluate(self.eval_fn)
+        rng, trained = get_rng_state(), self._evaluate(self.train_eval_fn)  # its loader's seed draw: undone,
+        set_rng_state(rng)  # so the run trains the same with or without it
+        if self.eval_fn is not None and cfg.metric not in metrics:
+            raise KeyError(f"eval_fn returned {sorted(metrics)}, not the metric to select on {cfg.metric!r}")
+        record = {"epoch": self.epoch, "step": self.global_step, "train_loss": train_loss, "dev": metrics,
+                  **({"train": trained} if trained else {})}
         self.history.append(record)
         self._log({"type": "epoch", **record})
         score = metrics.get(cfg.metric, float(self.epoch))  # no eval: later epochs count as better
@@ -380,7 +384,8 @@ class Trainer(CheckpointMixin):
         self._keep_top_k(score)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         print(f"epoch {self.epoch}: train loss {train_loss if train_loss is None else round(train_loss, 4)}"
-              f"{'; dev ' + shown if shown else ''}{' (best)' if improved else ''}")
+              f"{'; dev ' + shown if shown else ''}{' (best)' if improved else ''}"
+              + (f"; train {cfg.metric} {trained[cfg.metric]:.4f}" if cfg.metric in trained else ""))
         if cfg.patience and self.bad_epochs >= cfg.patience:
             print(f"early stopping: no improvement in {cfg.metric} for {cfg.patience} epochs")
             self.stop = True

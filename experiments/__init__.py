@@ -3,6 +3,7 @@
     python -m experiments seeds    ...   # one configuration under several seeds: mean ± std (experiments.seeds)
     python -m experiments ensemble ...   # saved checkpoints combined by averaging class probabilities (.ensemble)
     python -m experiments sweep    ...   # an Optuna search on SQLite: resumable, shared, pruned (.sweep)
+    python -m experiments plot     ...   # runs' curves overlaid, labelled by what differs; seeds as bands (.plot)
 
 Seeds and sweeps run the task's own script (``classifier.py``, ``paraphrase_detection.py``) with
 its flags passed through after ``--``, each run in its own run folder (``experiments.launch``);

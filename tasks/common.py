@@ -20,7 +20,6 @@ checkpoint, skipped after an interrupted run, whose last weights are what the us
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -29,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from engine.data import make_loader
-from engine.device import best_device, cpu_hint, maybe_compile
+from engine.data import make_loader, sample
+from engine.device import best_device, maybe_compile
 from engine.efficiency import EfficiencyRecorder, count_parameters
 from engine.launch import launch
 from engine.ranks import launched, world_size
@@ -42,6 +41,7 @@ from methods.fine_tune import FineTuneConfig, set_fine_tune_mode
 from methods.objectives import LogitsFn, ObjectiveSettings, TaskLoss, cross_entropy_loss
 from models.gpt2 import GPT2Model, build_model
 from models.loading import load_tokenizer
+from tasks.metrics import classification_metrics
 from tasks.settings import ModelSettings, TaskSettings
 
 if TYPE_CHECKING:  # the objectives load only when one is asked for (training_loss)
@@ -50,15 +50,13 @@ if TYPE_CHECKING:  # the objectives load only when one is asked for (training_lo
 
 def pick_device(use_gpu: bool = False, device: str = "auto") -> torch.device:
     """``--use_gpu`` demands CUDA (the starter's flag); otherwise ``--device``, where ``auto``
-    takes CUDA, then Apple's MPS, then the CPU -- with one line on what the CPU costs."""
+    takes CUDA, then Apple's MPS, then the CPU (the sentiment task says what full fine-tuning costs there:
+    ``engine.device.cpu_hint``)."""
     check_device(use_gpu, device)
     if use_gpu:
         return torch.device("cuda")
     if device == "auto":
-        dev = best_device()
-        if dev.type == "cpu":
-            print(cpu_hint(), file=sys.stderr)
-        return dev
+        return best_device()
     return torch.device(device)
 
 
@@ -197,11 +195,31 @@ def training_loss(settings: ObjectiveSettings, logits_fn: LogitsFn,
     return build_objective(settings, logits_fn, task_loss)
 
 
+TRAIN_EVAL_MAX = 1000  # training examples a classification run re-scores each epoch, at most
+
+
+def train_metrics_fn(train_features: Sequence[dict[str, Any]], n_dev: int, seed: int,
+                     predict: Callable[[nn.Module, list[dict[str, Any]]], list[int]]) -> EvalFn:
+    """``fit_task``'s ``train_eval_fn`` for a classifier: its metrics on a seeded sample of the training
+    features (``labels``), scored in eval mode like dev, not the running accuracy of the training
+    passes (taken under dropout by a model that moves during the epoch). The sample is as large as
+    the dev set, at most ``TRAIN_EVAL_MAX``, so the two accuracies have a like noise and the pass
+    costs at most a dev evaluation. ``predict(model, features)``: the task's labels in order."""
+    rows = [{**f, "index": i} for i, f in enumerate(sample(train_features, min(n_dev, TRAIN_EVAL_MAX), seed))]
+    labels = [f["labels"] for f in rows]
+    return lambda model: classification_metrics(labels, predict(model, rows))
+
+
 def fit_and_load_best(trainer: Trainer) -> dict[str, Any]:
     """``trainer.fit()``, then the best checkpoint's weights back into the model, unless none
-    was saved or the run was interrupted. Returns the best dev metrics with their epoch."""
+    was saved, the run was interrupted, or ``final_weights`` is ``last`` (the starter's sonnets
+    come from the last epoch). Returns the dev metrics of the weights kept, with their epoch."""
     best = trainer.fit()
-    if trainer.best_checkpoint is not None and not trainer.interrupted:
+    if trainer.config.final_weights == "last":
+        if trainer.history:
+            best = {**trainer.history[-1]["dev"], "epoch": trainer.history[-1]["epoch"]}
+            print(f"keeping the last epoch's weights (epoch {best['epoch']})")
+    elif trainer.best_checkpoint is not None and not trainer.interrupted:
         trainer.load_best()
         print(f"best epoch {best.get('epoch')} from {trainer.best_checkpoint}")
     trainer.ready_for_inference()
@@ -222,10 +240,12 @@ def fit_task(
     extra: Mapping[str, Any] | None = None,
     count_fn: CountFn | None = None,
     callbacks: Sequence[Callback] = (),
+    train_eval_fn: EvalFn | None = None,
 ) -> tuple[dict[str, Any], Trainer]:
     """Train ``model`` on shuffled batches of ``train_features`` with the shared Trainer and
     leave the best epoch's weights in it (``count_fn``: what a loss averages over, for
-    gradient accumulation; default examples; ``callbacks``: e.g. a training objective's).
+    gradient accumulation; default examples; ``callbacks``: e.g. a training objective's;
+    ``train_eval_fn``: metrics on the training set each epoch, e.g. ``train_metrics_fn``'s).
     Every run also records its efficiency table (``engine.efficiency``: printed at the end,
     ``efficiency.json`` in the run folder). Returns (best dev metrics, trainer)."""
     loader = make_loader(train_features, collate, batch_size, shuffle=True, num_workers=num_workers,
@@ -236,10 +256,10 @@ def fit_task(
           + (f" ({'FSDP' if config.fsdp else 'DDP'})" if ranks > 1 else "")
           + (" (--fsdp has no effect in one process: launch with torchrun)" if config.fsdp and ranks == 1 else ""))
     trainer = Trainer(model, loss_fn, loader, eval_fn, config, extra=extra, count_fn=count_fn,
-                      callbacks=[*callbacks, EfficiencyRecorder()])
+                      callbacks=[*callbacks, EfficiencyRecorder()], train_eval_fn=train_eval_fn)
     return fit_and_load_best(trainer), trainer
 
 
-__all__ = ["PlainLoss", "build_body", "build_task_model", "check_context", "check_device", "default_output_dir",
-           "fit_and_load_best", "fit_task", "open_task_run", "pick_device", "prepare_model", "start", "train_config",
-           "training_loss"]
+__all__ = ["TRAIN_EVAL_MAX", "PlainLoss", "build_body", "build_task_model", "check_context", "check_device",
+           "default_output_dir", "fit_and_load_best", "fit_task", "open_task_run", "pick_device", "prepare_model",
+           "start", "train_config", "train_metrics_fn", "training_loss"]

@@ -24,6 +24,7 @@ since 70% of the sentences are grammatical and accuracy flatters a majority gues
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ import torch
 from engine import ranks
 from engine.checkpoints import load_weights_into
 from engine.data import DataFormatError, PadCollator, Record, make_eval_loader, parse_int, sample
+from engine.device import cpu_hint
+from engine.efficiency import count_parameters
 from engine.predict import predict_in_order
 from models.heads import GPT2SentimentClassifier, pooling_of
 from tasks.common import (
@@ -45,6 +48,7 @@ from tasks.common import (
     prepare_model,
     start,
     train_config,
+    train_metrics_fn,
     training_loss,
 )
 from tasks.course_data import (
@@ -55,7 +59,9 @@ from tasks.course_data import (
     write_id_predictions,
 )
 from tasks.metrics import classification_metrics, majority_baseline
+from tasks.publish import RunPredictions, Target, is_explicit, partial_reason, shown
 from tasks.settings import ClassificationSettings
+from tasks.submission import ungraded_note
 
 COLA_FILES = {"train": "cola-train.tsv", "dev": "cola-dev.tsv"}
 COLA_LABELS = 2
@@ -109,7 +115,7 @@ def default_path(dataset: str, split: str) -> str:
 class SentimentSettings(ClassificationSettings):
     """A ``classifier.py`` run: ``dataset`` is one of ``DATASETS`` or ``both`` (SST then CFIMDB, each
     in a subfolder of the run folder); ``files`` maps (dataset, split) to a file other than
-    ``default_path``'s; prediction files go to ``predictions_dir``."""
+    ``default_path``'s; prediction files are published to ``predictions_dir`` (``tasks.publish``)."""
 
     dataset: str = "both"
     files: Mapping[tuple[str, str], str] = field(default_factory=dict)
@@ -143,9 +149,13 @@ def run(settings: SentimentSettings, dataset: str) -> dict[str, Any]:
     mode, data_settings = settings.fine_tune.mode, settings.data
     print(f"Training sentence classifier on {dataset} ({mode})...")
     splits = SPLITS[dataset]
-    pred_paths = {s: Path(settings.predictions_dir) / f"{mode}-{dataset}-{s}-out.csv" for s in splits if s != "train"}
-    out_dir = open_task_run(settings, default_output_dir("classifier", f"{mode}-{dataset}"),
-                            subdir=dataset if settings.dataset == "both" else None, outputs=pred_paths.values())
+    explicit = is_explicit(settings, "predictions_dir")
+    files = RunPredictions({s: Target(Path(settings.predictions_dir) / f"{mode}-{dataset}-{s}-out.csv", explicit)
+                            for s in splits if s != "train"},
+                           partial_reason(limit=data_settings.limit, max_steps=settings.train.max_steps))
+    parent = default_output_dir("classifier", f"{mode}-{dataset}")
+    subdir = dataset if settings.dataset == "both" else None
+    out_dir = open_task_run(settings, parent, subdir=subdir, outputs=files.published())
     device = start(settings)
     gpt, tokenizer = build_body(settings.model)  # weights first: a bad --model_size fails before any data is read
     check_context(gpt.config.max_position_embeddings, max_length=settings.data.max_length)
@@ -163,12 +173,15 @@ def run(settings: SentimentSettings, dataset: str) -> dict[str, Any]:
     print(f"{num_labels} labels")
     model = GPT2SentimentClassifier(gpt, num_labels, settings.model.hidden_dropout_prob, settings.objective.pooling)
     trainable_only = prepare_model(model, settings.fine_tune)
+    if out_dir is not None and (note := cpu_hint(device, trainable_parameters=count_parameters(model)[0],
+                                                 train_examples=len(data["train"]))):
+        print(note, file=sys.stderr)
 
     max_len = data_settings.max_length or model.gpt.config.max_position_embeddings
     feats = {s: sentiment_features(rows, tokenizer, max_len, f"{dataset} {s}") for s, rows in data.items()}
     collate = PadCollator(tokenizer.pad_token_id)
     loaders = {s: make_eval_loader(feats[s], collate, data_settings.batch_size, data_settings.num_workers)
-               for s in pred_paths}
+               for s in files.targets}
     dev_labels = [e.label for e in data["dev"]]
 
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:
@@ -185,18 +198,25 @@ def run(settings: SentimentSettings, dataset: str) -> dict[str, Any]:
         cfg = train_config(settings, device, out_dir, metric=SELECTION_METRIC[dataset],
                            save_trainable_only=trainable_only)
         loss = training_loss(settings.objective, logits)
+        on_train = train_metrics_fn(feats["train"], len(feats["dev"]), settings.seed, lambda m, rows: predict_labels(
+            m, make_eval_loader(rows, collate, data_settings.batch_size, data_settings.num_workers)))
         fit_task(model, loss, feats["train"], collate, eval_fn, cfg, **data_settings.loader_kwargs(),
-                 callbacks=loss.callbacks,
+                 callbacks=loss.callbacks, train_eval_fn=on_train,
                  extra={"args": dict(settings.flags), "dataset": dataset, "num_labels": num_labels,
                         "fine_tune": settings.fine_tune.to_dict(), "pooling": model.pooling})
 
     preds = {split: predict_labels(model, loader) for split, loader in loaders.items()}
     metrics = classification_metrics(dev_labels, preds["dev"])
     metrics["majority_baseline"] = majority_baseline([e.label for e in data["train"]], dev_labels)
-    for split, path in pred_paths.items():
-        if ranks.is_main():  # under torchrun: one writer
-            write_id_predictions(path, PREDICTION_COLUMN[dataset], [e.id for e in data[split]], preds[split])
-        print(f"wrote {path}")
+    if ranks.is_main():  # under torchrun: one writer
+        files.open(out_dir, settings.run, parent, subdir)
+        for split in files.targets:
+            write_id_predictions(files.path(split), PREDICTION_COLUMN[dataset], [e.id for e in data[split]],
+                                 preds[split])
+            print(f"wrote {shown(files.path(split))}")
+        if note := ungraded_note([t.dest.name for t in files.targets.values()]):
+            print(note)
+        files.publish(SELECTION_METRIC[dataset], metrics[SELECTION_METRIC[dataset]])
     mcc = f", Matthews corr. {metrics['matthews_corr']:.3f}" if dataset == "cola" else ""
     print(f"{dataset} dev accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}{mcc} "
           f"(majority-class baseline accuracy {metrics['majority_baseline']:.3f})")
