@@ -86,7 +86,7 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "gpt2-medium": (1024, 24, 16),  # 355M
     "gpt2-large": (1280, 36, 20),  # 774M
     "gpt2-xl": (1600, 48, 25),  # 1.5B
-    "tiny": (128, 2, 4),  # tests and offline smoke runs (about 7.0M, mostly embeddings)
+    "tiny": (128, 2, 4),  # tests and offline smoke runs (6.96M, mostly embeddings)
 }
 
 

@@ -10,7 +10,7 @@ converts each 64-byte line of weights to float32 in registers (no dequantised co
 through memory) and accumulates in float32 with the activations kept in float32, each thread
 on its own block of rows, so it streams the block matrices and the int8 head closer to the
 bandwidth. ``benchmarks/decode_kernels.py`` measures it against PyTorch's and oneDNN's kernels;
-README.md's "Quantized decoding" section has the numbers.
+docs/quantisation.md has the numbers.
 
 It is used only where it fits: x86-64 Linux with AVX-512 or AVX2 + FMA
 (``torch.backends.cpu``'s capability; the widest the CPU has is chosen at run time), float32

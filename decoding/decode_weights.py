@@ -4,8 +4,8 @@ A batch-1 decoding step only streams weights through matrix-vector products, and
 ``F.linear`` reads the (out, in) layout well below the machine's memory bandwidth; oneDNN's
 prepacked layout arranges the weight for the product's access pattern and streams it at
 about the speed of one large product. A one-row product with the tall (V, d) embedding is
-fastest through a plain transposed copy on one thread or at small width. README.md's
-"Performance" section and ``benchmarks/bench.py`` give the measured decoding speed.
+fastest through a plain transposed copy on one thread or at small width. docs/performance.md
+and ``benchmarks/bench.py`` give the measured decoding speed.
 
 Nothing here touches a model: ``decoding.inference.prepare_for_inference`` builds a
 separate inference copy whose linears are ``DecodeLinear``, so the model, training and

@@ -22,7 +22,7 @@ serves int4, again fed bfloat16 activations (its float32 path is a reference loo
 dequantises then multiplies (simple, untested here); int4 has no CUDA path here and says so.
 The measurements behind these choices are printed by ``benchmarks/decode_kernels.py`` (kernels
 per row count) and ``benchmarks/bench.py --quantize ...`` (whole decoding), and tabulated in
-README.md's "Quantized decoding" section.
+docs/quantisation.md.
 
 The tied embedding is quantised once as the LM head (int8 for both int8 and int4, as is usual:
 the head is the most sensitive matrix) and serves the input embedding lookups from the same

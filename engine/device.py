@@ -23,7 +23,8 @@ from torch import nn
 # of 8 real SST training sentences (43.7 tokens padded on average), forward + backward + the AdamW
 # step, one thread, process CPU time over 24 examples after a warm-up batch: 8.4 s, 0.35 s each.
 CPU_SECONDS_PER_EXAMPLE = 0.35
-SST_TRAIN_EXAMPLES = 8544
+# What that measured is true of models of gpt2's size; tiny, head-only and LoRA runs train far fewer parameters.
+GPT2_SIZE_PARAMETERS = 100_000_000
 
 
 def best_device() -> torch.device:
@@ -36,13 +37,20 @@ def best_device() -> torch.device:
     return torch.device("cpu")
 
 
-def cpu_hint() -> str:
-    """One line for a run that fell back to the CPU: what full fine-tuning costs there, and the
-    flags of a quick run."""
-    epoch_min = CPU_SECONDS_PER_EXAMPLE * SST_TRAIN_EXAMPLES / 60
-    return (f"note: no GPU found, running on the CPU: full fine-tuning of gpt2 takes about "
-            f"{CPU_SECONDS_PER_EXAMPLE:.2f} s of one core per training sentence (~{epoch_min:.0f} min per SST epoch, "
-            "more for CFIMDB's long reviews); for a quick run add --limit 64 --epochs 1")
+def cpu_hint(device: torch.device | str, *, trainable_parameters: int, train_examples: int) -> str | None:
+    """One line for a sentiment run that fell back to the CPU while it fully fine-tunes a model of
+    gpt2's size or larger (the case ``CPU_SECONDS_PER_EXAMPLE`` measured): what an epoch costs there,
+    and the flags of a quick run. None wherever that note would not be true or would not help: on
+    a GPU, for a tiny model, a head-only or LoRA run, or a run already short enough."""
+    if torch.device(device).type != "cpu" or trainable_parameters < GPT2_SIZE_PARAMETERS:
+        return None
+    epoch_min = CPU_SECONDS_PER_EXAMPLE * train_examples / 60
+    if epoch_min < 1:
+        return None
+    return (f"note: running on the CPU, where full fine-tuning of gpt2 takes about "
+            f"{CPU_SECONDS_PER_EXAMPLE:.2f} s of one core per SST sentence (~{epoch_min:.0f} min per epoch for "
+            f"{train_examples:,} sentences; more for CFIMDB's long reviews and larger models); "
+            "for a quick run add --limit 64 --epochs 1")
 
 
 def move_to_device(batch: Any, device: torch.device | str) -> Any:
