@@ -146,6 +146,8 @@ def test_documented_command_runs(where, argv, project_copy, monkeypatch, capsys)
     module = command[1] if command[0] == "-m" else None
     script = [module, *command[2:]] if module else [str(project_copy / command[0]), *command[1:]]
     monkeypatch.setattr(sys, "argv", script)
+    if module:  # as `python -m` would: a fresh __main__, not one an earlier test imported
+        monkeypatch.delitem(sys.modules, f"{module}.__main__", raising=False)
     torch.manual_seed(0)
     try:
         if module:
