@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from errors import CheckpointError
-from models.loading import read_weight_file
+from models.loading import read_first_weight_file
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -132,17 +132,6 @@ def _read_json(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from e
 
 
-def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    for name in WEIGHT_FILES:
-        path = folder / name
-        if path.is_file():
-            try:
-                return read_weight_file(path)
-            except Exception as e:
-                raise CheckpointError(f"{path}: cannot read the adapter weights ({type(e).__name__}: {e})") from e
-    raise CheckpointError(f"{folder}: no adapter weights; expected one of {WEIGHT_FILES}")
-
-
 def read_peft_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """(the ``methods.fine_tune.LoraConfig`` fields that rebuild a PEFT LoRA/DoRA adapter here, its tensors by layer:
     ``{"h.0.attn.c_attn": {"lora_A": ..., "lora_B": ...}}``); anything we cannot compute exactly is
@@ -159,7 +148,7 @@ def read_peft_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, dic
             raise CheckpointError(f"{folder / CONFIG_FILE}: {key}={cfg[key]!r} has no counterpart in this "
                                   f"project's LoRA (it needs {key}={plain!r})")
     layers: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in _read_tensors(folder).items():
+    for name, tensor in read_first_weight_file(folder, WEIGHT_FILES, "adapter weights").items():
         suffix = next((s for s in TENSORS if name.endswith("." + s)), None)
         if suffix is None:
             raise CheckpointError(f"{folder}: {name} is not a LoRA/DoRA tensor")

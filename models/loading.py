@@ -171,18 +171,26 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> GPT2Config:
 def read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """The weights of a Hugging Face folder; a file that cannot be read (truncated download,
     a cache link whose blob is gone) is an error naming it and what to do."""
-    fix = ("download it again (for a hub id: delete that file and rerun where the hub is reachable) "
-           "or pass another folder with --model_size DIR")
-    for name in WEIGHT_FILES:
+    return read_first_weight_file(folder, WEIGHT_FILES, "weights", fix=(
+        "download it again (for a hub id: delete that file and rerun where the hub is reachable) "
+        "or pass another folder with --model_size DIR"))
+
+
+def read_first_weight_file(folder: Path, names: tuple[str, ...], what: str, fix: str = "") -> dict[str, torch.Tensor]:
+    """The first of ``names`` in ``folder`` that exists, read by ``read_weight_file``; a broken
+    link, an unreadable file or none of them is a ``CheckpointError`` naming the file (``what``: the
+    kind of weights, for the message; ``fix``: what to do, appended)."""
+    then = f"; {fix}" if fix else ""
+    for name in names:
         f = folder / name
         if f.is_symlink() and not f.exists():
-            raise CheckpointError(f"{f}: broken link (its cached blob {os.readlink(f)} is missing); {fix}")
+            raise CheckpointError(f"{f}: broken link (its cached blob {os.readlink(f)} is missing){then}")
         if f.exists():
             try:
                 return read_weight_file(f)
             except Exception as e:
-                raise CheckpointError(f"{f}: cannot read weights ({type(e).__name__}: {e}); {fix}") from e
-    raise CheckpointError(f"{folder}: no weights file; expected one of {WEIGHT_FILES}")
+                raise CheckpointError(f"{f}: cannot read {what} ({type(e).__name__}: {e}){then}") from e
+    raise CheckpointError(f"{folder}: no {what} file; expected one of {names}")
 
 
 def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
