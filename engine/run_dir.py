@@ -2,26 +2,23 @@
 
 A run folder (``last.pt``, ``best*.pt``, ``metrics.jsonl``, ...) belongs to one run at a time:
 
-- **Default folders are new for each run**: ``runs/<task>/<mode>-<dataset>/<timestamp>/``, with
-  ``latest`` (a symlink, or a one-line pointer file where symlinks fail) naming the newest one, so
-  rerunning a command never collides with an earlier run. ``--resume`` without ``--output_dir``
-  continues ``latest``.
-- **An explicit ``--output_dir`` that already holds a run is refused** unless ``--resume`` (continue
-  it) or ``--overwrite`` (delete what runs made: the engine's own files and those listed in the
-  folder's manifest ``.run-files``, where ``atomic_save`` records each checkpoint or model it
-  writes into a claimed folder; any other file, e.g. a model placed there by hand, is kept and named).
-- **A lock** (``run.lock``: pid, host, start time; created atomically) is held while a run is
-  active, so a second run on the same folder stops at once, naming the holder. The lock of a
-  process that died on this host is taken over with a note.
-- At the start, half-written ``.tmp`` checkpoint files left by a kill are removed.
-- **Resume rules** (``engine.resume``): ``--resume`` with nothing to resume is an error; the
-  saved run's settings that change the result must equal the current ones, or the run is refused.
-- Output files are checked writable before any training (``check_writable``).
+- **Default folders are new for each run**: ``runs/<task>/<mode>-<dataset>/<timestamp>/``, with ``latest``
+  (a symlink, or a one-line pointer file where symlinks fail) naming the newest one, so rerunning a
+  command never collides with an earlier run. ``--resume`` without ``--output_dir`` continues ``latest``.
+- **An explicit ``--output_dir`` that already holds a run is refused** unless ``--resume`` (continue it)
+  or ``--overwrite`` (delete what runs made: the engine's own files and those listed in the folder's
+  manifest ``.run-files``, where ``atomic_save`` records each checkpoint or model it writes into a
+  claimed folder; any other file, e.g. a model placed there by hand, is kept and named).
+- **A lock** (``run.lock``: pid, host, start time; created atomically) is held while a run is active, so
+  a second run on the same folder stops at once, naming the holder. The lock of a process that died on
+  this host is taken over with a note. At the start, half-written ``.tmp`` files left by a kill are removed.
+- **Resume rules** (``engine.resume``): ``--resume`` with nothing to resume is an error; the saved run's
+  settings that change the result must equal the current ones, or the run is refused. Output files are
+  checked writable before any training (``check_writable``).
 
 Task scripts call ``open_run`` once, before building the model; ``Trainer.fit`` runs inside
-``engine.resume.fit_guard`` (re-entrant for a folder this process already holds). A run that fails
-before writing into its new default folder leaves no folder and does not move ``latest``
-(``discard_unused_runs``).
+``engine.resume.fit_guard`` (re-entrant for a folder this process already holds). A run that fails before
+writing into its new default folder leaves no folder and does not move ``latest`` (``discard_unused_runs``).
 """
 
 from __future__ import annotations
@@ -303,21 +300,24 @@ def latest_run(parent: str | Path) -> Path | None:
     return None
 
 
-def new_run_folder(parent: str | Path) -> Path:
-    """A fresh ``parent/<UTC timestamp>`` folder (``-2``, ``-3``... if taken), made ``latest``."""
-    parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
+def unique_folder(parent: str | Path, prefix: str = "", what: str = "folder") -> Path:
+    """A new ``parent/<prefix><UTC timestamp>[-n]`` folder, made exclusively: concurrent callers never share one."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     for n in range(1, 1000):
-        run = parent / (stamp if n == 1 else f"{stamp}-{n}")
-        try:
-            run.mkdir()
-        except FileExistsError:
-            continue
-        _NEW[run.resolve()] = latest_run(parent)
-        _point_latest(parent, run)
-        return run
-    raise RunDirError(f"{parent}: could not make a new run folder")
+        folder = Path(parent, f"{prefix}{stamp}" if n == 1 else f"{prefix}{stamp}-{n}")
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir()
+            return folder
+    raise RunDirError(f"{parent}: could not make a new {what}")
+
+
+def new_run_folder(parent: str | Path) -> Path:
+    """A fresh ``parent/<UTC timestamp>`` folder (``-2``, ``-3``... if taken), made ``latest``."""
+    run = unique_folder(parent, what="run folder")
+    _NEW[run.resolve()] = latest_run(Path(parent))
+    _point_latest(Path(parent), run)
+    return run
 
 
 def discard_unused_runs() -> list[Path]:

@@ -209,7 +209,7 @@ def run(settings: ParaphraseSettings) -> dict[str, Any]:
         files.open(out_dir, settings.run, parent)
         for split, p in (("dev", p_dev), ("test", p_test)):
             write_paraphrase_predictions(files.path(split), [x.id for x in data[split]],
-                                         ClozeParaphraseScorer.answer_token([int(v > 0.5) for v in p]))
+                                         ClozeParaphraseScorer.answer_token(answers(p)))
             print(f"wrote {shown(files.path(split))}")
         files.publish("accuracy", metrics["accuracy"])
     print(f"dev accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "

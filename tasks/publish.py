@@ -33,6 +33,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from engine.run_dir import unique_folder
 from errors import InputError
 from tasks.settings import RunSettings
 
@@ -160,14 +161,9 @@ def copy_atomically(src: Path, dest: Path) -> None:
 
 def set_aside(path: Path) -> Path:
     """Move ``path`` to ``<its folder>/replaced/<timestamp>[-n]/``, never over an earlier one; returns where."""
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-    for n in range(1, 1000):
-        kept = path.parent / REPLACED / (stamp if n == 1 else f"{stamp}-{n}") / path.name
-        if not kept.exists():  # publishers hold the folder's lock (publish_file)
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, kept)
-            return kept
-    raise InputError(f"{path}: could not set the replaced file aside in {path.parent / REPLACED}")
+    kept = unique_folder(path.parent / REPLACED, what=f"folder to set {path.name} aside in") / path.name
+    os.replace(path, kept)
+    return kept
 
 
 def publish_file(src: Path, dest: Path, record: dict[str, Any]) -> str | None:
@@ -227,12 +223,7 @@ class RunPredictions:
         folder its runs would go to (``--output_dir[/subdir]``, else ``default_parent``)."""
         if out_dir is None:
             parent = Path(run.output_dir, subdir or "") if run.output_dir else Path(default_parent)
-            stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-            for n in range(1, 1000):
-                out_dir = parent / (f"predict-{stamp}" if n == 1 else f"predict-{stamp}-{n}")
-                with contextlib.suppress(FileExistsError):
-                    out_dir.mkdir(parents=True)
-                    break
+            out_dir = unique_folder(parent, prefix="predict-", what="folder for this run's predictions")
         self.folder = Path(out_dir) / "predictions"
         self.folder.mkdir(parents=True, exist_ok=True)
         return self.folder
