@@ -33,7 +33,7 @@ class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
         text = action.help or ""
         if not shows_default(action) or "%(default)" in text or "default" in text.lower():
             return action.help
-        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+        return f"{text} (default: %(default)s)"
 
     def _format_action(self, action: argparse.Action) -> str:
         if not action.help and shows_default(action):
