@@ -106,11 +106,6 @@ def fold_head_bias(weight: torch.Tensor, bias: torch.Tensor, ln_bias: torch.Tens
     return folded
 
 
-def head_tensors(model: GPT2SentimentClassifier, ln_bias: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"weight": model.classifier.weight.detach().cpu(), "bias": model.classifier.bias.detach().cpu(),
-            "ln_f.bias": ln_bias.detach().cpu()}
-
-
 def sequence_classification(model: GPT2SentimentClassifier, state: dict[str, torch.Tensor],
                             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
     """(body state with the head's bias folded into ``ln_f.bias``, ``{"score.weight": ...}``) of a
@@ -119,9 +114,8 @@ def sequence_classification(model: GPT2SentimentClassifier, state: dict[str, tor
     if model.pooling != "last":
         return None
     head = model.classifier
-    bias = head.bias if head.bias is not None else torch.zeros(head.out_features)
     try:
-        ln_bias = fold_head_bias(head.weight.detach().cpu(), bias.detach().cpu(), state["ln_f.bias"])
+        ln_bias = fold_head_bias(head.weight.detach().cpu(), head.bias.detach().cpu(), state["ln_f.bias"])
     except ExportError as e:
         print(f"note: {e}; exporting the body with {HEAD_FILE} beside it", file=sys.stderr)
         return None
@@ -135,8 +129,11 @@ def labels_config(model: GPT2SentimentClassifier, pad_id: int) -> dict[str, Any]
 
 
 def write_head(out: Path, model: GPT2SentimentClassifier, ln_bias: torch.Tensor) -> None:
-
-    save_file(head_tensors(model, ln_bias), str(out / HEAD_FILE),
+    """The head as trained, and the body's own ``ln_f.bias``, beside an export (``HEAD_FILE``)."""
+    head = model.classifier
+    tensors = {"weight": head.weight.detach().cpu(), "bias": head.bias.detach().cpu(),
+               "ln_f.bias": ln_bias.detach().cpu()}
+    save_file(tensors, str(out / HEAD_FILE),
               metadata={"pooling": model.pooling, "num_labels": str(model.num_labels)})
 
 

@@ -24,6 +24,8 @@ from typing import Any
 
 from torch import nn
 
+from methods.peft_adapters import load_peft_adapter
+
 # The Linear layers LoRA adapts by default: attention's fused q/k/v and output projection, and both
 # MLP layers (``methods.lora.apply_lora`` has the same default; a test keeps them equal).
 DEFAULT_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -102,17 +104,16 @@ def _full_model(model: nn.Module, head: tuple[str, ...], adapter: None) -> bool:
     return False
 
 
-def _adapters() -> tuple[ModuleType, ModuleType, ModuleType]:
-    """``methods.lora``, ``methods.prefix`` and ``methods.peft_adapters``, imported when an adapter
-    mode is applied."""
+def _adapters() -> tuple[ModuleType, ModuleType]:
+    """``methods.lora`` and ``methods.prefix``, imported when an adapter mode is applied."""
     # A function-level import: runs without adapters never load the adapter machinery.
-    from methods import lora, peft_adapters, prefix
+    from methods import lora, prefix
 
-    return lora, prefix, peft_adapters
+    return lora, prefix
 
 
 def _lora(model: nn.Module, head: tuple[str, ...], cfg: LoraConfig) -> bool:
-    lora, _, _ = _adapters()
+    lora, _ = _adapters()
     lora.apply_lora(model, cfg.targets, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_dora=cfg.use_dora)
     lora.mark_only_lora_trainable(model, extra_trainable=head)
     return True
@@ -120,7 +121,7 @@ def _lora(model: nn.Module, head: tuple[str, ...], cfg: LoraConfig) -> bool:
 
 def _prefix(model: nn.Module, head: tuple[str, ...], cfg: PrefixConfig) -> bool:
     """A prefix on every attention layer; only it and ``head`` train."""
-    _, prefix, _ = _adapters()
+    _, prefix = _adapters()
     prefix.apply_prefix(model, cfg.length, cfg.hidden)
     prefix.mark_only_prefix_trainable(model, head)
     return True
@@ -191,8 +192,7 @@ def set_fine_tune_mode(model: nn.Module, config: FineTuneConfig, head: Sequence[
     adapter = config.adapter if config.adapter is not None or mode.adapter is None else mode.adapter()
     trainable_only = mode.prepare(model, tuple(head), adapter)
     if config.load_adapter is not None:
-        _, _, peft_adapters = _adapters()
-        peft_adapters.load_peft_adapter(model, config.load_adapter)
+        load_peft_adapter(model, config.load_adapter)
     return trainable_only
 
 
