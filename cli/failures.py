@@ -63,14 +63,25 @@ def command_line(flags: Sequence[str] | None = None) -> str:
     return shlex.join([sys.executable, *head, *args, *flags])
 
 
+def continuation(folder: Path) -> list[str]:
+    """The flags that go on with the run in ``folder``: ``--resume`` where it holds a checkpoint,
+    ``--overwrite`` where it holds only what a run killed before its first checkpoint left (in it,
+    or in a subfolder: an experiment's per-dataset runs), none where it holds nothing of a run."""
+    if run_dir.holds_checkpoint(folder):
+        return ["--resume"]
+    made = folder.is_dir() and (run_dir.run_files(folder) or any(p.is_dir() and run_dir.run_files(p)
+                                                                  for p in folder.glob("*")))
+    return ["--overwrite"] if made else []
+
+
 def next_command(folder: Path | None) -> str:
     """How to go on with the run in ``folder``: resume it from its checkpoint, or start it again
     (over what it left there, or as typed where it left nothing: its new folder was removed)."""
-    if folder is not None and run_dir.holds_checkpoint(folder):
-        return f"resume with: {command_line(['--resume', '--output_dir', str(folder)])}"
-    if folder is not None and Path(folder).is_dir() and run_dir.run_files(folder):
-        return f"start again with: {command_line(['--overwrite', '--output_dir', str(folder)])}"
-    return f"start again with: {command_line()}"
+    flags = continuation(Path(folder)) if folder is not None else []
+    if not flags:
+        return f"start again with: {command_line()}"
+    verb = "resume" if flags == ["--resume"] else "start again"
+    return f"{verb} with: {command_line([*flags, '--output_dir', str(folder)])}"
 
 
 def interrupted_line(e: KeyboardInterrupt) -> str:

@@ -20,9 +20,9 @@ from cli.paraphrase import paraphrase_settings
 from distillation.filter_step import side_paths
 from distillation.records import read_jsonl, write_quora_tsv, write_summary
 from engine.rng import seed_everything
-from tasks.course_data import load_quora_splits
 from tasks.paraphrase import ParaphraseSettings
 from tasks.paraphrase import run as train_paraphrase
+from tasks.quora_data import load_quora_splits
 from tasks.settings import TaskSettings
 
 DEFAULTS = {"lr": 1.5e-5, "epochs": None, "batch_size": None, "hidden_dropout_prob": 0.1}

@@ -7,11 +7,10 @@ Hugging Face names only), and the engine knows any ``nn.Module``, not GPT-2: a m
 that decide whether weights fit). Every file is written by ``atomic_save`` and read by
 ``load_checkpoint``; ``save_module`` writes a model with its config, what the task scripts
 keep as their final model (``methods.restore`` saves and rebuilds GPT-2 bodies through it).
-A Trainer checkpoint may hold every weight or
-only the trainable ones (LoRA, a frozen body); ``trainable_state_dict`` and
-``load_model_state`` are the two sides of that choice, also used by the CLIs that reload a
-checkpoint for prediction (one that does not fit is refused with the complete list of what
-differs). ``keep_top_k`` writes a new best checkpoint and deletes those
+A Trainer checkpoint may hold every weight or only the trainable ones (LoRA, a frozen body);
+``trainable_state_dict`` and ``load_model_state`` are the two sides of that choice, also used by
+the CLIs that reload a checkpoint for prediction (one that does not fit is refused with the
+complete list of what differs). ``keep_top_k`` writes a new best checkpoint and deletes those
 that fell out of the top k.
 
 ``CheckpointMixin`` is what the Trainer writes and reads back of a run: ``last.pt`` (the full state for exact
@@ -34,7 +33,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -66,10 +65,10 @@ class _Writer(io.BufferedWriter):
             raise
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a
-    half-written checkpoint. A full disk removes the temporary file and raises ``NoSpaceError``;
-    the file is recorded as the run's in its run folder's manifest (``run_dir.note_written``)."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write(f)`` into a temporary file in ``path``'s folder, then rename it to ``path``: a crash
+    never leaves a half-written file. A full disk removes the temporary file and raises
+    ``NoSpaceError`` (the file at ``path``, if any, is kept)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -77,8 +76,8 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     try:
         with _Writer(open(tmp, "wb", buffering=0)) as f:
             try:
-                torch.save(obj, f)
-            except RuntimeError:
+                write(f)
+            except RuntimeError:  # torch.save wraps the OSError of a full disk
                 if f.error is None:
                     raise
                 raise f.error from None
@@ -92,15 +91,22 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    run_dir.note_written(path)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save through ``atomic_write``; the file is recorded as the run's in its run folder's
+    manifest (``run_dir.note_written``)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+    run_dir.note_written(Path(path))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint, ``weights_only``; with ``mmap`` its tensors are mapped, not read (for its settings)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
 
@@ -117,8 +123,7 @@ def save_module(model: nn.Module, path: str | Path, **extra: Any) -> None:
         atomic_save({"config": model.config.to_dict(), "model": state, "extra": extra}, path)
 
 
-# What a checkpoint is said not to fit when the caller names nothing more particular.
-_ANY_MODEL = "the model (another model size or fine-tune mode?)"
+_ANY_MODEL = "the model (another model size or fine-tune mode?)"  # what a misfit names when the caller names nothing
 
 
 def check_config(saved: Mapping[str, Any], config: Any, path: str | Path, fits: str | None = None) -> None:
@@ -393,8 +398,3 @@ class CheckpointMixin:
         if self.strategy.is_main:
             append_record(self.output_dir / "metrics.jsonl", record)
 
-
-__all__ = [
-    "TopK", "atomic_save", "check_config", "config_of", "keep_top_k", "load_checkpoint", "load_checkpoint_weights",
-    "load_model_state", "load_weights_into", "model_config_of", "rank_top_k", "save_module", "trainable_state_dict",
-]

@@ -15,11 +15,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from engine import ranks
+from engine.checkpoints import load_checkpoint
 from engine.run_dir import RunDirError, claim, release
 from engine.tracking import trim_metrics
+from errors import CheckpointError
 
 # Settings that do not change the weights a run produces: where it writes, how it logs, how far
 # it goes (a resume may extend a run), the device, and the flags of this very mechanism.
@@ -32,6 +32,10 @@ IGNORED_SETTINGS = frozenset({
 })
 # Resumed from the saved optimizer, so a changed value would not take effect.
 OPTIMIZER_SETTINGS = ("lr", "weight_decay", "betas", "eps")
+# Settings newer than some checkpoints, with the value the runs that saved those had (None: whatever this
+# run has, a setting of a mode no earlier run could be in, e.g. ReFT's).
+ADDED_SETTINGS = {"optimizer": "adamw", "quantize_base": "none", "reft_rank": None, "reft_layers": None,
+                  "reft_positions": None}
 
 
 def run_settings(train_config: Mapping[str, Any], model_config: Mapping[str, Any] | None,
@@ -61,6 +65,8 @@ def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> li
     saved before they held the architecture only kept switches there whose flags are compared as
     flags), so it is not counted as a change."""
     missing = "(not set)"
+    added = {k: current.get(k) if v is None else v for k, v in ADDED_SETTINGS.items()}
+    saved, current = {**added, **saved}, {**added, **current}
     saved = {k: v for k, v in saved.items() if not k.startswith("model.") or k in current}
     return [f"{k} {saved.get(k, missing)!r} -> {current.get(k, missing)!r}"
             for k in sorted(set(saved) | set(current)) if saved.get(k, missing) != current.get(k, missing)]
@@ -73,12 +79,14 @@ def check_resume(last: str | Path, current: Mapping[str, Any], allow_changes: bo
 
     last = Path(last)
     try:
-        ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise RunDirError(f"{last}: not a readable checkpoint ({type(e).__name__}: {e}); "
-                          "delete it or use --overwrite to start afresh") from None
+        ckpt = load_checkpoint(last, mmap=True)
+    except CheckpointError as e:
+        raise RunDirError(f"{e}; delete it or use --overwrite to start afresh") from None
     saved = run_settings(ckpt.get("train_config") or {}, ckpt.get("model_config"), ckpt.get("extra"))
     changes = changed_settings(saved, current)
+    moved = [c for c in changes if c.startswith("optimizer ")]
+    if moved:  # the saved optimizer state is that optimizer's: no other can take it
+        raise RunDirError(f"{last}: --resume cannot change the optimizer ({moved[0]}); start a new run instead")
     if changes and not allow_changes:
         raise RunDirError(f"{last}: --resume with settings that differ from the saved run's: {'; '.join(changes)}. "
                           "Rerun with the saved settings, or add --resume_allow_changes to continue with the "

@@ -13,7 +13,8 @@ set) must agree. The ensemble predicts the class of largest mean probability (so
 classifier's logits; P(no), P(yes) of the cloze scorer). Written to ``--out``: the prediction
 files in the starter's format (``predictions/<prefix>-<dataset>-{dev,test}-out.csv``, or
 ``para-{dev,test}-output.csv``), and ``ensemble.{csv,md}`` with each member's and the
-ensemble's dev metrics.
+ensemble's dev metrics. Sonnet models (``sonnet-model.pt``) are combined by MBR over their pooled
+samples instead (``experiments.sonnet_ensemble``, ``--samples``).
 """
 
 from __future__ import annotations
@@ -27,23 +28,19 @@ from typing import Any, TypeVar
 import torch
 
 from cli.validation import non_negative_int, positive_int
+from engine.checkpoints import load_checkpoint
 from engine.data import PadCollator, make_eval_loader
 from engine.predict import predict_in_order
 from errors import CheckpointError
 from experiments.launch import ExperimentError
+from experiments.sonnet_ensemble import is_sonnet_model, run_sonnet_ensemble
 from experiments.tables import write_tables
 from models.heads import ClozeParaphraseScorer
 from models.loading import load_tokenizer
-from tasks.course_data import (
-    SENTIMENT_LABELS,
-    load_quora_splits,
-    paraphrase_features,
-    read_sentiment,
-    sentiment_features,
-    write_id_predictions,
-)
+from tasks.course_data import SENTIMENT_LABELS, read_sentiment, sentiment_features, write_id_predictions
 from tasks.metrics import classification_metrics
 from tasks.paraphrase import ParaphraseSettings, predict_p_yes, write_paraphrase_predictions
+from tasks.quora_data import load_quora_splits, paraphrase_features
 from tasks.restore import restore_task_model
 from tasks.sentiment import DATASETS, SPLITS, SentimentSettings, logits, read_cola
 from tasks.settings import DataSettings, ModelSettings, TaskSettings, from_flags
@@ -68,12 +65,7 @@ class Member:
 
 def checkpoint_task(path: str | Path) -> str:
     """``classifier`` or ``paraphrase`` from what the file holds (read without its tensors)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    ckpt = load_checkpoint(path, mmap=True)
     extra = ckpt.get("extra") or {}
     if "num_labels" in extra and "args" in extra:
         return "classifier"
@@ -108,7 +100,7 @@ def run_flags(folder: Path) -> dict[str, Any]:
     last = folder / "last.pt"
     if not last.exists():
         return {}
-    extra = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("extra") or {}
+    extra = load_checkpoint(last, mmap=True).get("extra") or {}
     return dict(extra.get("args", {}))
 
 
@@ -219,7 +211,8 @@ def run_ensemble(paths: Sequence[str | Path], out: str | Path, *, dev: str | Non
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoints", nargs="+", help="classifier.py best.pt/last.pt files, or paraphrase model files")
+    p.add_argument("checkpoints", nargs="+",
+                   help="classifier.py best.pt/last.pt files, paraphrase model files, or sonnet model files")
     p.add_argument("--out", required=True, help="folder for predictions/ and ensemble.{csv,md}")
     p.add_argument("--dev", default=None, help="dev file (default: the one the first checkpoint's run used)")
     p.add_argument("--test", default=None, help="test file (default: the one the first checkpoint's run used)")
@@ -231,9 +224,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="only the first N examples of each split (default: the first checkpoint's run's --limit; "
                         "0: all)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
+    p.add_argument("--samples", type=positive_int, default=4,
+                   help="sonnet models (sonnet-model.pt): sonnets each model samples per prompt, all pooled for "
+                        "MBR by chrF (experiments.sonnet_ensemble)")
+    p.add_argument("--seed", type=int, default=11711, help="sonnet models: seeds the sampling")
 
 
 def main(args: argparse.Namespace, task_argv: list[str]) -> dict[str, Any]:
+    if is_sonnet_model(args.checkpoints[0]):  # no probabilities to average: MBR over the models' samples
+        return run_sonnet_ensemble(args.checkpoints, args.out, run_flags(Path(args.checkpoints[0]).parent),
+                                   samples=args.samples, dev=args.dev, test=args.test, limit=args.limit,
+                                   seed=args.seed, device=args.device)
     return run_ensemble(args.checkpoints, args.out, dev=args.dev, test=args.test, prefix=args.prefix,
                         batch_size=args.batch_size, limit=args.limit, device=args.device)
 

@@ -1,8 +1,8 @@
 """Running a task's script as one run of an experiment, and reading back what the run wrote.
 
-A seed or a sweep trial is the task's own command line -- ``classifier.py`` or
-``paraphrase_detection.py`` with the user's flags passed through unchanged -- plus the flags
-the runner owns: ``--seed`` (seeds), the sampled values (sweeps), ``--output_dir`` (one run
+A seed or a sweep trial is the task's own command line -- ``classifier.py``,
+``paraphrase_detection.py`` or ``sonnet_generation.py`` with the user's flags passed through
+unchanged -- plus the flags the runner owns: ``--seed`` (seeds), the sampled values (sweeps), ``--output_dir`` (one run
 folder each), ``--resume``/``--overwrite`` (decided from what the folder holds) and where the
 prediction files go (inside the run folder, so runs never overwrite each other's). The script
 is executed as a program (``runpy``, as ``python classifier.py ...`` would run it, in this
@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from cli.failures import nesting
-from engine.run_dir import RunDirError, holds_checkpoint, run_files
+from cli.failures import continuation, nesting
+from engine.checkpoints import load_checkpoint
+from engine.run_dir import RunDirError
+from engine.tracking import read_history
+from errors import CheckpointError
 from tasks.sentiment import DATASETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ RUNNER_FLAGS = ("--seed", "--output_dir", "--resume", "--overwrite", "--resume_a
 
 @dataclass(frozen=True)
 class TaskScript:
-    """A classification task's script and the flags that put its prediction files in a run folder."""
+    """A task's script and the flags that put its prediction files in a run folder."""
 
     script: str
     output_flags: Callable[[Path], list[str]]
@@ -45,7 +46,11 @@ TASKS: dict[str, TaskScript] = {
     "paraphrase": TaskScript("paraphrase_detection.py", lambda d: [
         "--para_dev_out", str(d / "predictions" / "para-dev-output.csv"),
         "--para_test_out", str(d / "predictions" / "para-test-output.csv")]),
+    "sonnet": TaskScript("sonnet_generation.py", lambda d: [
+        "--dev_sonnet_out", str(d / "predictions" / "generated_sonnets_dev.txt"),
+        "--sonnet_out", str(d / "predictions" / "generated_sonnets.txt")]),
 }
+SELECTION_METRIC = {"classifier": "accuracy", "paraphrase": "accuracy", "sonnet": "chrf"}  # a sweep's default
 
 
 def sonnet_run_flags(data: Path, folder: Path) -> list[str]:
@@ -111,11 +116,7 @@ def continuation_flags(folder: Path, argv: Sequence[str]) -> list[str] | None:
             raise ExperimentError(f"{folder}: holds a finished run of another configuration ({' '.join(saved)}); "
                                   "pick another --out, or delete it to rerun")
         return None
-    if holds_checkpoint(folder):
-        return ["--resume"]
-    if run_files(folder) or any(p.is_dir() and run_files(p) for p in folder.glob("*")):
-        return ["--overwrite"]
-    return []
+    return continuation(folder)
 
 
 def run_task(task: str, argv: Sequence[str], folder: Path) -> bool:
@@ -145,10 +146,10 @@ def selection(folder: Path) -> tuple[str, str]:
     last = folder / "last.pt"
     if last.exists():
         try:
-            cfg = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("train_config") or {}
-            return cfg.get("metric", "accuracy"), cfg.get("mode", "max")
-        except Exception as e:
-            raise RunDirError(f"{last}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+            cfg = load_checkpoint(last, mmap=True).get("train_config") or {}
+        except CheckpointError as e:
+            raise RunDirError(str(e)) from None
+        return cfg.get("metric", "accuracy"), cfg.get("mode", "max")
     return "accuracy", "max"
 
 
@@ -156,13 +157,10 @@ def best_epoch(metrics_jsonl: Path, metric: str, mode: str = "max") -> dict[str,
     """The dev metrics of the best epoch in a ``metrics.jsonl`` (the first on ties, as the Trainer
     keeps it), with ``epoch``; {} if no epoch was evaluated."""
     best: dict[str, Any] = {}
-    for line in metrics_jsonl.read_text().splitlines():
-        rec = json.loads(line)
+    for rec in read_history(metrics_jsonl):
         dev = rec.get("dev") or {}
-        if rec.get("type") != "epoch" or metric not in dev:
-            continue
         better = not best or (dev[metric] > best[metric] if mode == "max" else dev[metric] < best[metric])
-        if better:
+        if metric in dev and better:
             best = {**dev, "epoch": rec["epoch"]}
     return best
 
@@ -222,6 +220,7 @@ def describe(values: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
 
 
-__all__ = ["DONE", "ExperimentError", "TASKS", "TaskScript", "best_epoch", "check_task_flags", "continuation_flags",
+__all__ = ["DONE", "ExperimentError", "SELECTION_METRIC", "TASKS",
+           "TaskScript", "best_epoch", "check_task_flags", "continuation_flags",
            "dataset_flag", "describe", "efficiency", "flag_names", "one_run_each", "parse_list", "run_results",
            "run_task", "selection", "split_task_argv"]

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from engine.checkpoints import load_checkpoint
 from engine.resume import run_settings
-from engine.run_dir import LATEST, latest_run
+from engine.run_paths import resolve_latest
 from engine.tracking import Line, draw_panels, epoch_values, read_history, shown_metric
+from errors import CheckpointError
 from experiments.launch import ExperimentError
 from experiments.tables import mean_std
 
@@ -58,8 +58,8 @@ def saved_settings(run: Path) -> dict[str, Any]:
         if not ckpt.is_file():
             continue
         try:
-            saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # a checkpoint cut short: try the next one
+            saved = load_checkpoint(ckpt, mmap=True)
+        except CheckpointError:  # a checkpoint cut short: try the next one
             continue
         return run_settings(saved.get("train_config") or {}, saved.get("model_config"), saved.get("extra"))
     return {}
@@ -77,9 +77,7 @@ def find_runs(folder: Path) -> list[Path]:
 def curves_of(path: str | Path) -> list[Curve]:
     """The lines one command-line path stands for (see the module's docstring); a path that is no
     run folder and holds none is an ``ExperimentError``."""
-    path = Path(path)
-    if path.name == LATEST and path.is_file():  # ``latest`` as a pointer file (no symlinks here)
-        path = latest_run(path.parent) or path
+    path = resolve_latest(path)  # ``latest`` as a pointer file (no symlinks here)
     if path.is_file() and path.name == "metrics.jsonl":
         path = path.parent
     if not path.is_dir():

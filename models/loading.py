@@ -143,6 +143,16 @@ def resolve_weights_dir(name_or_dir: str | Path) -> Path:
 # ------------------------------------------------------------ Hugging Face format
 
 
+# Our config field -> (the Hugging Face config.json key, its default there): one table read both ways.
+HF_CONFIG_KEYS = {
+    "vocab_size": ("vocab_size", None), "max_position_embeddings": ("n_positions", None),
+    "hidden_size": ("n_embd", None), "num_hidden_layers": ("n_layer", None), "num_attention_heads": ("n_head", None),
+    "intermediate_size": ("n_inner", None), "hidden_dropout_prob": ("resid_pdrop", 0.1),  # n_inner may be null
+    "attention_probs_dropout_prob": ("attn_pdrop", 0.1), "layer_norm_eps": ("layer_norm_epsilon", 1e-5),
+    "initializer_range": ("initializer_range", 0.02),
+}
+
+
 def config_from_hf(hf: dict[str, Any], **overrides: Any) -> GPT2Config:
     """Our config from a Hugging Face GPT-2 ``config.json`` dict."""
     act = hf.get("activation_function", "gelu_new")
@@ -152,18 +162,9 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> GPT2Config:
                        ("reorder_and_upcast_attn", False)):
         if hf.get(flag, want) != want:
             raise CheckpointError(f"config.json sets {flag}={hf[flag]}; only the GPT-2 default {want} is supported")
-    fields = dict(
-        vocab_size=hf["vocab_size"],
-        max_position_embeddings=hf["n_positions"],
-        hidden_size=hf["n_embd"],
-        num_hidden_layers=hf["n_layer"],
-        num_attention_heads=hf["n_head"],
-        intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
-        hidden_dropout_prob=hf.get("resid_pdrop", 0.1),
-        attention_probs_dropout_prob=hf.get("attn_pdrop", 0.1),
-        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        initializer_range=hf.get("initializer_range", 0.02),
-    )
+    fields = {ours: hf[key] if default is None else hf.get(key, default)
+              for ours, (key, default) in HF_CONFIG_KEYS.items() if ours != "intermediate_size"}
+    fields["intermediate_size"] = hf.get("n_inner") or 4 * hf["n_embd"]  # null in GPT-2's own files: 4 x width
     fields.update(overrides)
     return GPT2Config(**fields)
 
@@ -280,13 +281,10 @@ def hf_config_dict(config: GPT2Config, architecture: str = "GPT2LMHeadModel") ->
     weights (``to_hf_state_dict``); GPT-2's end-of-text token is the last of its vocabulary."""
     eos = config.vocab_size - 1
     return {
-        "architectures": [architecture], "model_type": "gpt2", "vocab_size": config.vocab_size,
-        "n_positions": config.max_position_embeddings, "n_ctx": config.max_position_embeddings,
-        "n_embd": config.hidden_size, "n_layer": config.num_hidden_layers, "n_head": config.num_attention_heads,
-        "n_inner": config.intermediate_size, "activation_function": "gelu_new",
-        "resid_pdrop": config.hidden_dropout_prob, "embd_pdrop": config.hidden_dropout_prob,
-        "attn_pdrop": config.attention_probs_dropout_prob, "layer_norm_epsilon": config.layer_norm_eps,
-        "initializer_range": config.initializer_range, "scale_attn_weights": True, "use_cache": True,
+        "architectures": [architecture], "model_type": "gpt2",
+        **{key: getattr(config, ours) for ours, (key, _) in HF_CONFIG_KEYS.items()},
+        "n_ctx": config.max_position_embeddings, "embd_pdrop": config.hidden_dropout_prob,
+        "activation_function": "gelu_new", "scale_attn_weights": True, "use_cache": True,
         "bos_token_id": eos, "eos_token_id": eos, "tie_word_embeddings": True,
     }
 

@@ -26,13 +26,14 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from engine.checkpoints import atomic_write
 from engine.run_dir import unique_folder
 from errors import InputError
 from tasks.settings import RunSettings
@@ -44,6 +45,53 @@ except ImportError:  # pragma: no cover - Windows: records are still written ato
 
 PROVENANCE = "provenance.json"  # beside the published files; never packed into the zip
 REPLACED = "replaced"  # <destination folder>/replaced/<timestamp>/<file>: replaced files no run folder holds
+
+
+@dataclass(frozen=True)
+class Expected:
+    """One prediction file the autograder reads, and how to check it."""
+
+    name: str  # under predictions/
+    column: str | None  # the header column of an id file; None for sonnets
+    values: tuple[int, ...] = ()  # allowed values (id files)
+    reference: str = ""  # the data file (under data/) holding the examples predicted
+
+
+def expected_predictions() -> list[Expected]:
+    """Every file of the starter's three tasks (see ../shared/data/README.md)."""
+    out = []
+    for mode in ("last-linear-layer", "full-model"):
+        for ds, labels in (("sst", tuple(range(5))), ("cfimdb", (0, 1))):
+            for split, ref in (("dev", "dev"), ("test", "test-student")):
+                out.append(Expected(f"{mode}-{ds}-{split}-out.csv", "Predicted_Sentiment", labels,
+                                    f"ids-{ds}-{ref}.csv"))
+    for split, ref in (("dev", "dev"), ("test", "test-student")):
+        out.append(Expected(f"para-{split}-output.csv", "Predicted_Is_Paraphrase", (8505, 3919), f"quora-{ref}.csv"))
+    out.append(Expected("generated_sonnets.txt", None, reference="sonnets_held_out.txt"))
+    out.append(Expected("generated_sonnets_dev.txt", None, reference="sonnets_held_out_dev.txt"))
+    return out
+
+
+def graded_names() -> list[str]:
+    """The file names under ``predictions/`` that the autograder reads."""
+    return [exp.name for exp in expected_predictions()]
+
+
+def graded_instead(name: str) -> list[str]:
+    """The graded files for the predictions a file named ``name`` holds: another fine-tune mode's
+    ``<mode>-<sst|cfimdb>-<split>-out.csv`` stands for the starter modes' files of that dataset and split."""
+    m = re.fullmatch(r".+-(sst|cfimdb)-(dev|test)-out\.csv", name)
+    return [n for n in graded_names() if m and n.endswith(f"-{m[1]}-{m[2]}-out.csv")]
+
+
+def never_read(name: str) -> str | None:
+    """Why the autograder will not grade a prediction file named ``name``, and which file it reads
+    instead (None: it reads this one). Runs and ``prepare_submit.py`` say it in these words."""
+    if name in graded_names():
+        return None
+    instead = " or ".join(graded_instead(name))
+    return f"the autograder never reads {name}; " + (
+        f"it reads {instead} (rename it to have it graded)" if instead else "no graded file holds these predictions")
 
 
 @dataclass(frozen=True)
@@ -109,15 +157,8 @@ def read_records(folder: str | Path) -> dict[str, dict[str, Any]]:
 
 def write_records(folder: Path, records: Mapping[str, Any]) -> None:
     """``folder/provenance.json``, replaced atomically (never half written)."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{PROVENANCE}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"files": dict(sorted(records.items()))}, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, folder / PROVENANCE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps({"files": dict(sorted(records.items()))}, indent=1) + "\n"
+    atomic_write(folder / PROVENANCE, lambda f: f.write(text.encode("utf-8")))
 
 
 @contextlib.contextmanager
@@ -149,14 +190,8 @@ def gone(record: Mapping[str, Any]) -> str:
 
 def copy_atomically(src: Path, dest: Path) -> None:
     """``src`` to ``dest`` through a temporary file beside it: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open(src, "rb") as f_src:
+        atomic_write(dest, lambda f: shutil.copyfileobj(f_src, f))
 
 
 def set_aside(path: Path) -> Path:

@@ -59,9 +59,8 @@ from tasks.course_data import (
     write_id_predictions,
 )
 from tasks.metrics import classification_metrics, majority_baseline
-from tasks.publish import RunPredictions, Target, is_explicit, partial_reason, shown
+from tasks.publish import RunPredictions, Target, is_explicit, never_read, partial_reason, shown
 from tasks.settings import ClassificationSettings
-from tasks.submission import ungraded_note
 
 COLA_FILES = {"train": "cola-train.tsv", "dev": "cola-dev.tsv"}
 COLA_LABELS = 2
@@ -214,8 +213,9 @@ def run(settings: SentimentSettings, dataset: str) -> dict[str, Any]:
             write_id_predictions(files.path(split), PREDICTION_COLUMN[dataset], [e.id for e in data[split]],
                                  preds[split])
             print(f"wrote {shown(files.path(split))}")
-        if note := ungraded_note([t.dest.name for t in files.targets.values()]):
-            print(note)
+        for target in files.targets.values():
+            if note := never_read(target.dest.name):
+                print(f"note: {note}")
         files.publish(SELECTION_METRIC[dataset], metrics[SELECTION_METRIC[dataset]])
     mcc = f", Matthews corr. {metrics['matthews_corr']:.3f}" if dataset == "cola" else ""
     print(f"{dataset} dev accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}{mcc} "

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ast
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -35,8 +34,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.data import DataFormatError
-from tasks.course_data import SONNETS_HEADER, check_ids, read_quora, read_sentiment, read_sonnets
-from tasks.publish import PROVENANCE, REPLACED, read_records, score_text, sha256, shown
+from tasks.course_data import SONNETS_HEADER, check_ids, read_sentiment, read_sonnets
+from tasks.publish import (
+    PROVENANCE,
+    REPLACED,
+    Expected,
+    expected_predictions,
+    graded_names,
+    never_read,
+    read_records,
+    score_text,
+    sha256,
+    shown,
+)
+from tasks.quora_data import read_quora
 
 ZIP_NAME = "cs224n_default_final_project_submission.zip"
 STARTER_FOLDERS = ("predictions", "models", "modules")
@@ -44,53 +55,6 @@ SKIP_DIRS = {"__pycache__", ".venv", "venv", "data", "runs", "checkpoints", ".gi
 SKIP_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".pyc", ".zip", ".part")
 GRADER_IMPORTS = (("models.gpt2", "GPT2Model"), ("utils", "model_size_to_params"), ("optimizer", "AdamW"))
 SIZE_WARNING_MB = 100.0  # Gradescope rejects large uploads; a zip this size almost surely holds weights
-
-
-@dataclass(frozen=True)
-class Expected:
-    """One prediction file the autograder reads, and how to check it."""
-
-    name: str  # under predictions/
-    column: str | None  # the header column of an id file; None for sonnets
-    values: tuple[int, ...] = ()  # allowed values (id files)
-    reference: str = ""  # the data file (under data/) holding the examples predicted
-
-
-def expected_predictions() -> list[Expected]:
-    """Every file of the starter's three tasks (see ../shared/data/README.md)."""
-    out = []
-    for mode in ("last-linear-layer", "full-model"):
-        for ds, labels in (("sst", tuple(range(5))), ("cfimdb", (0, 1))):
-            for split, ref in (("dev", "dev"), ("test", "test-student")):
-                out.append(Expected(f"{mode}-{ds}-{split}-out.csv", "Predicted_Sentiment", labels,
-                                    f"ids-{ds}-{ref}.csv"))
-    for split, ref in (("dev", "dev"), ("test", "test-student")):
-        out.append(Expected(f"para-{split}-output.csv", "Predicted_Is_Paraphrase", (8505, 3919), f"quora-{ref}.csv"))
-    out.append(Expected("generated_sonnets.txt", None, reference="sonnets_held_out.txt"))
-    out.append(Expected("generated_sonnets_dev.txt", None, reference="sonnets_held_out_dev.txt"))
-    return out
-
-
-def graded_names() -> list[str]:
-    """The file names under ``predictions/`` that the autograder reads."""
-    return [exp.name for exp in expected_predictions()]
-
-
-def graded_instead(name: str) -> list[str]:
-    """The graded files for the predictions a file named ``name`` holds: another fine-tune mode's
-    ``<mode>-<sst|cfimdb>-<split>-out.csv`` stands for the starter modes' files of that dataset and split."""
-    m = re.fullmatch(r".+-(sst|cfimdb)-(dev|test)-out\.csv", name)
-    return [n for n in graded_names() if m and n.endswith(f"-{m[1]}-{m[2]}-out.csv")]
-
-
-def ungraded_note(names: Iterable[str]) -> str | None:
-    """One line saying which of ``names`` the autograder never reads, and what it reads instead."""
-    extra = [n for n in names if n not in graded_names()]
-    if not extra:
-        return None
-    reads = {n: " or ".join(graded_instead(n)) for n in extra}
-    return "note: the autograder never reads " + ", ".join(
-        f"{n} ({'it reads ' + reads[n] if reads[n] else 'no graded file holds these predictions'})" for n in extra)
 
 
 def origin(folder: Path, name: str, records: dict) -> tuple[str, str]:
@@ -250,9 +214,7 @@ def prepare(root: str | Path, output: str | Path, overwrite: bool = False, force
             report.missing.append(f"predictions/{exp.name}")
     for path in sorted(folder.glob("*")) if folder.is_dir() else ():
         if path.is_file() and path.name not in graded_names() and not _skipped(path.relative_to(root)):
-            instead = graded_instead(path.name)
-            report.warnings.append(f"{shown(path)}: the autograder never reads this file" + (
-                f"; it reads {' or '.join(instead)} (rename it to have it graded)" if instead else ""))
+            report.warnings.append(f"{shown(path)}: {never_read(path.name)}")
     files = collect_files(root)
     tmp = output.with_name(output.name + ".part")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:

@@ -261,7 +261,7 @@ def test_generate_resume_skips_done_contexts_and_matches_uninterrupted(tmp_path,
 def test_pipeline_contexts_generate_filter_train_on_tiny_model(tmp_path) -> None:
     from distillation.__main__ import main
     from distillation.filter_step import side_paths
-    from tasks.course_data import read_quora
+    from tasks.quora_data import read_quora
 
     ctx, gen, pairs = tmp_path / "contexts.jsonl", tmp_path / "generations.jsonl", tmp_path / "pairs.jsonl"
     main(["contexts", "--output", str(ctx), "--num_contexts", "3", "--max_new_tokens", "6", "--keep_unfinished",

@@ -34,7 +34,7 @@ from cli.common import run_main
 from cli.failures import command_line
 from engine import checkpoints, run_dir
 from engine.checkpoints import NoSpaceError, atomic_save
-from tasks import sentiment
+from tasks import publish, sentiment
 from tests.test_run_dir import ROOT, cli, epoch_records, sst_args, without_output_dir
 
 # Runs ``SCRIPT`` as ``python SCRIPT ARGS...`` would, with faults from the environment:
@@ -194,6 +194,24 @@ def test_atomic_save_on_a_full_disk_leaves_nothing_half_written(tmp_path, monkey
             atomic_save({"w": torch.zeros(size)}, tmp_path / "a.pt")
         assert err.value.errno == errno.EIO and not isinstance(err.value, NoSpaceError)
         assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_publishing_keeps_the_published_files_whole(tmp_path, monkeypatch):
+    """predictions/provenance.json and a published file go through the same atomic write as a
+    checkpoint: a full disk is the same one line, the old file stays, no temporary file is left."""
+    class Full(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    publish.write_records(tmp_path, {"a.csv": {"run": "r1"}})
+    (tmp_path / "run.csv").write_text("id,x\n")
+    monkeypatch.setattr(checkpoints, "open", lambda path, mode, buffering=-1: Full(path, mode), raising=False)
+    with pytest.raises(NoSpaceError, match="while saving provenance.json; the previous provenance.json is kept"):
+        publish.write_records(tmp_path, {"a.csv": {"run": "r2"}})
+    with pytest.raises(NoSpaceError, match="while saving a.csv; no a.csv was written"):
+        publish.copy_atomically(tmp_path / "run.csv", tmp_path / "a.csv")
+    assert publish.read_records(tmp_path) == {"a.csv": {"run": "r1"}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["provenance.json", "run.csv"]
 
 
 def test_a_full_disk_outside_a_checkpoint_is_one_line_too(tmp_path):

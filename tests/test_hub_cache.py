@@ -93,7 +93,8 @@ def test_broken_tokenizer_folders_are_clear_errors(tmp_path, hub_cache, use_hub_
 
 def test_empty_encodings_and_empty_texts_name_file_and_line(tmp_path, tokenizer):
     from engine.data import DataFormatError, encode
-    from tasks.course_data import ParaphrasePair, paraphrase_features, read_sentiment, sentiment_features
+    from tasks.course_data import read_sentiment, sentiment_features
+    from tasks.quora_data import ParaphrasePair, paraphrase_features
 
     data = tmp_path / "sst.csv"
     data.write_text("\tid\tsentence\tsentiment\n0\ta\tfine film\t3\n1\tb\tdull\t1\n")

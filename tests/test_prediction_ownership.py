@@ -150,9 +150,10 @@ def test_prepare_submit_names_each_files_run_and_refuses_a_partial_one(project, 
 
 def test_files_without_a_record_and_files_never_graded_are_named(project, capsys):
     out, _ = sst(capsys, "--fine-tune-mode", "lora", "--predictions_dir", "sub/predictions")
-    assert ("note: the autograder never reads lora-sst-dev-out.csv (it reads last-linear-layer-sst-dev-out.csv or "
-            "full-model-sst-dev-out.csv), lora-sst-test-out.csv (it reads last-linear-layer-sst-test-out.csv or "
-            "full-model-sst-test-out.csv)") in out.splitlines()
+    for split in ("dev", "test"):
+        assert (f"note: the autograder never reads lora-sst-{split}-out.csv; it reads "
+                f"last-linear-layer-sst-{split}-out.csv or full-model-sst-{split}-out.csv "
+                "(rename it to have it graded)") in out.splitlines()
     (project / "sub" / "models").mkdir()
     (project / "sub" / "models" / "__init__.py").write_text("")
     by_hand = project / "sub" / "predictions" / "full-model-sst-dev-out.csv"
@@ -161,7 +162,7 @@ def test_files_without_a_record_and_files_never_graded_are_named(project, capsys
     out = capsys.readouterr().out.splitlines()
     assert ("warning: sub/predictions/full-model-sst-dev-out.csv: origin unknown (no record in "
             "sub/predictions/provenance.json)") in out
-    assert ("warning: sub/predictions/lora-sst-dev-out.csv: the autograder never reads this file; it reads "
+    assert ("warning: sub/predictions/lora-sst-dev-out.csv: the autograder never reads lora-sst-dev-out.csv; it reads "
             "last-linear-layer-sst-dev-out.csv or full-model-sst-dev-out.csv (rename it to have it graded)") in out
 
 
