@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.optimizers import check_optimizer
+
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 EvalFn = Callable[[nn.Module], Mapping[str, float]]
 CountFn = Callable[[Any], "int | float | torch.Tensor"]
@@ -56,8 +58,10 @@ class TrainConfig:
     report_to: str = "none"  # none | tensorboard | wandb: a tracker mirroring metrics.jsonl (engine.tracking)
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of replicating with DDP
     final_weights: str = "best"  # best | last: the epoch whose weights a task keeps after fit (tasks.common)
+    optimizer: str = "adamw"  # engine.optimizers.OPTIMIZERS: what the Trainer builds when given none
 
     def __post_init__(self) -> None:
+        check_optimizer(self.optimizer, self.fsdp)
         if self.scheduler not in SCHEDULES:
             raise ValueError(f"scheduler must be one of {SCHEDULES}, got {self.scheduler!r}")
         if self.final_weights not in FINAL_WEIGHTS:

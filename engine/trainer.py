@@ -38,7 +38,7 @@ The parts the loop is built from live beside it: ``engine.train_config`` (``Trai
 files, and what a run writes and resumes from: ``last.pt``, the top-k best), ``engine.resume``
 (what a resume must match), ``engine.device`` (batch placement, autocast), ``engine.tracking``
 (the metrics log, the plot, trackers), ``engine.predict`` (the eval-mode loop),
-``engine.fast_adamw`` (the optimizer).
+``engine.optimizers`` (the optimizer ``--optimizer`` names).
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ from torch.utils.data import DataLoader
 from engine.checkpoints import CheckpointMixin, load_checkpoint, model_config_of, rank_top_k
 from engine.data import count_examples
 from engine.device import autocast_context, move_to_device
-from engine.fast_adamw import FastAdamW
 from engine.launch import strategy_for
+from engine.optimizers import build_optimizer
 from engine.predict import predict
 from engine.resume import fit_guard, run_settings
 from engine.rng import get_rng_state, seed_everything, set_rng_state
@@ -93,9 +93,9 @@ class Trainer(CheckpointMixin):
             no_grad and autocast; must contain ``config.metric``. None: no evaluation, last epoch is "best".
         train_eval_fn: the same on (a sample of) the training set: the epoch's ``train`` metrics, beside ``dev``.
         config: TrainConfig.
-        optimizer: optional; default ``AdamW`` over trainable parameters (run by its multi-tensor
-            variant ``engine.fast_adamw.FastAdamW``, the same numbers), no weight decay on biases
-            and LayerNorm weights (1-D tensors).
+        optimizer: optional; default ``config.optimizer`` (``engine.optimizers``; ``AdamW`` run by its
+            multi-tensor variant ``engine.fast_adamw.FastAdamW``, the same numbers) over trainable
+            parameters, no weight decay on biases and LayerNorm weights (1-D tensors).
         callbacks: Callback instances.
         extra: JSON-like dict saved in checkpoints (e.g. the CLI args) for provenance.
         count_fn: ``count_fn(batch)`` -> the number of items ``loss_fn`` averages over (default: the
@@ -224,8 +224,8 @@ class Trainer(CheckpointMixin):
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": self.config.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        return FastAdamW([g for g in groups if g["params"]], lr=self.config.lr, betas=self.config.betas,
-                         eps=self.config.eps)
+        return build_optimizer(self.config.optimizer, [g for g in groups if g["params"]], lr=self.config.lr,
+                               betas=self.config.betas, eps=self.config.eps, weight_decay=self.config.weight_decay)
 
     def _train_epoch(self) -> float | None:
         """One epoch (or what is left of it after a resume): accumulation groups of micro-batches,
