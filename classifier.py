@@ -43,8 +43,8 @@ STARTER_MODES = ("last-linear-layer", "full-model")
 STARTER_CFIMDB_BATCH = 8  # the starter trains and predicts CFIMDB at this batch size, whatever --batch_size says
 RECOMMENDED = {"max_grad_norm": 1.0}  # and each mode's own lr (methods.fine_tune)
 LR_HELP = (f"default: {STARTER_LR:g}, the starter's, for {' and '.join(STARTER_MODES)} (the starter's help "
-           "text says 1e-5 for fine-tuning, but runs 1e-3); lora 3e-4, prefix 5e-4; --recipe recommended: each "
-           "mode's own, full-model 1e-5")
+           "text says 1e-5 for fine-tuning, but runs 1e-3); lora 3e-4, prefix 5e-4, reft 1e-3; --recipe recommended: "
+           "each mode's own, full-model 1e-5")
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,5 +1,5 @@
-"""Trainable parameters and peak training memory of LoRA / DoRA on an int8 base against the
-same adapters on a float32 base (``apply_lora(base_layer=Int8Linear.from_linear)``), one process per variant.
+"""Trainable parameters and peak training memory of LoRA / DoRA on an int8 or int4 base (QLoRA,
+``--quantize_base``, ``methods.qlora``) against the same adapters on a float32 base, one process per variant.
 
     python benchmarks/qlora_memory.py --model_size gpt2 --batch_size 4 --seq_len 128
 
@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-VARIANTS = {"lora/float32": (False, False), "lora/int8": (False, True),
-            "dora/float32": (True, False), "dora/int8": (True, True)}
+# name -> (DoRA, --quantize_base): the float32 base against the int8 and int4 bases of methods.qlora
+VARIANTS = {f"{kind}/{base}": (kind == "dora", "none" if base == "float32" else base)
+            for kind in ("lora", "dora") for base in ("float32", "int8", "int4")}
 
 
 def rss_mib(field: str) -> float:
@@ -38,7 +39,6 @@ def rss_mib(field: str) -> float:
 def probe(args: argparse.Namespace) -> dict[str, float]:
     """In this process: one variant's trainable parameters and peak training memory."""
     from config import get_config
-    from decoding.quant import Int8Linear
     from engine.fast_adamw import FastAdamW
     from methods.lora import apply_lora, mark_only_lora_trainable
     from models.gpt2 import GPT2Model
@@ -48,7 +48,7 @@ def probe(args: argparse.Namespace) -> dict[str, float]:
     base = rss_mib("VmRSS")
     torch.manual_seed(0)
     model = GPT2Model(get_config(args.model_size))
-    apply_lora(model, r=args.r, use_dora=use_dora, base_layer=Int8Linear.from_linear if quantize else None)
+    apply_lora(model, r=args.r, use_dora=use_dora, quantize_base=quantize)
     trainable = mark_only_lora_trainable(model)
     model.train()
     opt = FastAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -37,11 +37,19 @@ from cli.validation import (
     unit_fraction,
 )
 from engine import ranks, run_dir
+from engine.optimizers import OPTIMIZERS
 from engine.rng import seed_everything
 from engine.train_config import SCHEDULES
 from engine.trainer import TrainConfig
 from errors import InputError
-from methods.fine_tune import DEFAULT_TARGETS, FineTuneConfig, LoraConfig
+from methods.fine_tune import (
+    DEFAULT_TARGETS,
+    QUANTIZE_BASE,
+    FineTuneConfig,
+    LoraConfig,
+    reft_layers,
+    reft_positions,
+)
 from methods.objectives import ObjectiveSettings
 from methods.peft_adapters import read_peft_adapter
 from models.heads import POOLINGS
@@ -104,6 +112,9 @@ def add_common_args(
     g.add_argument("--warmup_ratio", type=unit_fraction, default=warmup_ratio,
                    help="fraction of steps of linear warm-up")
     g.add_argument("--weight_decay", type=non_negative_float, default=0.0)
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="adamw (the course's), sgd (momentum 0.9), or from pytorch-optimizer soap, shampoo, lion, "
+                        "adan; --lr is used as given (sgd and lion usually want another one)")
     g.add_argument("--max_grad_norm", type=non_negative_float, default=max_grad_norm,
                    help="gradient clipping norm (0: off)")
     g.add_argument("--patience", type=non_negative_int, default=patience,
@@ -145,6 +156,9 @@ def add_common_args(
                    help="comma-separated Linear name suffixes to adapt")
     g.add_argument("--use_dora", action="store_true",
                    help="DoRA: adapters that also learn a magnitude per output row (Liu et al. 2024)")
+    g.add_argument("--quantize_base", choices=QUANTIZE_BASE, default="none",
+                   help="QLoRA: keep the frozen base of each adapted layer quantised (int8 per row, int4 per group "
+                        "of 32), dequantised in each pass; the adapters train in float32")
     g.add_argument("--load_adapter", metavar="DIR",
                    help="start from a PEFT LoRA/DoRA adapter folder (adapter_config.json + adapter_model."
                         "safetensors; needs --fine-tune-mode lora): its r, alpha, dropout, targets and DoRA "
@@ -152,6 +166,11 @@ def add_common_args(
     g = parser.add_argument_group("prefix tuning")
     g.add_argument("--prefix_length", type=positive_int, default=10, help="prefix positions per layer")
     g.add_argument("--prefix_hidden", type=positive_int, default=512, help="hidden width of the prefix MLP")
+    g = parser.add_argument_group("ReFT (LoReFT)")
+    g.add_argument("--reft_rank", type=positive_int, default=4, help="rank r of each intervention")
+    g.add_argument("--reft_layers", type=reft_layers, default="all", help="edited blocks: all, or indices 0,2")
+    g.add_argument("--reft_positions", type=reft_positions, default="f1+l1",
+                   help="edited tokens: the first N and/or last N real ones, fN, lN or fN+lN (sonnets: f4)")
     return parser
 
 
@@ -175,7 +194,10 @@ def fine_tune_config(args: argparse.Namespace) -> FineTuneConfig:
     """``--fine-tune-mode`` and its adapter settings from the flags the registry names for it
     (``--lora_r`` ... for lora), so every task script builds the same ``FineTuneConfig``. With
     ``--load_adapter DIR`` the adapter settings are the PEFT folder's, and its weights load into them."""
-    folder = getattr(args, "load_adapter", None)
+    folder, quantize = getattr(args, "load_adapter", None), getattr(args, "quantize_base", "none")
+    if quantize != "none" and vars(args).get("fine_tune_mode") != "lora":
+        raise InputError(f"--quantize_base {quantize} quantises the frozen base under LoRA/DoRA adapters: " + (
+            "add --fine-tune-mode lora" if "fine_tune_mode" in vars(args) else "this script trains the full model"))
     if folder is None:
         return fine_tune_from_flags(vars(args))
     if "fine_tune_mode" not in vars(args):
@@ -183,7 +205,8 @@ def fine_tune_config(args: argparse.Namespace) -> FineTuneConfig:
                          "the task scripts' --fine-tune-mode lora")
     if args.fine_tune_mode != "lora":
         raise InputError(f"--load_adapter {folder} loads a LoRA/DoRA adapter: add --fine-tune-mode lora")
-    return FineTuneConfig("lora", LoraConfig(**read_peft_adapter(folder)[0]), load_adapter=folder)
+    return FineTuneConfig("lora", LoraConfig(**read_peft_adapter(folder)[0], quantize_base=quantize),
+                          load_adapter=folder)
 
 
 def task_settings_from_args(args: argparse.Namespace, cls: type[TaskSettings] = TaskSettings,
@@ -191,7 +214,8 @@ def task_settings_from_args(args: argparse.Namespace, cls: type[TaskSettings] = 
     """Every shared setting of a task from its parsed flags, as ``cls`` (a task's own settings
     class) with its own ``fields`` added. ``flags`` keeps every parsed value, for the checkpoints.
     A script without ``--fine-tune-mode`` (pretraining) trains the full model."""
-    adapter = "fine_tune_mode" in vars(args) or vars(args).get("load_adapter") is not None
+    adapter = ("fine_tune_mode" in vars(args) or vars(args).get("load_adapter") is not None
+               or vars(args).get("quantize_base", "none") != "none")
     fine_tune = fine_tune_config(args) if adapter else FineTuneConfig()
     return cls(model=model_settings_from_args(args), data=data_settings_from_args(args),
                run=run_settings_from_args(args), train=train_config_from_args(args), fine_tune=fine_tune,
@@ -245,6 +269,7 @@ def train_config_from_args(args: argparse.Namespace, device: torch.device | str 
         resume_allow_changes=getattr(args, "resume_allow_changes", False),
         report_to=getattr(args, "report_to", "none"),
         fsdp=getattr(args, "fsdp", False),
+        optimizer=getattr(args, "optimizer", "adamw"),
     )
     values.update(fields)
     return TrainConfig(**values)

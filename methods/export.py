@@ -9,8 +9,8 @@
   The folder's ``ln_f.bias`` then serves the classifier only; ``head.safetensors`` beside it keeps the head as
   trained and the body's own ``ln_f.bias``. Mean pooling has no counterpart in ``transformers``, nor has a head
   with dependent rows: the body is exported alone (``GPT2Model``), ``head.safetensors`` and its pooling beside.
-- Sparse attention and prefixes change what attention computes; no plain GPT-2 computes that, so they are
-  refused in one line.
+- Sparse attention and prefixes change what attention computes, and ReFT edits hidden states; no plain GPT-2
+  computes that, so they are refused in one line.
 
 The adapters' PEFT folder format is ``methods.peft_adapters``; Hugging Face names are ``models.loading``'s.
 """
@@ -30,6 +30,7 @@ from torch import nn
 from errors import InputError
 from methods.lora import unwrap_lora
 from methods.peft_adapters import write_peft_adapter
+from methods.reft import reft_of
 from models.gpt2 import GPT2Model
 from models.heads import GPT2SentimentClassifier
 from models.loading import HUB_IDS, hf_config_dict, hub_reachable, to_hf_state_dict
@@ -44,11 +45,14 @@ class ExportError(InputError):
 
 
 def check_plain(gpt: GPT2Model) -> None:
-    """Refuse a body whose attention is not GPT-2's own (sparse patterns, prefixes)."""
+    """Refuse a body whose attention is not GPT-2's own (sparse patterns, prefixes), or with ReFT interventions."""
     kinds = {type(block.attn).__name__ for block in gpt.h if type(block.attn) is not CausalSelfAttention}
     if kinds:
         raise ExportError(f"a model with {', '.join(sorted(kinds))} cannot be a plain Hugging Face GPT-2 (its "
                           "attention differs from dense causal attention); export a dense, prefix-free run")
+    if reft_of(gpt) is not None:
+        raise ExportError("a model with ReFT interventions cannot be a plain Hugging Face GPT-2 (they edit hidden "
+                          "states at chosen positions, which no GPT-2 weight does); use the run's own model file")
 
 
 def merged_state(gpt: GPT2Model) -> dict[str, torch.Tensor]:

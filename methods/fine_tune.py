@@ -11,7 +11,7 @@ the same ``set_fine_tune_mode``. Adding a mode (e.g. prefix tuning) is its own m
 its settings and one ``register(...)`` below.
 
 The registry holds the modes' settings, not their machinery: the adapter implementations
-(``methods.lora``, ``methods.prefix``, and the layer swapping they use) load when a mode that
+(``methods.lora``, ``methods.prefix``, ``methods.reft``, and the layer swapping they use) load when a mode that
 needs them is applied, so a full fine-tuning run never reads them.
 """
 
@@ -29,6 +29,7 @@ from methods.peft_adapters import load_peft_adapter
 # The Linear layers LoRA adapts by default: attention's fused q/k/v and output projection, and both
 # MLP layers (``methods.lora.apply_lora`` has the same default; a test keeps them equal).
 DEFAULT_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+QUANTIZE_BASE = ("none", "int8", "int4")  # --quantize_base (``methods.qlora`` has the same; a test keeps them equal)
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,13 @@ class LoraConfig:
     dropout: float = 0.05
     targets: tuple[str, ...] = DEFAULT_TARGETS
     use_dora: bool = False
+    quantize_base: str = "none"  # none | int8 | int4: the frozen base stored quantised (QLoRA, methods.qlora)
 
     def __post_init__(self) -> None:
         if self.r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {self.r}")
+        if self.quantize_base not in QUANTIZE_BASE:
+            raise ValueError(f"quantize_base must be one of {QUANTIZE_BASE}, got {self.quantize_base!r}")
         targets = self.targets.split(",") if isinstance(self.targets, str) else self.targets  # "a,b" from a flag
         object.__setattr__(self, "targets", tuple(t.strip() for t in targets if t.strip()))
 
@@ -60,6 +64,54 @@ class PrefixConfig:
     def __post_init__(self) -> None:
         if self.length < 1 or self.hidden < 1:
             raise ValueError(f"prefix length and hidden size must be >= 1, got {self.length} and {self.hidden}")
+
+
+def reft_positions(spec: str) -> str:
+    """``--reft_positions``: ``fN`` (the first N real tokens), ``lN`` (the last N) or ``fN+lN``, pyreft's
+    notation; returned as ``fN+lN`` with a zero part left out."""
+    counts = {"f": 0, "l": 0}
+    for part in spec.replace(" ", "").split("+"):
+        if part[:1] not in counts or not part[1:].isdigit() or counts[part[0]]:
+            raise ValueError(f"ReFT positions are fN, lN or fN+lN (first/last N real tokens), got {spec!r}")
+        counts[part[0]] = int(part[1:])
+    if not any(counts.values()):
+        raise ValueError(f"ReFT positions must name at least one position, got {spec!r}")
+    return "+".join(f"{k}{n}" for k, n in counts.items() if n)
+
+
+def reft_layers(spec: str) -> str:
+    """``--reft_layers``: ``all``, or comma-separated block indices (returned sorted, without repeats)."""
+    if spec.strip() == "all":
+        return "all"
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise ValueError(f"ReFT layers are 'all' or comma-separated block indices, got {spec!r}")
+    return ",".join(str(i) for i in sorted({int(p) for p in parts}))
+
+
+@dataclass(frozen=True)
+class ReftConfig:
+    """LoReFT settings (Wu et al. 2024): the rank r of each intervention, the blocks whose outputs
+    it edits (``all`` or indices ``0,2``) and the positions, the first and last real tokens (``f1+l1``)."""
+
+    rank: int = 4
+    layers: str = "all"
+    positions: str = "f1+l1"
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise ValueError(f"ReFT rank must be positive, got {self.rank}")
+        object.__setattr__(self, "layers", reft_layers(self.layers))
+        object.__setattr__(self, "positions", reft_positions(self.positions))
+
+    @property
+    def layer_indices(self) -> tuple[int, ...] | None:
+        """The edited blocks (None: every block)."""
+        return None if self.layers == "all" else tuple(int(i) for i in self.layers.split(","))
+
+    def count(self, side: str) -> int:
+        """How many of the first (``"f"``) or last (``"l"``) real tokens are edited."""
+        return sum(int(p[1:]) for p in self.positions.split("+") if p[0] == side)
 
 
 Prepare = Callable[[nn.Module, tuple[str, ...], Any], bool]
@@ -104,26 +156,36 @@ def _full_model(model: nn.Module, head: tuple[str, ...], adapter: None) -> bool:
     return False
 
 
-def _adapters() -> tuple[ModuleType, ModuleType]:
-    """``methods.lora`` and ``methods.prefix``, imported when an adapter mode is applied."""
+def _adapters() -> tuple[ModuleType, ModuleType, ModuleType]:
+    """``methods.lora``, ``methods.prefix`` and ``methods.reft``, imported when an adapter mode is applied."""
     # A function-level import: runs without adapters never load the adapter machinery.
-    from methods import lora, prefix
+    from methods import lora, prefix, reft
 
-    return lora, prefix
+    return lora, prefix, reft
 
 
 def _lora(model: nn.Module, head: tuple[str, ...], cfg: LoraConfig) -> bool:
-    lora, _ = _adapters()
-    lora.apply_lora(model, cfg.targets, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_dora=cfg.use_dora)
+    lora, _, _ = _adapters()
+    lora.apply_lora(model, cfg.targets, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_dora=cfg.use_dora,
+                    quantize_base=cfg.quantize_base)
     lora.mark_only_lora_trainable(model, extra_trainable=head)
     return True
 
 
 def _prefix(model: nn.Module, head: tuple[str, ...], cfg: PrefixConfig) -> bool:
-    """A prefix on every attention layer; only it and ``head`` train."""
-    _, prefix = _adapters()
-    prefix.apply_prefix(model, cfg.length, cfg.hidden)
+    """A prefix on every attention layer (a loaded prefix model keeps its own); only it and ``head`` train."""
+    _, prefix, _ = _adapters()
+    prefix.ensure_prefix(model, cfg.length, cfg.hidden)
     prefix.mark_only_prefix_trainable(model, head)
+    return True
+
+
+def _reft(model: nn.Module, head: tuple[str, ...], cfg: ReftConfig) -> bool:
+    """LoReFT interventions on the chosen blocks' outputs (a loaded ReFT model's own, if it has them);
+    only they and ``head`` train."""
+    _, _, reft = _adapters()
+    reft.ensure_reft(model, cfg.rank, cfg.layer_indices, cfg.count("f"), cfg.count("l"))
+    reft.mark_only_reft_trainable(model, head)
     return True
 
 
@@ -132,10 +194,14 @@ register(FineTuneMode("last-linear-layer", "GPT-2 frozen, only the head trains",
 register(FineTuneMode("full-model", "every parameter trains", 1e-5, _full_model))
 register(FineTuneMode("lora", "low-rank adapters (DoRA with --use_dora) and the head train", 3e-4, _lora,
                       adapter=LoraConfig, flags={"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
-                                                 "targets": "lora_targets", "use_dora": "use_dora"}))
+                                                 "targets": "lora_targets", "use_dora": "use_dora",
+                                                 "quantize_base": "quantize_base"}))
 register(FineTuneMode("prefix", "learned key/value prefixes per layer (Li and Liang 2021) and the head train", 5e-4,
                       _prefix, adapter=PrefixConfig,
                       flags={"length": "prefix_length", "hidden": "prefix_hidden"}))
+register(FineTuneMode("reft", "LoReFT interventions on hidden states at a few positions (Wu et al. 2024) and the "
+                      "head train", 1e-3, _reft, adapter=ReftConfig,
+                      flags={"rank": "reft_rank", "layers": "reft_layers", "positions": "reft_positions"}))
 
 
 @dataclass(frozen=True)
@@ -196,5 +262,5 @@ def set_fine_tune_mode(model: nn.Module, config: FineTuneConfig, head: Sequence[
     return trainable_only
 
 
-__all__ = ["DEFAULT_TARGETS", "MODES", "FineTuneConfig", "FineTuneMode", "LoraConfig", "PrefixConfig", "default_lr",
-           "mode_names", "modes_help", "register", "set_fine_tune_mode"]
+__all__ = ["DEFAULT_TARGETS", "MODES", "FineTuneConfig", "FineTuneMode", "LoraConfig", "PrefixConfig", "ReftConfig",
+           "default_lr", "mode_names", "modes_help", "reft_layers", "reft_positions", "register", "set_fine_tune_mode"]

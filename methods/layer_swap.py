@@ -4,12 +4,12 @@ one's submodules.
 
 So the parameters stay the same tensors (LoRA wrappers and all), their state-dict names
 do not change, and putting the plain class back the same way undoes the method. Sparse
-attention, prefix tuning and gradient checkpointing plug in like this.
+attention, prefix tuning, ReFT and gradient checkpointing plug in like this.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -50,7 +50,8 @@ def swap_attention(body: GPT2Model, make: Callable[[CausalSelfAttention], Causal
         block.attn = new
 
 
-def swap_blocks(body: GPT2Model, make: Callable[[GPT2Layer], GPT2Layer]) -> None:
-    """Replace each block by ``make(old)``, which takes over the old block's submodules."""
-    for i, old in enumerate(body.h):
-        body.h[i] = _take_over(make, old)
+def swap_blocks(body: GPT2Model, make: Callable[[GPT2Layer], GPT2Layer], layers: Iterable[int] | None = None) -> None:
+    """Replace each block (those of ``layers`` if given) by ``make(old)``, which takes over the old
+    block's submodules."""
+    for i in range(len(body.h)) if layers is None else layers:
+        body.h[i] = _take_over(make, body.h[i])

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from errors import InputError
+from methods.qlora import base_layer_for, float_linear
 
 DEFAULT_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -133,7 +134,9 @@ class LoRALinear(nn.Module):
 
     def folded(self) -> nn.Linear:
         """The base linear with the adapter merged in: the protocol ``decoding.inference.fold_adapters``
-        uses to give decoding plain weights."""
+        uses to give decoding plain weights. A quantised base (QLoRA) is dequantised first."""
+        if not isinstance(self.base, nn.Linear):
+            self.base = float_linear(self.base)
         self.merge()
         return self.base
 
@@ -150,14 +153,17 @@ def apply_lora(
     dropout: float = 0.0,
     use_dora: bool = False,
     base_layer: Callable[[nn.Linear], nn.Module] | None = None,
+    quantize_base: str = "none",
 ) -> list[str]:
     """Replace, in place, every ``nn.Linear`` whose qualified name ends with one of ``targets``
     (e.g. ``attn.c_attn`` matches ``gpt.h.3.attn.c_attn``) by a LoRALinear (DoRA with
     ``use_dora``); returns the names. ``base_layer``: each base linear is first replaced by
     ``base_layer(linear)``, e.g. ``decoding.quant.Int8Linear.from_linear``, a frozen int8 base
-    (QLoRA's idea with int8) under adapters that stay in float.
+    (QLoRA's idea with int8) under adapters that stay in float; ``quantize_base`` (``int8``, ``int4``)
+    names such a base (``methods.qlora``).
     Raises if nothing matched, so a typo in ``--lora_targets`` cannot silently train only the head."""
     targets = tuple(targets)
+    base_layer = base_layer or base_layer_for(quantize_base)
     names = [n for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)]
     if not names:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from config import GPT2Config
+from errors import InputError
 from methods.layer_swap import gpt2_body, swap_attention
 from modules.attention import CausalSelfAttention
 
@@ -140,6 +141,18 @@ def apply_prefix(model: nn.Module, length: int, hidden: int = 512, reparam: bool
     setattr(body, PREFIX_ATTR, encoder)
     swap_attention(body, lambda old: PrefixCausalSelfAttention(old.config, old.layer_idx, encoder.layer_kv))
     return encoder
+
+
+def ensure_prefix(model: nn.Module, length: int, hidden: int = 512) -> PrefixEncoder:
+    """``apply_prefix``, or the prefix ``model`` already has (a saved prefix model, loaded with
+    ``--load`` to predict or train further), if it is as long as asked."""
+    have = getattr(_body(model), PREFIX_ATTR, None)
+    if have is None:
+        return apply_prefix(model, length, hidden)
+    if have.length != length:
+        raise InputError(f"the loaded model's prefix has {have.length} positions; the flags ask for {length}: "
+                         f"give its --prefix_length {have.length}")
+    return have
 
 
 def restore_prefix(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:

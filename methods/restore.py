@@ -24,6 +24,7 @@ from config import GPT2Config
 from engine.checkpoints import load_checkpoint, save_module
 from errors import CheckpointError
 from methods.prefix import restore_prefix
+from methods.reft import restore_reft
 from methods.sparse_attention import FIELD_NAMES, SparseAttention, apply_sparse_attention, attention_fields
 from models.gpt2 import GPT2Model
 
@@ -52,6 +53,7 @@ def rebuild_model(saved_config: Mapping[str, Any], state: Mapping[str, torch.Ten
         apply_sparse_attention(model, attention)
     if state is not None:
         restore_prefix(model, state)  # a prefix-tuned body is saved with its prefix
+        restore_reft(model, state)  # and a ReFT-tuned one with its interventions
         model.load_state_dict(state)
     return model
 

@@ -106,8 +106,8 @@ def _any_body(spec: str | Path, device: str | torch.device) -> GPT2Model:
     if "model" not in ckpt or "model_config" not in ckpt:
         raise CheckpointError(f"{spec}: neither a saved model, a Trainer checkpoint nor a Hugging Face folder")
     if ckpt.get("trainable_only", False):
-        raise CheckpointError(f"{spec} holds only the trained parameters (LoRA, prefix or a frozen body); pass the "
-                              "model file the run saved (e.g. sonnet-model.pt)")
+        raise CheckpointError(f"{spec} holds only the trained parameters (LoRA, prefix, ReFT or a frozen body); "
+                              "pass the model file the run saved (e.g. sonnet-model.pt)")
     state = {k.removeprefix("gpt."): v for k, v in ckpt["model"].items()}
     try:
         return rebuild_model(ckpt["model_config"], state, ckpt.get("extra"))

@@ -53,13 +53,15 @@ def test_each_mode_trains_what_it_says(mode):
         assert all(m.r == LoraConfig().r for m in model.modules() if isinstance(m, LoRALinear))
     elif mode == "prefix":
         assert trainable_only and body and all(n.startswith("gpt.prefix_encoder.") for n in body)
+    elif mode == "reft":
+        assert trainable_only and body and all(n.startswith("gpt.reft.interventions.") for n in body)
     else:
         assert trainable_only and not body
 
 
 def test_head_less_models_do_not_offer_head_only_training():
-    assert mode_names(has_head=False) == ("full-model", "lora", "prefix")
-    assert mode_names() == ("last-linear-layer", "full-model", "lora", "prefix")
+    assert mode_names(has_head=False) == ("full-model", "lora", "prefix", "reft")
+    assert mode_names() == ("last-linear-layer", "full-model", "lora", "prefix", "reft")
     model = SonnetGPT(GPT2Model(get_config("tiny")))
     with pytest.raises(ValueError, match="has none"):
         set_fine_tune_mode(model, FineTuneConfig("last-linear-layer"), model.head)
@@ -117,7 +119,7 @@ def test_full_fine_tuning_never_loads_the_adapter_machinery():
             "from methods.fine_tune import FineTuneConfig, set_fine_tune_mode\n"
             "from models.gpt2 import GPT2Model\nfrom config import get_config\n"
             "set_fine_tune_mode(GPT2Model(get_config('tiny')), FineTuneConfig('full-model'), ())\n"
-            "assert not {'methods.lora', 'methods.prefix', 'methods.layer_swap'} & set(sys.modules), sys.modules\n"
+            "assert not {'methods.lora', 'methods.prefix', 'methods.reft', 'methods.layer_swap'} & set(sys.modules)\n"
             "set_fine_tune_mode(GPT2Model(get_config('tiny')), FineTuneConfig('lora'), ())\n"
             "assert {'methods.lora', 'methods.prefix'} <= set(sys.modules)\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -9,11 +9,13 @@ import torch
 import paraphrase_detection as para
 from config import get_config
 from engine.data import DataFormatError, PadCollator
+from errors import InputError
 from models.gpt2 import GPT2Model
 from models.heads import NO_TOKEN_ID, YES_TOKEN_ID, ClozeParaphraseScorer
 from models.loading import SHARED_TOKENIZER
 from optimizer import AdamW
-from tasks.course_data import (
+from tasks.paraphrase import score_paraphrase_pairs
+from tasks.quora_data import (
     PARAPHRASE_PROMPT,
     ParaphrasePair,
     carve_quora_splits,
@@ -22,7 +24,6 @@ from tasks.course_data import (
     paraphrase_features,
     read_quora,
 )
-from tasks.paraphrase import score_paraphrase_pairs
 from tasks.restore import restore_task_model
 from tests.conftest import SHARED_DATA
 
@@ -279,3 +280,23 @@ def test_cli_writes_one_row_per_example_and_saves_a_reloadable_scorer(tmp_path, 
     merged = restore_task_model(lora["checkpoint"], "paraphrase").model.eval()
     assert not any("lora" in k for k in merged.state_dict())
     assert score_paraphrase_pairs(merged, tokenizer, pairs[:2]) != p_yes[:2]
+
+
+def test_a_prefix_model_loads_to_predict_again_and_to_train_further(tmp_path):
+    """``--fine-tune-mode prefix --load paraphrase-model.pt``: the loaded model brings its prefix,
+    which the mode keeps (it once added a second one and stopped: 'the model already has a prefix')."""
+    train = quora_source(tmp_path / "train.tsv", 8)
+    dev = write(tmp_path / "dev.tsv", HEADER + "0\td1\tWhere is Rome?\tHow old is Rome?\t0\n1\td2\tWhy?\tWhy not?\t1\n")
+    common = ["--model_size", "tiny", "--random_init", "--tokenizer", str(SHARED_TOKENIZER), "--batch_size", "4",
+              "--no_progress", "--para_train", str(train), "--para_dev", str(dev), "--para_test", str(dev),
+              "--fine-tune-mode", "prefix", "--prefix_length", "3", "--lr", "1e-3"]
+    first = para.main([*common, "--epochs", "1", "--output_dir", str(tmp_path / "a"),
+                       "--para_dev_out", str(tmp_path / "a.csv"), "--para_test_out", str(tmp_path / "at.csv")])
+    again = para.main([*common, "--epochs", "0", "--load", first["checkpoint"], "--output_dir", str(tmp_path / "b"),
+                       "--para_dev_out", str(tmp_path / "b.csv"), "--para_test_out", str(tmp_path / "bt.csv")])
+    assert (tmp_path / "b.csv").read_text() == (tmp_path / "a.csv").read_text() and again["dev"] == first["dev"]
+    para.main([*common, "--epochs", "1", "--load", first["checkpoint"], "--output_dir", str(tmp_path / "c"),
+               "--para_dev_out", str(tmp_path / "c.csv"), "--para_test_out", str(tmp_path / "ct.csv")])
+    with pytest.raises(InputError, match="the loaded model's prefix has 3 positions; the flags ask for 5"):
+        para.main([*common, "--prefix_length", "5", "--epochs", "0", "--load", first["checkpoint"],
+                   "--output_dir", str(tmp_path / "d")])
