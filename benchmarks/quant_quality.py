@@ -15,10 +15,16 @@ logits are near ties everywhere, so any rounding flips its greedy tokens.
 - Forced agreement: along float32's greedy continuations (teacher forcing), the fraction of
   positions where the quantised model's next-token argmax equals float32's: the same question
   without the cascade, so it varies far less with where a first flip happens.
-- Perplexity: ``--text`` tokenized whole, cut into blocks of ``--block_size`` tokens,
+- Perplexity: ``--text`` tokenized whole (its last ``--held_out_fraction`` of tokens only:
+  0.05 is the tail ``pretrain.py`` held out), cut into blocks of ``--block_size`` tokens,
   exp of the mean next-token loss (the prefill path of each representation).
 - chrF: the dev prompts completed greedily into 14-line sonnets (EOS or 14 lines), corpus
   chrF against the true dev sonnets, as ``sonnet_generation.py`` scores them.
+
+``--quantize`` also takes ``int8-gptq`` / ``int4-gptq`` (GPTQ on the ``--calibration`` text's
+first 90%), and ``--compare LABEL=QUANT:MODEL`` adds a row for another model (e.g. a
+quantisation-aware fine-tune of ``--model``: ``pretrain.py --qat int4``) prepared with QUANT,
+measured against ``--model``'s float32 like the others.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from decoding.inference import prepare_for_inference  # noqa: E402
+from decoding.gptq import CALIBRATION_TEXT, GPTQ_CHOICES  # noqa: E402
+from decoding.inference import prepare_for_decoding  # noqa: E402
 from decoding.quant import QUANTIZE_CHOICES, QuantizationUnavailable, check_quantize  # noqa: E402
 from models.generation import LineStop  # noqa: E402
 from models.generation_config import GenerationConfig  # noqa: E402
@@ -55,8 +62,9 @@ def greedy_continuations(model, tokenizer, prompts: list[str], new_tokens: int, 
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str, block_size: int, max_blocks: int) -> float:
+def perplexity(model, tokenizer, text: str, block_size: int, max_blocks: int, tail: float = 1.0) -> float:
     toks = torch.tensor(tokenizer(text)["input_ids"])
+    toks = toks[toks.numel() - int(toks.numel() * tail):]  # the last ``tail`` of the tokens
     blocks = toks[: toks.numel() // block_size * block_size].view(-1, block_size)[:max_blocks]  # (N, T)
     if blocks.numel() == 0:
         raise SystemExit(f"error: the perplexity text has fewer than {block_size} tokens; pass a longer --text")
@@ -87,13 +95,28 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return same / max(1, sum(len(r) for r in b))
 
 
+def parse_compare(spec: str) -> tuple[str, str, str]:
+    """``LABEL=QUANT:MODEL`` -> (label, quant, model path)."""
+    label, _, rest = spec.partition("=")
+    quant, _, path = rest.partition(":")
+    if not (label and quant in QUANTIZE_CHOICES and path):
+        raise argparse.ArgumentTypeError(f"{spec!r}: write LABEL=QUANT:MODEL, QUANT one of {QUANTIZE_CHOICES}")
+    return label, quant, path
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a save_model checkpoint (.pt) or a Hugging Face folder")
     p.add_argument("--text", default="data/TRUE_sonnets_held_out_dev.txt", help="held-out text for perplexity")
     p.add_argument("--prompts", default="data/sonnets_held_out_dev.txt", help="dev prompts (sonnet format)")
     p.add_argument("--references", default="data/TRUE_sonnets_held_out_dev.txt", help="true dev sonnets")
-    p.add_argument("--quantize", nargs="+", default=["bf16", "int8", "int4"], choices=QUANTIZE_CHOICES[1:])
+    p.add_argument("--quantize", nargs="+", default=["bf16", "int8", "int4"],
+                   choices=QUANTIZE_CHOICES[1:] + GPTQ_CHOICES)
+    p.add_argument("--calibration", default=CALIBRATION_TEXT, help="GPTQ's calibration text (its first 90%%)")
+    p.add_argument("--held_out_fraction", type=float, default=1.0,
+                   help="perplexity on this last fraction of --text's tokens (pretrain.py holds out 0.05)")
+    p.add_argument("--compare", action="append", default=[], metavar="LABEL=QUANT:MODEL", type=parse_compare,
+                   help="also MODEL prepared with QUANT (none, bf16, int8, int4), against --model's float32")
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--chrf_tokens", type=int, default=160, help="token budget of each completed sonnet")
     p.add_argument("--block_size", type=int, default=128)
@@ -107,8 +130,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         torch.set_num_threads(args.threads)
     try:
         model = restore_task_model(args.model, "body").model.eval()
-        for q in args.quantize:
-            check_quantize(q, "cpu", model.config.hidden_size)
+        for q in args.quantize + [quant for _, quant, _ in args.compare]:
+            check_quantize(q.removesuffix("-gptq"), "cpu", model.config.hidden_size)
+        compared = {label: (quant, restore_task_model(path, "body").model.eval())
+                    for label, quant, path in args.compare}
         tok = load_tokenizer(args.tokenizer, verbose=False)
         prompts = [s.text for s in read_sonnets(args.prompts, args.limit)]
         refs = [s.text for s in read_sonnets(args.references, args.limit)]
@@ -121,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         greedy = greedy_continuations(m, tok, prompts, args.new_tokens, stop=False)
         done = greedy_continuations(m, tok, prompts, args.chrf_tokens, stop=True)
         texts = [tok.decode(tok.encode(pr) + d).strip() for pr, d in zip(prompts, done)]
-        return greedy, perplexity(m, tok, text, args.block_size, args.max_blocks), chrf(texts, refs)
+        return greedy, perplexity(m, tok, text, args.block_size, args.max_blocks, args.held_out_fraction), \
+            chrf(texts, refs)
 
     ref_greedy, ref_ppl, ref_chrf = measure(model)
     ref_forced = forced_argmax(model, tok, prompts, ref_greedy)
@@ -130,8 +156,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
           f"{'change':>7}")
     print(f"{'float32':>8} {1:10.3f} {1:7.3f} {ref_ppl:11.3f} {'':>8} {ref_chrf:7.2f}")
     results = {"float32": {"agreement": 1.0, "forced_agreement": 1.0, "perplexity": ref_ppl, "chrf": ref_chrf}}
-    for q in args.quantize:
-        fast = prepare_for_inference(model, quantize=q)
+    rows = [(q, q, model) for q in args.quantize] + [(label, q, m) for label, (q, m) in compared.items()]
+    for q, quant, source in rows:
+        fast = prepare_for_decoding(source, quant, calibration=args.calibration)
         greedy, ppl, ch = measure(fast)
         forced = agreement(forced_argmax(fast, tok, prompts, ref_greedy), ref_forced)
         results[q] = {"agreement": agreement(greedy, ref_greedy), "forced_agreement": forced, "perplexity": ppl,

@@ -11,6 +11,7 @@ from typing import Any
 from cli.common import add_common_args, task_settings_from_args
 from cli.defaults import DefaultsHelpFormatter
 from cli.validation import non_negative_int, positive_float, positive_int, unit_fraction
+from methods.qat import QAT_CHOICES
 from methods.sparse_attention import ATTENTION_PATTERNS, SparseAttention
 from tasks.lm import CorpusPretraining, PretrainSettings
 from tasks.poetry_corpus import FORMATS
@@ -69,6 +70,9 @@ def build_pretrain_parser(description: str | None = None) -> argparse.ArgumentPa
                         help="plain-text corpus, or a Poetry Foundation CSV (Title,Poem,Poet,Tags)")
     add_corpus_format_arg(parser)
     parser.add_argument("--held_out_fraction", type=unit_fraction, default=0.05)
+    parser.add_argument("--qat", choices=QAT_CHOICES, default="none",
+                        help="quantisation-aware training: the forward uses the weights --quantize int8/int4 "
+                             "will store (straight-through gradients); model.pt holds the float weights")
     add_common_args(parser, batch_size=4, lr=1e-5, epochs=10, hidden_dropout_prob=0.1)
     add_attention_args(parser)
     return parser
@@ -77,7 +81,8 @@ def build_pretrain_parser(description: str | None = None) -> argparse.ArgumentPa
 def pretrain_settings_from_args(args: argparse.Namespace) -> PretrainSettings:
     """A ``pretrain.py`` run's typed settings from its parsed flags."""
     return task_settings_from_args(args, PretrainSettings, corpus=args.corpus, corpus_format=args.corpus_format,
-                                   held_out_fraction=args.held_out_fraction, attention=attention_from_args(args))
+                                   held_out_fraction=args.held_out_fraction, attention=attention_from_args(args),
+                                   qat=args.qat)
 
 
 __all__ = ["add_attention_args", "add_corpus_format_arg", "add_pretrain_args", "attention_from_args",

@@ -116,9 +116,10 @@ class Int8Layout(WeightLayout):
 
     replaces_weight = True
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """``quantized``: ``quantize_int8``'s (q, scale) chosen elsewhere (GPTQ), else rounded here."""
         super().__init__(weight)
-        self.q, self.scale = quantize_int8(weight)  # (out, in) int8, (out,) float32
+        self.q, self.scale = quantized or quantize_int8(weight)  # (out, in) int8, (out,) float32
         self._kernel_scale = self.scale.to(_KERNEL_DTYPE)
 
     def accepts(self, x: torch.Tensor) -> bool:
@@ -160,13 +161,15 @@ class Int4Layout(WeightLayout):
 
     replaces_weight = True
 
-    def __init__(self, weight: torch.Tensor, group: int = INT4_GROUP) -> None:
+    def __init__(self, weight: torch.Tensor, group: int = INT4_GROUP,
+                 quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """``quantized``: ``quantize_int4``'s (q, scale_zero) chosen elsewhere (GPTQ), else rounded here."""
         reason = int4_unavailable(weight, group)
         if reason:
             raise QuantizationUnavailable(reason)
         super().__init__(weight)
         self.group = group
-        q, scale_zero = quantize_int4(weight, group)
+        q, scale_zero = quantized or quantize_int4(weight, group)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # (out, in/2) uint8
         self.scale_zero = scale_zero.to(_KERNEL_DTYPE)
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from engine.data import DataFormatError, PadCollator, encode, make_loader, read_text
 from engine.trainer import EvalFn, TrainConfig, Trainer
+from methods.qat import apply_qat, remove_qat
 from methods.restore import save_model
 from methods.sparse_attention import SparseAttention, apply_sparse_attention, attention_fields
 from models.sonnet_gpt import SonnetGPT
@@ -194,12 +195,14 @@ class CorpusPretraining:
 class PretrainSettings(TaskSettings):
     """A ``pretrain.py`` run: the ``corpus`` (``corpus_format``: ``read_corpus``'s ``fmt``), the share
     of blocks held out, and the attention the model trains with; the block size is
-    ``data.max_length`` (0: the context)."""
+    ``data.max_length`` (0: the context); ``qat`` (int8 / int4) trains it quantisation-aware
+    (``methods.qat``)."""
 
     corpus: str = ""
     corpus_format: str = "auto"
     held_out_fraction: float = 0.05
     attention: SparseAttention = field(default_factory=SparseAttention)
+    qat: str = "none"
 
 
 def pretrain_before_fine_tuning(
@@ -226,11 +229,13 @@ def run_pretraining(settings: PretrainSettings) -> dict[str, Any]:
     if settings.run.load:  # continue from a model an earlier run saved (model.pt)
         model = restore_task_model(settings.run.load).model
     check_context(model.config.max_position_embeddings, max_length=settings.data.max_length)  # not cut silently
+    apply_qat(model, settings.qat)
     cfg = train_config(settings, device, out_dir)
     data = settings.data
     best = pretrain_lm(model, tokenizer, settings.corpus, cfg, batch_size=data.batch_size, block_size=data.max_length,
                        held_out_fraction=settings.held_out_fraction, limit=data.limit, num_workers=data.num_workers,
                        corpus_format=settings.corpus_format)
+    remove_qat(model)  # float weights, whose --quantize rounding is what the QAT forward used
     save_model(model, Path(out_dir) / "model.pt", corpus=settings.corpus, **attention_fields(model))
     if "loss" in best:
         print(f"best held-out {best}; weights in {Path(out_dir) / 'model.pt'}")
