@@ -5,6 +5,8 @@
     python generate.py --model MODEL --prompts_file prompts.txt --penalty_alpha 0.6 --top_k 4 --contrastive_mean_sim
     python generate.py --model MODEL --prompt "..." --mbr_pool beam:4,sample:8,contrastive:1 --output out.jsonl
     python generate.py --model gpt2 --prompt "Hello" --quantize int8      # weight-only int8 decoding
+    python generate.py --model gpt2 --prompt "Hello" --compile_decode     # static cache, compiled step
+    python generate.py --model gpt2-medium --prompt "Hello" --draft_model gpt2 --draft_k 4   # speculative decoding
 
 ``--model`` is a model saved by a task script (``save_model``: ``sonnet-model.pt``...; a
 prefix-tuned body keeps its prefix), a Trainer checkpoint holding every weight (``best.pt`` of
@@ -14,7 +16,10 @@ while the command line is parsed (a bad value or combination is one error line, 
 before the model loads); ``--mbr_pool`` fills a candidate pool per prompt and keeps the chrF consensus
 (``decoding.mbr``). Decoding runs on the model prepared inference-only by
 ``decoding.inference.prepare_for_inference`` (each weight held once, in its decoding layout);
-``--quantize bf16|int8|int4`` decodes with bf16 or weight-only int8 / int4 weights.
+``--quantize bf16|int8|int4`` decodes with bf16 or weight-only int8 / int4 weights
+(``int8-gptq|int4-gptq``: rounded by GPTQ on the ``--calibration`` text). ``--draft_model`` decodes
+speculatively (``decoding.speculative``, one prompt at a time): the same tokens (greedy) or the same
+distribution (sampling), and one line on stderr with the draft's acceptance rate.
 
 Output: each completion (prompt included), followed by a blank line, on stdout or in
 ``--output`` (JSON lines ``{"prompt", "completion"}`` when the name ends in ``.jsonl``); an
@@ -33,8 +38,10 @@ import torch
 
 from cli.common import pick_device, run_main, seed_everything
 from cli.generate import GenerateSettings, parse_settings
+from decoding.compiled import compile_decoding
 from decoding.inference import decoding_rows, prepare_for_decoding
 from decoding.mbr import mbr_pool_generate
+from decoding.speculative import SpeculativeStats, check_draft, speculative_generate
 from engine.data import PadCollator, encode
 from models.generation import LineStop, generate, trim
 from models.loading import load_tokenizer
@@ -43,20 +50,29 @@ from tasks.restore import restore_task_model
 
 
 @torch.no_grad()
-def complete(model, tokenizer, prompts: list[str], settings: GenerateSettings) -> list[list[str]]:
+def complete(model, tokenizer, prompts: list[str], settings: GenerateSettings, draft=None) -> list[list[str]]:
     """Per prompt, its completions (``num_return_sequences`` of them; one with ``--mbr_pool``).
-    ``model`` is consumed (prepared inference-only)."""
+    ``model`` (and the speculative ``draft``, one prompt at a time) is consumed (prepared inference-only)."""
     eos = tokenizer.eos_token_id if settings.stop_at_eos else None
     stop = LineStop(tokenizer, settings.num_lines) if settings.num_lines else None
     config = dataclasses.replace(settings.generation, eos_token_id=eos, pad_token_id=tokenizer.eos_token_id, stop=stop)
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(settings.seed)
-    batch_size, pool = settings.batch_size, settings.pool
+    batch_size, pool = (1 if draft is not None else settings.batch_size), settings.pool
     # the model is consumed: its weights held once, in the layout for steps of this many rows
     rows = decoding_rows(min(len(prompts), batch_size), config.num_beams, config.num_return_sequences,
                          pooled=pool is not None)
-    fast = prepare_for_decoding(model, settings.quantize, inference_only=True, decode_rows=rows)
-    ids = encode(tokenizer, prompts, max(1, model.config.max_position_embeddings - config.max_new_tokens), "prompts")
+    if draft is not None:  # one prompt at a time, the target scoring draft_k + 1 positions per forward
+        rows = settings.draft_k + 1
+    fast = prepare_for_decoding(model, settings.quantize, inference_only=True, decode_rows=rows,
+                                calibration=settings.calibration)
+    if settings.compile_decode:  # a static cache and a step compiled once per (rows, length)
+        fast = compile_decoding(fast)
+    if draft is not None:
+        stats = SpeculativeStats()
+        draft = prepare_for_decoding(draft, settings.quantize, inference_only=True, calibration=settings.calibration)
+    context = min(m.config.max_position_embeddings for m in (model, draft) if m is not None)
+    ids = encode(tokenizer, prompts, max(1, context - config.max_new_tokens), "prompts")
     collate = PadCollator(tokenizer.pad_token_id, padding_side="left")
     out: list[list[str]] = []
     for start in range(0, len(ids), batch_size):
@@ -67,10 +83,16 @@ def complete(model, tokenizer, prompts: list[str], settings: GenerateSettings) -
             out += [[tokenizer.decode(r)] for r in rows]
             continue
         n = config.num_return_sequences
-        rows = generate(fast, x, mask, config=config, generator=gen)
+        if draft is not None:
+            rows = speculative_generate(fast, draft, x, mask, config=config, k=settings.draft_k, generator=gen,
+                                        stats=stats)
+        else:
+            rows = generate(fast, x, mask, config=config, generator=gen)
         n_pad = (mask == 0).sum(-1).tolist()
         texts = [tokenizer.decode(trim(rows[i], x.size(1), n_pad[i // n], eos)) for i in range(rows.size(0))]
         out += [texts[i : i + n] for i in range(0, len(texts), n)]
+    if draft is not None:
+        print(stats.summary(), file=sys.stderr)
     return out
 
 
@@ -96,7 +118,12 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     check_context(model.config.max_position_embeddings, max_new_tokens=settings.generation.max_new_tokens)
     tokenizer = load_tokenizer(settings.tokenizer, verbose=False)
     prompts = list(settings.prompts)
-    completions = complete(model, tokenizer, prompts, settings)
+    draft = None
+    if settings.draft_model is not None:
+        draft = restore_task_model(settings.draft_model, "body").model.to(device).eval()
+        check_draft(model, draft)
+        check_context(draft.config.max_position_embeddings, max_new_tokens=settings.generation.max_new_tokens)
+    completions = complete(model, tokenizer, prompts, settings, draft)
     write(prompts, completions, settings.output)
     return completions
 

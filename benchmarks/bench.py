@@ -22,6 +22,7 @@ dropout on (the configs' 0.1).
     python benchmarks/bench.py --model_size gpt2 --batch_size 8 --seq_len 128
     python benchmarks/bench.py --model_size gpt2 --threads 1 --clock cpu   # steadier on a busy machine
     python benchmarks/bench.py --model_size gpt2 --skip_train --quantize none bf16 int8 int4
+    python benchmarks/bench.py --model_size gpt2 --skip_train --quantize none --decode_cache dynamic static compiled
     python benchmarks/bench.py --model_size gpt2-medium --batch_size 16 --seq_len 1024 --dtype bfloat16 --device cuda
 """
 
@@ -43,8 +44,10 @@ import torch  # noqa: E402
 
 from benchmarks.measure import CLOCK, matvec_bandwidth, peak_tflops, rss_mib, time_interleaved  # noqa: E402
 from config import SIZES, GPT2Config  # noqa: E402
+from decoding.compiled import compile_decoding  # noqa: E402
 from decoding.inference import held_bytes, prepare_for_inference  # noqa: E402
 from decoding.quant import QUANTIZE_CHOICES, QuantizationUnavailable, check_quantize  # noqa: E402
+from decoding.static_cache import StaticDecoder  # noqa: E402
 from engine.device import maybe_compile  # noqa: E402
 from engine.fast_adamw import FastAdamW  # noqa: E402
 from methods.gradient_checkpointing import enable_gradient_checkpointing  # noqa: E402
@@ -121,9 +124,10 @@ def train_step(model, side: str, args: argparse.Namespace) -> Callable[[], torch
 
 def decode_fn(model, side: str, args: argparse.Namespace, batch_size: int) -> Callable[[], torch.Tensor]:
     """A closure decoding ``new_tokens`` greedily from a fixed random prompt. ``side`` is
-    ``transformers`` or ``ours/<quantize>``: ours decodes a copy of ``model`` prepared
-    inference-only (``prepare_for_inference(..., quantize, inference_only=True)``: each weight
-    held once, in its decoding layout), prepared once here as a caller decoding many batches would."""
+    ``transformers`` or ``ours/<quantize>[+static|+compiled]`` (``--decode_cache``): ours decodes a
+    copy of ``model`` prepared inference-only (``prepare_for_inference(..., quantize, inference_only=True)``:
+    each weight held once, in its decoding layout), prepared once here as a caller decoding many batches
+    would, through a static cache or the compiled step if the side says so."""
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, args.prompt_len), generator=g).to(device)
@@ -131,8 +135,9 @@ def decode_fn(model, side: str, args: argparse.Namespace, batch_size: int) -> Ca
     model.eval()
     if side.startswith("ours"):
         own = model if args.probe else copy.deepcopy(model)  # the probe's model is its own to consume
-        fast = prepare_for_inference(own, quantize=side.partition("/")[2] or "none", inference_only=True,
-                                     decode_rows=batch_size)
+        quantize, _, cache = side.partition("/")[2].partition("+")
+        fast = prepare_for_inference(own, quantize=quantize or "none", inference_only=True, decode_rows=batch_size)
+        fast = {"static": StaticDecoder, "compiled": compile_decoding}.get(cache, lambda m: m)(fast)
         return lambda: generate(fast, ids, max_new_tokens=args.new_tokens)
     return lambda: model.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False,
                                   use_cache=True)
@@ -222,7 +227,8 @@ def bench_decode(ours, hf, args, device) -> None:
             print(f"--quantize {q}: unavailable here ({e})")
             quants.remove(q)
     for B in args.decode_batches:
-        fns = {f"ours/{q}": decode_fn(ours, f"ours/{q}", args, B) for q in quants}
+        sides = [f"ours/{q}{'' if c == 'dynamic' else '+' + c}" for q in quants for c in args.decode_cache]
+        fns = {side: decode_fn(ours, side, args, B) for side in sides}
         fns["transformers"] = decode_fn(hf, "transformers", args, B)
         outs = {k: fn() for k, fn in fns.items()}
         med, raw = time_interleaved(fns, device, args.warmup, args.reps)
@@ -237,13 +243,15 @@ def bench_decode(ours, hf, args, device) -> None:
                   f"({mem[k] / mem['transformers']:.2f}x)  greedy agreement {agree:.3f}"
                   f"  (reps ms: {' '.join(f'{t * 1e3:.0f}' for t in raw[k])})")
         if B == 1:
-            for q in quants:
-                print_bound(ours, q, med[f"ours/{q}"] / args.new_tokens, device)
+            for side in sides:
+                print_bound(ours, side, med[side] / args.new_tokens, device)
 
 
-def print_bound(model: GPT2Model, quantize: str, step_s: float, device: torch.device) -> None:
-    """The batch-1 bound of one representation: the bytes an inference-only model holds (less the
-    position table, of which a step reads one row) over the fastest matrix-vector rate measured."""
+def print_bound(model: GPT2Model, side: str, step_s: float, device: torch.device) -> None:
+    """The batch-1 bound of one representation (``side``: ``ours/<quantize>[+cache]``): the bytes an
+    inference-only model holds (less the position table, of which a step reads one row) over the
+    fastest matrix-vector rate measured."""
+    quantize, plus, cache = side.partition("/")[2].partition("+")
     fast = prepare_for_inference(copy.deepcopy(model), quantize=quantize, inference_only=True)
     nbytes = held_bytes(fast) - held_bytes(fast.body.wpe)
     kind = "float32" if quantize == "none" else quantize
@@ -251,7 +259,7 @@ def print_bound(model: GPT2Model, quantize: str, step_s: float, device: torch.de
     bw = max(bws.values())
     bound = nbytes / bw
     print(f"bandwidth bound ({kind}): {nbytes / 2**20:.0f} MiB of weights / "
-          f"{bw / 1e9:.1f} GB/s matvec = {bound * 1e3:.2f} ms/token; ours {step_s * 1e3:.2f} ms/token "
+          f"{bw / 1e9:.1f} GB/s matvec = {bound * 1e3:.2f} ms/token; ours{plus}{cache} {step_s * 1e3:.2f} ms/token "
           f"= {step_s / bound:.2f}x the bound (matvec GB/s: "
           + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bws.items()) + ")")
 
@@ -279,6 +287,9 @@ def main() -> None:
                    "(lm_loss's default)")
     p.add_argument("--quantize", nargs="+", default=["none", "int8", "int4"], choices=QUANTIZE_CHOICES,
                    help="our decoding representations, each beside transformers float32 (none: float32)")
+    p.add_argument("--decode_cache", nargs="+", default=["dynamic"], choices=["dynamic", "static", "compiled"],
+                   help="our decoding's KV cache: dynamic (today's), static (decoding.static_cache), "
+                        "compiled (static + torch.compile'd step, decoding.compiled); each a row")
     p.add_argument("--bf16_decode", action="store_true", help="also time our decoding in bfloat16 (--quantize bf16)")
     p.add_argument("--peak_tflops", type=float, default=None, help="GPU peak bf16 TFLOPS for MFU")
     p.add_argument("--warmup", type=int, default=2)

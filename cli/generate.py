@@ -13,6 +13,7 @@ from typing import Any
 from cli.decoding import add_inference_args
 from cli.defaults import RawTextDefaultsHelpFormatter
 from cli.validation import seed_int
+from decoding.gptq import CALIBRATION_TEXT
 from decoding.mbr import CandidatePool
 from models.generation_config import GenerationConfig
 
@@ -21,7 +22,7 @@ SETTINGS: tuple[tuple[str, Any], ...] = (
     ("max_new_tokens", int), ("do_sample", "flag"), ("temperature", float), ("top_k", int), ("top_p", float),
     ("num_beams", int), ("num_return_sequences", int), ("length_penalty", float), ("no_repeat_ngram_size", int),
     ("penalty_alpha", float), ("contrastive_mean_sim", "flag"), ("contrastive_dynamic_alpha", "flag"),
-    ("contrastive_alpha_sensitivity", float), ("repetition_penalty", float),
+    ("contrastive_alpha_sensitivity", float), ("contrastive_alpha_min", float), ("repetition_penalty", float),
 )
 EARLY_STOPPING = {"false": False, "true": True, "never": "never"}
 
@@ -31,7 +32,8 @@ class GenerateSettings:
     """A ``generate.py`` run: the ``model`` to load, the ``prompts``, how they are decoded
     (``generation``; EOS unless not ``stop_at_eos``, ``num_lines`` lines at most if > 0, the MBR
     choice among ``pool``'s candidates if given), ``batch_size`` prompts at a time from a generator
-    seeded with ``seed``, on ``device`` with ``quantize``'s weights; the completions go to
+    seeded with ``seed``, on ``device`` with ``quantize``'s weights (GPTQ's calibrated on the
+    ``calibration`` text), through a compiled step if ``compile_decode``; the completions go to
     ``output`` (None: stdout)."""
 
     model: str
@@ -46,6 +48,10 @@ class GenerateSettings:
     seed: int = 11711
     device: str = "auto"
     quantize: str = "none"
+    calibration: str = CALIBRATION_TEXT
+    compile_decode: bool = False
+    draft_model: str | None = None  # speculative decoding: this model proposes draft_k tokens per target forward
+    draft_k: int = 4
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -74,6 +80,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--no_cache", action="store_true", help="recompute every position (slow; for checks)")
     g.add_argument("--mbr_pool", type=str, default=None,
                    help="MBR over a candidate pool, e.g. beam:4,sample:8,contrastive:1 (chrF consensus)")
+    g.add_argument("--draft_model", type=str, default=None,
+                   help="speculative decoding (greedy or sampling, one prompt at a time): this smaller model, "
+                        "with the same tokenizer, proposes tokens that --model verifies; same output distribution")
+    g.add_argument("--draft_k", type=int, default=4, help="tokens the draft model proposes per --model forward")
     return p
 
 
@@ -93,6 +103,13 @@ def parse_settings(argv: list[str] | None = None, description: str | None = None
         parser.error("--batch_size must be >= 1 and --num_lines >= 0")
     if pool is not None and args.num_return_sequences != 1:
         parser.error("--mbr_pool returns one completion per prompt; drop --num_return_sequences")
+    if args.draft_k < 1:
+        parser.error("--draft_k must be >= 1")
+    if args.draft_model is not None and (generation.strategy not in ("greedy", "sample") or pool is not None
+                                         or args.num_return_sequences != 1 or args.no_cache or args.compile_decode):
+        parser.error("--draft_model runs greedy decoding or sampling of one completion per prompt, with the "
+                     "dynamic cache; drop --num_beams, --penalty_alpha, --mbr_pool, --num_return_sequences, "
+                     "--no_cache and --compile_decode")
     prompts = list(args.prompt)
     if args.prompts_file is not None:
         path = Path(args.prompts_file)
@@ -101,8 +118,9 @@ def parse_settings(argv: list[str] | None = None, description: str | None = None
         prompts += [line.replace("\\n", "\n") for line in path.read_text(encoding="utf-8").splitlines() if line]
     if not prompts:
         parser.error("give at least one --prompt or a --prompts_file")
-    if not Path(args.model).exists() and (args.model.endswith((".pt", ".bin")) or args.model.count("/") > 1):
-        parser.error(f"--model {args.model} does not exist (a saved model, checkpoint, Hugging Face folder or hub id)")
+    for flag, model in (("--model", args.model), ("--draft_model", args.draft_model)):
+        if model is not None and not Path(model).exists() and (model.endswith((".pt", ".bin")) or model.count("/") > 1):
+            parser.error(f"{flag} {model} does not exist (a saved model, checkpoint, Hugging Face folder or hub id)")
     if args.output is not None and Path(args.output).is_dir():
         parser.error(f"--output {args.output} is a directory; name a file, e.g. {Path(args.output) / 'out.jsonl'}")
     if args.output is not None and Path(args.output).exists() and not args.overwrite:
@@ -110,7 +128,8 @@ def parse_settings(argv: list[str] | None = None, description: str | None = None
     return GenerateSettings(model=args.model, prompts=tuple(prompts), generation=generation, pool=pool,
                             stop_at_eos=not args.no_eos, num_lines=args.num_lines, output=args.output,
                             tokenizer=args.tokenizer, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                            quantize=args.quantize)
+                            quantize=args.quantize, calibration=args.calibration,
+                            compile_decode=args.compile_decode, draft_model=args.draft_model, draft_k=args.draft_k)
 
 
 __all__ = ["EARLY_STOPPING", "SETTINGS", "GenerateSettings", "build_parser", "parse_settings"]

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from decoding.compiled import compile_decoding
+from decoding.gptq import CALIBRATION_TEXT
 from decoding.inference import decoding_rows, prepare_for_decoding, prepare_for_inference
 from decoding.mbr import CandidatePool, mbr_pool_generate
 from engine import ranks
@@ -102,6 +104,8 @@ class SonnetSettings(TaskSettings):
     train_size: float = 1.0
     generate_from: str = "last"  # the epoch whose weights are saved and generate: last (the starter's) or best
     quantize: str = "none"
+    calibration: str = CALIBRATION_TEXT  # the text GPTQ calibrates on (--quantize int8-gptq / int4-gptq)
+    compile_decode: bool = False  # decode through decoding.compiled (static cache, compiled step)
     decoding: SonnetDecoding = field(default_factory=SonnetDecoding)
     attention: SparseAttention = field(default_factory=SparseAttention)
     pretraining: CorpusPretraining = field(default_factory=CorpusPretraining)
@@ -152,6 +156,7 @@ def complete_prompts(
     seed: int = 11711,
     mbr_pool: CandidatePool | None = None,
     keep_eos: bool = False,
+    compile_decode: bool = False,
 ) -> list[str]:
     """Each prompt continued into a full sonnet (prompt included) under ``config``, decoded to text
     (with ``keep_eos``, and no pool, ending in the EOS text where the model ended it: ``continue_prompts``).
@@ -159,9 +164,11 @@ def complete_prompts(
     Sampling draws from a generator seeded with ``seed``, so every call (each epoch's dev
     evaluation) sees the same random stream. With ``mbr_pool`` each prompt gets the pool's
     candidates (samples, beams, contrastive...) and keeps the one with the highest mean chrF
-    against the others."""
+    against the others. ``compile_decode``: through a static cache and a compiled step
+    (``decoding.compiled``), the same tokens."""
     gen = torch.Generator(model.gpt.device).manual_seed(seed)
     gpt = prepare_for_inference(model.gpt)  # faster CPU decoding layouts, built once for every batch
+    gpt = compile_decoding(gpt) if compile_decode else gpt
     if mbr_pool is None:
         pairs = continue_prompts(gpt, tokenizer, prompts, config, batch_size=batch_size, generator=gen,
                                  keep_eos=keep_eos)
@@ -247,7 +254,8 @@ def run(settings: SonnetSettings) -> dict[str, Any]:
     except ValueError as e:
         raise DataFormatError(s.sonnet_path, None, f"{e}; change --train_size or --limit") from None
     config = decoding.generation(tokenizer)
-    complete_kw = dict(batch_size=decoding.batch_size, seed=s.seed, mbr_pool=decoding.pool)
+    complete_kw = dict(batch_size=decoding.batch_size, seed=s.seed, mbr_pool=decoding.pool,
+                       compile_decode=s.compile_decode)
     dev_texts = [x.text for x in dev_prompts]
     print(f"{len(train)} training sonnets{f' ({len(valid)} more validate)' if valid else ''}, {len(dev_prompts)} "
           f"dev and {len(test_prompts)} test prompts; decoding: {decoding.label}")
@@ -297,7 +305,8 @@ def run(settings: SonnetSettings) -> dict[str, Any]:
     result["dev_loss"], result["dev_perplexity"] = held["loss"], held["perplexity"]
     # --quantize; --generate_only keeps one copy of the weights, laid out for the rows of a decoding step
     rows = decoding_rows(decoding.batch_size, config.num_beams, pooled=decoding.pool is not None)
-    model.gpt = prepare_for_decoding(model.gpt, s.quantize, inference_only=generate_only, decode_rows=rows)
+    model.gpt = prepare_for_decoding(model.gpt, s.quantize, inference_only=generate_only, decode_rows=rows,
+                                     calibration=s.calibration)
     if ranks.is_main():  # under torchrun: one writer
         files.open(out_dir, s.run, parent)
     for name, prompts in (("dev", dev_prompts), ("test", test_prompts)):
