@@ -86,7 +86,7 @@ def member_config(config: GenerationConfig, name: str, count: int) -> Generation
     """``config`` changed only where strategy ``name`` needs it, returning ``count`` rows per prompt
     (contrastive search keeps the config's ``penalty_alpha`` and ``top_k`` when they select it)."""
     off = dict(num_beams=1, num_return_sequences=1, do_sample=False, penalty_alpha=0.0,
-               contrastive_dynamic_alpha=False)
+               contrastive_dynamic_alpha=False, contrastive_alpha_min=None)
     if name == "greedy":
         return dataclasses.replace(config, **off)
     if name == "sample":
@@ -96,7 +96,8 @@ def member_config(config: GenerationConfig, name: str, count: int) -> Generation
     alpha = config.penalty_alpha if config.penalty_alpha > 0 else CONTRASTIVE_ALPHA
     k = config.top_k if config.top_k > 1 else CONTRASTIVE_K
     return dataclasses.replace(config, **{**off, "penalty_alpha": alpha, "top_k": k,
-                                          "contrastive_dynamic_alpha": config.contrastive_dynamic_alpha})
+                                          "contrastive_dynamic_alpha": config.contrastive_dynamic_alpha,
+                                          "contrastive_alpha_min": config.contrastive_alpha_min})
 
 
 @torch.no_grad()

@@ -1,12 +1,12 @@
-"""Honest comparisons: seeds, ensembles and hyperparameter sweeps over the classification tasks.
+"""Honest comparisons: seeds, ensembles and hyperparameter sweeps over the classification and sonnet tasks.
 
     python -m experiments seeds    ...   # one configuration under several seeds: mean ± std (experiments.seeds)
-    python -m experiments ensemble ...   # saved checkpoints combined by averaging class probabilities (.ensemble)
+    python -m experiments ensemble ...   # checkpoints: class probabilities averaged, sonnets by MBR (.ensemble)
     python -m experiments sweep    ...   # an Optuna search on SQLite: resumable, shared, pruned (.sweep)
     python -m experiments plot     ...   # runs' curves overlaid, labelled by what differs; seeds as bands (.plot)
 
-Seeds and sweeps run the task's own script (``classifier.py``, ``paraphrase_detection.py``) with
-its flags passed through after ``--``, each run in its own run folder (``experiments.launch``);
-tables are written as CSV and markdown (``experiments.tables``). Tracking (``--report_to``) is a
-flag of every task, so it passes through too.
+Seeds and sweeps run the task's own script (``classifier.py``, ``paraphrase_detection.py``,
+``sonnet_generation.py``) with its flags passed through after ``--``, each run in its own run
+folder (``experiments.launch``); tables are written as CSV and markdown (``experiments.tables``).
+Tracking (``--report_to``) is a flag of every task, so it passes through too.
 """

@@ -8,8 +8,10 @@ in its own run folder ``<out>/seed-S`` (predictions in ``<out>/seed-S/prediction
 on both datasets runs each in ``<out>/seed-S/<dataset>``). Then
 ``<out>/summary.csv`` and ``summary.md`` list every dev metric of the runs' best epochs (and the
 efficiency numbers a run folder holds) with mean, sample standard deviation and each seed's value:
-a gain smaller than the spread across seeds is noise. Rerunning the same command after an
-interruption skips the finished seeds and resumes the interrupted one from its ``last.pt``.
+a gain smaller than the spread across seeds is noise. A sonnet run (``--task sonnet``) reports its
+best epoch's dev chrF, held-out loss and perplexity and the form of its dev sonnets (``form_*``).
+Rerunning the same command after an interruption skips the finished seeds and resumes the
+interrupted one from its ``last.pt``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.launch import ExperimentError, check_task_flags, one_run_each, parse_list, run_results, run_task
+from experiments.launch import (
+    TASKS,
+    ExperimentError,
+    check_task_flags,
+    one_run_each,
+    parse_list,
+    run_results,
+    run_task,
+)
 from experiments.tables import mean_std, write_tables
 
 
@@ -64,8 +74,9 @@ def run_seeds(task: str, seeds: Sequence[int], out: str | Path, task_argv: Seque
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, choices=("classifier", "paraphrase"),
-                   help="the task script each seed runs (classifier.py or paraphrase_detection.py)")
+    p.add_argument("--task", required=True, choices=tuple(TASKS),
+                   help="the task script each seed runs (classifier.py, paraphrase_detection.py or "
+                        "sonnet_generation.py)")
     p.add_argument("--seeds", required=True, help="comma-separated seeds, e.g. 11711,42,7")
     p.add_argument("--out", required=True, help="experiment folder: seed-<S>/ run folders and summary.{csv,md}")
 

@@ -26,7 +26,15 @@ from typing import Any
 
 from cli.validation import positive_int
 from engine import tracking
-from experiments.launch import ExperimentError, check_task_flags, dataset_flag, run_results, run_task
+from experiments.launch import (
+    SELECTION_METRIC,
+    TASKS,
+    ExperimentError,
+    check_task_flags,
+    dataset_flag,
+    run_results,
+    run_task,
+)
 from experiments.space import Param, SpaceError, combine, read_space_file, space_arg
 from experiments.tables import write_tables
 
@@ -228,8 +236,9 @@ def plot(study: Any, out: Path) -> list[Path]:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, choices=("classifier", "paraphrase"),
-                   help="the task script each trial runs (classifier.py or paraphrase_detection.py)")
+    p.add_argument("--task", required=True, choices=tuple(TASKS),
+                   help="the task script each trial runs (classifier.py, paraphrase_detection.py or "
+                        "sonnet_generation.py)")
     p.add_argument("--out", required=True, help="sweep folder: trial-<N>/ run folders, trials.{csv,md}, plots")
     p.add_argument("--space", type=space_arg, action="append", default=[], metavar="NAME=KIND:ARGS",
                    help="one dimension, e.g. lr=loguniform:1e-5:1e-3, batch_size=choice:8,16, lora_r=int:4:32:4, "
@@ -237,7 +246,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space_file", default=None, help="YAML or JSON mapping of name to spec (or to a list of choices)")
     p.add_argument("--n_trials", type=positive_int, default=20,
                    help="finished (completed or pruned) trials in the study")
-    p.add_argument("--metric", default="accuracy", help="dev metric to optimise (as the run's eval reports it)")
+    p.add_argument("--metric", default=None,
+                   help="dev metric to optimise, as the run's eval reports it (default: accuracy; sonnet: chrf; "
+                        "a sonnet run also reports loss, perplexity and form_*: use --direction minimize for loss)")
     p.add_argument("--direction", choices=("maximize", "minimize"), default="maximize")
     p.add_argument("--pruner", type=pruner_arg, default="median",
                    help="median (default), none, or threshold:X (end trials whose metric is below X)")
@@ -247,6 +258,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, task_argv: list[str]) -> Any:
+    args.metric = args.metric or SELECTION_METRIC[args.task]
     if args.task == "classifier" and dataset_flag(task_argv) in (None, "both"):
         raise ExperimentError("a sweep optimises one dataset: add --dataset sst (or cfimdb, cola) after --")
     try:

@@ -21,6 +21,16 @@ Generation"), the strategy ``models.generation.generate`` runs when
   Unlike ACS, k stays ``top_k`` (the candidates of all prompts are scored as one batch of
   fixed width), and H_t is the entropy of the processed scores (after repetition
   penalty / n-gram bans), the distribution candidates are drawn from.
+- ``contrastive_alpha_min``: alpha follows the step instead, the "dynamic alpha" of the
+  course's reports (R2): it rises linearly from ``contrastive_alpha_min`` at the first
+  generated token to ``penalty_alpha`` at the last one (``max_new_tokens``), the same for
+  every row, so the start of a text follows the model and the degeneration penalty grows
+  as repetition becomes the risk:
+
+      alpha_t = alpha_min + (penalty_alpha - alpha_min) * t / (max_new_tokens - 1),   t = 0, 1, ...
+
+  (alpha_min for a single token). With ``contrastive_alpha_min == penalty_alpha`` it is
+  the constant alpha of plain contrastive search, token for token.
 
 Why it is written this way: ``transformers`` 5 no longer ships contrastive search
 in its core, so it follows the paper (tests/test_generation.py checks it step by
@@ -65,10 +75,24 @@ class DynamicAlpha:
         return torch.sigmoid(self.logit + self.q * u)[:, None]
 
 
+class LinearAlpha:
+    """alpha_t of the linear schedule (module docstring): ``alpha_min`` at the first generated token,
+    ``alpha_max`` at token ``steps`` (and after)."""
+
+    def __init__(self, alpha_min: float, alpha_max: float, steps: int) -> None:
+        self.low, self.high, self.steps, self.t = alpha_min, alpha_max, steps, 0
+
+    def __call__(self, scores: torch.Tensor) -> float:
+        """This step's alpha (the same for every row; ``scores`` is not read)."""
+        share = min(self.t / (self.steps - 1), 1.0) if self.steps > 1 else 0.0
+        self.t += 1
+        return self.low + (self.high - self.low) * share
+
+
 class Contrastive:
     """Su et al. 2022: among the top-k tokens pick the one maximising
     (1 - alpha) * p(token) - alpha * max cosine(h_token, h_previous)
-    (or the mean cosine, or a per-step alpha: see the module docstring).
+    (or the mean cosine, or a per-step alpha, by uncertainty or by step: see the module docstring).
 
     With the cache, every prompt keeps k rows that share their history; the k
     candidates are scored in one batched step and the chosen row's new key/value
@@ -78,7 +102,9 @@ class Contrastive:
         B, P, d = prompt_hidden.shape
         self.runner, self.k, self.B = runner, config.top_k, B
         self.mean_sim = config.contrastive_mean_sim
-        self.alpha: float | DynamicAlpha = config.penalty_alpha
+        self.alpha: float | DynamicAlpha | LinearAlpha = config.penalty_alpha
+        if config.contrastive_alpha_min is not None:
+            self.alpha = LinearAlpha(config.contrastive_alpha_min, config.penalty_alpha, config.max_new_tokens)
         if config.contrastive_dynamic_alpha:
             self.alpha = DynamicAlpha(config.penalty_alpha, config.contrastive_alpha_sensitivity, B,
                                       config.max_new_tokens, prompt_hidden.device)
@@ -93,7 +119,7 @@ class Contrastive:
     def select(self, scores: torch.Tensor, seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Next token (B,) and the logits (B, V) that follow it."""
         B, k, cur = self.B, self.k, seqs.size(1)
-        alpha = self.alpha(scores) if isinstance(self.alpha, DynamicAlpha) else self.alpha  # float or (B, 1)
+        alpha = self.alpha(scores) if callable(self.alpha) else self.alpha  # a number or (B, 1)
         probs, cand = scores.softmax(-1).topk(k, dim=-1)  # (B, k)
         if self.runner.use_cache:
             h = self.runner.step(cand.reshape(-1, 1), cur + 1)  # (B*k, d)

@@ -38,6 +38,7 @@ class GenerationConfig:
     contrastive_mean_sim: bool = False  # contrastive search: penalise the mean, not the max, similarity
     contrastive_dynamic_alpha: bool = False  # contrastive search: alpha follows the model's uncertainty per step
     contrastive_alpha_sensitivity: float = 8.0  # how far the dynamic alpha moves (q of models.contrastive)
+    contrastive_alpha_min: float | None = None  # contrastive search: alpha rises linearly from this to penalty_alpha
     repetition_penalty: float = 1.0
     eos_token_id: int | None = None
     pad_token_id: int | None = None  # fills finished rows; default: eos_token_id
@@ -66,6 +67,12 @@ class GenerationConfig:
         self._require(not self.contrastive_dynamic_alpha or self.penalty_alpha < 1.0, "penalty_alpha",
                       "must be < 1 with contrastive_dynamic_alpha (it is the alpha at median uncertainty)")
         self._require(self.contrastive_alpha_sensitivity >= 0, "contrastive_alpha_sensitivity", "must be >= 0")
+        if self.contrastive_alpha_min is not None:
+            _check_number("contrastive_alpha_min", self.contrastive_alpha_min)
+            self._require(0.0 <= self.contrastive_alpha_min <= self.penalty_alpha, "contrastive_alpha_min",
+                          f"must be in [0, penalty_alpha={self.penalty_alpha}] (alpha rises from it to penalty_alpha)")
+            self._require(not self.contrastive_dynamic_alpha, "contrastive_alpha_min",
+                          "and contrastive_dynamic_alpha are two alpha schedules: choose one")
         self._require(self.repetition_penalty > 0, "repetition_penalty", "must be > 0 (1 turns it off)")
         self._require(self.early_stopping in (True, False, "never"), "early_stopping", "must be True, False or 'never'")
         self._require(self.num_return_sequences >= 1, "num_return_sequences", "must be >= 1")

@@ -16,11 +16,17 @@ Completions that are empty (the model ended the sonnet at once) are dropped. A c
 model ended with EOS keeps the EOS text at its end (``continue_prompts(keep_eos=True)``), so DPO
 scores the ending too (``methods.dpo.encode_completion``) while ranking ignores it; one cut off at
 ``max_new_tokens`` has none.
+
+``--dpo_rejected shuffled|truncated`` makes the pairs without sampling (``corruption_pairs``): the
+chosen side is the training sonnet's true continuation, the rejected side the same lines shuffled,
+or cut after a random number of lines; both end with the EOS text, so a truncated sonnet teaches
+the model not to end early. The random draws come from ``random.Random(seed)`` (``--seed``).
 """
 
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +36,14 @@ from torch import nn
 
 from engine.data import DataFormatError
 from engine.trainer import EvalFn, TrainConfig
-from methods.dpo import build_pairs, encode_pair, frozen_reference, make_dpo_loss_fn, pair_collator
+from methods.dpo import (
+    PreferencePair,
+    build_pairs,
+    encode_pair,
+    frozen_reference,
+    make_dpo_loss_fn,
+    pair_collator,
+)
 from models.generation_config import GenerationConfig
 from tasks.common import fit_task
 from tasks.lm import EOS_TEXT
@@ -40,6 +53,7 @@ from tasks.sonnet_form import form_score, sonnet_lines
 
 RANKINGS = ("chrf", "form")
 PAIRINGS = ("best_worst", "all")
+REJECTED = ("sampled", "shuffled", "truncated")  # sampled and ranked (today's), or a corrupted true sonnet
 
 
 @dataclass(frozen=True)
@@ -47,7 +61,8 @@ class DpoSettings:
     """A DPO run (the ``--dpo_*`` flags): ``samples`` completions per prompt, drawn with ``sampling``
     (the sampling settings, whatever ``--decoding`` says), ranked by ``rank``, paired by ``pairs``
     where their scores differ by more than ``min_margin``; ``beta`` bounds how far the policy may
-    leave the reference."""
+    leave the reference. ``rejected`` other than ``sampled`` makes the pairs by corrupting the true
+    continuation (``corruption_pairs``, drawn with ``seed``) and samples nothing."""
 
     sampling: GenerationConfig
     samples: int = 4
@@ -55,6 +70,8 @@ class DpoSettings:
     pairs: str = "best_worst"
     min_margin: float = 0.0
     beta: float = 0.1
+    rejected: str = "sampled"  # REJECTED: sampled and ranked, or the true continuation corrupted
+    seed: int = 11711  # the draws of the corruptions
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -118,6 +135,49 @@ def score_completions(prompts: Sequence[str], continuations: Sequence[str], cand
             for p, cs in zip(prompts, candidates, strict=True)]
 
 
+def corrupt(text: str, kind: str, rng: random.Random) -> str | None:
+    """``text`` (a continuation: leading newlines, then lines) with its lines shuffled into another
+    order, or cut after 1 .. n-1 of its n lines; None where no different text can be made (a
+    single line; to shuffle, lines all alike)."""
+    if kind not in REJECTED[1:]:
+        raise ValueError(f"kind must be one of {REJECTED[1:]}, got {kind!r}")
+    body = text.lstrip("\n")
+    lead, lines = text[:len(text) - len(body)], body.rstrip("\n").split("\n")
+    if len(lines) < 2:
+        return None
+    if kind == "truncated":
+        return lead + "\n".join(lines[:rng.randint(1, len(lines) - 1)])
+    if len(set(lines)) < 2:
+        return None
+    order = list(range(len(lines)))
+    while [lines[i] for i in order] == lines:  # a shuffle that changes the text (lines not all alike)
+        rng.shuffle(order)
+    return lead + "\n".join(lines[i] for i in order)
+
+
+def corruption_pairs(prompts: Sequence[str], continuations: Sequence[str], kind: str,
+                     seed: int) -> list[PreferencePair]:
+    """One pair per prompt: its true continuation chosen (score 1), the continuation corrupted by
+    ``kind`` rejected (score 0), both ending with the EOS text; prompts whose continuation cannot be
+    corrupted are skipped. The same inputs and seed give the same pairs."""
+    rng, pairs = random.Random(seed), []
+    for i, (prompt, rest) in enumerate(zip(prompts, continuations, strict=True)):
+        bad = corrupt(rest, kind, rng)
+        if bad is not None:
+            pairs.append(PreferencePair(i, prompt, rest + EOS_TEXT, bad + EOS_TEXT, 1.0, 0.0))
+    return pairs
+
+
+def preference_pairs(prompts: Sequence[str], continuations: Sequence[str],
+                     complete: Callable[[Sequence[str]], list[str]], settings: DpoSettings) -> list[PreferencePair]:
+    """The run's pairs: sampled, ranked and paired (``rejected`` ``sampled``), or by corruption."""
+    if settings.rejected != "sampled":
+        return corruption_pairs(prompts, continuations, settings.rejected, settings.seed)
+    candidates = sample_completions(complete, prompts, settings.samples)
+    scores = score_completions(prompts, continuations, candidates, settings.rank)
+    return build_pairs(prompts, candidates, scores, strategy=settings.pairs, min_margin=settings.min_margin)
+
+
 def dpo_fine_tune(
     model: nn.Module,
     tokenizer: Any,
@@ -139,16 +199,21 @@ def dpo_fine_tune(
     disable_dropout(model)
     reference = frozen_reference(model)
     prompts, continuations = prompts_and_continuations(train_texts)
-    candidates = sample_completions(complete, prompts, settings.samples)
-    scores = score_completions(prompts, continuations, candidates, settings.rank)
-    pairs = build_pairs(prompts, candidates, scores, strategy=settings.pairs, min_margin=settings.min_margin)
+    pairs = preference_pairs(prompts, continuations, complete, settings)
+    if not pairs and settings.rejected != "sampled":
+        raise DataFormatError(source, None, f"no preference pairs: none of {len(prompts)} true continuations "
+                                            f"has two different lines to make {settings.rejected}")
     if not pairs:
         raise DataFormatError(source, None, f"no preference pairs from {len(prompts)} prompts x "
                                             f"{settings.samples} samples: every prompt's candidates scored "
                                             "alike; sample more (--dpo_samples) or lower --dpo_min_margin")
     mean_margin = sum(p.margin for p in pairs) / len(pairs)
-    print(f"DPO: {len(pairs)} pairs from {len(prompts)} prompts x {settings.samples} samples, ranked by "
-          f"{settings.rank} (mean margin {mean_margin:.3f}), beta {settings.beta}")
+    if settings.rejected == "sampled":
+        print(f"DPO: {len(pairs)} pairs from {len(prompts)} prompts x {settings.samples} samples, ranked by "
+              f"{settings.rank} (mean margin {mean_margin:.3f}), beta {settings.beta}")
+    else:
+        print(f"DPO: {len(pairs)} pairs from {len(prompts)} prompts, each true continuation against it "
+              f"{settings.rejected}, beta {settings.beta}")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "dpo_pairs.jsonl", "w") as f:
@@ -165,5 +230,6 @@ def dpo_fine_tune(
     return best
 
 
-__all__ = ["PAIRINGS", "RANKINGS", "DpoSettings", "disable_dropout", "dpo_fine_tune", "prompts_and_continuations",
-           "sample_completions", "score_completions"]
+__all__ = ["PAIRINGS", "RANKINGS", "REJECTED", "DpoSettings", "corrupt", "corruption_pairs", "disable_dropout",
+           "dpo_fine_tune", "preference_pairs", "prompts_and_continuations", "sample_completions",
+           "score_completions"]
