@@ -13,6 +13,50 @@ COLA_URL=${COLA_URL:-https://raw.githubusercontent.com/felipefreitas93/NLPdatase
 # Tiny Shakespeare (1.1 MB of the plays, public domain), a corpus to pretrain a small GPT-2 on.
 SHAKESPEARE_URL=${SHAKESPEARE_URL:-https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt}
 SHARED=../shared/data
+# Poetry Foundation poems (Kaggle "tgdivy/poetry-foundation-poems", PoetryFoundationData.csv; tasks/poetry_corpus.py),
+# fetched only by `setup.sh --poetry`, which does nothing else: exit status 0 when the CSV is there
+# (downloaded now or before), 1 when it cannot be downloaded (one line says what to do).
+POETRY_URL=${POETRY_URL:-https://www.kaggle.com/api/v1/datasets/download/tgdivy/poetry-foundation-poems}
+POETRY_PAGE=https://www.kaggle.com/datasets/tgdivy/poetry-foundation-poems
+POETRY_CSV=${POETRY_CSV:-data/PoetryFoundationData.csv}
+
+fetch_poetry() {
+  if [ -s "$POETRY_CSV" ]; then
+    echo "    $POETRY_CSV is already there"
+    return 0
+  fi
+  mkdir -p "$(dirname "$POETRY_CSV")"
+  local part="$POETRY_CSV.part"
+  # Kaggle serves the dataset as a zip holding the CSV; a plain CSV at POETRY_URL is taken as it is.
+  if curl -sfL --connect-timeout 5 --max-time 600 "$POETRY_URL" -o "$part" && "$PYTHON" - "$part" "$POETRY_CSV" <<'EOF'
+import shutil, sys, zipfile
+src, dst = sys.argv[1:]
+if zipfile.is_zipfile(src):
+    with zipfile.ZipFile(src) as z:
+        names = [n for n in z.namelist() if n.lower().endswith(".csv")]
+        if not names:
+            sys.exit(1)
+        with z.open(names[0]) as f, open(src + ".csv", "wb") as out:
+            shutil.copyfileobj(f, out)
+    shutil.move(src + ".csv", src)
+with open(src, encoding="utf-8", errors="replace") as f:
+    if "poem" not in f.readline().lower():  # not the Poetry Foundation layout (an error page, another file)
+        sys.exit(1)
+shutil.move(src, dst)
+EOF
+  then
+    echo "    downloaded $POETRY_CSV"
+    return 0
+  fi
+  rm -f "$part" "$part.csv"
+  echo "error: could not download the Poetry Foundation CSV from $POETRY_URL (offline, or Kaggle asks to log in):" \
+       "download PoetryFoundationData.csv from $POETRY_PAGE and put it at $POETRY_CSV" >&2
+  return 1
+}
+if [ "${1:-}" = "--poetry" ]; then
+  echo "==> the Poetry Foundation poems"
+  fetch_poetry && exit 0 || exit 1
+fi
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "==> creating virtual environment $VENV"

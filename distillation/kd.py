@@ -1,6 +1,7 @@
 """``kd``: knowledge distillation of a fine-tuned GPT-2 sentence classifier (the
 teacher, a checkpoint written by ``classifier.py`` on SST, CFIMDB or CoLA) into a small
-student: a 2-layer LSTM on GPT-2 token embeddings, or a ``tiny`` GPT-2.
+student: a 2-layer LSTM on GPT-2 token embeddings (frozen), report 004's 2-layer ReLU RNN
+on trainable embeddings, or a ``tiny`` GPT-2.
 
 Loss: alpha * T^2 * KL(teacher soft labels || student) + (1 - alpha) * CE
 (``distillation.kd_loss``). The same student trained with alpha = 0 (no teacher)
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from cli.validation import positive_float, positive_int, unit_interval
-from distillation.kd_loss import LSTMStudent, kd_loss
+from distillation.kd_loss import LSTMStudent, RNNStudent, kd_loss
 from distillation.records import write_summary
 from engine.data import PadCollator, make_eval_loader
 from engine.efficiency import count_parameters
@@ -38,6 +39,7 @@ from tasks.restore import restore_task_model
 from tasks.sentiment import DATASETS, NUM_LABELS, SELECTION_METRIC, default_path, logits, read_split
 from tasks.settings import ModelSettings, TaskSettings, from_flags
 
+STUDENTS = ("lstm", "rnn", "tiny")
 DEFAULTS = {"batch_size": 32, "lr": 1e-3, "epochs": 5, "hidden_dropout_prob": 0.1}
 
 
@@ -69,8 +71,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=DATASETS, default=d.dataset)
     p.add_argument("--train", default=d.train, help="default data/ids-<dataset>-train.csv (CoLA: data/cola-train.tsv)")
     p.add_argument("--dev", default=d.dev, help="default data/ids-<dataset>-dev.csv (CoLA: data/cola-dev.tsv)")
-    p.add_argument("--student", choices=("lstm", "tiny"), default=d.student)
-    p.add_argument("--student_hidden", type=positive_int, default=d.student_hidden, help="LSTM hidden size")
+    p.add_argument("--student", choices=STUDENTS, default=d.student,
+                   help="lstm: 2-layer LSTM on the teacher's frozen embeddings; rnn: 2-layer ReLU RNN on "
+                        "trainable ones (report 004); tiny: a random tiny GPT-2")
+    p.add_argument("--student_hidden", type=positive_int, default=d.student_hidden, help="LSTM/RNN hidden size")
     p.add_argument("--alpha", type=unit_interval, default=d.alpha, help="weight of the soft (teacher) term")
     p.add_argument("--temperature", type=positive_float, default=d.temperature)
     p.add_argument("--no_baseline", action="store_true", help="skip the student trained without the teacher")
@@ -102,9 +106,11 @@ def metrics_of(model: torch.nn.Module, loader: Any, labels: list[int]) -> dict[s
 
 def build_student(kind: str, teacher: GPT2SentimentClassifier, num_labels: int, hidden: int,
                   dropout: float) -> torch.nn.Module:
-    """The LSTM (``hidden`` wide) on the teacher's embeddings, or a random ``tiny`` GPT-2 sentiment classifier."""
-    if kind == "lstm":
-        return LSTMStudent(teacher.gpt.wte.weight, num_labels, hidden, dropout=dropout)
+    """The LSTM or ReLU RNN (``hidden`` wide) on the teacher's embeddings, or a random ``tiny`` GPT-2
+    sentiment classifier."""
+    if kind in ("lstm", "rnn"):
+        student = LSTMStudent if kind == "lstm" else RNNStudent
+        return student(teacher.gpt.wte.weight, num_labels, hidden, dropout=dropout)
     return GPT2SentimentClassifier(build_model("tiny", random_init=True), num_labels, dropout)
 
 

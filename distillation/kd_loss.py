@@ -1,5 +1,6 @@
-"""Knowledge-distillation loss (Hinton et al. 2015) and the LSTM student it trains (the
-small GPT-2 student is the task's own ``models.heads.GPT2SentimentClassifier``).
+"""Knowledge-distillation loss (Hinton et al. 2015) and the recurrent students it trains (an
+LSTM, or report 004's ReLU RNN with trainable embeddings; the small GPT-2 student is the
+task's own ``models.heads.GPT2SentimentClassifier``).
 
 Kept apart from ``distillation.kd`` (the CLI and training wiring) so that the
 loss and the students can be tested and reused without the engine.
@@ -41,11 +42,12 @@ def kd_loss(
     return alpha * temperature**2 * kl + (1.0 - alpha) * ce
 
 
-class LSTMStudent(nn.Module):
-    """A 2-layer LSTM over GPT-2 token embeddings, classifying from the state at
-    the last real token. The embedding table is copied from the teacher's GPT-2
-    and frozen by default: the student learns the sequence model, not 38M
-    embedding weights, which is what makes it small to train."""
+class RecurrentStudent(nn.Module):
+    """A 2-layer recurrent network over GPT-2 token embeddings, classifying from the state at
+    the last real token. The embedding table is copied from the teacher's GPT-2; ``cell`` names
+    the recurrent module (and its checkpoint keys)."""
+
+    cell = "lstm"
 
     def __init__(
         self,
@@ -58,8 +60,10 @@ class LSTMStudent(nn.Module):
     ) -> None:
         super().__init__()
         self.embed = nn.Embedding.from_pretrained(embeddings.detach().clone(), freeze=freeze_embeddings)
-        self.lstm = nn.LSTM(embeddings.size(1), hidden_size, num_layers, batch_first=True,
-                            dropout=dropout if num_layers > 1 else 0.0)
+        kind = {"lstm": nn.LSTM, "rnn": nn.RNN}[self.cell]
+        extra = {"nonlinearity": "relu"} if self.cell == "rnn" else {}
+        self.add_module(self.cell, kind(embeddings.size(1), hidden_size, num_layers, batch_first=True,
+                                        dropout=dropout if num_layers > 1 else 0.0, **extra))
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size, num_labels)
 
@@ -71,5 +75,24 @@ class LSTMStudent(nn.Module):
         ids = torch.gather(input_ids, 1, order)
         packed = nn.utils.rnn.pack_padded_sequence(self.embed(ids), lengths.cpu(), batch_first=True,
                                                    enforce_sorted=False)
-        _, (h_n, _) = self.lstm(packed)  # h_n (num_layers, B, H)
+        _, state = getattr(self, self.cell)(packed)  # h_n (num_layers, B, H), with the LSTM's c_n
+        h_n = state[0] if isinstance(state, tuple) else state
         return self.head(self.drop(h_n[-1]))  # (B, num_labels)
+
+
+class LSTMStudent(RecurrentStudent):
+    """The LSTM student. Its embeddings are frozen by default: it learns the sequence model, not
+    38M embedding weights, which is what makes it small to train."""
+
+    cell = "lstm"
+
+
+class RNNStudent(RecurrentStudent):
+    """Report 004's student: a 2-layer Elman RNN with ReLU units whose embeddings (copied from the
+    teacher) are trained too."""
+
+    cell = "rnn"
+
+    def __init__(self, embeddings: torch.Tensor, num_labels: int, hidden_size: int = 768, num_layers: int = 2,
+                 dropout: float = 0.1, freeze_embeddings: bool = False) -> None:
+        super().__init__(embeddings, num_labels, hidden_size, num_layers, dropout, freeze_embeddings)

@@ -241,15 +241,18 @@ def fit_task(
     count_fn: CountFn | None = None,
     callbacks: Sequence[Callback] = (),
     train_eval_fn: EvalFn | None = None,
+    loader: Any = None,
 ) -> tuple[dict[str, Any], Trainer]:
     """Train ``model`` on shuffled batches of ``train_features`` with the shared Trainer and
     leave the best epoch's weights in it (``count_fn``: what a loss averages over, for
     gradient accumulation; default examples; ``callbacks``: e.g. a training objective's;
-    ``train_eval_fn``: metrics on the training set each epoch, e.g. ``train_metrics_fn``'s).
+    ``train_eval_fn``: metrics on the training set each epoch, e.g. ``train_metrics_fn``'s;
+    ``loader``: batches to train on instead, e.g. ``engine.multitask.MultiTaskLoader``'s).
     Every run also records its efficiency table (``engine.efficiency``: printed at the end,
     ``efficiency.json`` in the run folder). Returns (best dev metrics, trainer)."""
-    loader = make_loader(train_features, collate, batch_size, shuffle=True, num_workers=num_workers,
-                         group_by_length=group_by_length)
+    if loader is None:
+        loader = make_loader(train_features, collate, batch_size, shuffle=True, num_workers=num_workers,
+                             group_by_length=group_by_length)
     ranks = world_size()
     print(f"global batch {ranks * batch_size * config.grad_accum} = {ranks} process{'es' if ranks > 1 else ''} "
           f"x batch {batch_size} x {config.grad_accum} accumulated"

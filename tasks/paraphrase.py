@@ -13,13 +13,16 @@ R-Drop and SMART regularise those logits; SimCSE's InfoNCE runs on the prompt's 
 (unsupervised, two dropout views) or, with ``--contrastive_supervised``, on the two questions of
 each pair encoded alone (a positive pair's questions are positives). ``--pooling`` picks that
 representation; the answer itself is always read at the prompt's last token (it is the
-next-token prediction there).
+next-token prediction there), so ``cli.paraphrase`` refuses ``--pooling mean`` without SimCSE.
+``--contrastive_hard_negatives`` adds mined negatives to supervised SimCSE
+(``methods.objectives.hard_negatives``); ``--multitask sst`` trains Quora beside other tasks in
+one run (``tasks.multitask``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from engine.data import PadCollator, make_eval_loader
 from engine.predict import predict_in_order
 from errors import InputError
 from methods.lora import unwrap_lora
+from methods.objectives.hard_negatives import add_hard_negatives, mine_hard_negatives
 from methods.restore import save_model
 from models.heads import ClozeParaphraseScorer
 from tasks.common import (
@@ -42,15 +46,11 @@ from tasks.common import (
     train_metrics_fn,
     training_loss,
 )
-from tasks.course_data import (
-    PARAPHRASE_PROMPT,
-    ParaphrasePair,
-    load_quora_splits,
-    paraphrase_features,
-    write_id_predictions,
-)
+from tasks.course_data import write_id_predictions
 from tasks.metrics import classification_metrics, majority_baseline
+from tasks.multitask import MAIN_TASK, aux_features, multitask_training
 from tasks.publish import RunPredictions, Target, is_explicit, partial_reason, shown
+from tasks.quora_data import PARAPHRASE_PROMPT, ParaphrasePair, load_quora_splits, paraphrase_features
 from tasks.restore import restore_task_model
 from tasks.settings import ClassificationSettings
 
@@ -59,8 +59,9 @@ from tasks.settings import ClassificationSettings
 class ParaphraseSettings(ClassificationSettings):
     """A paraphrase run (the fields are ``paraphrase_detection.py``'s flags): the Quora files read
     and written, the loss over the two answer tokens or the full vocabulary, the padding side,
-    the evaluation batch size (0: 4 x the training one), and where the best model is saved
-    (None: ``<run folder>/paraphrase-model.pt``)."""
+    the evaluation batch size (0: 4 x the training one), where the best model is saved
+    (None: ``<run folder>/paraphrase-model.pt``), the auxiliary tasks of a multi-task run with
+    their sampling and loss weights (``tasks.multitask``), and mined SimCSE hard negatives."""
 
     para_train: str = "data/quora-train.csv"
     para_dev: str = "data/quora-dev.csv"
@@ -71,6 +72,11 @@ class ParaphraseSettings(ClassificationSettings):
     padding_side: str = "right"
     eval_batch_size: int = 0
     filepath: str | None = None
+    multitask: tuple[str, ...] = ()
+    task_sampling: str = "proportional"
+    sampling_temperature: float = 2.0
+    task_weights: dict[str, float] = field(default_factory=dict)
+    contrastive_hard_negatives: bool = False
 
 
 # ----------------------------------------------------------------- public API
@@ -184,15 +190,28 @@ def run(settings: ParaphraseSettings) -> dict[str, Any]:
             train_collate = loss.pair_view_collate(feats["train"], [p.sentence1 for p in data["train"]],
                                                    [p.sentence2 for p in data["train"]], tokenizer, max_len,
                                                    settings.padding_side)
+        if settings.contrastive_hard_negatives:
+            hard = mine_hard_negatives([p.sentence1 for p in data["train"]], [p.sentence2 for p in data["train"]],
+                                       [p.label for p in data["train"]])
+            add_hard_negatives(feats["train"], hard, tokenizer, max_len)
+            print(f"mined {len(hard)} hard negatives (word overlap, other label)")
+        train_model, loader = model, None
+        if settings.multitask:
+            aux = aux_features(settings.multitask, tokenizer, max_len, data_settings.limit)
+            train_model, loader, loss = multitask_training(
+                model, loss, {MAIN_TASK: feats["train"], **aux}, collate, data_settings.batch_size,
+                sampling=settings.task_sampling, temperature=settings.sampling_temperature,
+                weights=settings.task_weights, hidden_dropout_prob=settings.model.hidden_dropout_prob)
 
-        def eval_fn(m: ClozeParaphraseScorer) -> dict[str, float]:
-            return evaluate(predict_p_yes(m, feats["dev"], collate, eval_bs, bf16), data["dev"])
+        def eval_fn(m: Any) -> dict[str, float]:  # the scorer, or the multi-task model holding it
+            return evaluate(predict_p_yes(getattr(m, "scorer", m), feats["dev"], collate, eval_bs, bf16), data["dev"])
 
         on_train = train_metrics_fn(feats["train"], len(feats["dev"]), settings.seed, lambda m, rows: answers(
-            predict_p_yes(m, rows, collate, eval_bs, bf16)))
+            predict_p_yes(getattr(m, "scorer", m), rows, collate, eval_bs, bf16)))
         cfg = train_config(settings, device, out_dir, metric="accuracy", save_trainable_only=trainable_only)
-        best, _ = fit_task(model, loss, feats["train"], train_collate, eval_fn, cfg, **data_settings.loader_kwargs(),
-                           callbacks=loss.callbacks, extra={"args": dict(settings.flags)}, train_eval_fn=on_train)
+        best, _ = fit_task(train_model, loss, feats["train"], train_collate, eval_fn, cfg,
+                           **data_settings.loader_kwargs(), callbacks=getattr(loss, "callbacks", []),
+                           extra={"args": dict(settings.flags)}, train_eval_fn=on_train, loader=loader)
     model.to(device)
     unwrap_lora(model)
     if settings.train.epochs > 0 or not settings.run.load:  # predicting with a loaded model: nothing worth saving

@@ -4,6 +4,7 @@
 - ``contrastive``: SimCSE-style InfoNCE (Gao et al. 2021), unsupervised or on paraphrase pairs;
 - ``smart``: SMART (Jiang et al. 2020), adversarial smoothness on the embeddings and a Bregman
   proximal point term against a momentum teacher;
+- ``hard_negatives``: SimCSE hard negatives for paraphrase pairs, mined by word overlap;
 - ``combined``: the wrapper (``build_objective``) that adds every term asked for to a task's loss.
 
 This file holds only what a task needs to know without loading any of them: the settings
@@ -24,6 +25,7 @@ from torch import nn
 
 from models.heads import POOLINGS
 
+HARD_KEY = "hard_negative_input_ids"  # a pair's mined SimCSE hard negative (``hard_negatives``, ``contrastive``)
 LogitsFn = Callable[[nn.Module, Any], torch.Tensor]  # a task's (model, batch) -> (B, C) logits
 TaskLoss = Callable[[torch.Tensor, Any], torch.Tensor]  # a task's (logits, batch) -> loss
 
@@ -73,4 +75,4 @@ def cross_entropy_loss(logits: torch.Tensor, batch: Any) -> torch.Tensor:
     return F.cross_entropy(logits.float(), batch["labels"])
 
 
-__all__ = ["LogitsFn", "ObjectiveSettings", "TaskLoss", "cross_entropy_loss"]
+__all__ = ["HARD_KEY", "LogitsFn", "ObjectiveSettings", "TaskLoss", "cross_entropy_loss"]

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.data import PadCollator
+from methods.objectives import HARD_KEY
 from models.heads import pool
 
 PAIR_KEYS = ("sentence1_input_ids", "sentence2_input_ids")
@@ -79,22 +80,26 @@ def unsupervised_contrastive_loss(
 
 def supervised_pair_loss(
     first: torch.Tensor, second: torch.Tensor, labels: torch.Tensor, temperature: float = 0.05,
-    gather: Gather = local,
+    gather: Gather = local, hard: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Supervised SimCSE on pairs: (B, d) representations of the first and second questions and
-    (B,) 0/1 labels, the other ranks' gathered as in ``unsupervised_contrastive_loss``. A batch
-    without a positive pair contributes zero (still attached to the graph)."""
+    (B,) 0/1 labels, the other ranks' gathered as in ``unsupervised_contrastive_loss``; ``hard``
+    (B, d), mined hard negatives (``hard_negatives``), join the candidates. A batch without a
+    positive pair contributes zero (still attached to the graph)."""
     rows = first.size(0)
     first, second, labels = gather(first), gather(second), gather(labels)
+    if hard is not None:
+        second = torch.cat([second, gather(hard)])  # the positives keep their rows: targets unchanged
     return global_batch_loss(_pair_loss(first, second, labels, temperature), rows, first.size(0))
 
 
-def _pair_loss(first: torch.Tensor, second: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+def _pair_loss(first: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor,
+               temperature: float) -> torch.Tensor:
     positive = labels.bool()
     if not positive.any():
-        return (first.sum() + second.sum()) * 0.0
+        return (first.sum() + candidates.sum()) * 0.0
     rows = positive.nonzero().squeeze(-1)  # (N,) anchors: the positive pairs
-    return info_nce(first[rows], second, targets=rows, temperature=temperature)
+    return info_nce(first[rows], candidates, targets=rows, temperature=temperature)
 
 
 def encode_sentences(
@@ -114,7 +119,8 @@ def pair_views_loss(
     if missing:
         raise KeyError(f"supervised contrastive loss needs batch keys {missing}; build batches with PairViewCollator")
     first, second = (encode_sentences(body, batch[k], batch[mask_key(k)], pooling) for k in PAIR_KEYS)
-    return supervised_pair_loss(first, second, batch["labels"], temperature, gather)
+    hard = encode_sentences(body, batch[HARD_KEY], batch[mask_key(HARD_KEY)], pooling) if HARD_KEY in batch else None
+    return supervised_pair_loss(first, second, batch["labels"], temperature, gather, hard)
 
 
 def add_pair_views(
@@ -136,15 +142,16 @@ def mask_key(ids_key: str) -> str:
 
 class PairViewCollator(PadCollator):
     """``PadCollator`` that also pads each example's ``sentence1_input_ids`` and
-    ``sentence2_input_ids`` (the two questions alone, token ids) and adds their masks
-    (``sentence1_attention_mask``...), for the supervised contrastive term."""
+    ``sentence2_input_ids`` (the two questions alone, token ids), and its mined hard negative
+    where it has one (``HARD_KEY``), and adds their masks (``sentence1_attention_mask``...), for
+    the supervised contrastive term."""
 
     def __init__(self, pad_id: int, padding_side: str = "right") -> None:
-        super().__init__(pad_id, {k: pad_id for k in PAIR_KEYS}, padding_side)
+        super().__init__(pad_id, {k: pad_id for k in (*PAIR_KEYS, HARD_KEY)}, padding_side)
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         batch = super().__call__(examples)
-        for k in PAIR_KEYS:
+        for k in (*PAIR_KEYS, HARD_KEY):
             if k in batch:
                 batch[mask_key(k)] = self._pad([[1] * len(ex[k]) for ex in examples], 0)
         return batch
