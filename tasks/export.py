@@ -21,6 +21,7 @@ from torch import nn
 
 from engine.checkpoints import load_checkpoint, load_checkpoint_weights
 from engine.rng import seed_everything
+from engine.run_paths import resolve_latest
 from methods.export import ExportError, base_name, export_classifier, export_lm, export_peft
 from methods.fine_tune import set_fine_tune_mode
 from methods.restore import rebuild_model
@@ -90,7 +91,7 @@ def _language_model(ckpt: Mapping[str, Any], path: Path, flags: Mapping[str, Any
 def load_exportable(source: str | Path, tokenizer: str | None = None, adapters: bool = False) -> Exportable:
     """The model a run folder or one of its files holds; ``adapters``: the LoRA/DoRA adapters are wanted
     unmerged (a PEFT export), refused for a file without them."""
-    path = Path(source)
+    path = resolve_latest(source)
     if path.is_dir():
         path = checkpoint_in(path, adapters)
     elif not path.is_file():

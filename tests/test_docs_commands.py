@@ -9,7 +9,8 @@ temporary copy of the project root (its entries linked, ``runs/`` and ``predicti
 course data linked), so nothing of the repository's own runs or predictions changes. Each command
 runs in this test process (``runpy``, as ``python script.py`` would run it), which keeps the whole
 file quick. Lines of a block that do not start with ``python`` (``mkdir``, ``echo``...) are set-up
-for a reader and are not run.
+for a reader and are not run. A command that reads runs (``export.py``, ``python -m experiments plot``) runs
+after the commands above it in its block, which make them (reduced: a ``-gpt2`` run folder is ``-tiny``).
 """
 
 from __future__ import annotations
@@ -38,19 +39,20 @@ EXTRA = {
     "sonnet_generation.py": (("--max_new_tokens", "16"),),
     "prepare_submit.py": (("--no_import_check", None),),  # the graders' imports are tested elsewhere
 }
-NOT_TASKS = ("generate.py", "prepare_submit.py")
+NOT_TASKS = ("generate.py", "prepare_submit.py", "export.py")
 DROPPED = ("--use_gpu",)
 
 
-def runnable_commands() -> list[tuple[str, list[str]]]:
-    """(``file:line``, argv after ``python``) of every python command in a runnable block."""
-    found = []
+def runnable_blocks() -> list[list[tuple[str, list[str]]]]:
+    """Each runnable block's python commands in order: (``file:line``, argv after ``python``)."""
+    blocks: list[list[tuple[str, list[str]]]] = []
     for doc in DOCS:
         lines = doc.read_text(encoding="utf-8").splitlines()
         inside, pending, start = False, "", 0
         for number, line in enumerate(lines, 1):
             if line.startswith("```"):
                 inside = line.strip() == FENCE
+                blocks.append([])
                 continue
             if not inside:
                 continue
@@ -67,8 +69,26 @@ def runnable_commands() -> list[tuple[str, list[str]]]:
                 continue
             pending = ""
             if words and words[0] in PYTHON:
-                found.append((f"{doc.relative_to(ROOT)}:{start}", words[1:]))
-    return found
+                blocks[-1].append((f"{doc.relative_to(ROOT)}:{start}", words[1:]))
+    return [b for b in blocks if b]
+
+
+def runnable_commands() -> list[tuple[str, list[str]]]:
+    """(``file:line``, argv after ``python``) of every python command in a runnable block."""
+    return [command for block in runnable_blocks() for command in block]
+
+
+def reads_runs(argv: list[str]) -> bool:
+    return argv[0] == "export.py" or argv[:3] == ["-m", "experiments", "plot"]
+
+
+def made_before(where: str) -> list[list[str]]:
+    """The commands above ``where`` in its block: what makes the runs a command that reads runs reads."""
+    for block in runnable_blocks():
+        names = [w for w, _ in block]
+        if where in names:
+            return [argv for _, argv in block[: names.index(where)]]
+    return []
 
 
 def set_flag(argv: list[str], flag: str, value: str | None) -> None:
@@ -82,6 +102,11 @@ def set_flag(argv: list[str], flag: str, value: str | None) -> None:
 def reduced(argv: list[str], tiny_model: Path) -> list[str]:
     """The tiny form of a documented command (see the module docstring)."""
     argv = [a for a in argv if a not in DROPPED]
+    if reads_runs(argv):  # the runs above it in its block were made on the tiny model
+        argv = [re.sub(r"-gpt2(-medium|-large|-xl)?(?=/|$)", "-tiny", a) if a.startswith("runs/") else a
+                for a in argv]
+    if argv[0] == "-m" and "--" not in argv:  # an experiment command without task flags (plot, ensemble)
+        return argv
     if argv[:2] == ["-m", "experiments"]:
         split = argv.index("--")
         head, task = argv[:split], argv[split + 1:]
@@ -143,6 +168,13 @@ def test_documented_command_runs(where, argv, project_copy, monkeypatch, capsys)
     if command[0] == "generate.py":
         make_hf_folder(tiny_model, **SMALL_GPT2)
     monkeypatch.chdir(project_copy)
+    for before in made_before(where) if reads_runs(command) else []:
+        run_command(f"{where} (set-up)", reduced(before, tiny_model), project_copy, monkeypatch, capsys)
+    run_command(where, command, project_copy, monkeypatch, capsys)
+
+
+def run_command(where: str, command: list[str], project_copy: Path, monkeypatch, capsys) -> None:
+    """``python COMMAND`` in this process, from ``project_copy``; a non-zero exit fails with its stderr."""
     module = command[1] if command[0] == "-m" else None
     script = [module, *command[2:]] if module else [str(project_copy / command[0]), *command[1:]]
     monkeypatch.setattr(sys, "argv", script)

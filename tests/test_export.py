@@ -21,6 +21,7 @@ from cli.common import fine_tune_config
 from cli.export import main as export_main
 from cli.lm import build_pretrain_parser, pretrain_settings_from_args
 from config import get_config
+from engine.run_dir import new_run_folder
 from errors import InputError
 from methods.export import (
     ExportError,
@@ -311,3 +312,18 @@ def test_push_to_an_unreachable_endpoint_says_so(tmp_path, monkeypatch, use_hub_
     with pytest.raises(ExportError, match=r"it is unreachable .* push it later with `hf upload me/gpt2 "):
         push_to_hub(tmp_path, "me/gpt2")
 
+
+
+def test_latest_as_a_pointer_file_names_the_run(tmp_path, monkeypatch):
+    """Where symlinks fail, ``latest`` is a one-line pointer file: ``export.py RUN/latest`` (and a file
+    through it) exports the run it names, as through a symlink."""
+    def no_symlinks(*a, **k):
+        raise OSError("symlinks not supported")
+
+    monkeypatch.setattr(os, "symlink", no_symlinks)
+    run = new_run_folder(tmp_path / "runs")
+    save_model(GPT2Model(get_config("tiny")), run / "model.pt")
+    assert (tmp_path / "runs" / "latest").is_file()
+    assert export_main([str(tmp_path / "runs" / "latest"), "--out", str(tmp_path / "a")]) is None
+    export_main([str(tmp_path / "runs" / "latest" / "model.pt"), "--out", str(tmp_path / "b")])
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()

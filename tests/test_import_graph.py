@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("models", "modules", "engine", "tasks", "methods", "decoding", "cli", "experiments", "distillation")
 CORE_FILES = ("config", "errors", "optimizer", "utils")  # top-level core modules (the graders import them)
 SCRIPTS = ("classifier", "paraphrase_detection", "sonnet_generation", "pretrain", "generate", "prepare_submit",
-           "export", "sanity_check", "optimizer_test")  # the graders' checks count as scripts
+           "export", "demo", "sanity_check", "optimizer_test")  # the graders' checks count as scripts
 
 # What each part of the project may import (besides itself). Read top to bottom: the entry points
 # use everything; the engine trains any nn.Module, so it knows neither models, tasks nor methods;
