@@ -113,7 +113,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--dpo_beta", type=positive_float, default=0.1, help="how far the policy may leave the reference")
     g.add_argument("--dpo_samples", type=int_in(2), default=4, help="sampled completions per training prompt")
     g.add_argument("--dpo_rank", choices=RANKINGS, default="chrf",
-                   help="chrf against the true continuation, or form_score (lines, syllables, rhyme)")
+                   help="chrf against the true continuation, or form: the form of the generated lines")
     g.add_argument("--dpo_pairs", choices=PAIRINGS, default="best_worst",
                    help="best against worst per prompt, or every differently scored two")
     g.add_argument("--dpo_min_margin", type=non_negative_float, default=0.0,
