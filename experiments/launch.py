@@ -159,8 +159,9 @@ def best_epoch(metrics_jsonl: Path, metric: str, mode: str = "max") -> dict[str,
     best: dict[str, Any] = {}
     for rec in read_history(metrics_jsonl):
         dev = rec.get("dev") or {}
-        better = not best or (dev[metric] > best[metric] if mode == "max" else dev[metric] < best[metric])
-        if metric in dev and better:
+        if metric not in dev:
+            continue
+        if not best or (dev[metric] > best[metric] if mode == "max" else dev[metric] < best[metric]):
             best = {**dev, "epoch": rec["epoch"]}
     return best
 

@@ -201,3 +201,13 @@ def test_seeds_of_a_classifier_on_both_datasets_resume_a_dataset_killed_before_i
         assert (out / "seed-5" / ds / "predictions" / f"last-linear-layer-{ds}-dev-out.csv").exists()
         epochs = [x for x in (out / "seed-5" / ds / "metrics.jsonl").read_text().splitlines() if '"epoch", ' in x]
         assert len(epochs) == 1
+
+
+def test_best_epoch_skips_epochs_without_the_metric(tmp_path):
+    """An epoch whose dev record lacks the metric (after one that has it) is skipped, not a KeyError."""
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"type": "epoch", "epoch": 1, "dev": {"chrf": 1.0}}, {"type": "epoch", "epoch": 2, "dev": {}},
+        {"type": "epoch", "epoch": 3, "dev": {"chrf": 2.0}}, {"type": "step", "step": 9})))
+    assert launch.best_epoch(log, "chrf") == {"chrf": 2.0, "epoch": 3}
+    assert launch.best_epoch(log, "chrf", mode="min") == {"chrf": 1.0, "epoch": 1}
