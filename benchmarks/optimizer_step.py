@@ -22,7 +22,7 @@ groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.0},
 print(f"{sum(p.numel() for p in params):,} parameters; shapes >= 2-D: "
       f"{sorted({tuple(p.shape) for p in groups[0]['params']})}")
 for name in sys.argv[2:]:
-    opt = build_optimizer(name, groups, lr=1e-4, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)
+    opt = build_optimizer(name, groups, lr=1e-4, betas=(0.9, 0.999), eps=1e-6)
     g = torch.Generator().manual_seed(0)
     times = []
     for _ in range(21):

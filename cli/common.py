@@ -158,7 +158,7 @@ def add_common_args(
                    help="DoRA: adapters that also learn a magnitude per output row (Liu et al. 2024)")
     g.add_argument("--quantize_base", choices=QUANTIZE_BASE, default="none",
                    help="QLoRA: keep the frozen base of each adapted layer quantised (int8 per row, int4 per group "
-                        "of 32), dequantised in each pass; the adapters train in float32")
+                        "of 64 inputs), dequantised in each pass; the adapters train in float32")
     g.add_argument("--load_adapter", metavar="DIR",
                    help="start from a PEFT LoRA/DoRA adapter folder (adapter_config.json + adapter_model."
                         "safetensors; needs --fine-tune-mode lora): its r, alpha, dropout, targets and DoRA "

@@ -27,22 +27,22 @@ def check_optimizer(name: str, fsdp: bool) -> None:
                          f"not the matrix's; lion, adan: unverified on shards); use {' or '.join(SHARDABLE)}")
 
 
-def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], eps: float,
-                    weight_decay: float) -> torch.optim.Optimizer:
-    """``name`` over ``groups`` (each may set its own ``weight_decay``)."""
+def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float],
+                    eps: float) -> torch.optim.Optimizer:
+    """``name`` over ``groups``, each of which sets its own ``weight_decay``."""
     if name == "adamw":
         return FastAdamW(groups, lr=lr, betas=betas, eps=eps)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     import pytorch_optimizer as po  # third-party and optional: only the runs that name one load it
     if name == "soap":
-        return po.SOAP(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+        return po.SOAP(groups, lr=lr, betas=betas, eps=eps,
                        precondition_frequency=PRECONDITION_EVERY)
     if name == "lion":
-        return po.Lion(groups, lr=lr, weight_decay=weight_decay)
+        return po.Lion(groups, lr=lr)
     if name == "adan":
-        return po.Adan(groups, lr=lr, eps=eps, weight_decay=weight_decay, weight_decouple=True)
-    opt = po.ScalableShampoo(groups, lr=lr, betas=betas, weight_decay=weight_decay, decoupled_weight_decay=True,
+        return po.Adan(groups, lr=lr, eps=eps, weight_decouple=True)
+    opt = po.ScalableShampoo(groups, lr=lr, betas=betas, decoupled_weight_decay=True,
                              moving_average_for_momentum=True, start_preconditioning_step=PRECONDITION_EVERY,
                              preconditioning_compute_steps=PRECONDITION_EVERY, graft_type=3, diagonal_eps=eps)
     opt.register_state_dict_post_hook(_shampoo_tensors)  # graft_type 3: RMSProp

@@ -84,9 +84,10 @@ def check_resume(last: str | Path, current: Mapping[str, Any], allow_changes: bo
         raise RunDirError(f"{e}; delete it or use --overwrite to start afresh") from None
     saved = run_settings(ckpt.get("train_config") or {}, ckpt.get("model_config"), ckpt.get("extra"))
     changes = changed_settings(saved, current)
-    moved = [c for c in changes if c.startswith("optimizer ")]
-    if moved:  # the saved optimizer state is that optimizer's: no other can take it
-        raise RunDirError(f"{last}: --resume cannot change the optimizer ({moved[0]}); start a new run instead")
+    was, now = (s.get("optimizer", ADDED_SETTINGS["optimizer"]) for s in (saved, current))
+    if was != now:  # the saved optimizer state is that optimizer's: no other can take it
+        raise RunDirError(f"{last}: --resume cannot change the optimizer (optimizer {was!r} -> {now!r}); "
+                          "start a new run instead")
     if changes and not allow_changes:
         raise RunDirError(f"{last}: --resume with settings that differ from the saved run's: {'; '.join(changes)}. "
                           "Rerun with the saved settings, or add --resume_allow_changes to continue with the "

@@ -225,7 +225,7 @@ class Trainer(CheckpointMixin):
         groups = [{"params": decay, "weight_decay": self.config.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         return build_optimizer(self.config.optimizer, [g for g in groups if g["params"]], lr=self.config.lr,
-                               betas=self.config.betas, eps=self.config.eps, weight_decay=self.config.weight_decay)
+                               betas=self.config.betas, eps=self.config.eps)
 
     def _train_epoch(self) -> float | None:
         """One epoch (or what is left of it after a resume): accumulation groups of micro-batches,
