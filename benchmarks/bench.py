@@ -243,19 +243,26 @@ def bench_decode(ours, hf, args, device) -> None:
                   f"({mem[k] / mem['transformers']:.2f}x)  greedy agreement {agree:.3f}"
                   f"  (reps ms: {' '.join(f'{t * 1e3:.0f}' for t in raw[k])})")
         if B == 1:
+            bounds = {q: bandwidth_bound(ours, q, device) for q in quants}  # the cache variants share them
             for side in sides:
-                print_bound(ours, side, med[side] / args.new_tokens, device)
+                print_bound(bounds[side.partition("/")[2].partition("+")[0]], side, med[side] / args.new_tokens)
 
 
-def print_bound(model: GPT2Model, side: str, step_s: float, device: torch.device) -> None:
-    """The batch-1 bound of one representation (``side``: ``ours/<quantize>[+cache]``): the bytes an
-    inference-only model holds (less the position table, of which a step reads one row) over the
-    fastest matrix-vector rate measured."""
-    quantize, plus, cache = side.partition("/")[2].partition("+")
+def bandwidth_bound(model: GPT2Model, quantize: str, device: torch.device) -> tuple[str, int, dict[str, float]]:
+    """What the batch-1 bound of a ``quantize`` representation is made of, whatever its cache: its
+    kind, the bytes an inference-only model holds (less the position table, of which a step reads
+    one row) and the matrix-vector rates measured for that kind."""
     fast = prepare_for_inference(copy.deepcopy(model), quantize=quantize, inference_only=True)
     nbytes = held_bytes(fast) - held_bytes(fast.body.wpe)
     kind = "float32" if quantize == "none" else quantize
-    bws = matvec_bandwidth(device, kind)
+    return kind, nbytes, matvec_bandwidth(device, kind)
+
+
+def print_bound(measured: tuple[str, int, dict[str, float]], side: str, step_s: float) -> None:
+    """The batch-1 bound of one side (``ours/<quantize>[+cache]``) from its ``bandwidth_bound``:
+    the weights' bytes over the fastest matrix-vector rate measured."""
+    kind, nbytes, bws = measured
+    plus, cache = side.partition("+")[1:]
     bw = max(bws.values())
     bound = nbytes / bw
     print(f"bandwidth bound ({kind}): {nbytes / 2**20:.0f} MiB of weights / "

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from decoding.gptq import CALIBRATION_TEXT, GPTQ_CHOICES  # noqa: E402
+from decoding.gptq import CALIBRATION_TEXT, GPTQ_CHOICES, Calibration  # noqa: E402
 from decoding.inference import prepare_for_decoding  # noqa: E402
 from decoding.quant import QUANTIZE_CHOICES, QuantizationUnavailable, check_quantize  # noqa: E402
 from models.generation import LineStop  # noqa: E402
@@ -157,8 +157,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print(f"{'float32':>8} {1:10.3f} {1:7.3f} {ref_ppl:11.3f} {'':>8} {ref_chrf:7.2f}")
     results = {"float32": {"agreement": 1.0, "forced_agreement": 1.0, "perplexity": ref_ppl, "chrf": ref_chrf}}
     rows = [(q, q, model) for q in args.quantize] + [(label, q, m) for label, (q, m) in compared.items()]
+    calibration = Calibration(args.calibration, tok)  # tokenised once for every GPTQ row
     for q, quant, source in rows:
-        fast = prepare_for_decoding(source, quant, calibration=args.calibration)
+        fast = prepare_for_decoding(source, quant, calibration=calibration)
         greedy, ppl, ch = measure(fast)
         forced = agreement(forced_argmax(fast, tok, prompts, ref_greedy), ref_forced)
         results[q] = {"agreement": agreement(greedy, ref_greedy), "forced_agreement": forced, "perplexity": ppl,

@@ -21,12 +21,18 @@ back to eager (still on the static cache) with one warning line, and decodes the
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
 
 from decoding.static_cache import StaticDecoder, StaticKVCache, static_forward
+
+
+def cuda_graphs(device: torch.device) -> bool:
+    """Whether the step on ``device`` replays as a CUDA graph (``mode="reduce-overhead"``)."""
+    return device.type == "cuda"
 
 
 class CompiledStep:
@@ -36,19 +42,19 @@ class CompiledStep:
         self.compile_kwargs = compile_kwargs
         self.compiled = None  # the torch.compile wrapper, built at the first step (its device picks the mode)
         self.failed = False
+        self.marked: list[weakref.ref] = []  # the cache tensors last marked static (weakly: no storage kept alive)
 
     def __call__(self, body: nn.Module, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
                  cache: StaticKVCache) -> torch.Tensor:
         if self.failed:
             return static_forward(body, ids, position_ids, mask, cache)
-        cuda = ids.device.type == "cuda"
+        cuda = cuda_graphs(ids.device)
         if self.compiled is None:
             kwargs = {"mode": "reduce-overhead" if cuda else None, "dynamic": False, "fullgraph": True,
                       **self.compile_kwargs}
             self.compiled = torch.compile(static_forward, **kwargs)
         if cuda:  # CUDA graphs write the cache in place instead of copying it in and out
-            for t in cache.step_tensors():
-                torch._dynamo.mark_static_address(t)
+            self._mark_static(cache.step_tensors())
         try:
             hidden = self.compiled(body, ids, position_ids, mask, cache)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: decode eagerly
@@ -58,6 +64,15 @@ class CompiledStep:
                           f"({type(e).__name__}: {reason})", stacklevel=2)
             return static_forward(body, ids, position_ids, mask, cache)
         return hidden.clone() if cuda else hidden  # a CUDA graph's output is overwritten by the next replay
+
+    def _mark_static(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        """Mark the cache's tensors as static addresses once, not at every step: again only when the
+        cache changes (a new cache, or new storage when beam search changes the row count)."""
+        if len(tensors) == len(self.marked) and all(r() is t for r, t in zip(self.marked, tensors)):
+            return
+        for t in tensors:
+            torch._dynamo.mark_static_address(t)
+        self.marked = [weakref.ref(t) for t in tensors]
 
 
 def compile_decoding(model: nn.Module, **compile_kwargs: Any) -> StaticDecoder:

@@ -26,7 +26,7 @@ stays invertible where the calibration set spans too few directions; inputs neve
 (a zero diagonal) get weight 0, as in the reference code. Columns are processed in lazy
 batches of ``block``: the feedback to columns beyond the batch is applied once per batch.
 
-    fast = prepare_for_decoding(model, "int4-gptq", calibration="data/tinyshakespeare.txt")
+    fast = prepare_for_decoding(model, "int4-gptq", calibration=Calibration("data/tinyshakespeare.txt", tokenizer))
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import copy
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -142,22 +143,42 @@ def dequantize(stored: Stored, bits: int) -> torch.Tensor:
     return dequantize_int8(*stored) if bits == 8 else dequantize_int4(*stored)
 
 
+class Calibration:
+    """The calibration text at ``path`` as token ids of the caller's ``tokenizer`` (``--tokenizer``;
+    None: the default GPT-2 tokenizer), read and tokenised at the first use and only then: once
+    however many models calibrate on it (``generate.py --draft_model``: target and draft), never
+    when nothing is calibrated."""
+
+    def __init__(self, path: str | Path = CALIBRATION_TEXT, tokenizer: Any = None) -> None:
+        self.path, self.tokenizer = Path(path), tokenizer
+        self._ids: torch.Tensor | None = None
+
+    def token_ids(self) -> torch.Tensor:
+        """(n,) the whole text's token ids."""
+        if self._ids is None:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"--calibration {self.path} does not exist; give a plain-text file")
+            tokenizer = self.tokenizer or load_tokenizer(None, verbose=False)
+            self._ids = torch.tensor(tokenizer(self.path.read_text(encoding="utf-8"))["input_ids"], dtype=torch.long)
+        return self._ids
+
+    def blocks(self, context: int, n_blocks: int = CALIBRATION_BLOCKS,
+               block_size: int = CALIBRATION_TOKENS) -> torch.Tensor:
+        """(N, T) token blocks spread evenly over the first ``CALIBRATION_SHARE`` of the text,
+        T = min(``block_size``, ``context``)."""
+        ids, t = self.token_ids(), min(block_size, context)
+        usable = ids[: int(ids.numel() * CALIBRATION_SHARE) // t * t].view(-1, t)  # (M, T)
+        if usable.size(0) == 0:
+            raise InputError(f"--calibration {self.path} holds fewer than {t / CALIBRATION_SHARE:.0f} tokens; "
+                             "give a longer text")
+        pick = torch.linspace(0, usable.size(0) - 1, min(n_blocks, usable.size(0))).round().long()
+        return usable[pick]
+
+
 def calibration_blocks(path: str | Path, context: int, n_blocks: int = CALIBRATION_BLOCKS,
-                       block_size: int = CALIBRATION_TOKENS, tokenizer=None) -> torch.Tensor:
-    """(N, T) token blocks spread evenly over the first ``CALIBRATION_SHARE`` of the text at
-    ``path``, T = min(``block_size``, ``context``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--calibration {path} does not exist; give a plain-text file")
-    tokenizer = tokenizer or load_tokenizer(None, verbose=False)
-    ids = torch.tensor(tokenizer(path.read_text(encoding="utf-8"))["input_ids"], dtype=torch.long)
-    t = min(block_size, context)
-    usable = ids[: int(ids.numel() * CALIBRATION_SHARE) // t * t].view(-1, t)  # (M, T)
-    if usable.size(0) == 0:
-        raise InputError(f"--calibration {path} holds fewer than {t / CALIBRATION_SHARE:.0f} tokens; "
-                         "give a longer text")
-    pick = torch.linspace(0, usable.size(0) - 1, min(n_blocks, usable.size(0))).round().long()
-    return usable[pick]
+                       block_size: int = CALIBRATION_TOKENS, tokenizer: Any = None) -> torch.Tensor:
+    """``Calibration(path, tokenizer).blocks(context, n_blocks, block_size)``."""
+    return Calibration(path, tokenizer).blocks(context, n_blocks, block_size)
 
 
 @torch.no_grad()
@@ -225,16 +246,19 @@ def gptq_layouts(stored: dict[int, Stored], bits: int) -> LayoutPolicy:
     return policy
 
 
-def gptq_policy(model: GPT2Model, choice: str, calibration: str | Path = CALIBRATION_TEXT,
+def gptq_policy(model: GPT2Model, choice: str, calibration: str | Path | Calibration = CALIBRATION_TEXT,
                 n_blocks: int = CALIBRATION_BLOCKS) -> LayoutPolicy:
     """``--quantize int8-gptq|int4-gptq``: GPTQ of ``model`` on ``n_blocks`` sequences of the
-    ``calibration`` text, as a layout policy for ``prepare_for_inference``."""
+    ``calibration`` text (a path: tokenised by the default tokenizer), as a layout policy for
+    ``prepare_for_inference``."""
     bits = bits_of(choice)
-    blocks = calibration_blocks(calibration, model.config.max_position_embeddings, n_blocks)
-    print(f"GPTQ int{bits}: calibrating on {blocks.size(0)} sequences of {blocks.size(1)} tokens of {calibration}",
-          file=sys.stderr)
+    if not isinstance(calibration, Calibration):
+        calibration = Calibration(calibration)
+    blocks = calibration.blocks(model.config.max_position_embeddings, n_blocks)
+    print(f"GPTQ int{bits}: calibrating on {blocks.size(0)} sequences of {blocks.size(1)} tokens of "
+          f"{calibration.path}", file=sys.stderr)
     return gptq_layouts(gptq_model(model, blocks, bits), bits)
 
 
-__all__ = ["CALIBRATION_TEXT", "GPTQ_CHOICES", "bits_of", "calibration_blocks", "dequantize", "gptq_layouts",
-           "gptq_model", "gptq_policy", "gptq_quantize", "hessian"]
+__all__ = ["CALIBRATION_TEXT", "GPTQ_CHOICES", "Calibration", "bits_of", "calibration_blocks", "dequantize",
+           "gptq_layouts", "gptq_model", "gptq_policy", "gptq_quantize", "hessian"]

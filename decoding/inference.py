@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from decoding.decode_weights import DecodeLinear, LayoutEmbedding, LayoutPolicy, default_layouts
-from decoding.gptq import CALIBRATION_TEXT, GPTQ_CHOICES, gptq_policy
+from decoding.gptq import CALIBRATION_TEXT, GPTQ_CHOICES, Calibration, gptq_policy
 from decoding.quant import (
     QUANTIZE_CHOICES,
     QuantizationUnavailable,
@@ -173,13 +173,13 @@ def fold_adapters(model: nn.Module) -> None:
 
 
 def prepare_for_decoding(model: GPT2Model, quantize: str = "none", *, inference_only: bool = False,
-                         decode_rows: int = 1, calibration: str = CALIBRATION_TEXT) -> InferenceModel:
+                         decode_rows: int = 1, calibration: str | Calibration = CALIBRATION_TEXT) -> InferenceModel:
     """The model prepared for decoding as ``--quantize`` asks. With ``inference_only`` the model is
     consumed (adapters folded in, its weights held once in the decoding layouts, laid out for steps
     of ``decode_rows`` rows). An impossible choice (int4 on a GPU) raises ``QuantizationUnavailable``
     naming the flag, which the command line prints as one ``error:`` line with exit status 2.
     ``int8-gptq`` / ``int4-gptq`` store int8 / int4 rounded by GPTQ (``decoding.gptq``) on the
-    ``calibration`` text."""
+    ``calibration`` text: a ``Calibration`` with the caller's tokenizer (a path: the default one)."""
     device = next(model.parameters()).device
     base = quantize.removesuffix("-gptq")
     try:

@@ -320,47 +320,73 @@ def check_quantize(quantize: str, device: torch.device | str, hidden_size: int |
             raise QuantizationUnavailable(reason)
 
 
-class _Int8Product(torch.autograd.Function):
-    """``x @ (q * scale)^T`` saving only the int8 weight for the backward pass: the input's
-    gradient dequantises again instead of keeping a float copy of every layer's weight alive
-    between forward and backward (QLoRA's memory saving). The weight gets no gradient."""
+class _DequantizedProduct(torch.autograd.Function):
+    """``x @ dequantize(*stored)^T`` saving only the stored (quantised) tensors for the backward
+    pass: the input's gradient dequantises again instead of keeping a float copy of every layer's
+    weight alive between forward and backward (QLoRA's memory saving). The weight gets no gradient."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(q, scale)
-        return F.linear(x, dequantize_int8(q, scale, x.dtype))
+    def forward(ctx, x: torch.Tensor, dequantize, *stored: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*stored)
+        ctx.dequantize = dequantize
+        return F.linear(x, dequantize(*stored).to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        q, scale = ctx.saved_tensors
-        return grad @ dequantize_int8(q, scale, grad.dtype), None, None
+        stored = ctx.saved_tensors
+        return grad @ ctx.dequantize(*stored).to(grad.dtype), None, *(None for _ in stored)
 
 
-class Int8Linear(torch.nn.Module):
-    """A frozen ``nn.Linear`` stored as int8 with per-row scales (buffers, not parameters: it
-    never trains); the base of a LoRA / DoRA adapter on a quantised model. ``weight`` is the
-    dequantised float weight, for DoRA's norms."""
+class QuantizedLinear(torch.nn.Module):
+    """A frozen ``nn.Linear`` stored quantised (buffers, not parameters: it never trains); the base
+    of a LoRA / DoRA adapter on a quantised model. A subclass registers its buffers, names them in
+    ``stored`` and says in ``dequantize`` how they become the float32 weight; the product rebuilds
+    it in the forward pass and again for the backward pass. ``weight`` is the dequantised weight,
+    for DoRA's norms and for merging."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+    kind = ""  # the storage, as the module's repr names it
+
+    def __init__(self, bias: torch.Tensor | None, dtype: torch.dtype, out_features: int, in_features: int) -> None:
         super().__init__()
-        self.register_buffer("q", q)
-        self.register_buffer("scale", scale)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.dtype = dtype
-        self.out_features, self.in_features = q.shape
+        self.out_features, self.in_features = out_features, in_features
+
+    def stored(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def dequantize(self, *stored: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dequantize(*self.stored()).to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _DequantizedProduct.apply(x, self.dequantize, *self.stored())
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 with per-row scales (``quantize_int8``)."""
+
+    kind = "int8"
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__(bias, dtype, *q.shape)
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear) -> Int8Linear:
         q, scale = quantize_int8(linear.weight)
         return cls(q, scale.to(linear.weight.device), linear.bias, linear.weight.dtype)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return dequantize_int8(self.q, self.scale, self.dtype)
+    def stored(self) -> tuple[torch.Tensor, ...]:
+        return self.q, self.scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _Int8Product.apply(x, self.q, self.scale)
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+    def dequantize(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return dequantize_int8(q, scale)

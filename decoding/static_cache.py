@@ -94,13 +94,14 @@ class StaticKVCache(KVCache):
         self.real.copy_(self.real.index_select(0, index))
 
 
-def static_forward(body: nn.Module, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
-                   cache: StaticKVCache) -> torch.Tensor:
-    """Hidden states (B, T, d) of ``ids`` after the cached positions, in eval mode: the blocks of
-    ``GPT2Model.forward`` under an explicit mask over every slot, and no Python value that changes
-    with the position (attention reads the cache's ``length`` but, given a mask, never uses it:
-    tests/test_compiled_decode.py counts one graph for every position)."""
-    x = body.wte(ids) + body.wpe(position_ids)  # (B, T, d)
+def static_forward(body: nn.Module, ids: torch.Tensor, position_ids: torch.Tensor | None, mask: torch.Tensor,
+                   cache: StaticKVCache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Hidden states (B, T, d) of ``ids`` after the cached positions, in eval mode: the embeddings
+    and blocks of ``GPT2Model.forward`` under an explicit mask over every slot, and no Python value
+    that changes with the position (attention reads the cache's ``length`` but, given a mask, never
+    uses it: tests/test_compiled_decode.py counts one graph for every position). Without
+    ``position_ids``, ``attention_mask`` counts the prompt's positions over its real tokens."""
+    x = body.embed(ids, attention_mask, position_ids)  # (B, T, d)
     for block in body.h:
         x = block(x, mask, cache)
     return body.ln_f(x)
@@ -143,12 +144,13 @@ class StaticDecoder:
         if cache.length == 0:
             cache.start(attention_mask)
         cache.check_room(T)
-        if position_ids is None and attention_mask is not None:  # the prompt: count real tokens only
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-        elif position_ids is None:
-            position_ids = (cache.position + cache.slots[:T])[None]  # (1, T)
-        run = self.step if T == 1 else static_forward
-        hidden = run(self.body, input_ids, position_ids, cache.key_mask(T), cache)
+        if position_ids is None and attention_mask is None:  # from the cache's tensor, not its Python length:
+            position_ids = (cache.position + cache.slots[:T])[None]  # (1, T), the step compiles once
+        mask = cache.key_mask(T)
+        if T == 1 and position_ids is not None:
+            hidden = self.step(self.body, input_ids, position_ids, mask, cache)
+        else:  # the prompt, eagerly (GPT2Model.embed counts its positions over the real tokens)
+            hidden = static_forward(self.body, input_ids, position_ids, mask, cache, attention_mask)
         cache.advance(T)
         return {"last_hidden_state": hidden}
 

@@ -16,7 +16,9 @@ trained (up to the kernels' summation order; the int4 kernel also rounds activat
 What is rounded is what ``--quantize`` rounds: every linear of the transformer blocks (int8 per
 row, or int4 in groups of ``INT4_GROUP``), and the tied embedding in int8 in both cases (it is the
 LM head and serves the input lookups from the same bytes). Biases, LayerNorms and the position
-embedding stay float, as in decoding.
+embedding stay float, as in decoding. The tied embedding is read twice per forward (lookup and
+head): the loss that trains it runs under ``torch.nn.utils.parametrize.cached()``
+(``tasks.lm.causal_lm_loss``), so it is rounded once.
 
     apply_qat(model, "int4")      # before the optimizer is built: parameters keep their identity
     ... train ...

@@ -2,10 +2,11 @@
 train in float over a frozen base stored quantised.
 
 Dettmers et al. (2023) store the pretrained weights in 4-bit NF4 and train float adapters over
-them. Here the base of each adapted linear is stored on the grids this project's decoding kernels
-already use, not NF4: int8 with a symmetric scale per output row (``decoding.quant.Int8Linear``),
-or int4 with an asymmetric scale and zero per group of 64 inputs, QLoRA's block size (32 for a layer
-whose width 64 does not divide), rounded as ``decoding.quant.quantize_int4`` rounds.
+them. Here the base of each adapted linear (a ``decoding.quant.QuantizedLinear``) is stored on the
+grids this project's decoding kernels already use, not NF4: int8 with a symmetric scale per output
+row (``decoding.quant.Int8Linear``), or int4 with an asymmetric scale and zero per group of 64
+inputs, QLoRA's block size (32 for a layer whose width 64 does not divide), rounded as
+``decoding.quant.quantize_int4`` rounds.
 The float weight is rebuilt from the stored one in the forward pass and again for the backward
 pass, and never kept between them, so the frozen base costs a quarter (int8) or an eighth (int4)
 of its float32 memory. The weight gets no gradient; the input does. Biases, LayerNorms, the
@@ -22,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from decoding.quant import Int8Linear, QuantizationUnavailable, dequantize_int4, quantize_int4
+from decoding.quant import Int8Linear, QuantizationUnavailable, QuantizedLinear, dequantize_int4, quantize_int4
 
 QUANTIZE_BASE = ("none", "int8", "int4")  # --quantize_base choices
 GROUPS = (64, 32)  # int4 group sizes, the first that divides a layer's input width is used
@@ -38,35 +39,17 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.size(0), -1)
 
 
-class _Int4Product(torch.autograd.Function):
-    """``x @ dequant(q)^T`` saving only the int4 values and their scales for the backward pass."""
+class Int4Linear(QuantizedLinear):
+    """int4 values, two per byte, with a bfloat16-rounded scale and zero per group of ``group`` inputs."""
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, q: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
-        ctx.save_for_backward(q, scale_zero)
-        ctx.group = group
-        return nn.functional.linear(x, dequantize_int4(unpack_int4(q), scale_zero, group).to(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        q, scale_zero = ctx.saved_tensors
-        return grad @ dequantize_int4(unpack_int4(q), scale_zero, ctx.group).to(grad.dtype), None, None, None
-
-
-class Int4Linear(nn.Module):
-    """A frozen ``nn.Linear`` stored as int4 values, two per byte, with a bfloat16-rounded scale and
-    zero per group of ``group`` inputs. ``weight`` is the dequantised weight, for DoRA's norms and for
-    merging."""
+    kind = "int4"
 
     def __init__(self, q: torch.Tensor, scale_zero: torch.Tensor, bias: torch.Tensor | None,
                  dtype: torch.dtype, group: int) -> None:
-        super().__init__()
+        super().__init__(bias, dtype, *q.shape)
         self.group = group
         self.register_buffer("q", pack_int4(q))
         self.register_buffer("scale_zero", scale_zero)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.dtype = dtype
-        self.out_features, self.in_features = q.shape
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int4Linear:
@@ -77,13 +60,14 @@ class Int4Linear(nn.Module):
         q, scale_zero = quantize_int4(linear.weight, group)
         return cls(q, scale_zero.to(linear.weight.device), linear.bias, linear.weight.dtype, group)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return dequantize_int4(unpack_int4(self.q), self.scale_zero, self.group).to(self.dtype)
+    def stored(self) -> tuple[torch.Tensor, ...]:
+        return self.q, self.scale_zero
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _Int4Product.apply(x, self.q, self.scale_zero, self.group)
-        return y if self.bias is None else y + self.bias
+    def dequantize(self, q: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
+        return dequantize_int4(unpack_int4(q), scale_zero, self.group)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group={self.group}"
 
 
 def base_layer_for(quantize_base: str) -> Callable[[nn.Linear], nn.Module] | None:

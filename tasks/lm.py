@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from engine.data import DataFormatError, PadCollator, encode, make_loader, read_text
 from engine.trainer import EvalFn, TrainConfig, Trainer
@@ -79,8 +80,11 @@ def split_held_out(blocks: list[dict], fraction: float) -> tuple[list[dict], lis
 
 
 def causal_lm_loss(model: SonnetGPT, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the real tokens of a batch (``SonnetGPT.loss``)."""
-    return model.loss(batch["input_ids"], batch["attention_mask"])
+    """Mean next-token cross-entropy over the real tokens of a batch (``SonnetGPT.loss``). A
+    parametrised weight is computed once per forward and loss: QAT's tied embedding
+    (``methods.qat``) serves the input lookup and the LM head from one rounding."""
+    with parametrize.cached():
+        return model.loss(batch["input_ids"], batch["attention_mask"])
 
 
 def held_out_loss(model: nn.Module, loader: Any) -> dict[str, float]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from decoding.compiled import compile_decoding
-from decoding.gptq import CALIBRATION_TEXT
+from decoding.gptq import CALIBRATION_TEXT, Calibration
 from decoding.inference import decoding_rows, prepare_for_decoding, prepare_for_inference
 from decoding.mbr import CandidatePool, mbr_pool_generate
 from engine import ranks
@@ -306,7 +306,7 @@ def run(settings: SonnetSettings) -> dict[str, Any]:
     # --quantize; --generate_only keeps one copy of the weights, laid out for the rows of a decoding step
     rows = decoding_rows(decoding.batch_size, config.num_beams, pooled=decoding.pool is not None)
     model.gpt = prepare_for_decoding(model.gpt, s.quantize, inference_only=generate_only, decode_rows=rows,
-                                     calibration=s.calibration)
+                                     calibration=Calibration(s.calibration, tokenizer))
     if ranks.is_main():  # under torchrun: one writer
         files.open(out_dir, s.run, parent)
     for name, prompts in (("dev", dev_prompts), ("test", test_prompts)):

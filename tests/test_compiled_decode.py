@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import decoding.compiled
 import generate as cli
 import sonnet_generation
 import tasks.sonnet
@@ -86,6 +87,26 @@ def test_a_step_that_breaks_the_graph_is_never_compiled_per_layer() -> None:
     assert torch.equal(out, generate(model, ids, mask, max_new_tokens=5))
     graphs = counters["stats"].get("unique_graphs", 0)
     assert graphs == 1 or (graphs == 0 and sum("decoding eagerly" in str(w.message) for w in record) == 1)
+
+
+def test_cache_tensors_are_marked_static_once_per_cache_not_per_step(monkeypatch) -> None:
+    """On CUDA the cache's tensors are marked as static addresses for the CUDA graph: once per cache
+    storage, not at every step. On the CPU, by taking the CUDA path (marking, output copies) with a
+    compilation that is not CUDA graphs; the tokens stay the eager ones."""
+    marked: list[torch.Tensor] = []
+    monkeypatch.setattr(decoding.compiled, "cuda_graphs", lambda device: True)
+    monkeypatch.setattr(torch._dynamo, "mark_static_address", marked.append)
+    model = tiny()
+    fast = compile_decoding(model, backend="eager", mode=None)
+    ids, mask = prompts(True)
+    assert torch.equal(generate(fast, ids, mask, max_new_tokens=6), generate(model, ids, mask, max_new_tokens=6))
+    tensors = fast.cache.step_tensors()
+    assert len(marked) == len(tensors) and all(a is b for a, b in zip(marked, tensors))  # 5 steps, marked once
+    generate(fast, ids, mask, max_new_tokens=6)  # the same cache again: nothing to mark
+    assert len(marked) == len(tensors)
+    beams = generate(fast, ids, mask, max_new_tokens=6, num_beams=2)  # 3 x 2 rows: new storage, marked once more
+    assert torch.equal(beams, generate(model, ids, mask, max_new_tokens=6, num_beams=2))
+    assert len(marked) == 2 * len(tensors)
 
 
 def failing_backend(gm, example_inputs):

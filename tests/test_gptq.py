@@ -140,6 +140,36 @@ def test_generate_takes_gptq_choices(tokenizer, tmp_path, quantize: str) -> None
     assert out == [[tokenizer.decode(trim(row, ids.size(1), 0, tokenizer.eos_token_id))]]
 
 
+class CountingTokenizer:
+    """The caller's tokenizer, recording the texts it is called on."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.texts = tokenizer, []
+
+    def __call__(self, text, *args, **kwargs):
+        self.texts.append(text)
+        return self.tokenizer(text, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+
+def test_gptq_calibrates_with_the_callers_tokenizer_once_for_target_and_draft(tokenizer, tmp_path) -> None:
+    """``--tokenizer`` reaches the calibration (not a default tokenizer loaded again), and with
+    ``--draft_model`` the calibration text is read and tokenised once for both models."""
+    torch.manual_seed(0)
+    path, calib = tmp_path / "model.pt", tmp_path / "calib.txt"
+    save_model(GPT2Model(get_config("tiny", initializer_range=0.2)).eval(), path, task="test")
+    text = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.\n" * 60
+    calib.write_text(text)
+    settings = cli.parse_settings(["--model", str(path), "--prompt", "Hello", "--max_new_tokens", "3", "--quantize",
+                                   "int8-gptq", "--calibration", str(calib), "--draft_model", str(path)])
+    model, draft = (cli.restore_task_model(str(path), "body").model.eval() for _ in range(2))
+    custom = CountingTokenizer(tokenizer)
+    cli.complete(model, custom, ["Hello"], settings, draft)
+    assert custom.texts.count(text) == 1
+
+
 def test_a_missing_calibration_file_is_one_error_line(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         cli.run_main(lambda: prepare_for_decoding(small_model(), "int8-gptq", calibration=str(tmp_path / "none.txt")))

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import methods.qat
 from config import GPT2Config
 from decoding import cpu_kernels
 from decoding.decode_weights import DecodeLinear
@@ -18,7 +19,9 @@ from decoding.quant import QuantizationUnavailable, dequantize_int4, dequantize_
 from methods.qat import FakeQuantize, apply_qat, fake_quantize, has_qat, remove_qat
 from methods.restore import load_model
 from models.gpt2 import GPT2Model
+from models.sonnet_gpt import SonnetGPT
 from pretrain import main as pretrain_main
+from tasks.lm import causal_lm_loss
 
 
 def small_model(width: int = 128, seed: int = 0) -> GPT2Model:
@@ -59,6 +62,34 @@ def test_model_gradients_are_those_of_the_rounded_model(choice: str) -> None:
     grads = {name.replace("parametrizations.weight.original", "weight"): p.grad for name, p in model.named_parameters()}
     for name, p in rounded.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_the_tied_embedding_is_rounded_once_per_training_forward(monkeypatch) -> None:
+    """The tied embedding serves the input lookup and the LM head: one rounding of it per forward
+    and loss (``causal_lm_loss``, what pretraining trains and evaluates with), with the loss and
+    gradients of rounding it at each use, bit for bit."""
+    rounded: list[tuple[int, ...]] = []
+
+    def counting(w: torch.Tensor, bits: int, group: int = 128) -> torch.Tensor:
+        rounded.append(tuple(w.shape))
+        return fake_quantize(w, bits, group)
+
+    monkeypatch.setattr(methods.qat, "fake_quantize", counting)
+    lm = SonnetGPT(small_model())
+    apply_qat(lm, "int8")
+    ids = torch.randint(0, 300, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    grads = []
+    for loss_fn in (causal_lm_loss, lambda m, b: m.loss(b["input_ids"], b["attention_mask"])):  # cached, each use
+        rounded.clear()
+        loss = loss_fn(lm, batch)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in lm.parameters()]))
+        lm.zero_grad()
+        calls = rounded.count(tuple(lm.gpt.wte.parametrizations.weight.original.shape))
+        assert calls == (1 if loss_fn is causal_lm_loss else 2)
+    (cached_loss, cached), (loss, each_use) = grads
+    assert torch.equal(cached_loss, loss) and all(torch.equal(a, b) for a, b in zip(cached, each_use, strict=True))
 
 
 def test_parameters_keep_their_identity_and_come_back_plain() -> None:
