@@ -2,7 +2,9 @@
 
 ``--resume`` with nothing to resume is an error; the saved run's settings that change the result
 (``run_settings``) must equal the current ones, or the run is refused with the whole list of
-differences (``--resume_allow_changes`` accepts them and prints them); ``metrics.jsonl`` records
+differences (``--resume_allow_changes`` accepts them and prints them). A setting newer than the
+saved run, which the run therefore lacks, had its default there (``setting_defaults``: the
+``TrainConfig`` field's, and those the layers above register); ``metrics.jsonl`` records
 past the checkpoint (written before a kill) are dropped, so no epoch is logged twice.
 ``Trainer.fit`` runs inside ``fit_guard``: the run folder claimed (``engine.run_dir``) and, on
 resume, these checks made before any step.
@@ -11,7 +13,8 @@ resume, these checks made before any step.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from engine import ranks
 from engine.checkpoints import load_checkpoint
 from engine.run_dir import RunDirError, claim, release
 from engine.tracking import trim_metrics
+from engine.train_config import TrainConfig
 from errors import CheckpointError
 
 # Settings that do not change the weights a run produces: where it writes, how it logs, how far
@@ -32,10 +36,24 @@ IGNORED_SETTINGS = frozenset({
 })
 # Resumed from the saved optimizer, so a changed value would not take effect.
 OPTIMIZER_SETTINGS = ("lr", "weight_decay", "betas", "eps")
-# Settings newer than some checkpoints, with the value the runs that saved those had (None: whatever this
-# run has, a setting of a mode no earlier run could be in, e.g. ReFT's).
-ADDED_SETTINGS = {"optimizer": "adamw", "quantize_base": "none", "reft_rank": None, "reft_layers": None,
-                  "reft_positions": None}
+# (the resumed run's settings) -> {setting: the value a run saved before the setting existed had}
+DefaultsFn = Callable[[Mapping[str, Any]], Mapping[str, Any]]
+_DEFAULTS: dict[str, DefaultsFn] = {}
+
+
+def register_defaults(name: str, fn: DefaultsFn) -> None:
+    """Say what the settings of a layer above the engine (which it does not import: the tasks' flags)
+    were in a run saved before they existed; ``name`` keeps a second registration from adding twice."""
+    _DEFAULTS[name] = fn
+
+
+def setting_defaults(current: Mapping[str, Any]) -> dict[str, Any]:
+    """The value of each setting a run saved before it existed had: its default (that run behaved
+    as the default does): the ``TrainConfig`` field's, then the registered ones (``register_defaults``)."""
+    out: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    for fn in _DEFAULTS.values():
+        out.update(fn(current))
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}  # as run_settings has them
 
 
 def run_settings(train_config: Mapping[str, Any], model_config: Mapping[str, Any] | None,
@@ -61,12 +79,13 @@ def run_settings(train_config: Mapping[str, Any], model_config: Mapping[str, Any
 
 def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """``name saved -> current`` for each setting that differs (missing on one side shown as such).
+    A setting the saved run lacks (newer than it) had its default there (``setting_defaults``).
     A ``model.`` field that only the saved run has is no setting of this version's model (configs
     saved before they held the architecture only kept switches there whose flags are compared as
     flags), so it is not counted as a change."""
     missing = "(not set)"
-    added = {k: current.get(k) if v is None else v for k, v in ADDED_SETTINGS.items()}
-    saved, current = {**added, **saved}, {**added, **current}
+    defaults = setting_defaults(current)
+    saved = {**{k: defaults[k] for k in current if k in defaults}, **saved}
     saved = {k: v for k, v in saved.items() if not k.startswith("model.") or k in current}
     return [f"{k} {saved.get(k, missing)!r} -> {current.get(k, missing)!r}"
             for k in sorted(set(saved) | set(current)) if saved.get(k, missing) != current.get(k, missing)]
@@ -84,7 +103,7 @@ def check_resume(last: str | Path, current: Mapping[str, Any], allow_changes: bo
         raise RunDirError(f"{e}; delete it or use --overwrite to start afresh") from None
     saved = run_settings(ckpt.get("train_config") or {}, ckpt.get("model_config"), ckpt.get("extra"))
     changes = changed_settings(saved, current)
-    was, now = (s.get("optimizer", ADDED_SETTINGS["optimizer"]) for s in (saved, current))
+    was, now = (s.get("optimizer", TrainConfig.optimizer) for s in (saved, current))
     if was != now:  # the saved optimizer state is that optimizer's: no other can take it
         raise RunDirError(f"{last}: --resume cannot change the optimizer (optimizer {was!r} -> {now!r}); "
                           "start a new run instead")

@@ -362,9 +362,10 @@ class Trainer(CheckpointMixin):
         cfg = self.config
         self.epoch += 1
         self.step_in_epoch = 0
-        metrics: dict[str, Any] = self._evaluate(self.eval_fn)
-        rng, trained = get_rng_state(), self._evaluate(self.train_eval_fn)  # its loader's seed draw: undone,
-        set_rng_state(rng)  # so the run trains the same with or without it
+        metrics, trained = self._evaluate(self.eval_fn), {}
+        if self.train_eval_fn is not None:  # its loader's seed draw undone: the run trains the same without it
+            rng, trained = get_rng_state(), self._evaluate(self.train_eval_fn)
+            set_rng_state(rng)
         if self.eval_fn is not None and cfg.metric not in metrics:
             raise KeyError(f"eval_fn returned {sorted(metrics)}, not the metric to select on {cfg.metric!r}")
         record = {"epoch": self.epoch, "step": self.global_step, "train_loss": train_loss, "dev": metrics,

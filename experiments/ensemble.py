@@ -33,7 +33,7 @@ from engine.data import PadCollator, make_eval_loader
 from engine.predict import predict_in_order
 from errors import CheckpointError
 from experiments.launch import ExperimentError
-from experiments.sonnet_ensemble import is_sonnet_model, run_sonnet_ensemble
+from experiments.sonnet_ensemble import run_sonnet_ensemble
 from experiments.tables import write_tables
 from models.heads import ClozeParaphraseScorer
 from models.loading import load_tokenizer
@@ -64,25 +64,35 @@ class Member:
 
 
 def checkpoint_task(path: str | Path) -> str:
-    """``classifier`` or ``paraphrase`` from what the file holds (read without its tensors)."""
+    """``classifier``, ``paraphrase`` or ``sonnet`` from what the file holds (read without its tensors)."""
     ckpt = load_checkpoint(path, mmap=True)
     extra = ckpt.get("extra") or {}
     if "num_labels" in extra and "args" in extra:
         return "classifier"
-    if "config" in ckpt and extra.get("task") == "paraphrase":
-        return "paraphrase"
-    raise CheckpointError(f"{path}: neither a classifier.py checkpoint (best.pt) nor a paraphrase_detection.py "
-                          "model file (paraphrase-model.pt)")
+    if "config" in ckpt and extra.get("task") in ("paraphrase", "sonnet"):
+        return extra["task"]
+    raise CheckpointError(f"{path}: neither a classifier.py checkpoint (best.pt), a paraphrase_detection.py "
+                          "model file (paraphrase-model.pt) nor a sonnet model file (sonnet-model.pt)")
+
+
+def one_task(paths: Sequence[str | Path]) -> str:
+    """The task of every checkpoint (``checkpoint_task``), all read before any model is built: one task only."""
+    kinds = {str(p): checkpoint_task(p) for p in paths}
+    if len(set(kinds.values())) > 1:
+        raise ExperimentError(f"checkpoints of different tasks cannot be ensembled: {kinds}")
+    return next(iter(kinds.values()))
 
 
 def load_members(paths: Sequence[str | Path], device: torch.device) -> list[Member]:
-    """Every checkpoint rebuilt; all must be of one task (and one dataset and label set)."""
-    kinds = {str(p): checkpoint_task(p) for p in paths}  # all checked before any model is built
-    if len(set(kinds.values())) > 1:
-        raise ExperimentError(f"checkpoints of different tasks cannot be ensembled: {kinds}")
+    """Every checkpoint rebuilt; all must be of one task (and one dataset and label set), with class
+    probabilities (a sonnet model has none: ``experiments.sonnet_ensemble``)."""
+    task = one_task(paths)
+    if task == "sonnet":
+        raise CheckpointError(f"{paths[0]}: a sonnet model file; only classifier and paraphrase checkpoints have "
+                              "class probabilities")
     members: list[Member] = []
     for p in paths:
-        if kinds[str(p)] == "classifier":
+        if task == "classifier":
             members.append(_classifier_member(p, device, members[0] if members else None))
         else:
             model = restore_task_model(p, "paraphrase", device=device).model.eval()
@@ -231,7 +241,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, task_argv: list[str]) -> dict[str, Any]:
-    if is_sonnet_model(args.checkpoints[0]):  # no probabilities to average: MBR over the models' samples
+    if one_task(args.checkpoints) == "sonnet":  # no probabilities to average: MBR over the models' samples
         return run_sonnet_ensemble(args.checkpoints, args.out, run_flags(Path(args.checkpoints[0]).parent),
                                    samples=args.samples, dev=args.dev, test=args.test, limit=args.limit,
                                    seed=args.seed, device=args.device)
@@ -239,5 +249,5 @@ def main(args: argparse.Namespace, task_argv: list[str]) -> dict[str, Any]:
                         batch_size=args.batch_size, limit=args.limit, device=args.device)
 
 
-__all__ = ["Member", "add_args", "checkpoint_task", "load_members", "main", "mean_probabilities", "probabilities",
-           "read_split", "run_ensemble", "write_predictions"]
+__all__ = ["Member", "add_args", "checkpoint_task", "load_members", "main", "mean_probabilities", "one_task",
+           "probabilities", "read_split", "run_ensemble", "write_predictions"]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -132,10 +133,20 @@ def _read_json(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from e
 
 
-def read_peft_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+def tensor_names(path: Path) -> dict[str, None]:
+    """A weight file's tensor names, none of its tensors read: a safetensors header, or a torch file
+    memory-mapped."""
+    if path.name.endswith(".safetensors"):
+        with safe_open(str(path), "pt") as f:
+            return dict.fromkeys(f.keys())
+    return dict.fromkeys(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+
+
+def read_peft_adapter(folder: str | Path, tensors: bool = True) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(the ``methods.fine_tune.LoraConfig`` fields that rebuild a PEFT LoRA/DoRA adapter here, its tensors by layer:
     ``{"h.0.attn.c_attn": {"lora_A": ..., "lora_B": ...}}``); anything we cannot compute exactly is
-    refused in one line naming the field."""
+    refused in one line naming the field. Without ``tensors`` only the names are read (each tensor is
+    None): what the command line needs for the settings, the weights being read once, when they load."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such adapter folder")
@@ -148,7 +159,8 @@ def read_peft_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, dic
             raise CheckpointError(f"{folder / CONFIG_FILE}: {key}={cfg[key]!r} has no counterpart in this "
                                   f"project's LoRA (it needs {key}={plain!r})")
     layers: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in read_first_weight_file(folder, WEIGHT_FILES, "adapter weights").items():
+    read = None if tensors else tensor_names
+    for name, tensor in read_first_weight_file(folder, WEIGHT_FILES, "adapter weights", read=read).items():
         suffix = next((s for s in TENSORS if name.endswith("." + s)), None)
         if suffix is None:
             raise CheckpointError(f"{folder}: {name} is not a LoRA/DoRA tensor")
@@ -191,4 +203,4 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> int:
 
 
 __all__ = ["adapter_settings", "adapter_state_dict", "layer_key", "load_peft_adapter", "read_peft_adapter",
-           "targets_of", "write_peft_adapter"]
+           "targets_of", "tensor_names", "write_peft_adapter"]

@@ -10,7 +10,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -177,9 +177,10 @@ def read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         "or pass another folder with --model_size DIR"))
 
 
-def read_first_weight_file(folder: Path, names: tuple[str, ...], what: str, fix: str = "") -> dict[str, torch.Tensor]:
-    """The first of ``names`` in ``folder`` that exists, read by ``read_weight_file``; a broken
-    link, an unreadable file or none of them is a ``CheckpointError`` naming the file (``what``: the
+def read_first_weight_file(folder: Path, names: tuple[str, ...], what: str, fix: str = "",
+                           read: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The first of ``names`` in ``folder`` that exists, read by ``read`` (default ``read_weight_file``); a
+    broken link, an unreadable file or none of them is a ``CheckpointError`` naming the file (``what``: the
     kind of weights, for the message; ``fix``: what to do, appended)."""
     then = f"; {fix}" if fix else ""
     for name in names:
@@ -188,7 +189,7 @@ def read_first_weight_file(folder: Path, names: tuple[str, ...], what: str, fix:
             raise CheckpointError(f"{f}: broken link (its cached blob {os.readlink(f)} is missing){then}")
         if f.exists():
             try:
-                return read_weight_file(f)
+                return (read or read_weight_file)(f)
             except Exception as e:
                 raise CheckpointError(f"{f}: cannot read {what} ({type(e).__name__}: {e}){then}") from e
     raise CheckpointError(f"{folder}: no {what} file; expected one of {names}")

@@ -89,19 +89,23 @@ def multitask_training(
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
     batch_size: int,
     *,
+    num_workers: int = 0,
+    group_by_length: bool = False,
     sampling: str = "proportional",
     temperature: float = 2.0,
     weights: Mapping[str, float] | None = None,
     hidden_dropout_prob: float = 0.1,
 ) -> tuple[MultiTaskModel, MultiTaskLoader, WeightedTaskLoss]:
     """(model, loader, loss) for ``fit_task``: ``features`` maps ``quora`` and each auxiliary task
-    to its training examples; ``paraphrase_loss(scorer, batch)`` is the paraphrase run's loss."""
+    to its training examples, each task's batches made as a one-task run's (``batch_size``,
+    ``num_workers``, ``group_by_length``); ``paraphrase_loss(scorer, batch)`` is the paraphrase run's loss."""
     aux = [t for t in features if t != MAIN_TASK]
     weights = dict(weights or {})
     check_tasks(aux, weights)
     model = MultiTaskModel(scorer, {t: NUM_LABELS[t] for t in aux}, hidden_dropout_prob)
     probs = task_probabilities({t: len(f) for t, f in features.items()}, sampling, temperature)
-    loaders = {t: make_loader(f, collate, batch_size, shuffle=True) for t, f in features.items()}
+    loaders = {t: make_loader(f, collate, batch_size, shuffle=True, num_workers=num_workers,
+                              group_by_length=group_by_length) for t, f in features.items()}
     losses: dict[str, TaskLossFn] = {MAIN_TASK: lambda m, b: paraphrase_loss(m.scorer, b)}
     losses.update({t: aux_loss(t) for t in aux})
     loss = WeightedTaskLoss(losses, weights)

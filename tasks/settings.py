@@ -14,15 +14,17 @@ nothing sees the command-line parser or its Namespace.
 
 A task's own settings (``tasks.sentiment.SentimentSettings``...) extend one of these with its
 files and options. ``from_flags`` reads any of them out of flat command-line values, as a saved
-run's ``extra["args"]`` holds them; a flag a run predates keeps the field's default.
+run's ``extra["args"]`` holds them; a flag a run predates keeps the field's default, and
+``flag_defaults`` tells the engine's resume check the same (``engine.resume.register_defaults``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterator, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, TypeVar
 
+from engine.resume import register_defaults
 from engine.train_config import TrainConfig
 from methods.fine_tune import MODES, FineTuneConfig
 from methods.objectives import ObjectiveSettings
@@ -112,5 +114,44 @@ class ClassificationSettings(TaskSettings):
     objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
 
 
+FLAT = (ModelSettings, DataSettings, RunSettings, ObjectiveSettings)  # read flag by flag (from_flags)
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+def _task_classes(cls: type = TaskSettings) -> Iterator[type]:
+    yield cls
+    for sub in cls.__subclasses__():
+        yield from _task_classes(sub)
+
+
+def flag_defaults(current: Mapping[str, Any]) -> dict[str, Any]:
+    """Each flag's value in a run saved before the flag existed: its field's default (that run
+    behaved as the default does), in the shared settings, a task's own (a name two tasks default
+    differently is left out) and the adapters'; an adapter flag of a mode ``current`` (the resumed
+    run's flat settings) is not in is whatever it is now, as it changes nothing."""
+    out: dict[str, Any] = {}
+    for cls in FLAT:
+        out.update(_defaults(cls))
+    tasks: dict[str, set[str]] = {}
+    for cls in _task_classes():  # None may stand for settings read from several flags (SonnetSettings.dpo)
+        for k, v in _defaults(cls).items():
+            if v is not None:
+                tasks.setdefault(k, set()).add(repr(v))
+                out[k] = v
+    out = {k: v for k, v in out.items() if len(tasks.get(k, ())) <= 1}
+    mode = current.get("fine_tune_mode")
+    for name, m in MODES.items():
+        if m.adapter is not None:
+            adapter = _defaults(m.adapter)
+            out.update({flag: adapter[f] if name == mode else current.get(flag)
+                        for f, flag in m.flags.items() if f in adapter})
+    return out
+
+
+register_defaults("tasks", flag_defaults)
+
 __all__ = ["ClassificationSettings", "DataSettings", "ModelSettings", "RunSettings", "TaskSettings",
-           "fine_tune_from_flags", "from_flags"]
+           "fine_tune_from_flags", "flag_defaults", "from_flags"]

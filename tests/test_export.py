@@ -148,9 +148,10 @@ def test_an_adapter_trained_with_peft_loads_here_with_the_same_logits(tmp_path, 
         torch.testing.assert_close(lm_logits(ours.gpt.eval(), ids), theirs.eval()(ids).logits, atol=ATOL, rtol=0)
 
 
-def test_load_adapter_on_the_command_line_trains_from_the_peft_adapter(tmp_path):
+def test_load_adapter_on_the_command_line_trains_from_the_peft_adapter(tmp_path, monkeypatch):
     """``sonnet_generation.py --load_adapter``: the run's adapters start as the folder's (a learning rate of
-    1e-30 leaves them there), and its saved model is PEFT's merged model."""
+    1e-30 leaves them there), and its saved model is PEFT's merged model. The adapter's tensors are read
+    once, when they load (the command line reads only their names)."""
     torch.manual_seed(4)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128))
     hf.save_pretrained(tmp_path / "base")
@@ -166,7 +167,10 @@ def test_load_adapter_on_the_command_line_trains_from_the_peft_adapter(tmp_path)
              *sonnet_data_flags(tmp_path)]
     assert fine_tune_config(sonnet_generation.get_args(flags)).adapter == LoraConfig(r=2, alpha=4.0, dropout=0.0,
                                                                                       targets=("attn.c_attn",))
+    reads = []
+    monkeypatch.setattr("models.loading.load_file", lambda path: reads.append(Path(path).name) or load_file(path))
     sonnet_generation.main([*flags, "--epochs", "1", "--lr", "1e-30"])
+    assert reads.count("adapter_model.safetensors") == 1
     ids = random_ids(4)
     gpt = load_model(tmp_path / "run" / "sonnet-model.pt").eval()
     with torch.no_grad():

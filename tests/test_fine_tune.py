@@ -115,11 +115,14 @@ def test_lora_default_targets_are_the_registrys():
 
 
 def test_full_fine_tuning_never_loads_the_adapter_machinery():
-    code = ("import sys\n"
+    """Nor does the classifier script: reading a PEFT adapter (``--load_adapter``) is adapter machinery too."""
+    code = ("import sys\nimport classifier\n"
             "from methods.fine_tune import FineTuneConfig, set_fine_tune_mode\n"
             "from models.gpt2 import GPT2Model\nfrom config import get_config\n"
             "set_fine_tune_mode(GPT2Model(get_config('tiny')), FineTuneConfig('full-model'), ())\n"
-            "assert not {'methods.lora', 'methods.prefix', 'methods.reft', 'methods.layer_swap'} & set(sys.modules)\n"
+            "adapters = {'methods.lora', 'methods.prefix', 'methods.reft', 'methods.layer_swap',\n"
+            "            'methods.peft_adapters'}\n"
+            "assert not adapters & set(sys.modules), adapters & set(sys.modules)\n"
             "set_fine_tune_mode(GPT2Model(get_config('tiny')), FineTuneConfig('lora'), ())\n"
             "assert {'methods.lora', 'methods.prefix'} <= set(sys.modules)\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

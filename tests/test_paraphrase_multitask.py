@@ -14,6 +14,7 @@ from errors import InputError
 from methods.objectives import combined
 from methods.objectives.contrastive import PairViewCollator, info_nce, supervised_pair_loss
 from methods.objectives.hard_negatives import HARD_KEY, add_hard_negatives, mine_hard_negatives
+from tasks import multitask
 from tasks.restore import restore_task_model
 from tests.test_objectives_cli import paraphrase_args
 
@@ -103,6 +104,20 @@ def test_multitask_cli_run_trains_both_tasks_and_saves_the_scorer(tmp_path, monk
     assert (tmp_path / "mt" / "dev.csv").exists() and 0 <= result["dev"]["accuracy"] <= 1
     restored = restore_task_model(result["checkpoint"], "paraphrase")  # a plain scorer: the SST head is gone
     assert not any("heads" in k for k in restored.model.state_dict())
+
+
+def test_multitask_loaders_take_num_workers_and_group_by_length(tmp_path, monkeypatch):
+    built = []
+    real = multitask.make_loader
+
+    def spy(*args, **kwargs):
+        built.append({k: kwargs[k] for k in ("num_workers", "group_by_length")})
+        return real(*args, **{**kwargs, "num_workers": 0})  # no worker processes in a test
+
+    monkeypatch.setattr(multitask, "make_loader", spy)
+    para.main(paraphrase_args(tmp_path, "mt", "--limit", "8", "--multitask", "sst", "--num_workers", "2",
+                              "--group_by_length"))
+    assert built == [{"num_workers": 2, "group_by_length": True}] * 2  # quora's and sst's
 
 
 @pytest.mark.parametrize("extra, problem", [

@@ -104,10 +104,11 @@ def test_quantize_base_without_adapters_is_one_line_before_any_work(mode, classi
 def test_runs_saved_before_the_qlora_and_reft_flags_resume_unchanged():
     """A checkpoint from before ``--quantize_base`` and ``--reft_*`` holds neither: it trained on a
     float base and in no ReFT mode, so the flags' values now are no change (unless quantised)."""
-    now = {"lr": 1e-3, "optimizer": "adamw", "quantize_base": "none", "reft_rank": 4, "reft_layers": "all",
-           "reft_positions": "f4"}
-    assert changed_settings({"lr": 1e-3}, now) == []
-    assert changed_settings({"lr": 1e-3}, {**now, "quantize_base": "int8"}) == ["quantize_base 'none' -> 'int8'"]
+    now = {"lr": 1e-3, "fine_tune_mode": "lora", "optimizer": "adamw", "quantize_base": "none", "reft_rank": 4,
+           "reft_layers": "all", "reft_positions": "f4"}
+    saved = {"lr": 1e-3, "fine_tune_mode": "lora"}
+    assert changed_settings(saved, now) == []
+    assert changed_settings(saved, {**now, "quantize_base": "int8"}) == ["quantize_base 'none' -> 'int8'"]
 
 
 def test_int4_values_are_packed_two_per_byte_and_unpack_exactly():

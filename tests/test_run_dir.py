@@ -269,6 +269,26 @@ def test_a_run_saved_when_the_config_held_more_fields_still_resumes(tmp_path):
         "model.hidden_size 8 -> 16"]
 
 
+def test_a_run_saved_before_a_setting_existed_resumes_at_its_default_only(tmp_path):
+    """A last.pt older than ``--pooling``, ``--use_dora`` and ``--optimizer`` lacks them: that run had
+    their defaults, so a resume with the defaults goes on and one with another value is refused
+    (one line, exit status 2), the missing setting shown at its default."""
+    classifier.main(sst_args(tmp_path, "--epochs", "1"))
+    last = tmp_path / "run" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    for key in ("pooling", "use_dora"):
+        ckpt["extra"]["args"].pop(key)
+    ckpt["extra"].pop("pooling")
+    ckpt["train_config"].pop("optimizer")
+    torch.save(ckpt, last)
+    proc = cli("classifier.py", sst_args(tmp_path, "--epochs", "2", "--resume", "--pooling", "mean"))
+    err = [line for line in proc.stderr.splitlines() if not line.startswith("note:")]
+    assert proc.returncode == 2 and len(err) == 1 and err[0].startswith("error:")
+    assert "pooling 'last' -> 'mean'" in err[0] and "use_dora" not in err[0]
+    classifier.main(sst_args(tmp_path, "--epochs", "2", "--resume"))
+    assert [r["epoch"] for r in epoch_records(tmp_path / "run")] == [1, 2]
+
+
 def test_kill_between_evaluation_and_checkpoint_leaves_no_duplicates_or_temp_files(tmp_path):
     """A kill after epoch 2's evaluation was logged but before its last.pt was written, plus the
     half-written file of a checkpoint being saved: the resumed run cleans up and logs each epoch once,

@@ -12,6 +12,7 @@ import pytest
 import experiments.__main__ as cli
 import sonnet_generation
 from decoding.mbr import chrf_utility, mbr_select
+from errors import CheckpointError
 from experiments import sonnet_ensemble
 from experiments.ensemble import run_flags
 from tasks.course_data import read_sonnets
@@ -39,7 +40,8 @@ def test_the_ensemble_keeps_the_mbr_choice_among_every_models_samples(models, tm
     result = cli.main(["ensemble", *map(str, models), "--out", str(out), "--samples", "2", "--seed", "5"])
     flags = run_flags(models[0].parent)
     prompts = [s.text for s in read_sonnets(flags["dev_held_out_sonnet_path"], 2)]
-    per_model = sonnet_ensemble.member_samples(models, prompts, 2, flags, batch_size=12, seed=5, device="cpu")
+    per_model = sonnet_ensemble.member_samples(models, {"dev": prompts}, 2, flags, batch_size=12, seed=5,
+                                               device="cpu")["dev"]
     for j, chosen in enumerate(result["dev"]):
         pool = [t for m in per_model for t in m[j]]
         assert len(pool) == 4 and chosen == pool[mbr_select(pool, chrf_utility)]
@@ -54,7 +56,8 @@ def test_an_ensemble_of_one_sampling_once_is_that_model(models, tmp_path, capsys
     result = cli.main(["ensemble", str(models[0]), "--out", str(tmp_path / "one"), "--samples", "1", "--seed", "3"])
     flags = run_flags(models[0].parent)
     prompts = [s.text for s in read_sonnets(flags["dev_held_out_sonnet_path"], 2)]
-    alone = sonnet_ensemble.member_samples(models[:1], prompts, 1, flags, batch_size=12, seed=3, device="cpu")
+    alone = sonnet_ensemble.member_samples(models[:1], {"dev": prompts}, 1, flags, batch_size=12, seed=3,
+                                           device="cpu")["dev"]
     assert result["dev"] == [c[0] for c in alone[0]]
     assert result["members"][0]["dev chrF"] == pytest.approx(result["dev_chrf"])
 
@@ -62,6 +65,26 @@ def test_an_ensemble_of_one_sampling_once_is_that_model(models, tmp_path, capsys
 def test_a_sonnet_model_and_another_file_are_refused(models, tmp_path, capsys):
     other = tmp_path / "other.pt"
     other.write_bytes(models[0].parent.joinpath("last.pt").read_bytes())
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(CheckpointError, match=r"other.pt: neither .* nor a sonnet model file \(sonnet-model.pt\)"):
         cli.main(["ensemble", str(models[0]), str(other), "--out", str(tmp_path / "x")])
-    assert e.value.code == 2 and "not sonnet model files" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_members_are_restored_once_and_sample_with_every_sampling_flag_of_the_run(models, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """Each model is restored once for both splits, and samples as its run's ``--decoding sample`` did:
+    a run with ``--repetition_penalty`` or ``--no_repeat_ngram_size`` gives other candidates."""
+    restored = []
+    real = sonnet_ensemble.restore_task_model
+    monkeypatch.setattr(sonnet_ensemble, "restore_task_model", lambda *a, **k: restored.append(a[0]) or real(*a, **k))
+    result = cli.main(["ensemble", *map(str, models), "--out", str(tmp_path / "ens"), "--samples", "1"])
+    assert restored == list(map(str, models)) and len(result["dev"]) == len(result["test"]) == 2
+    flags = run_flags(models[0].parent)
+    prompts = {"dev": [s.text for s in read_sonnets(flags["dev_held_out_sonnet_path"], 2)]}
+    cold = {**flags, "temperature": 0.01}  # nearly greedy: the random model repeats its likeliest tokens
+    penalised = {**cold, "repetition_penalty": 100.0, "no_repeat_ngram_size": 1}
+    config = sonnet_ensemble.sampling(penalised).config
+    assert (config.repetition_penalty, config.no_repeat_ngram_size) == (100.0, 1)
+    samples = [sonnet_ensemble.member_samples(models, prompts, 1, f, batch_size=12, seed=5, device="cpu")
+               for f in (cold, penalised)]
+    assert samples[0] != samples[1]

@@ -230,3 +230,25 @@ def test_a_one_process_run_never_loads_the_distributed_machinery(tmp_path):
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_the_rng_is_kept_around_the_training_set_evaluation_only_when_there_is_one(tmp_path, monkeypatch):
+    """The training-set evaluation's loader draws a seed; the RNG is put back around it (the run trains
+    the same with or without it), and untouched in a run without one."""
+    restored = []
+    monkeypatch.setattr("engine.trainer.set_rng_state", lambda state: restored.append(set_rng_state(state)))
+    X, y = make_data()
+
+    def fit(name: str, train_eval_fn=None) -> Trainer:
+        torch.manual_seed(0)
+        loader = DataLoader(TensorDataset(X, y), batch_size=8, shuffle=True)
+        cfg = TrainConfig(epochs=2, lr=1e-2, output_dir=str(tmp_path / name), progress=False, plot=False)
+        trainer = Trainer(make_model(), loss_fn, loader, None, cfg, train_eval_fn=train_eval_fn)
+        trainer.fit()
+        return trainer
+
+    plain = fit("plain")
+    assert restored == []
+    scored = fit("scored", lambda m: {"accuracy": float(torch.rand(()).item() >= 0)})
+    assert len(restored) == 2 and [h["train"] for h in scored.history] == [{"accuracy": 1.0}] * 2
+    assert_same_weights(plain.model, scored.model)
