@@ -1,46 +1,66 @@
-"""Try a sonnet model in the browser: type the opening lines, pick the decoding, read the sonnet.
+"""Try a sonnet model in the browser: type the opening lines, pick the decoding, watch the sonnet appear.
 
     python demo.py                                       # the newest sonnet run, on http://127.0.0.1:7860
     python demo.py --model runs/sonnet/full-model-gpt2/latest --port 8000
 
 The page (``tasks.demo``) offers every sonnet run under ``--runs`` (the ``--model`` one first, else the
 newest) and any path typed into its model box; each sonnet is made by ``generate.py``'s own code path
-(``generate.complete``) with the page's decoding settings, and the page shows the matching
-``generate.py`` command. A model is loaded once, when first asked for. Needs ``gradio`` (in
-requirements.txt). A ``--model`` that names no model, or no sonnet run to offer, is one ``error:``
-line, exit status 2.
+(``generate.complete``) with the page's decoding settings, streamed as it is decoded (greedy, sampling,
+contrastive search; beam search and MBR show their final choice), and the page shows the matching
+``generate.py`` command. A model is loaded once, when first asked for, and prepared for decoding once per
+weights choice and step shape. Needs the demo's extras (``pip install -r requirements-demo.txt``; without
+them, that line and exit status 2). A ``--model`` that names no model, or no sonnet run to offer, is one
+``error:`` line, exit status 2.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import shlex
+from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import gradio as gr
 from torch import nn
 
 from cli.common import pick_device, run_main, seed_everything
 from cli.demo import DemoSettings, parse_settings
-from cli.generate import GenerateSettings
+from cli.generate import GenerateSettings, command_line
+from decoding.inference import decoding_rows, prepare_for_decoding
+from decoding.streaming import TextStream, stream_pieces
 from errors import InputError
 from generate import complete
-from models.generation_config import GenerationConfig
 from models.loading import load_tokenizer
 from tasks.common import check_context
-from tasks.demo import build_page, model_file, sonnet_models
 from tasks.restore import restore_task_model
 from tasks.sonnet_form import TARGET_LINES
 
+try:  # the page needs gradio, an optional extra: without it, main says how to install it
+    from tasks.demo import SonnetRequest, build_page, model_file, sonnet_models
+except ModuleNotFoundError as e:
+    if e.name != "gradio":
+        raise
+    HAS_GRADIO = False
+else:
+    HAS_GRADIO = True
+if TYPE_CHECKING:
+    import gradio as gr
+INSTALL = "the demo needs gradio: pip install -r requirements-demo.txt"
+PREPARED_KEPT = 4  # prepared models kept (each holds its own copy of the weights); the oldest goes first
+
 
 class SonnetContinuer:
-    """``generate.py``'s path behind the page: each model restored once and kept; ``complete``
-    consumes the model it gets (prepared inference-only), so each sonnet decodes a copy."""
+    """``generate.py``'s path behind the page: each model restored once and kept, and prepared for decoding
+    (``complete`` takes a prepared model as it is) once per (model, ``--quantize``, rows of a step)."""
 
     def __init__(self, settings: DemoSettings) -> None:
         self.settings = settings
         self.device = pick_device(device=settings.device)
         self.tokenizer = load_tokenizer(settings.tokenizer, verbose=False)
         self.models: dict[Path, nn.Module] = {}
+        self.prepared: OrderedDict[tuple[Path, str, int], nn.Module] = OrderedDict()
 
     def model(self, spec: str) -> nn.Module:
         path = model_file(spec)
@@ -48,18 +68,48 @@ class SonnetContinuer:
             self.models[path] = restore_task_model(path, "body").model.to(self.device).eval()
         return self.models[path]
 
-    def __call__(self, spec: str, prompt: str, config: GenerationConfig) -> str:
-        model = self.model(spec)
-        check_context(model.config.max_position_embeddings, max_new_tokens=config.max_new_tokens)
+    def run_settings(self, request: SonnetRequest) -> GenerateSettings:
+        """The ``generate.py`` settings of a request (what ``command`` prints and ``stream`` decodes)."""
         s = self.settings
-        run = GenerateSettings(model=spec, prompts=(prompt,), generation=config, num_lines=TARGET_LINES,
-                               tokenizer=s.tokenizer, seed=s.seed, device=s.device)
-        return complete(copy.deepcopy(model), self.tokenizer, [prompt], run)[0][0]
+        return GenerateSettings(model=request.model, prompts=(request.prompt,), generation=request.generation,
+                                pool=request.pool, num_lines=TARGET_LINES, tokenizer=s.tokenizer, seed=s.seed,
+                                device=s.device, quantize=request.quantize)
+
+    def decoder(self, request: SonnetRequest) -> nn.Module:
+        """The request's model prepared for decoding as ``complete`` would (inference-only, the request's
+        weights, the rows of its steps), from the cache when an earlier request prepared it."""
+        g = request.generation
+        model = self.model(request.model)
+        check_context(model.config.max_position_embeddings, max_new_tokens=g.max_new_tokens)
+        rows = decoding_rows(1, g.num_beams, g.num_return_sequences, pooled=request.pool is not None)
+        key = (model_file(request.model), request.quantize, rows)
+        if key not in self.prepared:
+            self.prepared[key] = prepare_for_decoding(copy.deepcopy(model), request.quantize, inference_only=True,
+                                                      decode_rows=rows)
+            while len(self.prepared) > PREPARED_KEPT:
+                self.prepared.popitem(last=False)
+        self.prepared.move_to_end(key)
+        return self.prepared[key]
+
+    def stream(self, request: SonnetRequest) -> Iterator[str]:
+        """The sonnet in pieces as it is decoded (one piece, the whole sonnet, for beam search and MBR)."""
+        settings, model = self.run_settings(request), self.decoder(request)
+        if request.pool is not None or request.generation.strategy == "beam":
+            yield complete(model, self.tokenizer, [request.prompt], settings)[0][0]
+            return
+        text = TextStream(self.tokenizer.decode, self.tokenizer.eos_token_id)
+        settings = dataclasses.replace(settings, generation=dataclasses.replace(settings.generation, on_token=text))
+        yield from stream_pieces(text, lambda: complete(model, self.tokenizer, [request.prompt], settings)[0][0])
+
+    def command(self, request: SonnetRequest) -> str:
+        return shlex.join(["python", "generate.py", *command_line(self.run_settings(request))])
 
 
 def build(settings: DemoSettings) -> tuple[gr.Blocks, str]:
     """The page for ``settings`` and the model it selects first (loaded: a bad one fails here, in
     one line, before any server starts)."""
+    if not HAS_GRADIO:
+        raise InputError(INSTALL)
     seed_everything(settings.seed)
     found = [str(p) for p in sonnet_models(settings.runs)]
     if settings.model is None and not found:

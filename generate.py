@@ -35,10 +35,12 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from cli.common import pick_device, run_main, seed_everything
 from cli.generate import GenerateSettings, parse_settings
 from decoding.compiled import compile_decoding
+from decoding.gptq import Calibration
 from decoding.inference import decoding_rows, prepare_for_decoding
 from decoding.mbr import mbr_pool_generate
 from decoding.speculative import SpeculativeStats, check_draft, speculative_generate
@@ -52,7 +54,8 @@ from tasks.restore import restore_task_model
 @torch.no_grad()
 def complete(model, tokenizer, prompts: list[str], settings: GenerateSettings, draft=None) -> list[list[str]]:
     """Per prompt, its completions (``num_return_sequences`` of them; one with ``--mbr_pool``).
-    ``model`` (and the speculative ``draft``, one prompt at a time) is consumed (prepared inference-only)."""
+    ``model`` (and the speculative ``draft``, one prompt at a time) is consumed (prepared inference-only);
+    one already prepared so (the demo's, kept between requests) is used as it is."""
     eos = tokenizer.eos_token_id if settings.stop_at_eos else None
     stop = LineStop(tokenizer, settings.num_lines) if settings.num_lines else None
     config = dataclasses.replace(settings.generation, eos_token_id=eos, pad_token_id=tokenizer.eos_token_id, stop=stop)
@@ -64,24 +67,22 @@ def complete(model, tokenizer, prompts: list[str], settings: GenerateSettings, d
                          pooled=pool is not None)
     if draft is not None:  # one prompt at a time, the target scoring draft_k + 1 positions per forward
         rows = settings.draft_k + 1
+    calibration = Calibration(settings.calibration, tokenizer)  # GPTQ's text, tokenised once for model and draft
     fast = prepare_for_decoding(model, settings.quantize, inference_only=True, decode_rows=rows,
-                                calibration=settings.calibration)
+                                calibration=calibration)
     if settings.compile_decode:  # a static cache and a step compiled once per (rows, length)
         fast = compile_decoding(fast)
     if draft is not None:
         stats = SpeculativeStats()
-        draft = prepare_for_decoding(draft, settings.quantize, inference_only=True, calibration=settings.calibration)
+        draft = prepare_for_decoding(draft, settings.quantize, inference_only=True, calibration=calibration)
     context = min(m.config.max_position_embeddings for m in (model, draft) if m is not None)
     ids = encode(tokenizer, prompts, max(1, context - config.max_new_tokens), "prompts")
     collate = PadCollator(tokenizer.pad_token_id, padding_side="left")
-    out: list[list[str]] = []
-    for start in range(0, len(ids), batch_size):
-        batch = collate([{"input_ids": x} for x in ids[start : start + batch_size]])
-        x, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+    def complete_batch(x: torch.Tensor, mask: torch.Tensor) -> list[list[str]]:
         if pool is not None:
             rows = mbr_pool_generate(fast, x, mask, pool=pool, config=config, decode=tokenizer.decode, generator=gen)
-            out += [[tokenizer.decode(r)] for r in rows]
-            continue
+            return [[tokenizer.decode(r)] for r in rows]
         n = config.num_return_sequences
         if draft is not None:
             rows = speculative_generate(fast, draft, x, mask, config=config, k=settings.draft_k, generator=gen,
@@ -90,7 +91,15 @@ def complete(model, tokenizer, prompts: list[str], settings: GenerateSettings, d
             rows = generate(fast, x, mask, config=config, generator=gen)
         n_pad = (mask == 0).sum(-1).tolist()
         texts = [tokenizer.decode(trim(rows[i], x.size(1), n_pad[i // n], eos)) for i in range(rows.size(0))]
-        out += [texts[i : i + n] for i in range(0, len(texts), n)]
+        return [texts[i : i + n] for i in range(0, len(texts), n)]
+
+    out: list[list[str]] = []
+    with tqdm(total=len(ids), unit="prompt", desc="generating", file=sys.stderr,
+              disable=not settings.progress or len(ids) <= batch_size) as bar:
+        for start in range(0, len(ids), batch_size):
+            batch = collate([{"input_ids": x} for x in ids[start : start + batch_size]])
+            out += complete_batch(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            bar.update(len(batch["input_ids"]))
     if draft is not None:
         print(stats.summary(), file=sys.stderr)
     return out

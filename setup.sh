@@ -53,6 +53,12 @@ EOF
        "download PoetryFoundationData.csv from $POETRY_PAGE and put it at $POETRY_CSV" >&2
   return 1
 }
+# `setup.sh --demo` (or SETUP_DEMO=1) also installs the sonnet demo's extras, requirements-demo.txt (gradio, and
+# playwright for its browser test); a plain run does not need them. CI's .ci/run passes --demo.
+SETUP_DEMO=${SETUP_DEMO:-0}
+if [ "${1:-}" = "--demo" ]; then
+  SETUP_DEMO=1
+fi
 if [ "${1:-}" = "--poetry" ]; then
   echo "==> the Poetry Foundation poems"
   fetch_poetry && exit 0 || exit 1
@@ -80,6 +86,10 @@ if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
 fi
 echo "==> installing requirements.txt"
 "${PIP[@]}" -r requirements.txt
+if [ "$SETUP_DEMO" = 1 ]; then
+  echo "==> installing requirements-demo.txt (the sonnet demo and its browser test)"
+  "${PIP[@]}" -r requirements-demo.txt
+fi
 
 mkdir -p data predictions
 FILES=(ids-sst-train.csv ids-sst-dev.csv ids-sst-test-student.csv

@@ -52,6 +52,7 @@ class GenerateSettings:
     compile_decode: bool = False
     draft_model: str | None = None  # speculative decoding: this model proposes draft_k tokens per target forward
     draft_k: int = 4
+    progress: bool = True  # a bar over the prompts on stderr, when they take more than one batch
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -66,6 +67,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seed", type=seed_int, default=11711, help="seeds sampling")
     p.add_argument("--device", type=str, default="auto")
+    p.add_argument("--no_progress", action="store_true",
+                   help="no progress bar over the prompts (shown on stderr when they take more than one batch)")
     add_inference_args(p)  # --quantize
     g = p.add_argument_group("decoding (GenerationConfig's settings and meanings)")
     defaults = GenerationConfig(max_new_tokens=64)
@@ -129,7 +132,31 @@ def parse_settings(argv: list[str] | None = None, description: str | None = None
                             stop_at_eos=not args.no_eos, num_lines=args.num_lines, output=args.output,
                             tokenizer=args.tokenizer, batch_size=args.batch_size, seed=args.seed, device=args.device,
                             quantize=args.quantize, calibration=args.calibration,
-                            compile_decode=args.compile_decode, draft_model=args.draft_model, draft_k=args.draft_k)
+                            compile_decode=args.compile_decode, draft_model=args.draft_model, draft_k=args.draft_k,
+                            progress=not args.no_progress)
 
 
-__all__ = ["EARLY_STOPPING", "SETTINGS", "GenerateSettings", "build_parser", "parse_settings"]
+def command_line(settings: GenerateSettings) -> list[str]:
+    """The ``generate.py`` arguments that ``parse_settings`` reads back into ``settings``: the model, the
+    prompts, and every setting whose value differs from its flag's default (from ``SETTINGS`` and the
+    parser itself, so a new flag cannot be left out). What prints a completion shown elsewhere (the demo)."""
+    defaults = build_parser().parse_args(["--model", "m", "--prompt", "p"])
+    g = settings.generation
+    argv = ["--model", settings.model, *(a for p in settings.prompts for a in ("--prompt", p))]
+    for name, kind in SETTINGS:
+        value = getattr(g, name)
+        if value != getattr(defaults, name):
+            argv += [f"--{name}"] if kind == "flag" else [f"--{name}", str(value)]
+    flags = {"early_stopping": {v: k for k, v in EARLY_STOPPING.items()}[g.early_stopping], "no_cache": not g.use_cache,
+             "mbr_pool": None if settings.pool is None else str(settings.pool), "no_eos": not settings.stop_at_eos,
+             "no_progress": not settings.progress,
+             **{name: getattr(settings, name) for name in ("num_lines", "quantize", "calibration", "compile_decode",
+                                                           "draft_model", "draft_k", "tokenizer", "batch_size",
+                                                           "seed", "device", "output")}}
+    for name, value in flags.items():
+        if value != getattr(defaults, name):
+            argv += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+    return argv
+
+
+__all__ = ["EARLY_STOPPING", "SETTINGS", "GenerateSettings", "build_parser", "command_line", "parse_settings"]

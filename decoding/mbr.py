@@ -86,7 +86,7 @@ def member_config(config: GenerationConfig, name: str, count: int) -> Generation
     """``config`` changed only where strategy ``name`` needs it, returning ``count`` rows per prompt
     (contrastive search keeps the config's ``penalty_alpha`` and ``top_k`` when they select it)."""
     off = dict(num_beams=1, num_return_sequences=1, do_sample=False, penalty_alpha=0.0,
-               contrastive_dynamic_alpha=False, contrastive_alpha_min=None)
+               contrastive_dynamic_alpha=False, contrastive_alpha_min=None, on_token=None)  # candidates: not streamed
     if name == "greedy":
         return dataclasses.replace(config, **off)
     if name == "sample":

@@ -175,8 +175,8 @@ def speculative_generate(target: DecoderLM, draft: DecoderLM, input_ids: torch.T
     if config.strategy not in ("greedy", "sample") or config.num_return_sequences != 1:
         raise ValueError(f"speculative decoding runs greedy decoding or sampling of one sequence, "
                          f"not {config.strategy} with num_return_sequences={config.num_return_sequences}")
-    if not config.use_cache:
-        raise ValueError("speculative decoding needs the KV cache (use_cache=True)")
+    if not config.use_cache or config.on_token is not None:
+        raise ValueError("speculative decoding needs the KV cache (use_cache=True) and streams nothing (on_token)")
     if k < 1:
         raise ValueError(f"k (draft tokens per target forward) must be >= 1, got {k}")
     check_draft(target, draft)

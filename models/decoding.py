@@ -206,7 +206,8 @@ def one_token_per_step(model: DecoderLM, input_ids: torch.Tensor, attention_mask
                        ) -> torch.Tensor:
     """The decoding loop of every strategy that extends each row by one token per step:
     logits processors, the strategy's pick, EOS / ``stop`` bookkeeping, padding of
-    finished rows, early exit when all rows are done."""
+    finished rows, early exit when all rows are done; ``config.on_token`` (streaming) sees the
+    tokens after each step."""
     B, P = input_ids.shape
     runner = Runner(model, attention_mask, P, config)
     eos, pad, stop, total = config.eos_token_id, config.pad, config.stop, runner.total
@@ -229,6 +230,8 @@ def one_token_per_step(model: DecoderLM, input_ids: torch.Tensor, attention_mask
             nxt = torch.where(unfinished, nxt, pad)
         seqs[:, cur] = nxt
         cur += 1
+        if config.on_token is not None:
+            config.on_token(seqs[:, :cur])
         if track:
             if eos is not None:
                 unfinished &= nxt != eos

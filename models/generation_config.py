@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 StopFn = Callable[[torch.Tensor], torch.Tensor]  # (N, T) token ids -> (N,) bool: this row is done
+TokenHook = Callable[[torch.Tensor], None]  # (N, T) token ids so far, after each new token; must not change them
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class GenerationConfig:
     pad_token_id: int | None = None  # fills finished rows; default: eos_token_id
     stop: StopFn | None = None  # marks rows as done in addition to EOS (e.g. LineStop)
     use_cache: bool = True
+    on_token: TokenHook | None = None  # streaming: called after every step of the one-token-per-step loop
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "top_k", "num_beams", "num_return_sequences", "no_repeat_ngram_size"):
@@ -82,6 +84,9 @@ class GenerationConfig:
         elif self.strategy != "sample":
             self._require(self.num_return_sequences == 1, "num_return_sequences",
                           f"must be 1 for {self.strategy} decoding, which is deterministic")
+        if self.on_token is not None and self.strategy == "beam":
+            raise ValueError("on_token streams one token per step; beam search reorders its beams until the end: "
+                             "show its final text instead")
         if self.stop is not None and self.pad is None:
             raise ValueError("a stop condition needs pad_token_id (or eos_token_id) to fill the rows it ends")
 

@@ -1,32 +1,39 @@
 """The sonnet demo's page (``demo.py``): pick a sonnet model, type the opening lines, pick a decoding
-strategy and its settings, and read the continuation with its form (lines, syllables, rhyme) beside it.
+strategy and its settings, and watch the continuation appear, with its form (lines, syllables, rhyme)
+beside it once it is done.
 
-The page knows no model: ``demo.py`` hands it ``continue_sonnet(model, prompt, config) -> text``, which
-is ``generate.py``'s own code path, so the page shows what ``generate.py`` prints for the same settings
-(the page writes that command under the sonnet; ``tests/test_demo_browser.py`` checks the two agree).
-The controls are ``GenerationConfig``'s fields under ``generate.py``'s flag names, and a run that stops
-after 14 lines (``--num_lines 14``) as a sonnet does. Gradio serves it, bound to localhost by default.
+The page knows no model: ``demo.py`` hands it a ``Sonnets`` (``generate.py``'s own code path, streamed,
+and the ``generate.py`` command of a request), so the page shows what ``generate.py`` prints for the same
+settings (the page writes that command under the sonnet; ``tests/test_demo_browser.py`` checks the two
+agree). The controls are ``GenerationConfig``'s fields under ``generate.py``'s flag names, MBR's candidate
+pool (``--mbr_pool``, chrF consensus: the utility ``generate.py`` offers), ``--quantize``, and a run that
+stops after 14 lines (``--num_lines 14``) as a sonnet does. Gradio serves it, bound to localhost by default.
 """
 
 from __future__ import annotations
 
-import shlex
-from collections.abc import Callable, Sequence
-from dataclasses import fields
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Protocol
 
 import gradio as gr
 
+from decoding.mbr import CandidatePool
+from decoding.quant import QUANTIZE_CHOICES
 from engine.run_dir import LATEST
 from engine.run_paths import resolve_latest
 from errors import InputError
 from models.generation_config import GenerationConfig
+from tasks.export import checkpoint_in
 from tasks.sonnet_form import TARGET_LINES, sonnet_form
 
-STRATEGIES = ("greedy", "sample", "top-p", "beam", "contrastive")
-# The settings each strategy reads, besides max_new_tokens, no_repeat_ngram_size and repetition_penalty.
+STRATEGIES = ("greedy", "sample", "top-p", "beam", "contrastive", "mbr")
+# The settings each strategy reads, besides max_new_tokens, no_repeat_ngram_size and repetition_penalty
+# (MBR: its samples' temperature and top_p; its beam and contrastive members use generate.py's defaults).
 STRATEGY_SETTINGS = {"greedy": (), "sample": ("temperature", "top_k"), "top-p": ("temperature", "top_p"),
-                     "beam": ("num_beams", "length_penalty"), "contrastive": ("penalty_alpha", "top_k")}
+                     "beam": ("num_beams", "length_penalty"), "contrastive": ("penalty_alpha", "top_k"),
+                     "mbr": ("temperature", "top_p", "mbr_pool")}
 # The sliders: (GenerationConfig field, low, high, step, default)
 SLIDERS = (("max_new_tokens", 1, 512, 1, 128), ("temperature", 0.05, 2.0, 0.05, 1.0), ("top_k", 0, 100, 1, 4),
            ("top_p", 0.05, 1.0, 0.05, 0.9), ("num_beams", 2, 8, 1, 4), ("length_penalty", 0.0, 2.0, 0.1, 1.0),
@@ -34,10 +41,31 @@ SLIDERS = (("max_new_tokens", 1, 512, 1, 128), ("temperature", 0.05, 2.0, 0.05, 
            ("repetition_penalty", 1.0, 2.0, 0.05, 1.0))
 ALWAYS = ("max_new_tokens", "no_repeat_ngram_size", "repetition_penalty")
 INTS = {f.name for f in fields(GenerationConfig) if f.type == "int"}
+MBR_POOL = "sample:8"
 SONNET_18 = ("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n"
              "Rough winds do shake the darling buds of May,")
-MODEL_FILES = ("sonnet-model.pt", "*-model.pt", "model.pt")
-ContinueFn = Callable[[str, str, GenerationConfig], str]
+
+
+@dataclass(frozen=True)
+class SonnetRequest:
+    """One sonnet the page asks for: the ``model`` (as typed or picked), the opening lines, the decoding,
+    MBR's candidate ``pool`` (None: no MBR) and the weights' ``quantize``."""
+
+    model: str
+    prompt: str
+    generation: GenerationConfig
+    pool: CandidatePool | None = None
+    quantize: str = "none"
+
+
+class Sonnets(Protocol):
+    """What makes the page's sonnets (``demo.py``: ``generate.py``'s code path)."""
+
+    def stream(self, request: SonnetRequest) -> Iterator[str]:
+        """The sonnet (prompt included) in pieces, as it is decoded: they join to the final text."""
+
+    def command(self, request: SonnetRequest) -> str:
+        """The ``generate.py`` command that prints the same sonnet."""
 
 
 def generation_config(strategy: str, **settings: float) -> GenerationConfig:
@@ -52,22 +80,13 @@ def generation_config(strategy: str, **settings: float) -> GenerationConfig:
     return GenerationConfig(**kept, do_sample=strategy in ("sample", "top-p"))
 
 
-def generate_flags(config: GenerationConfig) -> list[str]:
-    """``generate.py``'s flags for ``config``: those whose value differs from the command's default."""
-    defaults = GenerationConfig(max_new_tokens=64)
-    flags = []
-    for f in fields(GenerationConfig):
-        value = getattr(config, f.name)
-        if f.name in ("eos_token_id", "pad_token_id", "stop", "use_cache") or value == getattr(defaults, f.name):
-            continue
-        flags += [f"--{f.name}"] if value is True else [f"--{f.name}", str(value)]
-    return flags
-
-
-def generate_command(model: str, prompt: str, config: GenerationConfig) -> str:
-    """The ``generate.py`` command that prints what the page shows."""
-    return shlex.join(["python", "generate.py", "--model", model, "--prompt", prompt,
-                       *generate_flags(config), "--num_lines", str(TARGET_LINES)])
+def sonnet_request(model: str, prompt: str, strategy: str, quantize: str = "none", mbr_pool: str = MBR_POOL,
+                   **settings: float) -> SonnetRequest:
+    """The page's controls as one request; a bad setting raises ValueError (the page shows it)."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+    pool = CandidatePool.parse(mbr_pool) if strategy == "mbr" else None
+    return SonnetRequest(model, prompt, generation_config(strategy, **settings), pool, quantize)
 
 
 def sonnet_models(root: str | Path) -> list[Path]:
@@ -78,15 +97,11 @@ def sonnet_models(root: str | Path) -> list[Path]:
 
 
 def model_file(spec: str | Path) -> Path:
-    """The model ``spec`` names: a model file or Trainer checkpoint as it is, a run folder (or its
-    ``latest``) by its model file, a Hugging Face folder (``config.json``) as it is."""
+    """The model ``spec`` names: a model file or Trainer checkpoint as it is, a Hugging Face folder
+    (``config.json``) as it is, a run folder (or its ``latest``) by the file ``export.py`` reads there."""
     path = resolve_latest(spec)
     if path.is_dir() and not (path / "config.json").is_file():
-        found = [f for pattern in MODEL_FILES for f in sorted(path.glob(pattern))]
-        if not found:
-            raise InputError(f"{spec}: a folder without a model file ({', '.join(MODEL_FILES)}) or config.json; "
-                             "name a sonnet run folder or its sonnet-model.pt")
-        path = found[0]
+        return checkpoint_in(path, adapters=False)
     if not path.exists():
         raise InputError(f"{spec}: no such model file or run folder")
     return path
@@ -102,10 +117,15 @@ def form_markdown(text: str, prompt: str) -> str:
             f"**rhyme pairs** (ABAB CDCD EFEF GG) {rhymed}")
 
 
-def build_page(models: Sequence[str], continue_sonnet: ContinueFn, prompt: str = SONNET_18) -> gr.Blocks:
+def shown(name: str, strategy: str) -> bool:
+    """Whether the page shows setting ``name`` for ``strategy``."""
+    return name in ALWAYS or name in STRATEGY_SETTINGS[strategy]
+
+
+def build_page(models: Sequence[str], sonnets: Sonnets, prompt: str = SONNET_18) -> gr.Blocks:
     """The page: the model picker (``models``, first selected; another path may be typed), the prompt, the
-    strategy with its settings (only the chosen strategy's shown), and the sonnet, its form and its
-    ``generate.py`` command."""
+    strategy with its settings (only the chosen strategy's shown), the weights, and the sonnet (streamed;
+    beam search and MBR show it when done), its form and its ``generate.py`` command (when done)."""
     with gr.Blocks(title="Sonnet demo", analytics_enabled=False) as page:
         gr.Markdown("## Sonnets from a GPT-2\nType the opening lines, pick how to decode, and generate.")
         with gr.Row():
@@ -114,9 +134,14 @@ def build_page(models: Sequence[str], continue_sonnet: ContinueFn, prompt: str =
                                     label="model (a sonnet run folder or model file)", elem_id="model")
                 text = gr.Textbox(prompt, lines=4, label="opening lines", elem_id="prompt")
                 strategy = gr.Radio(list(STRATEGIES), value="greedy", label="decoding", elem_id="strategy")
+                pool = gr.Textbox(MBR_POOL, label="mbr_pool: the candidates (pool size: their sum), chosen by "
+                                  "chrF consensus; e.g. beam:4,sample:8,contrastive:1", elem_id="mbr_pool",
+                                  visible=False)
                 sliders = {name: gr.Slider(low, high, value=default, step=step, label=name, elem_id=name,
                                            visible=name in ALWAYS)
                            for name, low, high, step, default in SLIDERS}
+                quantize = gr.Radio(list(QUANTIZE_CHOICES), value="none", label="quantize (the weights)",
+                                    elem_id="quantize")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 sonnet = gr.Textbox(lines=16, label="sonnet", elem_id="sonnet", interactive=False)
@@ -124,20 +149,24 @@ def build_page(models: Sequence[str], continue_sonnet: ContinueFn, prompt: str =
                 command = gr.Textbox(label="the same with generate.py", elem_id="command", interactive=False)
 
         def show(chosen: str) -> list:
-            return [gr.update(visible=name in ALWAYS or name in STRATEGY_SETTINGS[chosen]) for name in sliders]
+            return [gr.update(visible=shown(name, chosen)) for name in ("mbr_pool", *sliders)]
 
-        def run(spec: str, opening: str, chosen: str, *values: float) -> tuple[str, str, str]:
+        def run(spec: str, opening: str, chosen: str, weights: str, pool_spec: str,
+                *values: float) -> Iterator[tuple[str, str, str]]:
             try:
-                config = generation_config(chosen, **dict(zip(sliders, values)))
-                out = continue_sonnet(spec, opening, config)
+                request = sonnet_request(spec, opening, chosen, weights, pool_spec, **dict(zip(sliders, values)))
+                out = ""
+                for piece in sonnets.stream(request):
+                    out += piece
+                    yield out, "", ""
             except (ValueError, InputError) as e:
                 raise gr.Error(str(e)) from None
-            return out, form_markdown(out, opening), generate_command(spec, opening, config)
+            yield out, form_markdown(out, opening), sonnets.command(request)
 
-        strategy.change(show, strategy, list(sliders.values()))
-        button.click(run, [model, text, strategy, *sliders.values()], [sonnet, form, command])
+        strategy.change(show, strategy, [pool, *sliders.values()])
+        button.click(run, [model, text, strategy, quantize, pool, *sliders.values()], [sonnet, form, command])
     return page
 
 
-__all__ = ["SONNET_18", "STRATEGIES", "build_page", "form_markdown", "generate_command", "generation_config",
-           "model_file", "sonnet_models"]
+__all__ = ["MBR_POOL", "SONNET_18", "STRATEGIES", "STRATEGY_SETTINGS", "SonnetRequest", "Sonnets", "build_page",
+           "form_markdown", "generation_config", "model_file", "sonnet_models", "sonnet_request"]

@@ -109,6 +109,19 @@ def tokenizer():
     return load_tokenizer(verbose=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_sonnet_model(tmp_path_factory) -> Path:
+    """A tiny random GPT-2 saved as a sonnet run saves its model (the demo's tests serve it)."""
+    from config import get_config
+    from methods.restore import save_model
+    from models.gpt2 import GPT2Model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("demo") / "sonnet-model.pt"
+    save_model(GPT2Model(get_config("tiny")), path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny tensors run fastest on one thread; two stall under a busy 2-core machine."""

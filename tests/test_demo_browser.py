@@ -2,8 +2,9 @@
 Playwright) opens the page ``demo.py`` serves for a tiny random model, types the opening lines, picks the decoding,
 clicks Generate and reads a sonnet that must equal what ``generate.py`` prints for the same settings.
 
-Chromium is not optional here: where it is missing the test fails and says how to install it
-(``.ci/run`` installs it on CI's fresh machine), so the page is never silently left untested.
+Chromium, Playwright and Gradio are not optional here: where one is missing the test fails and says how to
+install it (``.ci/run`` runs ``setup.sh --demo`` and installs Chromium on CI's fresh machine), so the page is
+never silently left untested. The page's functions without a browser: ``tests/test_demo_page.py``.
 """
 
 from __future__ import annotations
@@ -14,29 +15,30 @@ import shlex
 import shutil
 import socket
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
-from playwright.sync_api import Page, sync_playwright
+
+try:
+    import gradio  # noqa: F401  (the page's)
+    from playwright.sync_api import Page, sync_playwright
+except ModuleNotFoundError:
+    pytest.fail("the demo's browser test needs the demo extras: bash setup.sh --demo (or pip install -r "
+                "requirements-demo.txt)", pytrace=False)
 
 import demo
 import generate
 from cli.demo import DemoSettings
-from cli.generate import parse_settings
-from config import get_config
+from cli.generate import GenerateSettings, command_line, parse_settings
 from errors import InputError
-from methods.restore import save_model
-from models.gpt2 import GPT2Model
 from tasks.demo import (
     SONNET_18,
     STRATEGIES,
     STRATEGY_SETTINGS,
-    generate_flags,
     generation_config,
     model_file,
     sonnet_models,
+    sonnet_request,
 )
 
 # gradio's queue calls pandas in ways pandas 3 deprecates: not ours to fix
@@ -44,6 +46,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"
               pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated")]
 SLIDERS = dict(max_new_tokens=40, temperature=0.7, top_k=4, top_p=0.8, num_beams=3, length_penalty=1.0,
                penalty_alpha=0.6, no_repeat_ngram_size=0, repetition_penalty=1.0)
+POOL = "sample:3,greedy:1"  # MBR's candidates in the test: small, and a sampled one must win or lose by chrF
 
 
 def chromium() -> str:
@@ -59,14 +62,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("demo") / "sonnet-model.pt"
-    save_model(GPT2Model(get_config("tiny")), path)
-    return path
 
 
 @contextlib.contextmanager
@@ -96,9 +91,10 @@ def browser_page(url: str) -> Iterator[Page]:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model) -> Iterator[str]:
+def server(tiny_sonnet_model) -> Iterator[str]:
     """``python demo.py --model MODEL --port PORT`` on a free port."""
-    with served(DemoSettings(model=str(tiny_model), runs=str(tiny_model.parent / "none"), port=free_port())) as url:
+    settings = DemoSettings(model=str(tiny_sonnet_model), runs=str(tiny_sonnet_model.parent / "none"), port=free_port())
+    with served(settings) as url:
         yield url
 
 
@@ -125,6 +121,8 @@ def make_sonnet(page: Page, prompt: str, strategy: str, sliders: dict[str, float
     the new answer apart)."""
     pick(page, strategy)
     set_sliders(page, sliders)
+    if "mbr_pool" in STRATEGY_SETTINGS[strategy]:
+        page.locator("#mbr_pool textarea").fill(POOL)
     page.locator("#prompt textarea").fill(prompt)
     before = page.locator("#command textarea").input_value()
     page.locator("#generate").click()
@@ -135,15 +133,16 @@ def make_sonnet(page: Page, prompt: str, strategy: str, sliders: dict[str, float
     return page.locator("#sonnet textarea").input_value(), page.locator("#command textarea").input_value()
 
 
-def test_the_page_makes_the_sonnet_generate_py_makes(server, tiny_model, tmp_path, capsys):
+def test_the_page_makes_the_sonnet_generate_py_makes(server, tiny_sonnet_model, tmp_path, capsys):
     with browser_page(server) as page:
         assert not page.locator("#num_beams").is_visible()  # only the chosen strategy's settings show
         shown = {}
-        for strategy in ("greedy", "beam"):
+        for strategy in ("greedy", "beam", "mbr"):  # streamed; shown when done; MBR
             shown[strategy] = make_sonnet(page, SONNET_18, strategy, SLIDERS, tmp_path / f"demo-{strategy}.png")
     assert (tmp_path / "demo-greedy.png").stat().st_size > 10_000
-    model, prompt = ["--model", str(tiny_model)], ["--prompt", SONNET_18]
-    wanted = {"greedy": ["--max_new_tokens", "40"], "beam": ["--max_new_tokens", "40", "--num_beams", "3"]}
+    model, prompt = ["--model", str(tiny_sonnet_model)], ["--prompt", SONNET_18]
+    wanted = {"greedy": ["--max_new_tokens", "40"], "beam": ["--max_new_tokens", "40", "--num_beams", "3"],
+              "mbr": ["--max_new_tokens", "40", "--temperature", "0.7", "--top_p", "0.8", "--mbr_pool", POOL]}
     for strategy, (sonnet, command) in shown.items():
         argv = shlex.split(command)
         assert argv == ["python", "generate.py", *model, *prompt, *wanted[strategy], "--num_lines", "14"]
@@ -153,24 +152,25 @@ def test_the_page_makes_the_sonnet_generate_py_makes(server, tiny_model, tmp_pat
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_each_strategy_reads_as_generate_py_flags(strategy, tiny_model):
+def test_each_strategy_reads_as_generate_py_flags(strategy, tiny_sonnet_model):
     """The page's settings and generate.py's flags are one vocabulary: the flags the page shows parse back
-    into the very ``GenerationConfig`` the page decoded with."""
-    config = generation_config(strategy, **SLIDERS)
-    assert config.strategy == strategy.replace("top-p", "sample")
-    argv = ["--model", str(tiny_model), "--prompt", "x", *generate_flags(config)]
-    parsed = parse_settings(argv).generation
-    assert replace(parsed, use_cache=True) == config
+    into the very settings (``GenerationConfig``, MBR pool) the page decoded with."""
+    request = sonnet_request(str(tiny_sonnet_model), "x", strategy, mbr_pool=POOL, **SLIDERS)
+    assert request.generation.strategy == {"top-p": "sample", "mbr": "greedy"}.get(strategy, strategy)
+    assert (request.pool is not None) == (strategy == "mbr")
+    settings = GenerateSettings(model=request.model, prompts=("x",), generation=request.generation,
+                                pool=request.pool, num_lines=14)
+    assert parse_settings(command_line(settings)) == settings
 
 
-def test_bad_settings_and_models_are_one_line(tmp_path, tiny_model):
+def test_bad_settings_and_models_are_one_line(tmp_path, tiny_sonnet_model):
     with pytest.raises(ValueError, match="top_k >= 2"):
         generation_config("contrastive", **{**SLIDERS, "top_k": 0})
     with pytest.raises(InputError, match="no such model file or run folder"):
         demo.main(["--model", str(tmp_path / "nothing.pt")])
     with pytest.raises(InputError, match="no sonnet run under"):
         demo.main(["--runs", str(tmp_path)])
-    assert model_file(tiny_model.parent) == tiny_model  # a run folder: its model file
+    assert model_file(tiny_sonnet_model.parent) == tiny_sonnet_model  # a run folder: its model file
 
 
 def test_the_newest_sonnet_run_comes_first_once(tmp_path, monkeypatch):

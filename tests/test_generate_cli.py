@@ -56,6 +56,18 @@ def test_completes_every_prompt_and_writes_them(saved, tokenizer, tmp_path, caps
     cli.main(argv + ["--overwrite", "--num_beams", "4"])
 
 
+def test_a_bar_counts_the_prompts_when_they_take_several_batches(saved, tokenizer, capsys):
+    _, path = saved
+    argv = ["--model", str(path), "--prompt", "Hello", "--prompt", "The rose", "--prompt", "A", "--max_new_tokens", "3"]
+    quiet = cli.main(argv)  # one batch of 8: no bar
+    assert "generating" not in capsys.readouterr().err
+    assert cli.main(argv + ["--batch_size", "2"]) == quiet
+    err = capsys.readouterr().err
+    assert "generating: 100%" in err and "3/3" in err
+    cli.main(argv + ["--batch_size", "2", "--no_progress"])
+    assert "generating" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags", [
     ["--penalty_alpha", "0.6", "--top_k", "4", "--contrastive_mean_sim", "--contrastive_dynamic_alpha"],
     ["--do_sample", "--top_p", "0.9", "--temperature", "1.2"],
