@@ -46,12 +46,11 @@ from methods.fine_tune import (
     DEFAULT_TARGETS,
     QUANTIZE_BASE,
     FineTuneConfig,
-    LoraConfig,
+    peft_adapter_settings,
     reft_layers,
     reft_positions,
 )
 from methods.objectives import ObjectiveSettings
-from methods.peft_adapters import read_peft_adapter
 from models.heads import POOLINGS
 from tasks.common import default_output_dir, pick_device
 from tasks.settings import (
@@ -205,8 +204,7 @@ def fine_tune_config(args: argparse.Namespace) -> FineTuneConfig:
                          "the task scripts' --fine-tune-mode lora")
     if args.fine_tune_mode != "lora":
         raise InputError(f"--load_adapter {folder} loads a LoRA/DoRA adapter: add --fine-tune-mode lora")
-    return FineTuneConfig("lora", LoraConfig(**read_peft_adapter(folder)[0], quantize_base=quantize),
-                          load_adapter=folder)
+    return peft_adapter_settings(folder, quantize)
 
 
 def task_settings_from_args(args: argparse.Namespace, cls: type[TaskSettings] = TaskSettings,
@@ -291,9 +289,10 @@ def _number(kind: type, low: float, low_open: bool = False, high: float | None =
     return parse
 
 
-def add_objective_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_objective_args(parser: argparse.ArgumentParser, pooling_help: str | None = None) -> argparse.ArgumentParser:
     """The flags of the training objectives (one group), all off by default; bad values (a negative
-    weight, a zero temperature) stop at parse time with argparse's usage error."""
+    weight, a zero temperature) stop at parse time with argparse's usage error. ``pooling_help``:
+    what ``--pooling`` does in a task where it means less than a sentence representation."""
     d = ObjectiveSettings()
     g = parser.add_argument_group("training objectives (off by default; combinable)")
     g.add_argument("--rdrop_alpha", type=_number(float, 0), default=d.rdrop_alpha,
@@ -318,14 +317,16 @@ def add_objective_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--smart_momentum", type=_number(float, 0, high=1.0), default=d.smart_momentum,
                    help="beta of the momentum teacher, theta~ <- beta theta~ + (1 - beta) theta")
     g.add_argument("--pooling", choices=POOLINGS, default=d.pooling,
-                   help="sentence representation: the last real token's state or the mean over real tokens")
+                   help=pooling_help or "sentence representation: the last real token's state or the mean over "
+                                        "real tokens")
     return parser
 
 
-def add_classification_args(parser: argparse.ArgumentParser, **common_defaults: Any) -> argparse.ArgumentParser:
+def add_classification_args(parser: argparse.ArgumentParser, pooling_help: str | None = None,
+                            **common_defaults: Any) -> argparse.ArgumentParser:
     """The flags every classification task shares: the course's and the engine's
     (``add_common_args`` with the task's defaults) and the training objectives'."""
-    return add_objective_args(add_common_args(parser, **common_defaults))
+    return add_objective_args(add_common_args(parser, **common_defaults), pooling_help)
 
 
 def objective_settings_from_args(args: argparse.Namespace) -> ObjectiveSettings:

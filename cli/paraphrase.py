@@ -10,10 +10,12 @@ from typing import Any
 
 from cli.common import add_classification_args, objective_settings_from_args, task_settings_from_args
 from cli.defaults import DefaultsHelpFormatter, add_recipe_arg, parse_with_recipe
-from cli.validation import non_negative_int, positive_float
+from cli.dpo import add_dpo_args
+from cli.validation import non_negative_int, positive_float, positive_int, probability
 from engine.multitask import SAMPLINGS
 from errors import InputError
 from methods.fine_tune import mode_names, modes_help
+from tasks.back_translation import SIDES, check_back_translation
 from tasks.multitask import check_tasks
 from tasks.paraphrase import ParaphraseSettings
 from tasks.settings import ClassificationSettings
@@ -21,6 +23,10 @@ from tasks.settings import ClassificationSettings
 RECOMMENDED = {"max_grad_norm": 1.0}  # the starter never clips
 POOLING_HELP = ("the SimCSE term's sentence representation (needs --contrastive_weight > 0; mean is refused without "
                 "it): the answer itself is always read at the prompt's last token, its next-token prediction")
+
+
+DPO_HELP = ('train on the DPO loss instead of the cross-entropy: the right answer ("yes" or "no") the chosen '
+            "completion, the other the rejected one, against a frozen copy of the starting model (dropout off)")
 
 
 def task_list(text: str) -> tuple[str, ...]:
@@ -40,6 +46,14 @@ def task_weights(text: str) -> dict[str, float]:
         if out[name.strip()] < 0:
             raise argparse.ArgumentTypeError(f"{item!r}: a weight must be >= 0")
     return out
+
+
+def model_pair(text: str) -> tuple[str, ...]:
+    """``--back_translate_models``: two comma-separated models (empty: the hub's)."""
+    models = tuple(m.strip() for m in text.split(",")) if text.strip() else ()
+    if models and (len(models) != 2 or not all(models)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not two models EN_X,X_EN (folders or hub ids)")
+    return models
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -77,11 +91,27 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--contrastive_hard_negatives", action="store_true",
                    help="with --contrastive_supervised: add to each pair, as a SimCSE negative, the question of "
                         "a pair with the other label that shares the most words with its first question")
+    b = parser.add_argument_group("back-translation augmentation (off by default)")
+    b.add_argument("--back_translate", metavar="PIVOT", default=d.back_translate,
+                   help="add copies of training pairs (same label) whose question went to this language and back "
+                        "(e.g. de, fr) through Marian models Helsinki-NLP/opus-mt-en-PIVOT and -PIVOT-en (the hub "
+                        "or its cache; needs sentencepiece)")
+    b.add_argument("--back_translate_fraction", type=probability, metavar="F", default=d.back_translate_fraction,
+                   help="the fraction of training pairs copied (a sample drawn with --seed)")
+    b.add_argument("--back_translate_side", choices=SIDES, default=d.back_translate_side,
+                   help="which question of a copy is back-translated")
+    b.add_argument("--back_translate_models", type=model_pair, metavar="EN_X,X_EN", default="",
+                   help="the two Marian models (local folders or hub ids) instead of the Helsinki-NLP ones")
+    b.add_argument("--back_translate_cache", metavar="PATH", default=d.back_translate_cache,
+                   help="the JSONL file of translations, each sentence translated once and reused across runs "
+                        "(default back-translation.jsonl beside --para_train)")
+    b.add_argument("--back_translate_beams", type=positive_int, metavar="N", default=d.back_translate_beams,
+                   help="beam width of the translations (1: greedy)")
+    add_dpo_args(parser, "DPO (off by default)", DPO_HELP)
     # --hidden_dropout_prob is GPT-2's own residual/embedding dropout here (there is no head).
     add_classification_args(parser, batch_size=8, lr=1e-5, epochs=10, hidden_dropout_prob=0.1, model_size="gpt2",
-                            max_grad_norm=0.0)
+                            max_grad_norm=0.0, pooling_help=POOLING_HELP)  # the shared flag, told for this task
     add_recipe_arg(parser, RECOMMENDED)
-    next(a for a in parser._actions if a.dest == "pooling").help = POOLING_HELP  # the shared flag, told for this task
     return parser
 
 
@@ -101,8 +131,10 @@ def settings_from_args(args: argparse.Namespace) -> ParaphraseSettings:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse (``InputError``: one ``error:`` line, exit status 2) ``--pooling mean`` without the
-    SimCSE term (the only thing it changes here), hard negatives without supervised SimCSE, and
-    multi-task runs with the training objectives (they regularise one task's logits)."""
+    SimCSE term (the only thing it changes here), hard negatives without supervised SimCSE,
+    multi-task runs with the training objectives (they regularise one task's logits), ``--dpo``
+    beside another loss or without training, and ``--back_translate`` without training or without
+    its Marian models and sentencepiece (checked here, before a run folder or a model exists)."""
     if args.pooling != "last" and args.contrastive_weight == 0:
         raise InputError(f"--pooling {args.pooling} changes nothing here without --contrastive_weight > 0: the "
                          "paraphrase answer is read at the prompt's last token; drop --pooling or add the SimCSE term")
@@ -113,9 +145,19 @@ def check_args(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise InputError(f"--multitask/--task_weights: {e}") from None
     objectives = (args.rdrop_alpha, args.contrastive_weight, args.smart_weight, args.smart_proximal_weight)
+    if args.dpo and (args.multitask or any(w > 0 for w in objectives) or args.contrastive_supervised
+                     or args.loss != "answer" or args.epochs == 0):
+        raise InputError("--dpo replaces the training loss: drop --multitask, the training objectives "
+                         "(--rdrop_alpha, --contrastive_*, --smart_*) and --loss vocab, and train (--epochs >= 1)")
     if args.multitask and (any(w > 0 for w in objectives) or args.contrastive_supervised):
         raise InputError("--multitask trains on the tasks' plain losses: drop the training objectives "
                          "(--rdrop_alpha, --contrastive_*, --smart_*)")
+    if args.back_translate_models and not args.back_translate:
+        raise InputError("--back_translate_models needs --back_translate PIVOT (the pivot language they go through)")
+    if args.back_translate and args.epochs == 0:
+        raise InputError("--back_translate adds training pairs: it changes nothing with --epochs 0")
+    if args.back_translate:  # the Marian models at hand (downloaded if need be) before any run folder or model
+        check_back_translation(args.back_translate, args.back_translate_models)
 
 
 def paraphrase_settings(base: argparse.Namespace | None = None, **overrides: Any) -> ParaphraseSettings:
@@ -130,5 +172,5 @@ def paraphrase_settings(base: argparse.Namespace | None = None, **overrides: Any
     return settings_from_args(argparse.Namespace(**{**defaults, **shared, **overrides}))
 
 
-__all__ = ["POOLING_HELP", "RECOMMENDED", "build_parser", "check_args", "parse_args", "paraphrase_settings",
-           "settings_from_args", "task_list", "task_weights"]
+__all__ = ["DPO_HELP", "POOLING_HELP", "RECOMMENDED", "build_parser", "check_args", "model_pair", "parse_args",
+           "paraphrase_settings", "settings_from_args", "task_list", "task_weights"]

@@ -17,6 +17,7 @@ from typing import Any
 from cli.common import add_common_args, task_settings_from_args
 from cli.decoding import add_inference_args
 from cli.defaults import DefaultsHelpFormatter, add_recipe_arg, parse_with_recipe
+from cli.dpo import add_dpo_args
 from cli.lm import add_attention_args, add_pretrain_args, attention_from_args, pretraining_from_args
 from cli.validation import (
     check_decoding,
@@ -107,10 +108,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                    help="train on this seeded random fraction of the training sonnets and judge epochs on the "
                         "rest instead of the dev sonnets (1: no split)")
 
-    g = parser.add_argument_group("DPO (preference tuning of a fine-tuned --checkpoint)")
-    g.add_argument("--dpo", action="store_true",
-                   help="sample --dpo_samples completions per training prompt, rank, pair, train with DPO")
-    g.add_argument("--dpo_beta", type=positive_float, default=0.1, help="how far the policy may leave the reference")
+    g = add_dpo_args(parser, "DPO (preference tuning of a fine-tuned --checkpoint)",
+                     "sample --dpo_samples completions per training prompt, rank, pair, train with DPO")
     g.add_argument("--dpo_samples", type=int_in(2), default=4, help="sampled completions per training prompt")
     g.add_argument("--dpo_rank", choices=RANKINGS, default="chrf",
                    help="chrf against the true continuation, or form: the form of the generated lines")

@@ -4,6 +4,7 @@
     python -m experiments ensemble ...   # checkpoints: class probabilities averaged, sonnets by MBR (.ensemble)
     python -m experiments sweep    ...   # an Optuna search on SQLite: resumable, shared, pruned (.sweep)
     python -m experiments plot     ...   # runs' curves overlaid, labelled by what differs; seeds as bands (.plot)
+    python -m experiments quantize ...   # a saved run with int8/int4/bf16 weights: dev before and after (.quantize)
 
 Seeds and sweeps run the task's own script (``classifier.py``, ``paraphrase_detection.py``,
 ``sonnet_generation.py``) with its flags passed through after ``--``, each run in its own run

@@ -1,4 +1,4 @@
-"""``python -m experiments seeds|ensemble|sweep|plot ...``; ``--help`` on each says what it does.
+"""``python -m experiments seeds|ensemble|sweep|plot|quantize ...``; ``--help`` on each says what it does.
 The task's flags (seeds, sweep) follow a lone ``--``. Bad input ends in one ``error:`` line and
 exit status 2, before any training."""
 
@@ -12,10 +12,10 @@ from typing import Any
 import experiments
 from cli.common import run_main
 from cli.defaults import DefaultsHelpFormatter
-from experiments import ensemble, plot, seeds, sweep
+from experiments import ensemble, plot, quantize, seeds, sweep
 from experiments.launch import ExperimentError, split_task_argv
 
-COMMANDS = {"seeds": seeds, "ensemble": ensemble, "sweep": sweep, "plot": plot}
+COMMANDS = {"seeds": seeds, "ensemble": ensemble, "sweep": sweep, "plot": plot, "quantize": quantize}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     """Parse and run one command; ``ExperimentError`` becomes one error line and exit status 2."""
     own, task_argv = split_task_argv(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(own)
-    if task_argv and args.command in ("ensemble", "plot"):
+    if task_argv and args.command in ("ensemble", "plot", "quantize"):
         build_parser().error(f"{args.command} takes no task flags after --")
     try:
         return COMMANDS[args.command].main(args, task_argv)

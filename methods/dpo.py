@@ -45,6 +45,7 @@ from torch import nn
 
 from engine.data import PadCollator
 
+DEFAULT_BETA = 0.1  # the --dpo_beta of every task
 PAIR_STRATEGIES = ("best_worst", "all")
 SIDES = ("chosen", "rejected")
 
@@ -68,7 +69,7 @@ def dpo_loss(
     policy_rejected: torch.Tensor,
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
-    beta: float = 0.1,
+    beta: float = DEFAULT_BETA,
 ) -> DPOOutput:
     """The DPO loss, averaged over pairs, from (B,) summed completion log-probabilities under
     the policy and the reference (the latter carry no gradient)."""
@@ -240,6 +241,17 @@ def pair_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     lp = completion_logprobs(model, ids, att, comp)  # (2B,)
     B = batch["chosen_input_ids"].size(0)
     return lp[:B], lp[B:]
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Every dropout of ``model`` set to 0 (``nn.Dropout`` modules, LoRA's included, and the
+    attention-probability dropout that ``modules.attention`` applies functionally)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attn_dropout", None), float):
+            m.attn_dropout = 0.0
+    return model
 
 
 def frozen_reference(model: nn.Module) -> nn.Module:

@@ -16,7 +16,9 @@ representation; the answer itself is always read at the prompt's last token (it 
 next-token prediction there), so ``cli.paraphrase`` refuses ``--pooling mean`` without SimCSE.
 ``--contrastive_hard_negatives`` adds mined negatives to supervised SimCSE
 (``methods.objectives.hard_negatives``); ``--multitask sst`` trains Quora beside other tasks in
-one run (``tasks.multitask``).
+one run (``tasks.multitask``); ``--back_translate de`` adds copies of training pairs with a
+question translated to German and back (``tasks.back_translation``). ``--dpo`` trains on the
+DPO loss of the two answers instead of the cross-entropy (``tasks.paraphrase_dpo``).
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from engine import ranks
 from engine.data import PadCollator, make_eval_loader
 from engine.predict import predict_in_order
 from errors import InputError
+from methods.dpo import DEFAULT_BETA
 from methods.lora import unwrap_lora
 from methods.objectives.hard_negatives import add_hard_negatives, mine_hard_negatives
 from methods.restore import save_model
 from models.heads import ClozeParaphraseScorer
+from tasks.back_translation import BackTranslation, augment_pairs
 from tasks.common import (
     build_task_model,
     check_context,
@@ -49,6 +53,7 @@ from tasks.common import (
 from tasks.course_data import write_id_predictions
 from tasks.metrics import classification_metrics, majority_baseline
 from tasks.multitask import MAIN_TASK, aux_features, multitask_training
+from tasks.paraphrase_dpo import dpo_training_loss
 from tasks.publish import RunPredictions, Target, is_explicit, partial_reason, shown
 from tasks.quora_data import PARAPHRASE_PROMPT, ParaphrasePair, load_quora_splits, paraphrase_features
 from tasks.restore import restore_task_model
@@ -61,7 +66,9 @@ class ParaphraseSettings(ClassificationSettings):
     and written, the loss over the two answer tokens or the full vocabulary, the padding side,
     the evaluation batch size (0: 4 x the training one), where the best model is saved
     (None: ``<run folder>/paraphrase-model.pt``), the auxiliary tasks of a multi-task run with
-    their sampling and loss weights (``tasks.multitask``), and mined SimCSE hard negatives."""
+    their sampling and loss weights (``tasks.multitask``), mined SimCSE hard negatives, DPO on
+    the answers instead of the cross-entropy (``tasks.paraphrase_dpo``, ``dpo_beta``), and
+    back-translated copies of training pairs (``back_translate*``: ``tasks.back_translation``)."""
 
     para_train: str = "data/quora-train.csv"
     para_dev: str = "data/quora-dev.csv"
@@ -77,6 +84,14 @@ class ParaphraseSettings(ClassificationSettings):
     sampling_temperature: float = 2.0
     task_weights: dict[str, float] = field(default_factory=dict)
     contrastive_hard_negatives: bool = False
+    dpo: bool = False
+    dpo_beta: float = DEFAULT_BETA
+    back_translate: str = ""  # a pivot language: copies of training pairs back-translated (tasks.back_translation)
+    back_translate_fraction: float = 1.0
+    back_translate_side: str = "sentence1"
+    back_translate_models: tuple[str, ...] = ()
+    back_translate_cache: str = ""
+    back_translate_beams: int = 1
 
 
 # ----------------------------------------------------------------- public API
@@ -169,6 +184,9 @@ def run(settings: ParaphraseSettings) -> dict[str, Any]:
     check_context(model.gpt.config.max_position_embeddings, max_length=data_settings.max_length)
     check_prompt_room(tokenizer, data_settings.max_length)
     data = load_quora_splits(settings.para_train, settings.para_dev, settings.para_test, limit=data_settings.limit)
+    if settings.back_translate:  # cli.paraphrase checked the Marian models before the run began
+        data["train"] = augment_pairs(data["train"], BackTranslation.from_settings(settings), settings.seed, device,
+                                      settings.train.progress)
     for split, rows in data.items():
         print(f"{split}: {len(rows)} pairs")
     print(f"loss over {'the two answer tokens' if settings.loss == 'answer' else 'the full vocabulary'}")
@@ -185,6 +203,10 @@ def run(settings: ParaphraseSettings) -> dict[str, Any]:
         full_vocab = settings.loss == "vocab"
         loss = training_loss(settings.objective, lambda m, b: m.scores(b["input_ids"], b["attention_mask"], full_vocab),
                              lambda logits, b: ClozeParaphraseScorer.answer_loss(logits, b["labels"], full_vocab))
+        if settings.dpo:  # cli.paraphrase refuses it beside the objectives and multi-task training
+            loss = dpo_training_loss(model, settings.dpo_beta)
+            print(f"DPO (beta {settings.dpo_beta}): the right answer chosen, the other rejected, against a frozen "
+                  "copy of the starting model")
         train_collate = collate
         if settings.objective.contrastive_supervised:  # each question alone, for the pair's two views
             train_collate = loss.pair_view_collate(feats["train"], [p.sentence1 for p in data["train"]],
@@ -199,7 +221,7 @@ def run(settings: ParaphraseSettings) -> dict[str, Any]:
         if settings.multitask:
             aux = aux_features(settings.multitask, tokenizer, max_len, data_settings.limit)
             train_model, loader, loss = multitask_training(
-                model, loss, {MAIN_TASK: feats["train"], **aux}, collate, data_settings.batch_size,
+                model, loss, {MAIN_TASK: feats["train"], **aux}, collate, **data_settings.loader_kwargs(),
                 sampling=settings.task_sampling, temperature=settings.sampling_temperature,
                 weights=settings.task_weights, hidden_dropout_prob=settings.model.hidden_dropout_prob)
 

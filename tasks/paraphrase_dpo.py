@@ -1,5 +1,5 @@
-"""DPO for paraphrase detection: the cloze answer as a preference (an API; no flag of
-``paraphrase_detection.py`` runs it yet).
+"""DPO for paraphrase detection: the cloze answer as a preference (``paraphrase_detection.py
+--dpo``, ``--dpo_beta``).
 
 The cloze scorer (``models.heads.ClozeParaphraseScorer``) answers a prompt with the next token,
 "yes" or "no". Read as a preference pair, each labelled prompt x has the right answer as the chosen
@@ -9,14 +9,14 @@ token after the prompt, at the two answer ids:
 
     loss = -log sigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))))
 
-against a frozen copy of the starting scorer (``methods.dpo.frozen_reference``). With the policy
+against a frozen copy of the starting scorer (``methods.dpo.frozen_reference``; with ``--resume``,
+the model the run started from, as the run rebuilds it before the trainer loads ``last.pt``). With the policy
 equal to the reference the loss is log 2 for every prompt; unlike the cross-entropy of the answer
 token it moves the two answers only relative to the reference, so a pretrained model's language
 prior is kept within ``beta``. Use it where a task takes a ``loss_fn(model, batch)`` over
 ``tasks.quora_data.paraphrase_features`` batches (``input_ids``, ``attention_mask``, ``labels``):
 
-    reference = frozen_reference(disable_dropout(scorer))  # tasks.sonnet_dpo.disable_dropout
-    loss_fn = make_paraphrase_dpo_loss_fn(reference, beta=0.1)
+    loss_fn = dpo_training_loss(scorer, beta=0.1)  # dropout off, then a frozen copy as the reference
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from methods.dpo import DPOOutput, dpo_loss, follow_policy
+from methods.dpo import DPOOutput, disable_dropout, dpo_loss, follow_policy, frozen_reference
 
 
 def answer_logprobs(scorer: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -64,4 +64,12 @@ def make_paraphrase_dpo_loss_fn(reference: nn.Module, beta: float = 0.1) -> Call
     return loss_fn
 
 
-__all__ = ["answer_logprobs", "chosen_rejected", "make_paraphrase_dpo_loss_fn", "paraphrase_dpo_loss"]
+def dpo_training_loss(scorer: nn.Module, beta: float) -> Callable[[nn.Module, Any], torch.Tensor]:
+    """The loss of a ``--dpo`` run, made before training: ``scorer``'s dropout is turned off, so
+    that the policy starts equal to the reference (loss log 2) and stays comparable with it, and a
+    frozen copy of it is the reference."""
+    return make_paraphrase_dpo_loss_fn(frozen_reference(disable_dropout(scorer)), beta)
+
+
+__all__ = ["answer_logprobs", "chosen_rejected", "dpo_training_loss", "make_paraphrase_dpo_loss_fn",
+           "paraphrase_dpo_loss"]

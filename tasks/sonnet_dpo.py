@@ -37,8 +37,10 @@ from torch import nn
 from engine.data import DataFormatError
 from engine.trainer import EvalFn, TrainConfig
 from methods.dpo import (
+    DEFAULT_BETA,
     PreferencePair,
     build_pairs,
+    disable_dropout,
     encode_pair,
     frozen_reference,
     make_dpo_loss_fn,
@@ -69,20 +71,9 @@ class DpoSettings:
     rank: str = "chrf"
     pairs: str = "best_worst"
     min_margin: float = 0.0
-    beta: float = 0.1
+    beta: float = DEFAULT_BETA
     rejected: str = "sampled"  # REJECTED: sampled and ranked, or the true continuation corrupted
     seed: int = 11711  # the draws of the corruptions
-
-
-def disable_dropout(model: nn.Module) -> nn.Module:
-    """Every dropout of ``model`` set to 0 (``nn.Dropout`` modules, LoRA's included, and the
-    attention-probability dropout that ``modules.attention`` applies functionally)."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        if isinstance(getattr(m, "attn_dropout", None), float):
-            m.attn_dropout = 0.0
-    return model
 
 
 def prompts_and_continuations(texts: Sequence[str]) -> tuple[list[str], list[str]]:
