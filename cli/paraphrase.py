@@ -12,10 +12,17 @@ from cli.common import add_classification_args, objective_settings_from_args, ta
 from cli.defaults import DefaultsHelpFormatter, add_recipe_arg, parse_with_recipe
 from cli.dpo import add_dpo_args
 from cli.validation import non_negative_int, positive_float, positive_int, probability
+from engine import ranks
 from engine.multitask import SAMPLINGS
 from errors import InputError
 from methods.fine_tune import mode_names, modes_help
-from tasks.back_translation import SIDES, check_back_translation
+from tasks.back_translation import (
+    SIDES,
+    BackTranslation,
+    check_back_translation,
+    check_cache_writable,
+    torchrun_refusal,
+)
 from tasks.multitask import check_tasks
 from tasks.paraphrase import ParaphraseSettings
 from tasks.settings import ClassificationSettings
@@ -25,6 +32,8 @@ POOLING_HELP = ("the SimCSE term's sentence representation (needs --contrastive_
                 "it): the answer itself is always read at the prompt's last token, its next-token prediction")
 
 
+DEFAULTS = ParaphraseSettings()
+BT_FLAGS = ("back_translate_fraction", "back_translate_side", "back_translate_beams", "back_translate_cache")
 DPO_HELP = ('train on the DPO loss instead of the cross-entropy: the right answer ("yes" or "no") the chosen '
             "completion, the other the rejected one, against a frozen copy of the starting model (dropout off)")
 
@@ -133,8 +142,9 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse (``InputError``: one ``error:`` line, exit status 2) ``--pooling mean`` without the
     SimCSE term (the only thing it changes here), hard negatives without supervised SimCSE,
     multi-task runs with the training objectives (they regularise one task's logits), ``--dpo``
-    beside another loss or without training, and ``--back_translate`` without training or without
-    its Marian models and sentencepiece (checked here, before a run folder or a model exists)."""
+    beside another loss or without training, the ``--back_translate_*`` flags without it, and
+    ``--back_translate`` without training or, when it must translate, without what translating
+    needs (``check_translation_at_hand``: before a run folder or a model exists)."""
     if args.pooling != "last" and args.contrastive_weight == 0:
         raise InputError(f"--pooling {args.pooling} changes nothing here without --contrastive_weight > 0: the "
                          "paraphrase answer is read at the prompt's last token; drop --pooling or add the SimCSE term")
@@ -154,10 +164,29 @@ def check_args(args: argparse.Namespace) -> None:
                          "(--rdrop_alpha, --contrastive_*, --smart_*)")
     if args.back_translate_models and not args.back_translate:
         raise InputError("--back_translate_models needs --back_translate PIVOT (the pivot language they go through)")
+    stray = [f"--{n}" for n in BT_FLAGS if not args.back_translate and getattr(args, n) != getattr(DEFAULTS, n)]
+    if stray:
+        raise InputError(f"{', '.join(stray)} change{'s' if len(stray) == 1 else ''} nothing without "
+                         "--back_translate PIVOT: add it or drop them")
     if args.back_translate and args.epochs == 0:
         raise InputError("--back_translate adds training pairs: it changes nothing with --epochs 0")
-    if args.back_translate:  # the Marian models at hand (downloaded if need be) before any run folder or model
-        check_back_translation(args.back_translate, args.back_translate_models)
+    if args.back_translate:
+        check_translation_at_hand(args)
+
+
+def check_translation_at_hand(args: argparse.Namespace) -> None:
+    """Where the translation cache does not exist yet, everything translating needs, before any
+    run folder or model: the Marian models (downloaded if need be) and sentencepiece, a writable
+    cache folder, and a single process. Where it exists it may already hold every sentence (a
+    rerun offline, a resume): ``tasks.back_translation.back_translate`` checks the same things
+    itself when a sentence is missing, so a full cache needs no model."""
+    cache = BackTranslation.from_settings(args).cache
+    if cache.exists():
+        return
+    if ranks.launched():
+        raise torchrun_refusal(f"the translation cache {cache} does not exist")
+    check_cache_writable(cache)
+    check_back_translation(args.back_translate, args.back_translate_models)
 
 
 def paraphrase_settings(base: argparse.Namespace | None = None, **overrides: Any) -> ParaphraseSettings:
@@ -172,5 +201,5 @@ def paraphrase_settings(base: argparse.Namespace | None = None, **overrides: Any
     return settings_from_args(argparse.Namespace(**{**defaults, **shared, **overrides}))
 
 
-__all__ = ["DPO_HELP", "POOLING_HELP", "RECOMMENDED", "build_parser", "check_args", "model_pair", "parse_args",
-           "paraphrase_settings", "settings_from_args", "task_list", "task_weights"]
+__all__ = ["DPO_HELP", "POOLING_HELP", "RECOMMENDED", "build_parser", "check_args", "check_translation_at_hand",
+           "model_pair", "parse_args", "paraphrase_settings", "settings_from_args", "task_list", "task_weights"]

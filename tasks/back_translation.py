@@ -13,13 +13,15 @@ Translation is the slow part, so each (models, beams, sentence) is translated on
 go to a JSONL cache (``--back_translate_cache``, default ``back-translation.jsonl`` beside the
 training file), rewritten atomically as chunks finish, read back by every later run (and by a
 resumed one, which so sees the same augmented data). A run whose sentences are all cached
-loads no translation model. The Marian classes are reached through ``transformers``' own lazy
-module at call time, so a run without the flag never loads them (nor sentencepiece).
-"""
+loads no translation model, nor needs one (the models are checked only when a sentence is
+missing); under torchrun the cache must hold them all. The Marian classes are reached through
+``transformers``' own lazy module at call time, so a run without the flag never loads them (nor
+sentencepiece). ``<pad>`` is banned from the output (``translate_batch``)."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -120,6 +122,23 @@ def check_back_translation(pivot: str, models: Sequence[str] = ()) -> tuple[Path
 # ----------------------------------------------------------------- the cache
 
 
+def check_cache_writable(path: Path) -> None:
+    """Before translating: the cache's folder (its nearest existing parent) must take the file, else
+    one ``InputError`` line, rather than a traceback once the translations are done."""
+    folder = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+        raise InputError(f"--back_translate_cache {path}: {folder} is not a writable folder; "
+                         "pass a writable --back_translate_cache")
+
+
+def torchrun_refusal(what: str) -> InputError:
+    """Under torchrun, rank 0 alone would translate while the other ranks wait for its pairs in a
+    collective that times out long before a training set is translated: the error to raise when
+    ``what`` (some sentences) is not in the cache."""
+    return InputError(f"--back_translate under torchrun: {what}; fill the translation cache with a "
+                      "single-process run first (same flags, without torchrun)")
+
+
 def read_cache(path: Path) -> dict[Key, str]:
     """Every back-translation the cache file holds (none when it does not exist yet)."""
     out: dict[Key, str] = {}
@@ -155,11 +174,13 @@ def load_marian(folder: Path, device: torch.device) -> tuple[Any, Any]:
 
 def translate_batch(model: Any, tokenizer: Any, texts: Sequence[str], num_beams: int) -> list[str]:
     """One ``generate`` call: greedy (``num_beams`` 1) or beam search, at most about twice the
-    source's length (a short question) and never past the model's positions."""
+    source's length (a short question) and never past the model's positions. ``<pad>`` is never
+    generated (Marian's ``bad_words_ids``, which a hub model's config.json holds but transformers 5
+    no longer reads from it): ``skip_special_tokens`` would silently delete it from the text."""
     room = model.config.max_position_embeddings - 1  # the source is cut to it (a question is far shorter)
     enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=room).to(model.device)
     with torch.no_grad():
-        out = model.generate(**enc, num_beams=num_beams, do_sample=False,
+        out = model.generate(**enc, num_beams=num_beams, do_sample=False, bad_words_ids=[[tokenizer.pad_token_id]],
                              max_new_tokens=min(room, 2 * enc["input_ids"].shape[1] + 8))
     return tokenizer.batch_decode(out, skip_special_tokens=True)
 
@@ -189,6 +210,9 @@ def back_translate(texts: Iterable[str], config: BackTranslation, device: torch.
     wanted = sorted({t for t in texts if t.strip()})
     todo = [t for t in wanted if (*key, t) not in cache]
     if todo:
+        if ranks.active():
+            raise torchrun_refusal(f"{len(todo)} sentences are not in the translation cache {config.cache}")
+        check_cache_writable(config.cache)
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
             there, back = (load_marian(f, device) for f in check_back_translation(config.pivot, config.models))
             bar = tqdm(total=2 * len(todo), desc=f"back-translating via {config.pivot}", disable=not progress,
@@ -207,7 +231,8 @@ def augment_pairs(pairs: Sequence[ParaphrasePair], config: BackTranslation, seed
                   progress: bool = True) -> list[ParaphrasePair]:
     """``pairs`` followed by a back-translated copy (same label, id ``<id>-bt-<pivot>``) of
     ``round(fraction * len(pairs))`` of them, drawn with ``seed``: the same copies on every run
-    and on a resumed one. Under torchrun rank 0 translates and the other ranks get its pairs."""
+    and on a resumed one. Under torchrun the cache must hold every sentence already (``back_translate``
+    refuses to translate there): rank 0 reads it and the other ranks get its pairs."""
     def build() -> list[ParaphrasePair]:
         chosen = sorted(random.Random(seed).sample(range(len(pairs)), round(config.fraction * len(pairs))))
         sides = ("sentence1", "sentence2") if config.side == "both" else (config.side,)
@@ -229,5 +254,5 @@ def augment_pairs(pairs: Sequence[ParaphrasePair], config: BackTranslation, seed
     return ranks.on_main(build)
 
 
-__all__ = ["BackTranslation", "augment_pairs", "back_translate", "check_back_translation", "marian_names",
-           "read_cache", "resolve_marian", "translate_batch", "write_cache"]
+__all__ = ["BackTranslation", "augment_pairs", "back_translate", "check_back_translation", "check_cache_writable",
+           "marian_names", "read_cache", "resolve_marian", "torchrun_refusal", "translate_batch", "write_cache"]

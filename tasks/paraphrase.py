@@ -201,12 +201,14 @@ def run(settings: ParaphraseSettings) -> dict[str, Any]:
     best: dict[str, Any] = {}
     if settings.train.epochs > 0:
         full_vocab = settings.loss == "vocab"
-        loss = training_loss(settings.objective, lambda m, b: m.scores(b["input_ids"], b["attention_mask"], full_vocab),
-                             lambda logits, b: ClozeParaphraseScorer.answer_loss(logits, b["labels"], full_vocab))
         if settings.dpo:  # cli.paraphrase refuses it beside the objectives and multi-task training
             loss = dpo_training_loss(model, settings.dpo_beta)
             print(f"DPO (beta {settings.dpo_beta}): the right answer chosen, the other rejected, against a frozen "
                   "copy of the starting model")
+        else:
+            loss = training_loss(settings.objective,
+                                 lambda m, b: m.scores(b["input_ids"], b["attention_mask"], full_vocab),
+                                 lambda logits, b: ClozeParaphraseScorer.answer_loss(logits, b["labels"], full_vocab))
         train_collate = collate
         if settings.objective.contrastive_supervised:  # each question alone, for the pair's two views
             train_collate = loss.pair_view_collate(feats["train"], [p.sentence1 for p in data["train"]],

@@ -23,8 +23,8 @@ from cli.common import run_main
 from errors import InputError
 from tasks import back_translation as bt
 from tasks import paraphrase as para_task
-from tasks.back_translation import BackTranslation, augment_pairs, read_cache
-from tasks.quora_data import ParaphrasePair
+from tasks.back_translation import BackTranslation, augment_pairs, back_translate, marian_names, read_cache, write_cache
+from tasks.quora_data import ParaphrasePair, read_quora
 from tests.test_objectives_cli import paraphrase_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +138,10 @@ def test_a_cli_run_from_the_hub_cache_and_its_resume_train_on_the_same_pairs(mar
     (["--back_translate", "de", "--back_translate_models", "missing/,x/y"], "folder missing/ does not exist"),
     (["--back_translate", "de", "--epochs", "0"], "changes nothing with --epochs 0"),
     (["--back_translate_models", "a/b,c/d"], "needs --back_translate PIVOT"),
+    (["--back_translate_fraction", "0.5", "--back_translate_beams", "2"],
+     "--back_translate_fraction, --back_translate_beams change nothing without --back_translate PIVOT"),
+    (["--back_translate_side", "both"], "--back_translate_side changes nothing without --back_translate PIVOT"),
+    (["--back_translate_cache", "x.jsonl"], "--back_translate_cache changes nothing without --back_translate PIVOT"),
 ])
 def test_unusable_flags_are_one_error_line_before_any_run(tmp_path, use_hub_cache, capsys, extra, problem):
     use_hub_cache(tmp_path / "empty_home")
@@ -174,3 +178,66 @@ def test_plain_runs_load_neither_the_module_nor_marian(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_side_sentence2_translates_only_the_second_questions(marian, tmp_path, calls):
+    config = BackTranslation("de", (str(marian["en-de"]), str(marian["de-en"])), tmp_path / "bt.jsonl",
+                             side="sentence2")
+    out = augment_pairs(pairs(10), config, seed=0, device=torch.device("cpu"), progress=False)
+    assert len(out) == 20  # fraction 1: every pair copied, in order
+    for copy, source in zip(out[10:], pairs(10)):
+        assert copy.sentence1 == source.sentence1 and copy.label == source.label
+    assert {k[3] for k in read_cache(tmp_path / "bt.jsonl")} == {p.sentence2 for p in pairs(10)}
+    assert calls == [5, 5]  # the five distinct second questions, there and back
+
+
+def test_pad_is_never_generated_by_a_model_without_a_generation_config(marian, tmp_path, monkeypatch):
+    """A hub Marian's ``bad_words_ids=[[pad]]`` lives in its config.json, which transformers 5 no
+    longer reads generation settings from: ``translate_batch`` bans ``<pad>`` itself."""
+    folder = shutil.copytree(marian["en-de"], tmp_path / "en-de")
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    model, tokenizer = bt.load_marian(folder, torch.device("cpu"))
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        model.final_logits_bias[..., pad] = 100.0  # <pad> is every step's argmax
+    made: list[torch.Tensor] = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: made.append(real(**kw)) or made[-1])
+    bt.translate_batch(model, tokenizer, [LINES[0]], num_beams=1)
+    assert made[0][0, 0] == pad and pad not in made[0][0, 1:].tolist()  # <pad> only as the decoder's start
+
+
+def test_a_full_cache_needs_no_model(tmp_path, use_hub_cache, calls, capsys):
+    """Offline, no Marian model anywhere: a run whose sentences are all cached still runs."""
+    use_hub_cache(tmp_path / "empty_home")
+    args = paraphrase_args(tmp_path, "cached", "--back_translate", "de")
+    texts = {p.sentence1 for p in read_quora(args[args.index("--para_train") + 1])}
+    write_cache(tmp_path / "back-translation.jsonl", {(*marian_names("de"), 1, t): f"{t} (back)" for t in texts})
+    para.main(args)
+    assert calls == [] and f"0 sentences translated now, {len(texts)} from" in capsys.readouterr().out
+
+
+def test_an_unwritable_cache_folder_is_refused_before_any_run(tmp_path, use_hub_cache, capsys):
+    use_hub_cache(tmp_path / "empty_home")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: para.main(paraphrase_args(tmp_path, "bad", "--back_translate", "de", "--back_translate_cache",
+                                                   str(tmp_path / "a-file" / "sub" / "bt.jsonl"))))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and f"{tmp_path / 'a-file'} is not a writable folder" in err[0]
+    assert not (tmp_path / "bad").exists()
+
+
+def test_torchrun_needs_a_full_cache(marian, tmp_path, monkeypatch, calls):
+    """Rank 0 alone would translate while the others time out waiting for its pairs: refused
+    while parsing when there is no cache, and before loading a model when the cache lacks a sentence."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(InputError, match="fill the translation cache with a single-process run first"):
+        para.settings_from_args(para.parse_args(paraphrase_args(tmp_path, "ddp", "--back_translate", "de")))
+    config = BackTranslation("de", (str(marian["en-de"]), str(marian["de-en"])), tmp_path / "bt.jsonl")
+    write_cache(config.cache, {(*config.models, 1, "a"): "b"})
+    monkeypatch.setattr(bt.ranks, "active", lambda: True)
+    assert back_translate(["a"], config, torch.device("cpu"), progress=False) == ({"a": "b"}, 0)
+    with pytest.raises(InputError, match=r"1 sentences are not in the translation cache .*single-process run first"):
+        back_translate(["a", "c"], config, torch.device("cpu"), progress=False)
+    assert calls == []

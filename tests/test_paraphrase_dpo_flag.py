@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import paraphrase_detection
+import tasks.paraphrase as paraphrase_task
 from cli.paraphrase import build_parser, parse_args, settings_from_args
 from cli.sonnet import build_parser as sonnet_parser
 from config import get_config
@@ -72,7 +73,11 @@ def test_the_loss_is_dpo_by_hand_on_one_batch(tokenizer):
     assert abs(loss.item() - math.log(2)) > 1e-3  # not the trivial start
 
 
-def test_the_flag_trains_on_dpo_and_resumes_exactly(tmp_path, capsys):
+def test_the_flag_trains_on_dpo_and_resumes_exactly(tmp_path, capsys, monkeypatch):
+    def no_cross_entropy(*args, **kwargs):
+        raise AssertionError("--dpo built the cross-entropy loss it does not use")
+
+    monkeypatch.setattr(paraphrase_task, "training_loss", no_cross_entropy)
     paraphrase_detection.main(run_flags(tmp_path, "one", "--batch_size", "8", "--epochs", "1"))
     assert "DPO (beta 0.5)" in capsys.readouterr().out
     assert steps(tmp_path / "one") == [pytest.approx(math.log(2), abs=1e-6)]  # policy == reference at step 1

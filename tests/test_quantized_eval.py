@@ -16,9 +16,11 @@ from torch import nn
 
 import classifier
 import paraphrase_detection
+from cli.common import run_main
 from decoding.quant import dequantize_int8, quantize_int8
 from experiments.__main__ import main as experiments_main
 from experiments.ensemble import load_members, probabilities, read_split
+from experiments.launch import ExperimentError
 from experiments.quantize import quantized_copy, run_quantized
 from tests.conftest import MICRO, classifier_cli_args
 
@@ -108,3 +110,21 @@ def test_command_line(classifier_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         experiments_main(["quantize", str(classifier_run / "best.pt"), "--out", str(tmp_path), "--compile_decode"])
     assert e.value.code == 2
+
+
+def test_int4_off_the_cpu_is_refused_before_the_checkpoint_loads(tmp_path, capsys):
+    device = "cuda" if torch.cuda.is_available() else "meta"  # any device but the CPU
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: experiments_main(["quantize", str(tmp_path / "no-such.pt"), "--quantize", "int4",
+                                           "--device", device, "--out", str(tmp_path / "q")]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: --quantize int4: int4 weight-only")
+
+
+def test_flags_that_change_nothing_are_refused(paraphrase_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        experiments_main(["quantize", str(tmp_path / "no-such.pt"), "--quantize", "int8", "--calibration", "x.txt",
+                          "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--calibration calibrates GPTQ only" in capsys.readouterr().err
+    with pytest.raises(ExperimentError, match="--prefix names sentiment prediction files"):
+        run_quantized(paraphrase_run / "paraphrase-model.pt", tmp_path, "none", prefix="mine")
