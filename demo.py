@@ -7,10 +7,10 @@ The page (``tasks.demo``) offers every sonnet run under ``--runs`` (the ``--mode
 newest) and any path typed into its model box; each sonnet is made by ``generate.py``'s own code path
 (``generate.complete``) with the page's decoding settings, streamed as it is decoded (greedy, sampling,
 contrastive search; beam search and MBR show their final choice), and the page shows the matching
-``generate.py`` command. A model is loaded once, when first asked for, and prepared for decoding once per
-weights choice and step shape. Needs the demo's extras (``pip install -r requirements-demo.txt``; without
-them, that line and exit status 2). A ``--model`` that names no model, or no sonnet run to offer, is one
-``error:`` line, exit status 2.
+``generate.py`` command. A model is loaded once, when first asked for (again when its file is rewritten),
+and prepared for decoding once per weights choice and step shape. Needs the demo's extras (``pip install -r
+requirements-demo.txt``; without them, that line and exit status 2). A ``--model`` that names no model, or
+no sonnet run to offer, is one ``error:`` line, exit status 2.
 """
 
 from __future__ import annotations
@@ -59,14 +59,25 @@ class SonnetContinuer:
         self.settings = settings
         self.device = pick_device(device=settings.device)
         self.tokenizer = load_tokenizer(settings.tokenizer, verbose=False)
-        self.models: dict[Path, nn.Module] = {}
-        self.prepared: OrderedDict[tuple[Path, str, int], nn.Module] = OrderedDict()
+        self.models: dict[tuple[Path, int], nn.Module] = {}
+        self.prepared: OrderedDict[tuple[tuple[Path, int], str, int], nn.Module] = OrderedDict()
+
+    def weights(self, spec: str) -> tuple[tuple[Path, int], nn.Module]:
+        """The model ``spec`` names, keyed by its resolved file and that file's modification time: a file
+        rewritten since (a sonnet run saved again, a ``best.pt`` still training) is loaded afresh and its older
+        entries dropped, and a relative and an absolute path to one file share one entry."""
+        path = model_file(spec).resolve()
+        key = (path, path.stat().st_mtime_ns)
+        if key not in self.models:
+            for old in [k for k in self.models if k[0] == path]:
+                del self.models[old]
+            for old in [k for k in self.prepared if k[0][0] == path]:
+                del self.prepared[old]
+            self.models[key] = restore_task_model(path, "body").model.to(self.device).eval()
+        return key, self.models[key]
 
     def model(self, spec: str) -> nn.Module:
-        path = model_file(spec)
-        if path not in self.models:
-            self.models[path] = restore_task_model(path, "body").model.to(self.device).eval()
-        return self.models[path]
+        return self.weights(spec)[1]
 
     def run_settings(self, request: SonnetRequest) -> GenerateSettings:
         """The ``generate.py`` settings of a request (what ``command`` prints and ``stream`` decodes)."""
@@ -79,10 +90,10 @@ class SonnetContinuer:
         """The request's model prepared for decoding as ``complete`` would (inference-only, the request's
         weights, the rows of its steps), from the cache when an earlier request prepared it."""
         g = request.generation
-        model = self.model(request.model)
+        weights, model = self.weights(request.model)
         check_context(model.config.max_position_embeddings, max_new_tokens=g.max_new_tokens)
         rows = decoding_rows(1, g.num_beams, g.num_return_sequences, pooled=request.pool is not None)
-        key = (model_file(request.model), request.quantize, rows)
+        key = (weights, request.quantize, rows)
         if key not in self.prepared:
             self.prepared[key] = prepare_for_decoding(copy.deepcopy(model), request.quantize, inference_only=True,
                                                       decode_rows=rows)

@@ -142,7 +142,8 @@ def command_line(settings: GenerateSettings) -> list[str]:
     parser itself, so a new flag cannot be left out). What prints a completion shown elsewhere (the demo)."""
     defaults = build_parser().parse_args(["--model", "m", "--prompt", "p"])
     g = settings.generation
-    argv = ["--model", settings.model, *(a for p in settings.prompts for a in ("--prompt", p))]
+    # "--flag=value": a prompt (or model) that begins with "-" would read back as a flag of its own
+    argv = [f"--model={settings.model}", *(f"--prompt={p}" for p in settings.prompts)]
     for name, kind in SETTINGS:
         value = getattr(g, name)
         if value != getattr(defaults, name):

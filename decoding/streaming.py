@@ -7,6 +7,10 @@ finished row decodes to (``trim`` of the row, what ``generate.py`` prints), and 
 from that final text, so a reader that joins them and one that waits for the end see the same sonnet.
 Greedy decoding, sampling and contrastive search stream; beam search keeps its beams open to the end
 (``GenerationConfig`` refuses the hook there), so its caller shows only the final text.
+
+A reader that stops early (the generator closed: a browser tab closed) sets ``TextStream.stopped``; the
+next step's hook then raises ``_Stopped``, which ends the decoding thread, so it does not go on to
+``max_new_tokens`` on the same cached model while the next request decodes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from models.generation import trim
 _DONE = object()
 
 
+class _Stopped(Exception):
+    """Raised by the hook once the reader has gone: it unwinds the decoding, and the thread swallows it."""
+
+
 class TextStream:
     """The text of row 0 (one prompt, no padding) as it grows: call it with the tokens so far after
     each step (``on_token``); ``pieces`` holds the new text of each step that ends on a whole character."""
@@ -31,8 +39,12 @@ class TextStream:
         self.prompt_len: int | None = None
         self.sent = ""  # the text handed out so far
         self.pieces: queue.SimpleQueue = queue.SimpleQueue()
+        self.stopped = threading.Event()  # set when the reader stops reading
+        self.thread: threading.Thread | None = None  # the decoding thread of ``stream_pieces``
 
     def __call__(self, seqs: torch.Tensor) -> None:  # (N, cur): the first call has one new token
+        if self.stopped.is_set():
+            raise _Stopped
         if self.prompt_len is None:
             self.prompt_len = seqs.size(1) - 1
         text = self.decode(trim(seqs[0], self.prompt_len, 0, self.eos))
@@ -50,16 +62,22 @@ def stream_pieces(stream: TextStream, run: Callable[[], str]) -> Iterator[str]:
     def work() -> None:
         try:
             result.append(run())
+        except _Stopped:  # the reader has gone: nobody to hand the text to
+            pass
         except BaseException as e:  # handed to the reader, which raises it
             result.append(e)
         finally:
             stream.pieces.put(_DONE)
 
-    threading.Thread(target=work, daemon=True, name="decode").start()
+    stream.thread = threading.Thread(target=work, daemon=True, name="decode")
+    stream.thread.start()
     shown = ""
-    while (piece := stream.pieces.get()) is not _DONE:
-        shown += piece
-        yield piece
+    try:
+        while (piece := stream.pieces.get()) is not _DONE:
+            shown += piece
+            yield piece
+    finally:  # also on close(): the decoding stops at its next step
+        stream.stopped.set()
     if isinstance(result[0], BaseException):
         raise result[0]
     final = result[0]

@@ -283,6 +283,7 @@ def make_loader(
     shuffle: bool,
     num_workers: int = 0,
     group_by_length: bool = False,
+    persistent_workers: bool = False,
 ) -> torch.utils.data.DataLoader:
     """The DataLoader every task uses. Shuffling draws from the global torch RNG (or, with
     ``group_by_length``, from the sampler's generator, seeded from it); the Trainer saves and
@@ -291,17 +292,16 @@ def make_loader(
     Under torchrun a shuffled loader yields this rank's share of the batches one process of
     batch ``world x batch_size`` would see (``engine.launch.sharded_sampler``)."""
     dataset = ListDataset(examples)
+    workers = dict(num_workers=num_workers, persistent_workers=persistent_workers)  # kept between epochs if set
     if shuffle and ranks.active():  # under torchrun: this rank's share of each global batch
         return torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
+            dataset, batch_size=batch_size, collate_fn=collate, **workers,
             sampler=sharded_sampler(_shuffled(examples, batch_size * ranks.world_size(), dataset, group_by_length),
                                     batch_size))
     if shuffle and group_by_length:
         sampler = LengthGroupedSampler([len(e["input_ids"]) for e in examples], batch_size)
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                           collate_fn=collate, num_workers=num_workers)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
-                                       collate_fn=collate, num_workers=num_workers)
+        return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, collate_fn=collate, **workers)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, **workers)
 
 
 def _shuffled(examples: Sequence[Mapping[str, Any]], global_batch: int, dataset: Dataset,

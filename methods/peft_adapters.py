@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -135,11 +136,12 @@ def _read_json(folder: Path) -> dict[str, Any]:
 
 def tensor_names(path: Path) -> dict[str, None]:
     """A weight file's tensor names, none of its tensors read: a safetensors header, or a torch file
-    memory-mapped."""
+    memory-mapped. A legacy (pre-zip) torch file cannot be mapped, so it is read whole, as
+    ``read_weight_file`` reads it."""
     if path.name.endswith(".safetensors"):
         with safe_open(str(path), "pt") as f:
             return dict.fromkeys(f.keys())
-    return dict.fromkeys(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    return dict.fromkeys(torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)))
 
 
 def read_peft_adapter(folder: str | Path, tensors: bool = True) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

@@ -104,8 +104,10 @@ def multitask_training(
     check_tasks(aux, weights)
     model = MultiTaskModel(scorer, {t: NUM_LABELS[t] for t in aux}, hidden_dropout_prob)
     probs = task_probabilities({t: len(f) for t, f in features.items()}, sampling, temperature)
+    # a task's loader restarts whenever it runs out: its worker processes are kept, not started again
     loaders = {t: make_loader(f, collate, batch_size, shuffle=True, num_workers=num_workers,
-                              group_by_length=group_by_length) for t, f in features.items()}
+                              group_by_length=group_by_length, persistent_workers=num_workers > 0)
+               for t, f in features.items()}
     losses: dict[str, TaskLossFn] = {MAIN_TASK: lambda m, b: paraphrase_loss(m.scorer, b)}
     losses.update({t: aux_loss(t) for t in aux})
     loss = WeightedTaskLoss(losses, weights)

@@ -140,7 +140,7 @@ def test_the_page_makes_the_sonnet_generate_py_makes(server, tiny_sonnet_model, 
         for strategy in ("greedy", "beam", "mbr"):  # streamed; shown when done; MBR
             shown[strategy] = make_sonnet(page, SONNET_18, strategy, SLIDERS, tmp_path / f"demo-{strategy}.png")
     assert (tmp_path / "demo-greedy.png").stat().st_size > 10_000
-    model, prompt = ["--model", str(tiny_sonnet_model)], ["--prompt", SONNET_18]
+    model, prompt = [f"--model={tiny_sonnet_model}"], [f"--prompt={SONNET_18}"]
     wanted = {"greedy": ["--max_new_tokens", "40"], "beam": ["--max_new_tokens", "40", "--num_beams", "3"],
               "mbr": ["--max_new_tokens", "40", "--temperature", "0.7", "--top_p", "0.8", "--mbr_pool", POOL]}
     for strategy, (sonnet, command) in shown.items():

@@ -125,6 +125,17 @@ def test_adapters_export_to_peft_and_merged_with_the_same_logits_and_load_back(t
     torch.testing.assert_close(lm_logits(fresh.gpt, ids), want, atol=ATOL, rtol=0)
 
 
+def test_a_legacy_torch_adapter_file_reads_its_names_too(tmp_path, tokenizer):
+    """A pre-zip ``adapter_model.bin`` cannot be memory-mapped: its names are read from the whole file."""
+    export_peft(lora_model(1, False), tmp_path / "peft", tokenizer, base=None)
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    torch.save(load_file(weights), tmp_path / "peft" / "adapter_model.bin", _use_new_zipfile_serialization=False)
+    weights.unlink()
+    settings, tensors = read_peft_adapter(tmp_path / "peft")
+    names_only = read_peft_adapter(tmp_path / "peft", tensors=False)
+    assert names_only[0] == settings and names_only[1].keys() == tensors.keys()
+
+
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_an_adapter_trained_with_peft_loads_here_with_the_same_logits(tmp_path, dora):
     torch.manual_seed(3)

@@ -3,6 +3,7 @@ checked at parse time."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 import generate as cli
 from config import get_config
+from decoding import inference
 from engine.checkpoints import atomic_save
 from methods.restore import save_model
 from models.generation import generate, trim
@@ -158,3 +160,20 @@ def test_int4_where_no_kernel_fits_is_one_error_line(tokenizer, tmp_path, capsys
     with pytest.raises(SystemExit) as e:
         cli.run_main(lambda: cli.main(["--model", str(path), "--prompt", "Hello", "--quantize", "int4"]))
     assert e.value.code == 2 and "--quantize int4: " in capsys.readouterr().err
+
+
+def test_a_prepared_model_is_not_prepared_again(saved, monkeypatch):
+    """``prepare_for_decoding`` of an ``InferenceModel`` (the demo's cached one) neither folds adapters nor
+    calibrates GPTQ again: it is returned as it is."""
+    calls = []
+
+    def counted(name, real):
+        return lambda *args, **kwargs: calls.append(name) or real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "fold_adapters", counted("fold", inference.fold_adapters))
+    monkeypatch.setattr(inference, "gptq_policy", counted("gptq", inference.gptq_policy))
+    model = copy.deepcopy(saved[0])
+    prepared = inference.prepare_for_decoding(model, "int8-gptq", inference_only=True)
+    assert calls == ["fold", "gptq"]
+    assert inference.prepare_for_decoding(prepared, "int8-gptq", inference_only=True) is prepared
+    assert calls == ["fold", "gptq"]

@@ -106,18 +106,21 @@ def test_multitask_cli_run_trains_both_tasks_and_saves_the_scorer(tmp_path, monk
     assert not any("heads" in k for k in restored.model.state_dict())
 
 
-def test_multitask_loaders_take_num_workers_and_group_by_length(tmp_path, monkeypatch):
+def test_multitask_loaders_take_num_workers_and_group_by_length_and_keep_workers(tmp_path, monkeypatch):
     built = []
     real = multitask.make_loader
 
     def spy(*args, **kwargs):
-        built.append({k: kwargs[k] for k in ("num_workers", "group_by_length")})
-        return real(*args, **{**kwargs, "num_workers": 0})  # no worker processes in a test
+        loader = real(*args, **kwargs)  # built, never iterated: no worker process starts
+        built.append({"persistent_workers": loader.persistent_workers, "num_workers": loader.num_workers,
+                      "group_by_length": kwargs["group_by_length"]})
+        return real(*args, **{**kwargs, "num_workers": 0, "persistent_workers": False})  # no workers in a test
 
     monkeypatch.setattr(multitask, "make_loader", spy)
     para.main(paraphrase_args(tmp_path, "mt", "--limit", "8", "--multitask", "sst", "--num_workers", "2",
                               "--group_by_length"))
-    assert built == [{"num_workers": 2, "group_by_length": True}] * 2  # quora's and sst's
+    # quora's and sst's; the workers kept, as a task's loader restarts whenever it runs out
+    assert built == [{"persistent_workers": True, "num_workers": 2, "group_by_length": True}] * 2
 
 
 @pytest.mark.parametrize("extra, problem", [

@@ -77,3 +77,21 @@ def test_the_decoding_error_reaches_the_reader(tokenizer):
 
     with pytest.raises(ValueError, match="bad setting"):
         list(stream_pieces(text, fail))
+
+
+def test_closing_the_reader_stops_the_decoding(model, tokenizer):
+    ids = torch.tensor([tokenizer.encode("Shall I compare thee")])
+    text = TextStream(tokenizer.decode, None)
+    steps = []
+
+    def hook(seqs: torch.Tensor) -> None:
+        steps.append(seqs.size(1))
+        text(seqs)
+
+    config = GenerationConfig(max_new_tokens=400, on_token=hook)
+    reader = stream_pieces(text, lambda: tokenizer.decode(generate(model, ids, config=config)[0].tolist()))
+    next(reader)
+    reader.close()
+    text.thread.join(timeout=10)
+    assert not text.thread.is_alive()
+    assert len(steps) < 400  # stopped at the step after the close, not at max_new_tokens
