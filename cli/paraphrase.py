@@ -19,9 +19,7 @@ from methods.fine_tune import mode_names, modes_help
 from tasks.back_translation import (
     SIDES,
     BackTranslation,
-    check_back_translation,
-    check_cache_writable,
-    torchrun_refusal,
+    check_can_translate,
 )
 from tasks.multitask import check_tasks
 from tasks.paraphrase import ParaphraseSettings
@@ -180,13 +178,9 @@ def check_translation_at_hand(args: argparse.Namespace) -> None:
     cache folder, and a single process. Where it exists it may already hold every sentence (a
     rerun offline, a resume): ``tasks.back_translation.back_translate`` checks the same things
     itself when a sentence is missing, so a full cache needs no model."""
-    cache = BackTranslation.from_settings(args).cache
-    if cache.exists():
-        return
-    if ranks.launched():
-        raise torchrun_refusal(f"the translation cache {cache} does not exist")
-    check_cache_writable(cache)
-    check_back_translation(args.back_translate, args.back_translate_models)
+    config = BackTranslation.from_settings(args)
+    if not config.cache.exists():
+        check_can_translate(config, f"the translation cache {config.cache} does not exist", ranks.launched())
 
 
 def paraphrase_settings(base: argparse.Namespace | None = None, **overrides: Any) -> ParaphraseSettings:

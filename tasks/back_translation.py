@@ -131,12 +131,16 @@ def check_cache_writable(path: Path) -> None:
                          "pass a writable --back_translate_cache")
 
 
-def torchrun_refusal(what: str) -> InputError:
-    """Under torchrun, rank 0 alone would translate while the other ranks wait for its pairs in a
-    collective that times out long before a training set is translated: the error to raise when
-    ``what`` (some sentences) is not in the cache."""
-    return InputError(f"--back_translate under torchrun: {what}; fill the translation cache with a "
-                      "single-process run first (same flags, without torchrun)")
+def check_can_translate(config: BackTranslation, missing: str, distributed: bool) -> tuple[Path, Path]:
+    """Everything translating needs, else one ``InputError`` line: a single process (under torchrun,
+    rank 0 alone would translate while the other ranks wait for its pairs in a collective that times
+    out long before a training set is translated; ``missing`` says what the cache lacks), a writable
+    cache folder, sentencepiece and both Marian models (their folders, returned)."""
+    if distributed:
+        raise InputError(f"--back_translate under torchrun: {missing}; fill the translation cache with a "
+                         "single-process run first (same flags, without torchrun)")
+    check_cache_writable(config.cache)
+    return check_back_translation(config.pivot, config.models)
 
 
 def read_cache(path: Path) -> dict[Key, str]:
@@ -210,11 +214,10 @@ def back_translate(texts: Iterable[str], config: BackTranslation, device: torch.
     wanted = sorted({t for t in texts if t.strip()})
     todo = [t for t in wanted if (*key, t) not in cache]
     if todo:
-        if ranks.active():
-            raise torchrun_refusal(f"{len(todo)} sentences are not in the translation cache {config.cache}")
-        check_cache_writable(config.cache)
+        folders = check_can_translate(config, f"{len(todo)} sentences are not in the translation cache "
+                                              f"{config.cache}", ranks.active())
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
-            there, back = (load_marian(f, device) for f in check_back_translation(config.pivot, config.models))
+            there, back = (load_marian(f, device) for f in folders)
             bar = tqdm(total=2 * len(todo), desc=f"back-translating via {config.pivot}", disable=not progress,
                        unit="sentence")
             for start in range(0, len(todo), SAVE_EVERY):
@@ -255,4 +258,4 @@ def augment_pairs(pairs: Sequence[ParaphrasePair], config: BackTranslation, seed
 
 
 __all__ = ["BackTranslation", "augment_pairs", "back_translate", "check_back_translation", "check_cache_writable",
-           "marian_names", "read_cache", "resolve_marian", "torchrun_refusal", "translate_batch", "write_cache"]
+           "check_can_translate", "marian_names", "read_cache", "resolve_marian", "translate_batch", "write_cache"]
