@@ -7,8 +7,8 @@ The page (``tasks.demo``) offers every sonnet run under ``--runs`` (the ``--mode
 newest) and any path typed into its model box; each sonnet is made by ``generate.py``'s own code path
 (``generate.complete``) with the page's decoding settings, streamed as it is decoded (greedy, sampling,
 contrastive search; beam search and MBR show their final choice), and the page shows the matching
-``generate.py`` command. A model is loaded once, when first asked for (again when its file is rewritten),
-and prepared for decoding once per weights choice and step shape. Needs the demo's extras (``pip install -r
+``generate.py`` command. A model is loaded once, when first asked for (again when its file is rewritten;
+the two asked for last are kept), and prepared for decoding once per weights choice and step shape. Needs the demo's extras (``pip install -r
 requirements-demo.txt``; without them, that line and exit status 2). A ``--model`` that names no model, or
 no sonnet run to offer, is one ``error:`` line, exit status 2.
 """
@@ -48,6 +48,7 @@ else:
 if TYPE_CHECKING:
     import gradio as gr
 INSTALL = "the demo needs gradio: pip install -r requirements-demo.txt"
+MODELS_KEPT = 2  # restored models kept (a page offering many runs would otherwise keep every one asked for)
 PREPARED_KEPT = 4  # prepared models kept (each holds its own copy of the weights); the oldest goes first
 
 
@@ -59,22 +60,31 @@ class SonnetContinuer:
         self.settings = settings
         self.device = pick_device(device=settings.device)
         self.tokenizer = load_tokenizer(settings.tokenizer, verbose=False)
-        self.models: dict[tuple[Path, int], nn.Module] = {}
+        self.models: OrderedDict[tuple[Path, int], nn.Module] = OrderedDict()
         self.prepared: OrderedDict[tuple[tuple[Path, int], str, int], nn.Module] = OrderedDict()
 
     def weights(self, spec: str) -> tuple[tuple[Path, int], nn.Module]:
         """The model ``spec`` names, keyed by its resolved file and that file's modification time: a file
         rewritten since (a sonnet run saved again, a ``best.pt`` still training) is loaded afresh and its older
-        entries dropped, and a relative and an absolute path to one file share one entry."""
+        entries dropped, and a relative and an absolute path to one file share one entry. Only the
+        ``MODELS_KEPT`` models asked for last are kept, with their prepared copies."""
         path = model_file(spec).resolve()
         key = (path, path.stat().st_mtime_ns)
         if key not in self.models:
-            for old in [k for k in self.models if k[0] == path]:
-                del self.models[old]
-            for old in [k for k in self.prepared if k[0][0] == path]:
-                del self.prepared[old]
+            self.forget(lambda k: k[0] == path)
             self.models[key] = restore_task_model(path, "body").model.to(self.device).eval()
+            while len(self.models) > MODELS_KEPT:
+                oldest = next(iter(self.models))
+                self.forget(lambda k: k == oldest)
+        self.models.move_to_end(key)
         return key, self.models[key]
+
+    def forget(self, dropped) -> None:
+        """Drop the restored models whose key ``dropped`` accepts, and every prepared copy of them."""
+        for old in [k for k in self.models if dropped(k)]:
+            del self.models[old]
+        for old in [k for k in self.prepared if dropped(k[0])]:
+            del self.prepared[old]
 
     def model(self, spec: str) -> nn.Module:
         return self.weights(spec)[1]

@@ -131,3 +131,20 @@ def test_without_gradio_the_demo_says_how_to_install_it(monkeypatch, capsys):
     assert end.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f"error: {demo.INSTALL}"]
     assert demo.INSTALL.endswith("pip install -r requirements-demo.txt")
+
+
+def test_only_the_models_asked_for_last_are_kept(continuer, tiny_sonnet_model, tmp_path):
+    """A page that offers many runs keeps ``MODELS_KEPT`` restored models, the ones asked for last, and drops
+    the prepared copies of the others with them."""
+    paths = []
+    for i in range(demo.MODELS_KEPT + 1):
+        paths.append(tmp_path / f"run{i}" / "sonnet-model.pt")
+        paths[-1].parent.mkdir()
+        shutil.copy(tiny_sonnet_model, paths[-1])
+    for path in paths:
+        list(continuer.stream(sonnet_request(str(path), SONNET_18, "greedy", max_new_tokens=2)))
+    continuer.model(str(paths[1]))  # asked for again: now the newest
+    list(continuer.stream(sonnet_request(str(tiny_sonnet_model), SONNET_18, "greedy", max_new_tokens=2)))
+    kept = [k[0] for k in continuer.models]
+    assert demo.MODELS_KEPT == 2 and kept == [paths[1].resolve(), tiny_sonnet_model.resolve()]
+    assert {k[0][0] for k in continuer.prepared} <= set(kept)
