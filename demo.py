@@ -8,9 +8,9 @@ newest) and any path typed into its model box; each sonnet is made by ``generate
 (``generate.complete``) with the page's decoding settings, streamed as it is decoded (greedy, sampling,
 contrastive search; beam search and MBR show their final choice), and the page shows the matching
 ``generate.py`` command. A model is loaded once, when first asked for (again when its file is rewritten;
-the two asked for last are kept), and prepared for decoding once per weights choice and step shape. Needs the demo's extras (``pip install -r
-requirements-demo.txt``; without them, that line and exit status 2). A ``--model`` that names no model, or
-no sonnet run to offer, is one ``error:`` line, exit status 2.
+the two asked for last are kept), and prepared for decoding once per weights choice and step shape.
+Needs the demo's extras (``pip install -r requirements-demo.txt``; without them, that line and exit status
+2). A ``--model`` that names no model, or no sonnet run to offer, is one ``error:`` line, exit status 2.
 """
 
 from __future__ import annotations
@@ -71,19 +71,18 @@ class SonnetContinuer:
         path = model_file(spec).resolve()
         key = (path, path.stat().st_mtime_ns)
         if key not in self.models:
-            self.forget(lambda k: k[0] == path)
+            self.forget(path)
             self.models[key] = restore_task_model(path, "body").model.to(self.device).eval()
             while len(self.models) > MODELS_KEPT:
-                oldest = next(iter(self.models))
-                self.forget(lambda k: k == oldest)
+                self.forget(next(iter(self.models))[0])
         self.models.move_to_end(key)
         return key, self.models[key]
 
-    def forget(self, dropped) -> None:
-        """Drop the restored models whose key ``dropped`` accepts, and every prepared copy of them."""
-        for old in [k for k in self.models if dropped(k)]:
+    def forget(self, path: Path) -> None:
+        """Drop the model restored from ``path`` (any version of the file) and every prepared copy of it."""
+        for old in [k for k in self.models if k[0] == path]:
             del self.models[old]
-        for old in [k for k in self.prepared if dropped(k[0])]:
+        for old in [k for k in self.prepared if k[0][0] == path]:
             del self.prepared[old]
 
     def model(self, spec: str) -> nn.Module:
