@@ -28,10 +28,9 @@ from torch import nn
 from cli.common import pick_device, run_main, seed_everything
 from cli.demo import DemoSettings, parse_settings
 from cli.generate import GenerateSettings, command_line
-from decoding.inference import decoding_rows, prepare_for_decoding
 from decoding.streaming import TextStream, stream_pieces
 from errors import InputError
-from generate import complete
+from generate import complete, prepare, step_rows
 from models.loading import load_tokenizer
 from tasks.common import check_context
 from tasks.restore import restore_task_model
@@ -54,7 +53,7 @@ PREPARED_KEPT = 4  # prepared models kept (each holds its own copy of the weight
 
 class SonnetContinuer:
     """``generate.py``'s path behind the page: each model restored once and kept, and prepared for decoding
-    (``complete`` takes a prepared model as it is) once per (model, ``--quantize``, rows of a step)."""
+    (``generate.prepare``) once per (model, ``--quantize``, rows of a step) for ``complete`` to decode."""
 
     def __init__(self, settings: DemoSettings) -> None:
         self.settings = settings
@@ -96,16 +95,14 @@ class SonnetContinuer:
                                 device=s.device, quantize=request.quantize)
 
     def decoder(self, request: SonnetRequest) -> nn.Module:
-        """The request's model prepared for decoding as ``complete`` would (inference-only, the request's
+        """The request's model prepared for decoding by ``generate.prepare`` (inference-only, the request's
         weights, the rows of its steps), from the cache when an earlier request prepared it."""
-        g = request.generation
+        settings = self.run_settings(request)
         weights, model = self.weights(request.model)
-        check_context(model.config.max_position_embeddings, max_new_tokens=g.max_new_tokens)
-        rows = decoding_rows(1, g.num_beams, g.num_return_sequences, pooled=request.pool is not None)
-        key = (weights, request.quantize, rows)
+        check_context(model.config.max_position_embeddings, max_new_tokens=settings.generation.max_new_tokens)
+        key = (weights, request.quantize, step_rows(settings, 1))
         if key not in self.prepared:
-            self.prepared[key] = prepare_for_decoding(copy.deepcopy(model), request.quantize, inference_only=True,
-                                                      decode_rows=rows)
+            self.prepared[key] = prepare(copy.deepcopy(model), self.tokenizer, settings, 1)[0]
             while len(self.prepared) > PREPARED_KEPT:
                 self.prepared.popitem(last=False)
         self.prepared.move_to_end(key)

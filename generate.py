@@ -52,30 +52,44 @@ from tasks.restore import restore_task_model
 
 
 @torch.no_grad()
-def complete(model, tokenizer, prompts: list[str], settings: GenerateSettings, draft=None) -> list[list[str]]:
-    """Per prompt, its completions (``num_return_sequences`` of them; one with ``--mbr_pool``).
-    ``model`` (and the speculative ``draft``, one prompt at a time) is consumed (prepared inference-only);
-    one already prepared so (the demo's, kept between requests) is used as it is."""
-    eos = tokenizer.eos_token_id if settings.stop_at_eos else None
-    stop = LineStop(tokenizer, settings.num_lines) if settings.num_lines else None
-    config = dataclasses.replace(settings.generation, eos_token_id=eos, pad_token_id=tokenizer.eos_token_id, stop=stop)
-    device = next(model.parameters()).device
-    gen = torch.Generator(device).manual_seed(settings.seed)
-    batch_size, pool = (1 if draft is not None else settings.batch_size), settings.pool
-    # the model is consumed: its weights held once, in the layout for steps of this many rows
-    rows = decoding_rows(min(len(prompts), batch_size), config.num_beams, config.num_return_sequences,
-                         pooled=pool is not None)
-    if draft is not None:  # one prompt at a time, the target scoring draft_k + 1 positions per forward
-        rows = settings.draft_k + 1
+def step_rows(settings: GenerateSettings, num_prompts: int, speculative: bool = False) -> int:
+    """The rows of each decoding step ``settings`` make for ``num_prompts`` prompts (what the model's
+    layouts are chosen for): a batch's prompts times beams or return sequences, or with a speculative
+    draft, one prompt whose target scores ``draft_k + 1`` positions per forward."""
+    if speculative:
+        return settings.draft_k + 1
+    g = settings.generation
+    return decoding_rows(min(num_prompts, settings.batch_size), g.num_beams, g.num_return_sequences,
+                         pooled=settings.pool is not None)
+
+
+def prepare(model, tokenizer, settings: GenerateSettings, num_prompts: int, draft=None):
+    """``model`` (and the speculative ``draft``) consumed: prepared for decoding inference-only as
+    ``settings`` ask (``--quantize``, GPTQ on ``--calibration``, ``--compile_decode``), laid out for the
+    steps ``num_prompts`` prompts make. Returns (model, draft), the draft ``None`` without one."""
     calibration = Calibration(settings.calibration, tokenizer)  # GPTQ's text, tokenised once for model and draft
-    fast = prepare_for_decoding(model, settings.quantize, inference_only=True, decode_rows=rows,
+    fast = prepare_for_decoding(model, settings.quantize, inference_only=True,
+                                decode_rows=step_rows(settings, num_prompts, draft is not None),
                                 calibration=calibration)
     if settings.compile_decode:  # a static cache and a step compiled once per (rows, length)
         fast = compile_decoding(fast)
     if draft is not None:
-        stats = SpeculativeStats()
         draft = prepare_for_decoding(draft, settings.quantize, inference_only=True, calibration=calibration)
-    context = min(m.config.max_position_embeddings for m in (model, draft) if m is not None)
+    return fast, draft
+
+
+def complete(fast, tokenizer, prompts: list[str], settings: GenerateSettings, draft=None) -> list[list[str]]:
+    """Per prompt, its completions (``num_return_sequences`` of them; one with ``--mbr_pool``), decoded
+    with ``fast`` (and the speculative ``draft``, one prompt at a time) as ``prepare`` made them."""
+    eos = tokenizer.eos_token_id if settings.stop_at_eos else None
+    stop = LineStop(tokenizer, settings.num_lines) if settings.num_lines else None
+    config = dataclasses.replace(settings.generation, eos_token_id=eos, pad_token_id=tokenizer.eos_token_id, stop=stop)
+    device = fast.device
+    gen = torch.Generator(device).manual_seed(settings.seed)
+    batch_size, pool = (1 if draft is not None else settings.batch_size), settings.pool
+    if draft is not None:
+        stats = SpeculativeStats()
+    context = min(m.config.max_position_embeddings for m in (fast, draft) if m is not None)
     ids = encode(tokenizer, prompts, max(1, context - config.max_new_tokens), "prompts")
     collate = PadCollator(tokenizer.pad_token_id, padding_side="left")
 
@@ -132,7 +146,8 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
         draft = restore_task_model(settings.draft_model, "body").model.to(device).eval()
         check_draft(model, draft)
         check_context(draft.config.max_position_embeddings, max_new_tokens=settings.generation.max_new_tokens)
-    completions = complete(model, tokenizer, prompts, settings, draft)
+    fast, draft = prepare(model, tokenizer, settings, len(prompts), draft)
+    completions = complete(fast, tokenizer, prompts, settings, draft)
     write(prompts, completions, settings.output)
     return completions
 

@@ -179,11 +179,7 @@ def prepare_for_decoding(model: GPT2Model, quantize: str = "none", *, inference_
     of ``decode_rows`` rows). An impossible choice (int4 on a GPU) raises ``QuantizationUnavailable``
     naming the flag, which the command line prints as one ``error:`` line with exit status 2.
     ``int8-gptq`` / ``int4-gptq`` store int8 / int4 rounded by GPTQ (``decoding.gptq``) on the
-    ``calibration`` text: a ``Calibration`` with the caller's tokenizer (a path: the default one).
-    A model prepared already (an ``InferenceModel``, e.g. the demo's cached one) is returned as it is: its
-    adapters are folded and its layouts chosen, and calibrating it again would only waste the time."""
-    if isinstance(model, InferenceModel):
-        return model
+    ``calibration`` text: a ``Calibration`` with the caller's tokenizer (a path: the default one)."""
     device = next(model.parameters()).device
     base = quantize.removesuffix("-gptq")
     try:

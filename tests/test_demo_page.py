@@ -26,7 +26,6 @@ from cli.common import run_main
 from cli.demo import DemoSettings
 from cli.generate import command_line, parse_settings
 from config import get_config
-from decoding.inference import prepare_for_decoding
 from methods.restore import save_model
 from models.gpt2 import GPT2Model
 from tasks.demo import SONNET_18, model_file, sonnet_request
@@ -62,11 +61,11 @@ def test_beam_search_and_mbr_show_their_final_choice(continuer, tiny_sonnet_mode
 def test_two_requests_prepare_the_model_once(continuer, tiny_sonnet_model, monkeypatch):
     prepared = []
 
-    def counted(model, quantize, **kwargs):
-        prepared.append(quantize)
-        return prepare_for_decoding(model, quantize, **kwargs)
+    def counted(model, tokenizer, settings, num_prompts):
+        prepared.append(settings.quantize)
+        return generate.prepare(model, tokenizer, settings, num_prompts)
 
-    monkeypatch.setattr(demo, "prepare_for_decoding", counted)
+    monkeypatch.setattr(demo, "prepare", counted)
     continuer.prepared.clear()
     for max_new_tokens in (4, 6):  # two requests of one model and weights: one preparation
         request = sonnet_request(str(tiny_sonnet_model), SONNET_18, "greedy", max_new_tokens=max_new_tokens)

@@ -162,9 +162,9 @@ def test_int4_where_no_kernel_fits_is_one_error_line(tokenizer, tmp_path, capsys
     assert e.value.code == 2 and "--quantize int4: " in capsys.readouterr().err
 
 
-def test_a_prepared_model_is_not_prepared_again(saved, monkeypatch):
-    """``prepare_for_decoding`` of an ``InferenceModel`` (the demo's cached one) neither folds adapters nor
-    calibrates GPTQ again: it is returned as it is."""
+def test_a_prepared_model_is_not_prepared_again(saved, tokenizer, monkeypatch):
+    """``generate.prepare`` folds adapters and calibrates GPTQ once; ``complete`` decodes the model it is
+    given (the demo's cached one, for each request) without preparing it again."""
     calls = []
 
     def counted(name, real):
@@ -172,8 +172,10 @@ def test_a_prepared_model_is_not_prepared_again(saved, monkeypatch):
 
     monkeypatch.setattr(inference, "fold_adapters", counted("fold", inference.fold_adapters))
     monkeypatch.setattr(inference, "gptq_policy", counted("gptq", inference.gptq_policy))
-    model = copy.deepcopy(saved[0])
-    prepared = inference.prepare_for_decoding(model, "int8-gptq", inference_only=True)
+    settings = cli.parse_settings(["--model", str(saved[1]), "--prompt", "Hello", "--max_new_tokens", "3",
+                                   "--quantize", "int8-gptq"])
+    prepared, _ = cli.prepare(copy.deepcopy(saved[0]), tokenizer, settings, 1)
     assert calls == ["fold", "gptq"]
-    assert inference.prepare_for_decoding(prepared, "int8-gptq", inference_only=True) is prepared
+    first = cli.complete(prepared, tokenizer, ["Hello"], settings)
+    assert cli.complete(prepared, tokenizer, ["Hello"], settings) == first
     assert calls == ["fold", "gptq"]

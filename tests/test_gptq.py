@@ -166,7 +166,8 @@ def test_gptq_calibrates_with_the_callers_tokenizer_once_for_target_and_draft(to
                                    "int8-gptq", "--calibration", str(calib), "--draft_model", str(path)])
     model, draft = (cli.restore_task_model(str(path), "body").model.eval() for _ in range(2))
     custom = CountingTokenizer(tokenizer)
-    cli.complete(model, custom, ["Hello"], settings, draft)
+    fast, draft = cli.prepare(model, custom, settings, 1, draft)
+    cli.complete(fast, custom, ["Hello"], settings, draft)
     assert custom.texts.count(text) == 1
 
 
