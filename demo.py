@@ -134,8 +134,8 @@ def build(settings: DemoSettings) -> tuple[gr.Blocks, str]:
                          "--model")
     first = settings.model if settings.model is not None else found[0]
     continuer = SonnetContinuer(settings)
-    continuer.model(first)
-    models = [first, *(m for m in found if Path(m).resolve() != model_file(first).resolve())]
+    (first_file, _), _ = continuer.weights(first)
+    models = [first, *(m for m in found if Path(m).resolve() != first_file)]
     return build_page(models, continuer), first
 
 

@@ -76,7 +76,7 @@ def generation_config(strategy: str, **settings: float) -> GenerationConfig:
     if strategy == "contrastive" and settings.get("top_k", 0) < 2:
         raise ValueError("contrastive search needs top_k >= 2 (its candidates per step)")
     kept = {name: int(v) if name in INTS else round(float(v), 6) for name, v in settings.items()
-            if name in ALWAYS or name in STRATEGY_SETTINGS[strategy]}
+            if shown(name, strategy)}
     return GenerationConfig(**kept, do_sample=strategy in ("sample", "top-p"))
 
 
