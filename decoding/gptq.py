@@ -175,12 +175,6 @@ class Calibration:
         return usable[pick]
 
 
-def calibration_blocks(path: str | Path, context: int, n_blocks: int = CALIBRATION_BLOCKS,
-                       block_size: int = CALIBRATION_TOKENS, tokenizer: Any = None) -> torch.Tensor:
-    """``Calibration(path, tokenizer).blocks(context, n_blocks, block_size)``."""
-    return Calibration(path, tokenizer).blocks(context, n_blocks, block_size)
-
-
 @torch.no_grad()
 def gptq_model(model: GPT2Model, blocks: torch.Tensor, bits: int, *, batch_size: int = 16,
                damp: float = DAMP) -> dict[int, Stored]:
@@ -260,5 +254,5 @@ def gptq_policy(model: GPT2Model, choice: str, calibration: str | Path | Calibra
     return gptq_layouts(gptq_model(model, blocks, bits), bits)
 
 
-__all__ = ["CALIBRATION_TEXT", "GPTQ_CHOICES", "Calibration", "bits_of", "calibration_blocks", "dequantize",
+__all__ = ["CALIBRATION_TEXT", "GPTQ_CHOICES", "Calibration", "bits_of", "dequantize",
            "gptq_layouts", "gptq_model", "gptq_policy", "gptq_quantize", "hessian"]

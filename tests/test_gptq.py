@@ -16,7 +16,7 @@ import torch
 import generate as cli
 from config import GPT2Config, get_config
 from decoding.decode_weights import DecodeLinear
-from decoding.gptq import calibration_blocks, dequantize, gptq_layouts, gptq_model, gptq_quantize, hessian
+from decoding.gptq import Calibration, dequantize, gptq_layouts, gptq_model, gptq_quantize, hessian
 from decoding.inference import prepare_for_decoding, prepare_for_inference
 from decoding.quant import Int4Layout, Int8Layout, quantize_int4, quantize_int8
 from methods.restore import save_model
@@ -118,7 +118,7 @@ def test_stored_format_runs_in_the_existing_layouts(bits: int) -> None:
 def test_calibration_reads_only_the_head_of_the_text(tokenizer, tmp_path) -> None:
     path = tmp_path / "calib.txt"
     path.write_text("apple " * 5000 + "zebra " * 200)  # the last 7% of the tokens is another word
-    blocks = calibration_blocks(path, context=64, n_blocks=10, block_size=128, tokenizer=tokenizer)
+    blocks = Calibration(path, tokenizer).blocks(64, n_blocks=10, block_size=128)
     assert blocks.shape == (10, 64)
     assert tokenizer.encode(" zebra")[0] not in blocks  # the held-out tail is never read
 
@@ -133,7 +133,7 @@ def test_generate_takes_gptq_choices(tokenizer, tmp_path, quantize: str) -> None
     out = cli.main(["--model", str(path), "--prompt", "Hello there", "--max_new_tokens", "6", "--quantize", quantize,
                     "--calibration", str(calib)])
     bits = int(quantize[3])
-    stored = gptq_model(model, calibration_blocks(calib, model.config.max_position_embeddings), bits)
+    stored = gptq_model(model, Calibration(calib).blocks(model.config.max_position_embeddings), bits)
     fast = prepare_for_inference(model, gptq_layouts(stored, bits), quantize=f"int{bits}")
     ids = torch.tensor([tokenizer.encode("Hello there")])
     row = generate(fast, ids, max_new_tokens=6, eos_token_id=tokenizer.eos_token_id)[0]
