@@ -47,10 +47,15 @@ def register_defaults(name: str, fn: DefaultsFn) -> None:
     _DEFAULTS[name] = fn
 
 
+def field_defaults(cls: type) -> dict[str, Any]:
+    """The defaults of a settings dataclass's fields, by name (fields without a plain default left out)."""
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
 def setting_defaults(current: Mapping[str, Any]) -> dict[str, Any]:
     """The value of each setting a run saved before it existed had: its default (that run behaved
     as the default does): the ``TrainConfig`` field's, then the registered ones (``register_defaults``)."""
-    out: dict[str, Any] = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    out = field_defaults(TrainConfig)
     for fn in _DEFAULTS.values():
         out.update(fn(current))
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}  # as run_settings has them

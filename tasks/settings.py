@@ -21,10 +21,10 @@ run's ``extra["args"]`` holds them; a flag a run predates keeps the field's defa
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-from engine.resume import register_defaults
+from engine.resume import field_defaults, register_defaults
 from engine.train_config import TrainConfig
 from methods.fine_tune import MODES, FineTuneConfig
 from methods.objectives import ObjectiveSettings
@@ -117,10 +117,6 @@ class ClassificationSettings(TaskSettings):
 FLAT = (ModelSettings, DataSettings, RunSettings, ObjectiveSettings)  # read flag by flag (from_flags)
 
 
-def _defaults(cls: type) -> dict[str, Any]:
-    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
-
-
 def _task_classes(cls: type = TaskSettings) -> Iterator[type]:
     yield cls
     for sub in cls.__subclasses__():
@@ -134,10 +130,10 @@ def flag_defaults(current: Mapping[str, Any]) -> dict[str, Any]:
     run's flat settings) is not in is whatever it is now, as it changes nothing."""
     out: dict[str, Any] = {}
     for cls in FLAT:
-        out.update(_defaults(cls))
+        out.update(field_defaults(cls))
     tasks: dict[str, set[str]] = {}
     for cls in _task_classes():  # None may stand for settings read from several flags (SonnetSettings.dpo)
-        for k, v in _defaults(cls).items():
+        for k, v in field_defaults(cls).items():
             if v is not None:
                 tasks.setdefault(k, set()).add(repr(v))
                 out[k] = v
@@ -145,7 +141,7 @@ def flag_defaults(current: Mapping[str, Any]) -> dict[str, Any]:
     mode = current.get("fine_tune_mode")
     for name, m in MODES.items():
         if m.adapter is not None:
-            adapter = _defaults(m.adapter)
+            adapter = field_defaults(m.adapter)
             out.update({flag: adapter[f] if name == mode else current.get(flag)
                         for f, flag in m.flags.items() if f in adapter})
     return out
