@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -155,17 +155,24 @@ def _full_model(model: nn.Module, head: tuple[str, ...], adapter: None) -> bool:
     return False
 
 
-def _adapters() -> tuple[ModuleType, ModuleType, ModuleType, ModuleType]:
+class _AdapterModules(NamedTuple):
+    lora: ModuleType
+    prefix: ModuleType
+    reft: ModuleType
+    peft: ModuleType  # methods.peft_adapters
+
+
+def _adapters() -> _AdapterModules:
     """``methods.lora``, ``methods.prefix``, ``methods.reft`` and ``methods.peft_adapters``, imported when an
     adapter mode is applied or a PEFT adapter is read."""
     # A function-level import: runs without adapters never load the adapter machinery.
     from methods import lora, peft_adapters, prefix, reft
 
-    return lora, prefix, reft, peft_adapters
+    return _AdapterModules(lora, prefix, reft, peft_adapters)
 
 
 def _lora(model: nn.Module, head: tuple[str, ...], cfg: LoraConfig) -> bool:
-    lora, _, _, _ = _adapters()
+    lora = _adapters().lora
     lora.apply_lora(model, cfg.targets, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, use_dora=cfg.use_dora,
                     quantize_base=cfg.quantize_base)
     lora.mark_only_lora_trainable(model, extra_trainable=head)
@@ -174,7 +181,7 @@ def _lora(model: nn.Module, head: tuple[str, ...], cfg: LoraConfig) -> bool:
 
 def _prefix(model: nn.Module, head: tuple[str, ...], cfg: PrefixConfig) -> bool:
     """A prefix on every attention layer (a loaded prefix model keeps its own); only it and ``head`` train."""
-    _, prefix, _, _ = _adapters()
+    prefix = _adapters().prefix
     prefix.ensure_prefix(model, cfg.length, cfg.hidden)
     prefix.mark_only_prefix_trainable(model, head)
     return True
@@ -183,7 +190,7 @@ def _prefix(model: nn.Module, head: tuple[str, ...], cfg: PrefixConfig) -> bool:
 def _reft(model: nn.Module, head: tuple[str, ...], cfg: ReftConfig) -> bool:
     """LoReFT interventions on the chosen blocks' outputs (a loaded ReFT model's own, if it has them);
     only they and ``head`` train."""
-    _, _, reft, _ = _adapters()
+    reft = _adapters().reft
     reft.ensure_reft(model, cfg.rank, cfg.layer_indices, cfg.count("f"), cfg.count("l"))
     reft.mark_only_reft_trainable(model, head)
     return True
@@ -258,14 +265,14 @@ def set_fine_tune_mode(model: nn.Module, config: FineTuneConfig, head: Sequence[
     adapter = config.adapter if config.adapter is not None or mode.adapter is None else mode.adapter()
     trainable_only = mode.prepare(model, tuple(head), adapter)
     if config.load_adapter is not None:
-        _adapters()[3].load_peft_adapter(model, config.load_adapter)
+        _adapters().peft.load_peft_adapter(model, config.load_adapter)
     return trainable_only
 
 
 def peft_adapter_settings(folder: str | Path, quantize_base: str = "none") -> FineTuneConfig:
     """The lora mode's settings that rebuild the PEFT LoRA/DoRA adapter in ``folder`` (``--load_adapter``):
     its configuration and tensor names are checked now, its tensors read once, when they load."""
-    fields = _adapters()[3].read_peft_adapter(folder, tensors=False)[0]
+    fields = _adapters().peft.read_peft_adapter(folder, tensors=False)[0]
     return FineTuneConfig("lora", LoraConfig(**fields, quantize_base=quantize_base), load_adapter=str(folder))
 
 
