@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 
 from engine import ranks
 from engine.checkpoints import atomic_write
-from engine.data import DataFormatError
+from engine.data import DataFormatError, sample
 from errors import InputError
 from models.loading import WEIGHT_FILES, cached_hub_file, hub_cache_dir, hub_file, hub_reachable
 from tasks.quora_data import ParaphrasePair
@@ -237,18 +236,17 @@ def augment_pairs(pairs: Sequence[ParaphrasePair], config: BackTranslation, seed
     and on a resumed one. Under torchrun the cache must hold every sentence already (``back_translate``
     refuses to translate there): rank 0 reads it and the other ranks get its pairs."""
     def build() -> list[ParaphrasePair]:
-        chosen = sorted(random.Random(seed).sample(range(len(pairs)), round(config.fraction * len(pairs))))
+        n = round(config.fraction * len(pairs))
+        chosen = sample(pairs, n, seed) if n else []  # sample keeps all for n = 0
         sides = ("sentence1", "sentence2") if config.side == "both" else (config.side,)
-        texts = [getattr(pairs[i], s) for i in chosen for s in sides]
+        texts = [getattr(p, s) for p in chosen for s in sides]
         done, n_new = back_translate(texts, config, device, progress)
         copies = []
-        for i in chosen:
-            p = pairs[i]
+        for p in chosen:
             new = {s: done.get(getattr(p, s), getattr(p, s)) for s in sides}
             copies.append(ParaphrasePair(f"{p.id}-bt-{config.pivot}", new.get("sentence1", p.sentence1),
                                          new.get("sentence2", p.sentence2), p.label, p.line, p.path))
-        same = sum((c.sentence1, c.sentence2) == (pairs[i].sentence1, pairs[i].sentence2)
-                   for c, i in zip(copies, chosen))
+        same = sum((c.sentence1, c.sentence2) == (p.sentence1, p.sentence2) for c, p in zip(copies, chosen))
         print(f"back-translation via {config.pivot} ({config.side}): {len(copies)} of {len(pairs)} training pairs "
               f"copied ({n_new} sentences translated now, {len(done) - n_new} from {config.cache}; "
               f"{same} came back unchanged)")
