@@ -285,7 +285,7 @@ def follow_policy(reference: nn.Module, policy: nn.Module, device: torch.device)
 
 
 def dpo_batch_loss(policy: nn.Module, reference: nn.Module, batch: dict[str, torch.Tensor],
-                   beta: float = 0.1) -> DPOOutput:
+                   beta: float = DEFAULT_BETA) -> DPOOutput:
     """DPO on a ``pair_collator`` batch: policy log-probabilities with gradients, the reference's
     without (moved first to the batch's device and the policy's dtype: ``follow_policy``)."""
     follow_policy(reference, policy, batch["chosen_input_ids"].device)
@@ -295,7 +295,7 @@ def dpo_batch_loss(policy: nn.Module, reference: nn.Module, batch: dict[str, tor
     return dpo_loss(policy_c, policy_r, ref_c, ref_r, beta)
 
 
-def make_dpo_loss_fn(reference: nn.Module, beta: float = 0.1) -> Callable[[nn.Module, Any], torch.Tensor]:
+def make_dpo_loss_fn(reference: nn.Module, beta: float = DEFAULT_BETA) -> Callable[[nn.Module, Any], torch.Tensor]:
     """``loss_fn(model, batch)`` for ``engine.trainer.Trainer``: the DPO loss against ``reference``."""
 
     def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from methods.dpo import DPOOutput, disable_dropout, dpo_loss, follow_policy, frozen_reference
+from methods.dpo import DEFAULT_BETA, DPOOutput, disable_dropout, dpo_loss, follow_policy, frozen_reference
 
 
 def answer_logprobs(scorer: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ def chosen_rejected(logprobs: torch.Tensor, labels: torch.Tensor) -> tuple[torch
 
 
 def paraphrase_dpo_loss(policy: nn.Module, reference: nn.Module, batch: Mapping[str, torch.Tensor],
-                        beta: float = 0.1) -> DPOOutput:
+                        beta: float = DEFAULT_BETA) -> DPOOutput:
     """DPO on a batch of labelled cloze prompts: the right answer chosen, the other rejected."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     follow_policy(reference, policy, ids.device)
@@ -55,7 +55,8 @@ def paraphrase_dpo_loss(policy: nn.Module, reference: nn.Module, batch: Mapping[
     return dpo_loss(policy_c, policy_r, ref_c, ref_r, beta)
 
 
-def make_paraphrase_dpo_loss_fn(reference: nn.Module, beta: float = 0.1) -> Callable[[nn.Module, Any], torch.Tensor]:
+def make_paraphrase_dpo_loss_fn(reference: nn.Module,
+                                beta: float = DEFAULT_BETA) -> Callable[[nn.Module, Any], torch.Tensor]:
     """``loss_fn(model, batch)`` for ``engine.trainer.Trainer``: ``paraphrase_dpo_loss``'s loss."""
 
     def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:

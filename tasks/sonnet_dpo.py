@@ -221,6 +221,6 @@ def dpo_fine_tune(
     return best
 
 
-__all__ = ["PAIRINGS", "RANKINGS", "REJECTED", "DpoSettings", "corrupt", "corruption_pairs", "disable_dropout",
+__all__ = ["PAIRINGS", "RANKINGS", "REJECTED", "DpoSettings", "corrupt", "corruption_pairs",
            "dpo_fine_tune", "preference_pairs", "prompts_and_continuations", "sample_completions",
            "score_completions"]

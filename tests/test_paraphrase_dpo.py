@@ -10,13 +10,12 @@ import torch
 
 from config import get_config
 from engine.data import PadCollator
-from methods.dpo import frozen_reference
+from methods.dpo import disable_dropout, frozen_reference
 from models.gpt2 import GPT2Model
 from models.heads import ClozeParaphraseScorer
 from tasks.paraphrase import ParaphraseSettings
 from tasks.paraphrase_dpo import answer_logprobs, make_paraphrase_dpo_loss_fn, paraphrase_dpo_loss
 from tasks.quora_data import load_quora_splits, paraphrase_features
-from tasks.sonnet_dpo import disable_dropout
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 import sonnet_generation
 import tasks.sonnet
 from config import get_config
-from methods.dpo import PreferencePair, encode_pair
+from methods.dpo import PreferencePair, disable_dropout, encode_pair
 from methods.restore import load_model, save_model
 from models.generation import LineStop
 from models.generation_config import GenerationConfig
@@ -21,7 +21,6 @@ from tasks.course_data import read_sonnets
 from tasks.lm import EOS_TEXT
 from tasks.sonnet_dpo import (
     RANKINGS,
-    disable_dropout,
     prompts_and_continuations,
     sample_completions,
     score_completions,
