@@ -65,7 +65,7 @@ def model_pair(text: str) -> tuple[str, ...]:
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     """The flags of a paraphrase run (``paraphrase_detection.py``'s command line)."""
-    d = ParaphraseSettings()
+    d = DEFAULTS
     parser = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelpFormatter)
     modes = mode_names(has_head=False)  # the cloze scorer has no head to train alone
     parser.add_argument("--para_train", type=str, default=d.para_train)
@@ -153,11 +153,11 @@ def check_args(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise InputError(f"--multitask/--task_weights: {e}") from None
     objectives = (args.rdrop_alpha, args.contrastive_weight, args.smart_weight, args.smart_proximal_weight)
-    if args.dpo and (args.multitask or any(w > 0 for w in objectives) or args.contrastive_supervised
-                     or args.loss != "answer" or args.epochs == 0):
+    uses_objectives = any(w > 0 for w in objectives) or args.contrastive_supervised
+    if args.dpo and (args.multitask or uses_objectives or args.loss != "answer" or args.epochs == 0):
         raise InputError("--dpo replaces the training loss: drop --multitask, the training objectives "
                          "(--rdrop_alpha, --contrastive_*, --smart_*) and --loss vocab, and train (--epochs >= 1)")
-    if args.multitask and (any(w > 0 for w in objectives) or args.contrastive_supervised):
+    if args.multitask and uses_objectives:
         raise InputError("--multitask trains on the tasks' plain losses: drop the training objectives "
                          "(--rdrop_alpha, --contrastive_*, --smart_*)")
     if args.back_translate_models and not args.back_translate:
