@@ -6,7 +6,7 @@ before the model loads), as are the candidate pool, the prompts and the output f
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,10 @@ def parse_settings(argv: list[str] | None = None, description: str | None = None
                             progress=not args.no_progress)
 
 
+# the GenerateSettings fields that are not a flag of the same name; every other field is one
+SPECIAL_FIELDS = ("model", "prompts", "generation", "pool", "stop_at_eos", "progress")
+
+
 def command_line(settings: GenerateSettings) -> list[str]:
     """The ``generate.py`` arguments that ``parse_settings`` reads back into ``settings``: the model, the
     prompts, and every setting whose value differs from its flag's default (from ``SETTINGS`` and the
@@ -151,9 +155,7 @@ def command_line(settings: GenerateSettings) -> list[str]:
     flags = {"early_stopping": {v: k for k, v in EARLY_STOPPING.items()}[g.early_stopping], "no_cache": not g.use_cache,
              "mbr_pool": None if settings.pool is None else str(settings.pool), "no_eos": not settings.stop_at_eos,
              "no_progress": not settings.progress,
-             **{name: getattr(settings, name) for name in ("num_lines", "quantize", "calibration", "compile_decode",
-                                                           "draft_model", "draft_k", "tokenizer", "batch_size",
-                                                           "seed", "device", "output")}}
+             **{f.name: getattr(settings, f.name) for f in fields(GenerateSettings) if f.name not in SPECIAL_FIELDS}}
     for name, value in flags.items():
         if value != getattr(defaults, name):
             argv += [f"--{name}"] if value is True else [f"--{name}", str(value)]
