@@ -227,8 +227,8 @@ def bench_decode(ours, hf, args, device) -> None:
             print(f"--quantize {q}: unavailable here ({e})")
             quants.remove(q)
     for B in args.decode_batches:
-        sides = [f"ours/{q}{'' if c == 'dynamic' else '+' + c}" for q in quants for c in args.decode_cache]
-        fns = {side: decode_fn(ours, side, args, B) for side in sides}
+        sides = {(q, c): f"ours/{q}{'' if c == 'dynamic' else '+' + c}" for q in quants for c in args.decode_cache}
+        fns = {side: decode_fn(ours, side, args, B) for side in sides.values()}
         fns["transformers"] = decode_fn(hf, "transformers", args, B)
         outs = {k: fn() for k, fn in fns.items()}
         med, raw = time_interleaved(fns, device, args.warmup, args.reps)
@@ -244,8 +244,8 @@ def bench_decode(ours, hf, args, device) -> None:
                   f"  (reps ms: {' '.join(f'{t * 1e3:.0f}' for t in raw[k])})")
         if B == 1:
             bounds = {q: bandwidth_bound(ours, q, device) for q in quants}  # the cache variants share them
-            for side in sides:
-                print_bound(bounds[side.partition("/")[2].partition("+")[0]], side, med[side] / args.new_tokens)
+            for (q, _), side in sides.items():
+                print_bound(bounds[q], side, med[side] / args.new_tokens)
 
 
 def bandwidth_bound(model: GPT2Model, quantize: str, device: torch.device) -> tuple[str, int, dict[str, float]]:
