@@ -172,6 +172,15 @@ def fold_adapters(model: nn.Module) -> None:
             setattr(model.get_submodule(parent) if parent else model, child, m.folded())
 
 
+def check_quantize_flag(quantize: str, device: torch.device | str, hidden_size: int | None = None) -> None:
+    """``check_quantize`` of a ``--quantize`` choice (``-gptq`` stores what its base stores), the error
+    naming the flag: one ``QuantizationUnavailable`` line before any work."""
+    try:
+        check_quantize(quantize.removesuffix("-gptq"), device, hidden_size)
+    except QuantizationUnavailable as e:
+        raise QuantizationUnavailable(f"--quantize {quantize}: {e}") from None
+
+
 def prepare_for_decoding(model: GPT2Model, quantize: str = "none", *, inference_only: bool = False,
                          decode_rows: int = 1, calibration: str | Calibration = CALIBRATION_TEXT) -> InferenceModel:
     """The model prepared for decoding as ``--quantize`` asks. With ``inference_only`` the model is
@@ -180,12 +189,8 @@ def prepare_for_decoding(model: GPT2Model, quantize: str = "none", *, inference_
     naming the flag, which the command line prints as one ``error:`` line with exit status 2.
     ``int8-gptq`` / ``int4-gptq`` store int8 / int4 rounded by GPTQ (``decoding.gptq``) on the
     ``calibration`` text: a ``Calibration`` with the caller's tokenizer (a path: the default one)."""
-    device = next(model.parameters()).device
+    check_quantize_flag(quantize, next(model.parameters()).device, model.config.hidden_size)
     base = quantize.removesuffix("-gptq")
-    try:
-        check_quantize(base, device, model.config.hidden_size)
-    except QuantizationUnavailable as e:
-        raise QuantizationUnavailable(f"--quantize {quantize}: {e}") from None
     if quantize != "none" or inference_only:
         fold_adapters(model)
     layouts = gptq_policy(model, quantize, calibration) if quantize in GPTQ_CHOICES else None

@@ -36,8 +36,7 @@ from torch import nn
 from cli.decoding import add_inference_args
 from cli.validation import non_negative_int, positive_int
 from decoding.gptq import CALIBRATION_TEXT, GPTQ_CHOICES
-from decoding.inference import prepare_for_decoding
-from decoding.quant import QuantizationUnavailable, check_quantize
+from decoding.inference import check_quantize_flag, prepare_for_decoding
 from experiments.ensemble import load_members, probabilities, read_split, write_predictions
 from experiments.launch import ExperimentError
 from experiments.tables import write_tables
@@ -74,10 +73,8 @@ def run_quantized(checkpoint: str | Path, out: str | Path, quantize: str = "none
     """Predict dev and test with the quantised model (writing the prediction files), score dev with
     the float one too; returns ``{"dev": {"float32": metrics, quantize: metrics}, "predictions": ...}``."""
     out = Path(out)
-    try:  # before the checkpoint loads: int4 off the CPU (the model's width is checked once it is known)
-        check_quantize(quantize.removesuffix("-gptq"), torch.device(device))
-    except QuantizationUnavailable as e:
-        raise QuantizationUnavailable(f"--quantize {quantize}: {e}") from None
+    # before the checkpoint loads: int4 off the CPU (the model's width is checked once it is known)
+    check_quantize_flag(quantize, torch.device(device))
     if calibration != CALIBRATION_TEXT and quantize not in GPTQ_CHOICES:
         raise ExperimentError(f"--calibration calibrates GPTQ only: it changes nothing with --quantize {quantize}; "
                               f"choose one of {', '.join(GPTQ_CHOICES)} or drop it")
